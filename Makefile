@@ -1,0 +1,44 @@
+# pvtap — the two commands the README starts with:
+#   make run    install into .venv and run pvtap on the embedded local store (./data)
+#   make test   install everything the tests need (Python and Debian packages) and run the suite
+.PHONY: run test test-fast install demo clean
+
+PYTHON ?= $(shell scripts/find-python)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEBIAN_PACKAGES := influxdb victoria-metrics iptables nftables socat iproute2 openssl docker-compose curl
+
+run: install
+	$(VENV)/bin/pvtap run
+
+demo: install
+	$(VENV)/bin/pvtap demo
+
+install: $(VENV)/.installed
+
+# One pip command for everything: mitmproxy and influxdb-client must resolve together.
+$(VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { scripts/find-python >/dev/null; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip check
+	touch $@
+
+debian-packages:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# pytest exits 5 when it collected no test: make fails on it, so an empty run never passes.
+test: debian-packages install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

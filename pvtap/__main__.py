@@ -1,0 +1,5 @@
+import sys
+
+from pvtap.cli import main
+
+sys.exit(main())

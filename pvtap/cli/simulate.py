@@ -1,0 +1,30 @@
+"""`pvtap simulate DEVICE`: device simulators for demos, tests and benchmarks.
+
+Each simulator module in `pvtap.simulate` has `register(subparsers)`, like the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+SIMULATORS = ("enphase", "alphaess", "foxess_m1", "foxess_h1")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("simulate", help="run a device simulator (placeholder serials, realistic values)",
+                            description="Simulate a device talking to its cloud, straight or through pvtap.")
+    devices = parser.add_subparsers(dest="device", metavar="DEVICE", required=True)
+    for name in SIMULATORS:
+        module = _optional(f"pvtap.simulate.{name}")
+        if module is not None:
+            module.register(devices)
+
+
+def _optional(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:  # a simulator still being written
+        if exc.name != name:
+            raise
+        return None
