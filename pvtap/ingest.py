@@ -12,16 +12,18 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 
 from pvtap.decode import codec_for
 from pvtap.privacy import REDACTED, Privacy
-from pvtap.records import RawPayload
+from pvtap.records import Origin, RawPayload
 from pvtap.store.local import LocalStore
 
 log = logging.getLogger("pvtap.ingest")
 
 _STOP = object()
+_KNOWN_CONNECTIONS = 4096  # connections whose device is remembered for their later payloads
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Ingest:
         self.counts = IngestCounts()
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
+        self._devices: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     def start(self) -> "Ingest":
         self._thread = threading.Thread(target=self._run, name=f"pvtap-ingest-{self.store.path.stem}", daemon=True)
@@ -88,27 +91,48 @@ class Ingest:
                 self._queue.task_done()
 
     def process(self, raw: RawPayload) -> int:
-        """Redact, store, decode, store. Returns the raw payload's id. Runs on the worker thread
-        (and directly from tests and `pvtap replay`)."""
+        """Redact, decode, then store the payload and its records together. Returns the raw
+        payload's id. Runs on the worker thread (and directly from tests)."""
         codec = codec_for(raw.origin.protocol)
+        raw = self._with_known_device(raw)
         try:
             safe = codec.redact_raw(raw, self.privacy)
-        except Exception as exc:  # never store what could not be redacted
+        except Exception as exc:  # never store (or log) what could not be redacted
+            # Only the exception's type: its message may quote the unredacted bytes. The origin's
+            # device may be an unredacted serial too.
             log.error("could not redact a %s %s payload (%s); storing it without its bytes",
-                      raw.origin.protocol, raw.kind, exc)
-            safe = RawPayload(raw.origin, raw.kind, b"", raw.received, {**raw.meta, "payload": REDACTED})
-        raw_id = self.store.add_raw(safe)
-        self.counts.stored_raw += 1
-        self.counts.by_kind[safe.kind] = self.counts.by_kind.get(safe.kind, 0) + 1
+                      raw.origin.protocol, raw.kind, type(exc).__name__)
+            origin = replace(raw.origin, device="")
+            safe = RawPayload(origin, raw.kind, b"", raw.received, {"payload": REDACTED})
+        self._remember_device(safe.origin)
+        records: list = []
+        error = None
         try:
             records = codec.decode_raw(safe)
         except Exception as exc:
             self.counts.decode_errors += 1
-            message = f"{type(exc).__name__}: {exc}"
-            self.store.set_decode_error(raw_id, message)
+            error = f"{type(exc).__name__}: {exc}"
+        raw_id = self.store.add_raw(safe, error, records)
+        self.counts.stored_raw += 1
+        self.counts.by_kind[safe.kind] = self.counts.by_kind.get(safe.kind, 0) + 1
+        self.counts.records += len(records)
+        if error is not None:
             log.warning("decode failed: %s %s from %s (connection %s, raw #%d kept): %s",
                         safe.origin.protocol, safe.kind, safe.origin.device or "?", safe.origin.connection or "-",
-                        raw_id, message)
-            return raw_id
-        self.counts.records += self.store.append(records, raw_id=raw_id)
+                        raw_id, error)
         return raw_id
+
+    def _with_known_device(self, raw: RawPayload) -> RawPayload:
+        """A payload that cannot name its device itself (a cloud reply) takes the device an
+        earlier payload of the same connection revealed (already redacted or pseudonymised)."""
+        if raw.origin.device or not raw.origin.connection:
+            return raw
+        device = self._devices.get((raw.origin.protocol, raw.origin.connection))
+        return replace(raw, origin=replace(raw.origin, device=device)) if device else raw
+
+    def _remember_device(self, origin: Origin) -> None:
+        if origin.device and origin.connection:
+            self._devices[(origin.protocol, origin.connection)] = origin.device
+            self._devices.move_to_end((origin.protocol, origin.connection))
+            while len(self._devices) > _KNOWN_CONNECTIONS:
+                self._devices.popitem(last=False)

@@ -8,6 +8,7 @@ Record ids only ever grow (AUTOINCREMENT), so a reader can follow the table with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -113,20 +114,37 @@ class LocalStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def add_raw(self, raw: RawPayload, decode_error: str | None = None) -> int:
-        """Commit a redacted raw payload; returns its id."""
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One atomic write. With isolation_level=None sqlite3 never opens a transaction itself,
+        so `with connection:` alone would commit (and fsync) every statement on its own and let a
+        reader see half a batch."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def add_raw(self, raw: RawPayload, decode_error: str | None = None, records: Iterable[Record] = ()) -> int:
+        """Commit a redacted raw payload and the records decoded from it, in one transaction (a
+        reader or a replay never sees the payload without its records); returns its id."""
         o = raw.origin
-        with self._lock, self._db:
+        with self._transaction():
             cur = self._db.execute(
                 "INSERT INTO raw (received_ns, protocol, kind, device, connection, direction, meta, payload,"
                 " decode_error) VALUES (?,?,?,?,?,?,?,?,?)",
                 (to_ns(raw.received), o.protocol, raw.kind, o.device, o.connection, o.direction,
                  json.dumps(dict(raw.meta), sort_keys=True), bytes(raw.payload), decode_error),
             )
-            return int(cur.lastrowid)
+            raw_id = int(cur.lastrowid)
+            self._db.executemany(_INSERT_RECORD, [_record_row(r, raw_id) for r in records])
+            return raw_id
 
     def set_decode_error(self, raw_id: int, decode_error: str | None) -> None:
-        with self._lock, self._db:
+        with self._transaction():
             self._db.execute("UPDATE raw SET decode_error=? WHERE id=?", (decode_error, raw_id))
 
     def append(self, records: Iterable[Record], raw_id: int | None = None) -> int:
@@ -134,19 +152,19 @@ class LocalStore:
         rows = [_record_row(r, raw_id) for r in records]
         if not rows:
             return 0
-        with self._lock, self._db:
+        with self._transaction():
             self._db.executemany(_INSERT_RECORD, rows)
         return len(rows)
 
     def replace_records(self, raw_id: int, records: Sequence[Record], decode_error: str | None) -> bool:
         """Make `records` the ones decoded from `raw_id`. Returns False when nothing changed,
         so replaying the same payload with the same decoders leaves the store untouched."""
-        new_rows = sorted(_record_row(r, raw_id) for r in records)
-        with self._lock, self._db:
+        new_rows = [_record_row(r, raw_id) for r in records]  # inserted in the decoder's order
+        with self._transaction():
             old_rows = sorted(tuple(row) for row in self._db.execute(
                 f"SELECT {_RECORD_COLUMNS} FROM records WHERE raw_id=?", (raw_id,)))
             old_error = self._db.execute("SELECT decode_error FROM raw WHERE id=?", (raw_id,)).fetchone()
-            if old_rows == new_rows and old_error is not None and old_error[0] == decode_error:
+            if old_rows == sorted(new_rows) and old_error is not None and old_error[0] == decode_error:
                 return False
             self._db.execute("DELETE FROM records WHERE raw_id=?", (raw_id,))
             self._db.executemany(_INSERT_RECORD, new_rows)
@@ -164,19 +182,16 @@ class LocalStore:
         measurements: Sequence[str] = (),
         limit: int | None = None,
         newest_first: bool = False,
+        by_time: bool = False,
     ) -> Iterator[StoredRecord]:
-        where, args = ["id > ?"], [after_id]
-        if since_ns is not None:
-            where.append("time_ns >= ?")
-            args.append(since_ns)
-        if until_ns is not None:
-            where.append("time_ns < ?")
-            args.append(until_ns)
-        if measurements:
-            where.append(f"measurement IN ({','.join('?' * len(measurements))})")
-            args.extend(measurements)
-        sql = f"SELECT id, {_RECORD_COLUMNS} FROM records WHERE {' AND '.join(where)}"
-        sql += " ORDER BY id DESC" if newest_first else " ORDER BY id"
+        """Stored records in id order (`by_time`: record-time order), streamed from the database."""
+        where, args = _filters(since_ns, until_ns, measurements)
+        where.append("id > ?")
+        args.append(after_id)
+        order = "time_ns, id" if by_time else "id"
+        if newest_first:
+            order = ", ".join(f"{column} DESC" for column in order.split(", "))
+        sql = f"SELECT id, {_RECORD_COLUMNS} FROM records WHERE {' AND '.join(where)} ORDER BY {order}"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
@@ -185,27 +200,37 @@ class LocalStore:
 
     def count_records(self, *, since_ns: int | None = None, until_ns: int | None = None,
                       measurements: Sequence[str] = ()) -> int:
-        where, args = ["1"], []
-        if since_ns is not None:
-            where.append("time_ns >= ?")
-            args.append(since_ns)
-        if until_ns is not None:
-            where.append("time_ns < ?")
-            args.append(until_ns)
-        if measurements:
-            where.append(f"measurement IN ({','.join('?' * len(measurements))})")
-            args.extend(measurements)
+        where, args = _filters(since_ns, until_ns, measurements)
         return self._db.execute(f"SELECT COUNT(*) FROM records WHERE {' AND '.join(where)}", args).fetchone()[0]
 
+    def keys(self, *, since_ns: int | None = None, until_ns: int | None = None,
+             measurements: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+        """(tag keys, field keys) used by the matching records, sorted: the columns of a CSV
+        export, found by SQLite without loading the records."""
+        where, args = _filters(since_ns, until_ns, measurements)
+        found = []
+        for column in ("tags", "fields"):
+            found.append([key for (key,) in self._db.execute(
+                f"SELECT DISTINCT j.key FROM records, json_each(records.{column}) AS j"
+                f" WHERE {' AND '.join(where)} ORDER BY j.key", args)])
+        return found[0], found[1]
+
     def raw_payloads(self, *, after_id: int = 0) -> Iterator[StoredRaw]:
-        for row in self._db.execute(
-            "SELECT id, received_ns, protocol, kind, device, connection, direction, meta, payload, decode_error"
-            " FROM raw WHERE id > ? ORDER BY id", (after_id,)
-        ).fetchall():
-            origin = Origin(protocol=row[2], device=row[4], connection=row[5], direction=row[6])
-            raw = RawPayload(origin=origin, kind=row[3], payload=bytes(row[8]), received=from_ns(row[1]),
-                             meta=json.loads(row[7]))
-            yield StoredRaw(id=row[0], raw=raw, decode_error=row[9])
+        """Raw payloads in id order, read in batches: a large store is never held in memory and
+        the caller may write (`replace_records`) between items."""
+        while True:
+            rows = self._db.execute(
+                "SELECT id, received_ns, protocol, kind, device, connection, direction, meta, payload, decode_error"
+                " FROM raw WHERE id > ? ORDER BY id LIMIT ?", (after_id, _RAW_BATCH)
+            ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                origin = Origin(protocol=row[2], device=row[4], connection=row[5], direction=row[6])
+                raw = RawPayload(origin=origin, kind=row[3], payload=bytes(row[8]), received=from_ns(row[1]),
+                                 meta=json.loads(row[7]))
+                yield StoredRaw(id=row[0], raw=raw, decode_error=row[9])
+            after_id = rows[-1][0]
 
     def count_raw(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM raw").fetchone()[0]
@@ -235,8 +260,24 @@ def open_stores(data_dir: str | Path) -> list[LocalStore]:
     return [LocalStore(p, readonly=True) for p in store_paths(data_dir)]
 
 
+_RAW_BATCH = 256
+
 _RECORD_COLUMNS = "raw_id, time_ns, measurement, tags, fields, protocol, device, connection, direction"
 _INSERT_RECORD = f"INSERT INTO records ({_RECORD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)"
+
+
+def _filters(since_ns: int | None, until_ns: int | None, measurements: Sequence[str]) -> tuple[list[str], list]:
+    where, args = ["1"], []
+    if since_ns is not None:
+        where.append("time_ns >= ?")
+        args.append(since_ns)
+    if until_ns is not None:
+        where.append("time_ns < ?")
+        args.append(until_ns)
+    if measurements:
+        where.append(f"measurement IN ({','.join('?' * len(measurements))})")
+        args.extend(measurements)
+    return where, args
 
 
 def _record_row(r: Record, raw_id: int | None) -> tuple:
