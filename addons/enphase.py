@@ -1,0 +1,236 @@
+"""Copy Enphase Envoy cloud reports into pvtap while mitmproxy forwards them untouched.
+
+    mitmdump -s addons/enphase.py --mode transparent --set pvtap_config=pvtap.toml
+
+The Envoy POSTs zlib-compressed XML to reports.enphaseenergy.com/emu_reports/performance_report.
+For every POST to an `/emu_reports/` path on one of `enphase_hosts`, the request and response
+hooks hand the raw bytes to pvtap's ingest worker, which redacts, stores and decodes them on a
+background thread. The hooks only read `raw_content` and never change a request or a response,
+so the cloud and the Envoy see exactly the bytes that were sent. With `enphase_local_mode` the
+addon answers the reports itself, as the cloud would, and no connection to the cloud is made.
+
+Unset options take their value from the pvtap config (`pvtap_config`, else $PVTAP_CONFIG and
+PVTAP_* variables, else the built-in defaults). See docs/enphase.md.
+"""
+
+import asyncio
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+from mitmproxy import ctx, exceptions, http
+
+from pvtap.config import Config, ConfigError, load_config
+from pvtap.decode.enphase import build_response, event_ids, report_kind
+from pvtap.ingest import Ingest
+from pvtap.privacy import Privacy
+from pvtap.records import DOWN, UP, Origin, RawPayload, now_utc
+from pvtap.store.local import LocalStore
+
+log = logging.getLogger("pvtap.enphase")
+
+OPTIONS = {"pvtap_config", "enphase_data_dir", "enphase_local_mode", "enphase_hosts", "connection_strategy"}
+LOCAL_RESPONSE_HEADERS = {"Content-Type": "application/x-deflate; charset=utf-8", "Connection": "close"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The options after merging with the pvtap config: what the hooks act on."""
+
+    data_dir: Path
+    local_mode: bool
+    hosts: frozenset[str]
+    config: Config  # with data_dir as above; privacy is built from it when the store opens
+
+
+class EnphaseTap:
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+        self.ingest: Ingest | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "pvtap_config", Optional[str], None,
+            "Path to the pvtap TOML config. Unset: $PVTAP_CONFIG, else the built-in defaults.",
+        )
+        loader.add_option(
+            "enphase_data_dir", Optional[str], None,
+            "Directory for the local store (enphase.sqlite). Unset: data_dir from the pvtap config (./data).",
+        )
+        loader.add_option(
+            "enphase_local_mode", bool, False,
+            """
+            Answer /emu_reports/ posts here, as the cloud would, instead of forwarding them; needs
+            connection_strategy=lazy. Also on when the pvtap config sets enphase.local_mode.
+            """,
+        )
+        loader.add_option(
+            "enphase_hosts", Sequence[str], list(Config().enphase.hosts),
+            "Hosts (Host header) whose /emu_reports/ posts are copied and decoded. Unset: enphase.hosts from the pvtap config.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        """Validate and merge the options with the pvtap config; touches no file (so that
+        `mitmdump -s addons/enphase.py --options` writes nothing). A change of store or privacy
+        settings while running reopens the store."""
+        if not updated & OPTIONS:
+            return
+        settings = self._settings()
+        reopen = self.ingest is not None and (settings.data_dir, settings.config.privacy) != \
+            (self.settings.data_dir, self.settings.config.privacy)
+        self.settings = settings
+        log.info("enphase: decoding /emu_reports/ posts to %s into %s%s", ", ".join(sorted(settings.hosts)),
+                 settings.data_dir / "enphase.sqlite", "; LOCAL MODE: answering them here" if settings.local_mode else "")
+        if reopen:
+            self._stop_ingest()
+            self._start_ingest()
+
+    def running(self) -> None:
+        """Open the store and start the ingest thread: before the first request can complete
+        (mitmproxy runs this right after its servers start listening)."""
+        if self.ingest is None:
+            self._start_ingest()
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        kind = self._report_kind(flow)
+        if kind is None:
+            return
+        flow.metadata["enphase_kind"] = kind
+        self._submit(_payload(flow, flow.request, UP, kind))
+        if self.settings.local_mode:
+            flow.metadata["enphase_local"] = True
+            flow.response = await _local_answer(flow, kind)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        kind = flow.metadata.get("enphase_kind")
+        if kind is None:
+            return
+        self._submit(_payload(flow, flow.response, DOWN, f"{kind}_response"))
+        outcome = "answered locally" if flow.metadata.get("enphase_local") else "forwarded"
+        log.info("enphase: %s from %s (flow %s): %d bytes up, %s, %d %d bytes down",
+                 kind, _peer(flow), flow.id, len(flow.request.raw_content or b""), outcome,
+                 flow.response.status_code, len(flow.response.raw_content or b""))
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        kind = flow.metadata.get("enphase_kind")
+        if kind is not None:
+            log.warning("enphase: %s from %s (flow %s): %d bytes up, no response: %s (the request is stored)",
+                        kind, _peer(flow), flow.id, len(flow.request.raw_content or b""), flow.error.msg)
+
+    def done(self) -> None:
+        self._stop_ingest()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _report_kind(self, flow: http.HTTPFlow) -> str | None:
+        if flow.request.method != "POST" or self.settings is None:
+            return None
+        if flow.request.pretty_host.lower() not in self.settings.hosts:
+            return None
+        return report_kind(flow.request.path.partition("?")[0])
+
+    def _settings(self) -> Settings:
+        opts = ctx.options
+        try:
+            config = load_config(opts.pvtap_config)
+        except ConfigError as exc:
+            raise exceptions.OptionsError(
+                f"pvtap_config = {opts.pvtap_config!r}: {exc}") from None
+        data_dir = Path(opts.enphase_data_dir).expanduser() if opts.enphase_data_dir else config.data_dir
+        hosts = opts.enphase_hosts if opts.has_changed("enphase_hosts") else config.enphase.hosts
+        local_mode = opts.enphase_local_mode or config.enphase.local_mode
+        source = "enphase_hosts" if opts.has_changed("enphase_hosts") else "enphase.hosts (pvtap config)"
+        if not hosts or not all(h.strip() for h in hosts):
+            raise exceptions.OptionsError(
+                f"{source} = {list(hosts)!r}: needs at least one non-empty host name. "
+                "Fix: --set enphase_hosts=reports.enphaseenergy.com (repeat --set for more hosts).")
+        _check_data_dir(data_dir, "enphase_data_dir" if opts.enphase_data_dir else "data_dir (pvtap config)")
+        if local_mode and opts.connection_strategy != "lazy":
+            raise exceptions.OptionsError(
+                f"connection_strategy = {opts.connection_strategy!r}: local mode must not connect to the cloud, "
+                "but the eager strategy connects before the addon can answer. Fix: --set connection_strategy=lazy.")
+        return Settings(data_dir=data_dir, local_mode=local_mode, hosts=frozenset(h.strip().lower() for h in hosts),
+                        config=dataclasses.replace(config, data_dir=data_dir))
+
+    def _submit(self, raw: RawPayload) -> None:
+        if self.ingest is not None:  # None only if the store could not be opened: forwarding goes on
+            self.ingest.submit(raw)
+
+    def _start_ingest(self) -> None:
+        try:
+            store = LocalStore.for_process(self.settings.data_dir, "enphase")
+            privacy = Privacy.from_config(self.settings.config)
+        except Exception as exc:
+            log.error("enphase: cannot open the store in %s (%s): reports are forwarded but NOT stored. "
+                      "Fix: point enphase_data_dir (or data_dir in the pvtap config) at a writable directory.",
+                      self.settings.data_dir, exc)
+            return
+        self.ingest = Ingest(store, privacy).start()
+
+    def _stop_ingest(self) -> None:
+        if self.ingest is None:
+            return
+        self.ingest.stop()
+        self.ingest.store.close()
+        c = self.ingest.counts
+        log.info("enphase: %d payloads stored, %d records, %d decode errors, %d dropped (queue full) in %s",
+                 c.stored_raw, c.records, c.decode_errors, c.dropped, self.ingest.store.path)
+        self.ingest = None
+
+
+def _check_data_dir(path: Path, name: str) -> None:
+    """The directory exists and is writable, or can be created: its nearest existing ancestor is
+    a writable directory."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable" if existing == path.absolute() else f"cannot create it in {existing}"
+    else:
+        return
+    raise exceptions.OptionsError(
+        f"{name} = {str(path)!r}: {problem}. Fix: set {name} to a directory pvtap may write to.")
+
+
+def _payload(flow: http.HTTPFlow, message: http.Message, direction: str, kind: str) -> RawPayload:
+    """The bytes as they were sent, with the context a decoder needs again on replay."""
+    path, _, query = flow.request.path.partition("?")
+    meta: dict[str, str | int | bool] = {
+        "method": flow.request.method, "host": flow.request.pretty_host, "path": path, "query": query,
+        "content_type": message.headers.get("Content-Type", ""),
+    }
+    if isinstance(message, http.Response):
+        meta["status_code"] = message.status_code
+        if flow.metadata.get("enphase_local"):
+            meta["answered_locally"] = True
+    return RawPayload(origin=Origin("enphase", device="", connection=flow.id, direction=direction),
+                      kind=kind, payload=message.raw_content or b"", received=now_utc(), meta=meta)
+
+
+async def _local_answer(flow: http.HTTPFlow, kind: str) -> http.Response:
+    """What the cloud would answer: a perf_report_response acknowledging every posted event; an
+    empty 200 for task_complete and the other /emu_reports/ posts (their real answer is unknown).
+    The report is parsed on a worker thread so a large one holds up only its own flow."""
+    if kind != "performance_report":
+        return http.Response.make(200, b"", {"Content-Type": "text/plain", "Connection": "close"})
+    body = flow.request.raw_content or b""
+    try:
+        ids = await asyncio.to_thread(event_ids, body, flow.request.headers.get("Content-Type", ""))
+    except Exception as exc:  # unreadable: acknowledge nothing, so the Envoy sends it again later
+        log.warning("enphase: local mode: flow %s: report unreadable (%s: %s); acknowledging no events",
+                    flow.id, type(exc).__name__, exc)
+        ids = []
+    return http.Response.make(200, build_response(ids), LOCAL_RESPONSE_HEADERS)
+
+
+def _peer(flow: http.HTTPFlow) -> str:
+    peer = flow.client_conn.peername
+    return str(peer[0]) if peer else "?"
+
+
+addons = [EnphaseTap()]
