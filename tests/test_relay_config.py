@@ -1,0 +1,191 @@
+"""The relay's settings: `[[relay.listeners]]` in the config file and the quick-start flags of
+`pvtap relay` / `python -m proxy_tcp`. Every mistake stops start-up with the key, the value and
+the fix."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+
+import pytest
+
+from proxy_tcp import default_listeners
+from pvtap.cli import main as pvtap_main
+from pvtap.cli.relay import add_arguments, quick_listener
+from pvtap.config import ConfigError, ListenerConfig, check_listener, load_config
+from tests.conftest import free_port
+from tests.relay_support import PYTHON, REPO
+
+
+def load(tmp_path, toml: str):
+    path = tmp_path / "pvtap.toml"
+    path.write_text(toml)
+    return load_config(path, env={})
+
+
+def error_of(tmp_path, toml: str) -> ConfigError:
+    with pytest.raises(ConfigError) as error:
+        load(tmp_path, toml)
+    return error.value
+
+
+def test_a_listener_with_every_setting(tmp_path):
+    config = load(tmp_path, """
+        [[relay.listeners]]
+        protocol = "alphaess"
+        listen = "0.0.0.0:7777"
+        policy = "auto"
+        upstream = "www.alphaess.com:7777"
+        resolver = "192.0.2.53:5353"
+        connect_timeout = 3
+        idle_timeout = 7200
+        decode_queue = 32
+        max_connections = 4
+
+        [[relay.listeners]]
+        protocol = "alphaess"
+        listen = "*:17777"
+        policy = "transparent"
+    """)
+    first, second = config.relay.listeners
+    assert first == ListenerConfig(protocol="alphaess", listen="0.0.0.0:7777", policy="auto",
+                                   upstream="www.alphaess.com:7777", resolver="192.0.2.53:5353", connect_timeout=3.0,
+                                   idle_timeout=7200.0, decode_queue=32, max_connections=4)
+    assert (second.policy, second.upstream, second.idle_timeout) == ("transparent", "", 3600.0)
+
+
+@pytest.mark.parametrize("policy", ["fixed", "auto"])
+def test_fixed_and_auto_without_upstream_name_the_key_and_the_fix(tmp_path, policy):
+    error = error_of(tmp_path, f"""
+        [[relay.listeners]]
+        protocol = "alphaess"
+        listen = "0.0.0.0:7777"
+        policy = "{policy}"
+    """)
+    assert error.key == "relay.listeners[0].upstream"
+    assert f"the {policy} policy needs the cloud's address" in error.problem
+    assert "set relay.listeners[0].upstream" in error.fix and "relay.listeners[0].policy" in error.fix
+
+
+@pytest.mark.parametrize("toml, key, words", [
+    ('protocol = "enphase"\nlisten = "0.0.0.0:1"\npolicy = "local"', "protocol", "must be one of alphaess"),
+    ('listen = "0.0.0.0:1"\npolicy = "local"', "protocol", "missing"),
+    ('protocol = "alphaess"\npolicy = "local"', "listen", "missing"),
+    ('protocol = "alphaess"\nlisten = "0.0.0.0:70000"\npolicy = "local"', "listen", "between 1 and 65535"),
+    ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "bridge"', "policy", "must be one of fixed"),
+    ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\ntransport = "sctp"', "transport", "must be one of"),
+    ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "transparent"\nupstream = "a.example:1"', "upstream",
+     "does not use an upstream"),
+    ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\nupstream = "a.example"', "upstream", "expected host:port"),
+    ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\nupstream = "a.example:1"\nresolver = "dns.example"', "resolver",
+     "not a name"),
+    ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\nresolver = "192.0.2.53"', "resolver",
+     "only used to resolve the upstream"),
+    ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\nconnect_timeout = 0', "connect_timeout",
+     "greater than 0"),
+    ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\ndecode_queue = -1', "decode_queue",
+     "greater than 0"),
+    ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\nidle_timout = 5', "idle_timout",
+     "did you mean relay.listeners[0].idle_timeout"),
+])
+def test_a_wrong_listener_setting_is_named(tmp_path, toml, key, words):
+    error = error_of(tmp_path, "[[relay.listeners]]\n" + toml)
+    assert error.key == f"relay.listeners[0].{key}"
+    assert words in str(error)
+
+
+def test_two_listeners_on_one_address_are_refused(tmp_path):
+    error = error_of(tmp_path, """
+        [[relay.listeners]]
+        protocol = "alphaess"
+        listen = "0.0.0.0:7777"
+        policy = "local"
+        [[relay.listeners]]
+        protocol = "alphaess"
+        listen = "0.0.0.0:7777"
+        policy = "transparent"
+    """)
+    assert error.key == "relay.listeners[1].listen" and "relay.listeners[0] already listens there" in str(error)
+
+
+def test_resolver_takes_ipv4_ipv6_and_a_port(tmp_path):
+    for resolver in ("192.0.2.53", "192.0.2.53:5353", "2001:db8::53", "[2001:db8::53]:53"):
+        config = load(tmp_path, f"""
+            [[relay.listeners]]
+            protocol = "alphaess"
+            listen = "0.0.0.0:7777"
+            upstream = "www.alphaess.com:7777"
+            resolver = "{resolver}"
+        """)
+        assert config.relay.listeners[0].resolver == resolver
+
+
+def test_the_default_listeners_are_valid_and_cover_alphaess_on_7777():
+    listeners = default_listeners()
+    for listener in listeners:
+        check_listener(listener, lambda name: name)
+    (alphaess,) = [item for item in listeners if item.protocol == "alphaess"]
+    assert (alphaess.listen, alphaess.policy, alphaess.upstream) == ("0.0.0.0:7777", "auto", "www.alphaess.com:7777")
+
+
+# -- the command line -------------------------------------------------------------------------
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_quick_start_flags_make_one_listener():
+    listener = quick_listener(parse("--protocol", "alphaess", "--listen", "0.0.0.0:7777",
+                                    "--upstream", "www.alphaess.com:7777", "--resolver", "192.0.2.53",
+                                    "--connect-timeout", "2.5"))
+    assert listener == ListenerConfig(protocol="alphaess", listen="0.0.0.0:7777", policy="fixed",
+                                      upstream="www.alphaess.com:7777", resolver="192.0.2.53", connect_timeout=2.5)
+    assert quick_listener(parse()) is None  # no flag: the configured listeners
+
+
+@pytest.mark.parametrize("argv, key, words", [
+    (["--protocol", "alphaess", "--listen", "0.0.0.0:7777"], "--upstream", "set --policy to transparent"),
+    (["--protocol", "alphaess", "--upstream", "a.example:1"], "--listen", "missing"),
+    (["--listen", "0.0.0.0:7777", "--policy", "local"], "--protocol", "missing"),
+    (["--protocol", "alphaess", "--listen", "nowhere", "--policy", "local"], "--listen", "expected host:port"),
+    (["--protocol", "alphaess", "--listen", "0.0.0.0:1", "--upstream", "a.example:1", "--resolver", "x"],
+     "--resolver", "not a name"),
+    (["--protocol", "alphaess", "--listen", "0.0.0.0:1", "--policy", "local", "--idle-timeout", "0"],
+     "--idle-timeout", "greater than 0"),
+])
+def test_quick_start_mistakes_name_the_flag(argv, key, words):
+    with pytest.raises(ConfigError) as error:
+        quick_listener(parse(*argv))
+    assert error.value.key == key and words in str(error.value)
+
+
+def test_pvtap_relay_help_explains_the_policies(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        pvtap_main(["relay", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    for words in ("transparent", "--resolver", "auto", "pvtap relay --protocol alphaess --listen 0.0.0.0:7777"):
+        assert words in out
+
+
+def run_relay(*argv: str, tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PYTHON), "-m", "proxy_tcp", "--data-dir", str(tmp_path), *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_a_start_up_error_exits_2_naming_the_flag_and_the_fix(tmp_path):
+    port = free_port()
+    result = run_relay("--protocol", "alphaess", "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{port}",
+                       tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert "python -m proxy_tcp: config error: --upstream = " in result.stderr
+    assert "connecting there would loop" in result.stderr and "Fix: set --resolver" in result.stderr
+
+
+def test_a_config_file_error_exits_2(tmp_path):
+    config = tmp_path / "pvtap.toml"
+    config.write_text('[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "0.0.0.0:7777"\n')
+    result = run_relay("--config", str(config), tmp_path=tmp_path)
+    assert result.returncode == 2 and "relay.listeners[0].upstream" in result.stderr
