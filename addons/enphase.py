@@ -28,6 +28,7 @@ from pvtap.decode.enphase import build_response, event_ids, report_kind
 from pvtap.ingest import Ingest
 from pvtap.privacy import Privacy
 from pvtap.records import DOWN, UP, Origin, RawPayload, now_utc
+from pvtap.store.forwarder import Forwarder, start_forwarder
 from pvtap.store.local import LocalStore
 
 log = logging.getLogger("pvtap.enphase")
@@ -50,6 +51,7 @@ class EnphaseTap:
     def __init__(self) -> None:
         self.settings: Settings | None = None
         self.ingest: Ingest | None = None
+        self.forwarder: Forwarder | None = None  # only when [influx] url is configured
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -169,12 +171,19 @@ class EnphaseTap:
                       self.settings.data_dir, exc)
             return
         self.ingest = Ingest(store, privacy).start()
+        self.forwarder = start_forwarder(store.path, self.settings.config.influx)
 
     def _stop_ingest(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.stop_soon()  # what it has not delivered stays in the store for next time
         if self.ingest is None:
             return
-        self.ingest.stop()
-        self.ingest.store.close()
+        finished = self.ingest.stop()
+        if self.forwarder is not None:
+            self.forwarder.stop()
+            self.forwarder = None
+        if finished:  # else the worker still writes to it; the process is ending anyway
+            self.ingest.store.close()
         c = self.ingest.counts
         log.info("enphase: %d payloads stored, %d records, %d decode errors, %d dropped (queue full) in %s",
                  c.stored_raw, c.records, c.decode_errors, c.dropped, self.ingest.store.path)

@@ -60,23 +60,27 @@ class Ingest:
             return True
         except queue.Full:
             self.counts.dropped += 1
-            log.error("ingest queue full (%d): dropped a %s %s copy; forwarding is unaffected",
-                      self._queue.maxsize, raw.origin.protocol, raw.kind)
+            if self.counts.dropped in (1, 10) or self.counts.dropped % 1000 == 0:  # no flood under overload
+                log.error("ingest queue full (%d): %d copies dropped so far (latest: %s %s); forwarding is "
+                          "unaffected", self._queue.maxsize, self.counts.dropped, raw.origin.protocol, raw.kind)
             return False
 
     def join(self) -> None:
         """Wait until everything submitted so far is stored."""
         self._queue.join()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Store what is queued, then end the thread."""
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Store what is queued, then end the thread. False when it is still working after
+        `timeout`: the caller must then leave the store open (the thread still writes to it)."""
         if self._thread is None:
-            return
+            return True
         self._queue.put(_STOP)
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("ingest did not finish within %.0f s; %d copies still queued", timeout, self._queue.qsize())
+            return False
         self._thread = None
+        return True
 
     def _run(self) -> None:
         while True:

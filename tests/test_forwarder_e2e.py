@@ -123,8 +123,9 @@ def _influx_view(records: list) -> list:
 
 async def test_steady_flow_from_the_simulators_through_the_relay_and_the_addon(data_dir, tmp_path):
     """AlphaESS simulator -> relay process -> stand-in cloud, Enphase simulator -> mitmdump with
-    the addon -> stand-in cloud, both stores drained by `pvtap forward` into VictoriaMetrics:
-    every record arrives once with its values."""
+    the addon -> stand-in cloud; the forwarders embedded in the relay and in mitmdump's process
+    (configured by the same pvtap config) deliver both stores to VictoriaMetrics: every record
+    arrives once with its values."""
     import asyncio
     from datetime import UTC, datetime, timedelta
 
@@ -135,36 +136,37 @@ async def test_steady_flow_from_the_simulators_through_the_relay_and_the_addon(d
     from tests.relay_support import RelayProcess
 
     start = (datetime.now(UTC) - timedelta(hours=6)).strftime("%Y-%m-%dT%H:%MZ")
-    with VictoriaMetrics(tmp_path) as vm, EnphaseCloud(cert_dir=tmp_path / "cloud") as enphase_cloud, \
-            Mitmdump.reverse(tmp_path / "mitm", enphase_cloud, data_dir=data_dir) as mitm:
-        async with AlphaCloud() as alpha_cloud:
-            relay = RelayProcess(["--protocol", "alphaess", "--listen", f"127.0.0.1:{free_port()}",
-                                  "--upstream", f"127.0.0.1:{alpha_cloud.port}"], data_dir)
-            await asyncio.to_thread(relay.start)
-            forward = _forward(_config_file(tmp_path, vm.url, data_dir))
-            try:
-                simulators = [
-                    [sys.executable, "-m", "pvtap", "simulate", "alphaess", "--host", "127.0.0.1", "--port",
-                     str(relay.port), "--interval", "0.05", "--extended-every", "0.2", "--count", "40", "--quiet"],
-                    [sys.executable, "-m", "pvtap", "simulate", "enphase", "--url", "https://reports.enphaseenergy.com",
-                     "--connect", f"127.0.0.1:{mitm.port}", "--reports", "6", "--every", "0.2", "--start", start],
-                ]
-                procs = [await asyncio.create_subprocess_exec(*argv, cwd=REPO, stdout=asyncio.subprocess.PIPE,
-                                                              stderr=asyncio.subprocess.STDOUT) for argv in simulators]
-                for proc in procs:
-                    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-                    assert proc.returncode == 0, out.decode()
-                await alpha_cloud.wait_for(lambda: not any(s.open for s in alpha_cloud.sessions))
-            finally:
-                assert await asyncio.to_thread(relay.stop) == 0, relay.text
-            stores = [data_dir / "relay.sqlite", data_dir / "enphase.sqlite"]
-            assert all(p.exists() for p in stores)
-            drained = lambda: all(read_status(p).forwarded and read_status(p).backlog == 0 for p in stores)
-            try:
-                assert await asyncio.to_thread(wait_until, drained, 30), [read_status(p) for p in stores]
-            finally:
-                forward.send_signal(signal.SIGTERM)
-                assert forward.wait(10) == 0, forward.stderr.read()
+    stores = [data_dir / "relay.sqlite", data_dir / "enphase.sqlite"]
+    with VictoriaMetrics(tmp_path) as vm:
+        cfg = _config_file(tmp_path, vm.url, data_dir)
+        with EnphaseCloud(cert_dir=tmp_path / "cloud") as enphase_cloud, \
+                Mitmdump.reverse(tmp_path / "mitm", enphase_cloud, data_dir=data_dir,
+                                 extra=["--set", f"pvtap_config={cfg}"]) as mitm:
+            async with AlphaCloud() as alpha_cloud:
+                relay = RelayProcess(["--config", str(cfg), "--protocol", "alphaess", "--listen",
+                                      f"127.0.0.1:{free_port()}", "--upstream", f"127.0.0.1:{alpha_cloud.port}"],
+                                     data_dir)
+                await asyncio.to_thread(relay.start)
+                try:
+                    simulators = [
+                        [sys.executable, "-m", "pvtap", "simulate", "alphaess", "--host", "127.0.0.1", "--port",
+                         str(relay.port), "--interval", "0.05", "--extended-every", "0.2", "--count", "40", "--quiet"],
+                        [sys.executable, "-m", "pvtap", "simulate", "enphase", "--url",
+                         "https://reports.enphaseenergy.com", "--connect", f"127.0.0.1:{mitm.port}", "--reports", "6",
+                         "--every", "0.2", "--start", start],
+                    ]
+                    procs = [await asyncio.create_subprocess_exec(*argv, cwd=REPO, stdout=asyncio.subprocess.PIPE,
+                                                                  stderr=asyncio.subprocess.STDOUT)
+                             for argv in simulators]
+                    for proc in procs:
+                        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+                        assert proc.returncode == 0, out.decode()
+                    await alpha_cloud.wait_for(lambda: not any(s.open for s in alpha_cloud.sessions))
+                    assert all(p.exists() for p in stores)
+                    drained = lambda: all(read_status(p).forwarded and read_status(p).backlog == 0 for p in stores)
+                    assert await asyncio.to_thread(wait_until, drained, 30), [read_status(p) for p in stores]
+                finally:
+                    assert await asyncio.to_thread(relay.stop) == 0, relay.text
         records = [r for p in stores for r in _store_records(p)]
         measurements = {r.measurement for r in records}
         assert {"alphaess_realtime", "enphase_interval", "enphase_reading"} <= measurements, measurements
