@@ -1,0 +1,231 @@
+"""`pvtap demo`: pvtap at work with no devices, on this machine only (127.0.0.1).
+
+Each demo device brings a stand-in cloud (a real local server speaking the vendor protocol), the
+real proxy piece in front of it, and a simulator posting through the proxy. The decoded records
+are printed as they reach the store, like `pvtap tail --follow`; Ctrl-C stops everything. The
+devices are a list (`DEVICES`) so more (AlphaESS, FoxESS) can join.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pvtap.cli.run import (MITM_READY, Service, SetupError, StopRequested, Supervisor, find_addon,
+                           find_mitmdump)
+from pvtap.cli.tail import format_record
+from pvtap.config import Config
+from pvtap.store.local import LocalStore
+
+EPILOG = """\
+what runs (all on 127.0.0.1, nothing leaves this machine):
+  Enphase Envoy   stand-in reports.enphaseenergy.com (HTTPS, self-signed)
+                  <- mitmdump -s addons/enphase.py in reverse mode (its own temporary confdir)
+                  <- `pvtap simulate enphase` posting a report every --every seconds
+  AlphaESS        stand-in www.alphaess.com:7777 (python -m pvtap.simulate.alphaess_cloud)
+                  <- the relay (python -m proxy_tcp) forwarding and decoding a copy
+                  <- `pvtap simulate alphaess`: realtime every --every seconds, extended every 5x
+
+Records go to <data_dir>/demo (e.g. ./data/demo), not to your real store; look at them again
+afterwards with `pvtap --data-dir data/demo tail`."""
+
+#: mitmproxy's per-connection lines, which would drown the demo's output
+_CONNECTION_CHATTER = re.compile(r"\] (client|server) (connect|disconnect)")
+
+
+@dataclass
+class DemoContext:
+    supervisor: Supervisor
+    workdir: Path  # temporary: certificates, mitmproxy confdir; removed at the end
+    data_dir: Path  # where the demo's records go
+    every: float  # seconds between simulated reports
+    config: Config
+    config_path: Path | None
+
+
+class DemoDevice(Protocol):
+    name: str
+    store: str  # the local store its records land in (`<store>.sqlite`)
+
+    def start(self, ctx: DemoContext) -> None:
+        """Start the stand-in cloud, then the proxy and the simulator as supervised services."""
+
+    def stop(self) -> None:
+        """Stop what `start` runs in this process (the supervised services stop separately)."""
+
+
+class EnphaseDemo:
+    name = "Enphase Envoy"
+    store = "enphase"
+
+    def __init__(self) -> None:
+        self.cloud = None
+
+    def start(self, ctx: DemoContext) -> None:
+        from pvtap.simulate.enphase_cloud import HOSTNAME, EnphaseCloud
+
+        self.cloud = EnphaseCloud(cert_dir=ctx.workdir / "enphase-cloud").start()
+        ctx.supervisor.say(f"     demo | {self.name}: stand-in {HOSTNAME} on {self.cloud.url}")
+        proxy = Service("mitmproxy", self.mitmdump_command(ctx), ready=MITM_READY,
+                        show=lambda line: not _CONNECTION_CHATTER.search(line))
+        port = ctx.supervisor.start(proxy)["port"]
+        ctx.supervisor.say(f"     demo | {self.name}: mitmproxy with addons/enphase.py on 127.0.0.1:{port} "
+                           f"(pid {proxy.proc.pid})")
+        ctx.supervisor.start(Service("envoy", [
+            sys.executable, "-m", "pvtap", "simulate", "enphase", "--url", f"https://{HOSTNAME}",
+            "--connect", f"127.0.0.1:{port}", "--micros", "2", "--reports", "0", "--every", f"{ctx.every:g}"]))
+
+    def mitmdump_command(self, ctx: DemoContext) -> list[str]:
+        argv = [find_mitmdump(), "--mode", f"reverse:{self.cloud.url}", "--listen-host", "127.0.0.1",
+                "--listen-port", "0", "-s", str(find_addon()),
+                "--set", f"confdir={ctx.workdir / 'mitmproxy'}", "--set", "keep_host_header=true",
+                "--set", f"ssl_verify_upstream_trusted_ca={self.cloud.cafile}",
+                "--set", f"enphase_data_dir={ctx.data_dir}", "--set", "enphase_hosts=reports.enphaseenergy.com",
+                "--set", "flow_detail=0"]
+        if ctx.config_path is not None:
+            argv += ["--set", f"pvtap_config={ctx.config_path.resolve()}"]
+        if ctx.config.enphase.local_mode:  # the config asks for it; the addon then needs a lazy strategy
+            argv += ["--set", "connection_strategy=lazy"]
+        return argv
+
+    def stop(self) -> None:
+        if self.cloud is not None:
+            self.cloud.stop()
+
+
+class AlphaDemo:
+    """An AlphaESS battery: the stand-in cloud, the relay in front of it, the simulator."""
+
+    name = "AlphaESS battery"
+    store = "relay"
+    CLOUD_READY = re.compile(r"cloud listening on (?P<host>[\d.]+):(?P<port>\d+)")
+    RELAY_READY = re.compile(r"relay listening: alphaess on (?P<host>[\d.]+):(?P<port>\d+) ")
+
+    def start(self, ctx: DemoContext) -> None:
+        cloud = ctx.supervisor.start(Service("alphaess-cloud", [
+            sys.executable, "-m", "pvtap.simulate.alphaess_cloud", "--port", "0"], ready=self.CLOUD_READY,
+            show=lambda line: False))  # its frame-by-frame lines repeat the battery's
+        ctx.supervisor.say(f"     demo | {self.name}: stand-in www.alphaess.com on 127.0.0.1:{cloud['port']}")
+        relay = [sys.executable, "-m", "proxy_tcp", "--data-dir", str(ctx.data_dir), "--protocol", "alphaess",
+                 "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{cloud['port']}"]
+        if ctx.config_path is not None:
+            relay[3:3] = ["--config", str(ctx.config_path.resolve())]
+        port = ctx.supervisor.start(Service("relay", relay, ready=self.RELAY_READY))["port"]
+        ctx.supervisor.say(f"     demo | {self.name}: relay (python -m proxy_tcp) on 127.0.0.1:{port}")
+        ctx.supervisor.start(Service("battery", [
+            sys.executable, "-m", "pvtap", "simulate", "alphaess", "--host", "127.0.0.1", "--port", str(port),
+            "--interval", f"{ctx.every:g}", "--extended-every", f"{ctx.every * 5:g}"]))
+
+    def stop(self) -> None:
+        pass  # its pieces are all supervised services
+
+
+DEVICES: list[type] = [EnphaseDemo, AlphaDemo]
+
+
+class RecordPrinter:
+    """Prints records as they reach the demo's stores, from where they stood at the start."""
+
+    def __init__(self, supervisor: Supervisor, data_dir: Path, stores: list[str], interval: float = 0.5) -> None:
+        self.supervisor, self.interval = supervisor, interval
+        self.paths = [data_dir / f"{name}.sqlite" for name in stores]
+        self.cursors = {path: self._last_id(path) for path in self.paths}
+        self.printed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-records", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()  # what arrived while the services stopped
+
+    def poll(self) -> None:
+        for path in self.paths:
+            if not path.exists():
+                continue
+            with LocalStore(path, readonly=True) as store:
+                for stored in store.records(after_id=self.cursors[path]):
+                    self.supervisor.say(f"   record | {format_record(stored.record)}")
+                    self.cursors[path] = stored.id
+                    self.printed += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    @staticmethod
+    def _last_id(path: Path) -> int:
+        if not path.exists():
+            return 0
+        with LocalStore(path, readonly=True) as store:
+            last = next(store.records(newest_first=True, limit=1), None)
+            return last.id if last else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "demo", help="see pvtap work with simulated devices and stand-in clouds (no devices needed)",
+        description="Start stand-in vendor clouds, the real proxy in front of them and device simulators "
+                    "posting through it, all on this machine, and print each forwarded report and the "
+                    "decoded records as they are stored. Ctrl-C stops everything.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--every", type=_seconds, default=3.0, metavar="SECONDS",
+                        help="seconds between simulated reports (default: 3)")
+    parser.add_argument("--demo-dir", type=Path, metavar="DIR",
+                        help="where the demo's records go (default: <data_dir>/demo)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    data_dir = (args.demo_dir or Path(config.data_dir) / "demo").resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="pvtap-demo-"))
+    supervisor = Supervisor()
+    restore = supervisor.handle_signals()
+    devices = [device() for device in DEVICES]
+    printer = RecordPrinter(supervisor, data_dir, [d.store for d in devices])
+    ctx = DemoContext(supervisor, workdir, data_dir, args.every, config, args.config)
+    status = 0
+    try:
+        supervisor.say(f"     demo | records go to {data_dir} (your real store is not touched); Ctrl-C stops the demo")
+        printer.start()
+        for device in devices:
+            device.start(ctx)
+        died = supervisor.wait()
+        if died is not None:
+            supervisor.say(f"     demo | {died.name} exited with status {died.proc.returncode}; stopping the demo")
+            status = 1
+    except StopRequested:
+        pass
+    except SetupError as exc:
+        print(f"pvtap demo: {exc}", file=sys.stderr)
+        status = 1
+    finally:
+        supervisor.stop()
+        for device in devices:
+            device.stop()
+        printer.stop()
+        restore()
+        shutil.rmtree(workdir, ignore_errors=True)
+    supervisor.say(f"     demo | stopped; {printer.printed} records shown. Again: pvtap --data-dir {data_dir} tail")
+    return status
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds greater than 0")
+    return value

@@ -1,0 +1,332 @@
+"""`pvtap run`: the main job. Starts pvtap's proxy services as child processes, says where each
+listens and what to do next, passes their output on, and stops them all together.
+
+The services are a list (`services()`): mitmproxy with the Enphase addon, and the TCP relay for
+AlphaESS and FoxESS devices. Each embeds its own InfluxDB forwarder when `[influx] url` is set.
+A `Supervisor` starts them one after another
+(each must say it is listening before the next starts), forwards SIGINT/SIGTERM, stops the rest
+when one dies and then exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+from pvtap.config import Config, split_host_port
+
+ADDON = Path(__file__).resolve().parents[2] / "addons" / "enphase.py"
+#: mitmdump's start-up line, e.g. "Transparent Proxy listening at *:8443."
+MITM_READY = re.compile(r"listening at (?P<host>\S+):(?P<port>\d+)\.\s*$")
+#: the relay's start-up line, once every listener is up
+RELAY_READY = re.compile(r"relay ready: (?P<count>\d+) listener")
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+EPILOG = """\
+what it starts:
+  mitmproxy (mitmdump) with addons/enphase.py, in enphase.mode on enphase.listen:
+    transparent  the Envoy's port 443 is REDIRECTed to this host's listen port by a firewall
+                 rule on this host (the original destination is read from the socket)
+    reverse      a DNS override or a DNAT on the router sends the Envoy here; forwarded to
+                 enphase.upstream (this host must resolve the real name)
+    regular      the device is configured to use this host as its HTTP proxy
+  the TCP relay (python -m proxy_tcp) with the [[relay.listeners]] of the config, else one
+    listener per supported device on its usual port (AlphaESS 7777; FoxESS 10001, 14431, 6666,
+    UDP 6364/3334), policy auto: forward to the cloud, answer locally when it is unreachable.
+  Records go to <data_dir>/enphase.sqlite and <data_dir>/relay.sqlite; watch them with
+  `pvtap tail --follow`. With [influx] url set, each service also delivers them to InfluxDB.
+
+examples:
+  pvtap run                                   transparent proxy on 0.0.0.0:8443, store in ./data
+  pvtap --config pvtap.toml run
+  PVTAP_ENPHASE_MODE=reverse pvtap run
+  pvtap run --mitmproxy-set tls_version_client_min=TLS1     an old Envoy that speaks TLS 1.0
+  pvtap run --dry-run                         print the command lines and exit
+
+Ctrl-C (SIGINT) or SIGTERM stops every service cleanly; if one service dies, the others are
+stopped and pvtap exits with status 1. See docs/enphase.md."""
+
+
+class SetupError(Exception):
+    """Something needed to start is missing; the message says what and how to fix it."""
+
+
+@dataclass
+class Service:
+    """One child process pvtap keeps running."""
+
+    name: str
+    argv: list[str]
+    #: a line of its output that says it is ready (listening); None: ready once started
+    ready: re.Pattern[str] | None = None
+    #: what to print once it is ready (given its ready line): where it listens, what to do next
+    next_steps: Callable[[re.Match[str] | None], list[str]] = lambda ready: []
+    #: which of its output lines to pass on (all by default)
+    show: Callable[[str], bool] = lambda line: True
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    ready_match: re.Match[str] | None = None
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+
+    @property
+    def command(self) -> str:
+        return shlex.join(self.argv)
+
+
+class StopRequested(Exception):
+    """A signal arrived while services were starting."""
+
+
+class Supervisor:
+    """Starts services, passes their output on, and stops all of them together."""
+
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stdout
+        self.services: list[Service] = []
+        self.stop_signal: int | None = None
+        self._stop = threading.Event()
+        self._pumps: list[threading.Thread] = []
+        self._print_lock = threading.Lock()
+
+    # -- signals ---------------------------------------------------------------------------
+
+    def handle_signals(self) -> Callable[[], None]:
+        """Turn SIGINT/SIGTERM into a stop request; returns a function restoring the old handlers."""
+        def on_signal(signum: int, _frame: object) -> None:
+            if self.stop_signal is None:
+                self.stop_signal = signum
+            self._stop.set()
+        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        return restore
+
+    # -- running ---------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        with self._print_lock:
+            self.out.write(text + "\n")
+            self.out.flush()
+
+    def start(self, service: Service, timeout: float = READY_TIMEOUT) -> re.Match[str] | None:
+        """Start a service and wait until it says it is ready. Raises SetupError if it exits
+        first or takes longer than `timeout`, StopRequested on a signal."""
+        ready = threading.Event()
+        service.proc = subprocess.Popen(
+            service.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **service.env}, text=True, errors="replace", bufsize=1,
+            process_group=0,  # Ctrl-C reaches pvtap only; pvtap forwards it once, in order
+        )
+        self.services.append(service)
+        pump = threading.Thread(target=self._pump, args=(service, ready), name=f"output-{service.name}", daemon=True)
+        pump.start()
+        self._pumps.append(pump)
+        if service.ready is None:
+            ready.set()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.05):
+            if self._stop.is_set():
+                raise StopRequested()
+            if service.proc.poll() is not None:
+                pump.join(2)
+                raise SetupError(f"{service.name} exited with status {service.proc.returncode} before it was ready. "
+                                 f"Its last output:\n  " + "\n  ".join(service.tail))
+            if time.monotonic() > deadline:
+                raise SetupError(f"{service.name} did not report ready within {timeout:.0f} s. Its last output:\n  "
+                                 + "\n  ".join(service.tail))
+        return service.ready_match
+
+    def wait(self) -> Service | None:
+        """Block until a stop is requested (None) or a service exits (that service)."""
+        while not self._stop.wait(0.2):
+            for service in self.services:
+                if service.proc is not None and service.proc.poll() is not None:
+                    return service
+        return None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop the services, last started first, with the signal that was received (SIGTERM
+        if none); SIGKILL whatever has not exited after `timeout` seconds."""
+        signum = self.stop_signal or signal.SIGTERM
+        for service in reversed(self.services):
+            proc = service.proc
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signum)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.say(f"pvtap: {service.name} did not stop within {timeout:.0f} s; killing it")
+                proc.kill()
+                proc.wait()
+        for pump in self._pumps:
+            pump.join(2)
+
+    def _pump(self, service: Service, ready: threading.Event) -> None:
+        assert service.proc is not None and service.proc.stdout is not None
+        for line in service.proc.stdout:
+            line = line.rstrip("\n")
+            service.tail.append(line)
+            if not ready.is_set() and service.ready is not None and (match := service.ready.search(line)):
+                service.ready_match = match
+                ready.set()
+            if service.show(line):
+                self.say(f"{service.name:>9} | {line}")
+
+
+# -- the services -----------------------------------------------------------------------------
+
+def find_mitmdump() -> str:
+    """mitmdump from pvtap's own environment (next to the Python running pvtap), else from PATH."""
+    beside = Path(sys.executable).parent / "mitmdump"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("mitmdump")
+    if found:
+        return found
+    raise SetupError(
+        f"mitmdump (mitmproxy) is not installed: not next to {sys.executable} and not on PATH. "
+        f"Fix: `make install`, or `{sys.executable} -m pip install mitmproxy==12.2.3`.")
+
+
+def find_addon() -> Path:
+    if not ADDON.is_file():
+        raise SetupError(f"the mitmproxy addon {ADDON} is missing: pvtap must run from its source tree "
+                         "(`pip install -e .`), which holds addons/enphase.py.")
+    return ADDON
+
+
+def mitmdump_command(config: Config, *, config_path: Path | None = None,
+                     extra_sets: list[str] = ()) -> list[str]:
+    """The mitmdump command line `pvtap run` uses for the Enphase path."""
+    e = config.enphase
+    host, port = split_host_port(e.listen)
+    mode = f"reverse:{e.upstream}" if e.mode == "reverse" else e.mode
+    argv = [find_mitmdump(), "--mode", mode, "--listen-host", host, "--listen-port", str(port),
+            "-s", str(find_addon()),
+            "--set", f"enphase_data_dir={Path(config.data_dir).resolve()}",
+            "--set", f"termlog_verbosity={'warn' if config.log_level == 'warning' else config.log_level}"]
+    if config_path is not None:
+        argv += ["--set", f"pvtap_config={config_path.resolve()}"]
+    if e.mode == "reverse":
+        argv += ["--set", "keep_host_header=true"]
+    if e.local_mode:
+        argv += ["--set", "enphase_local_mode=true", "--set", "connection_strategy=lazy"]
+    for item in extra_sets:
+        argv += ["--set", item]
+    return argv
+
+
+def enphase_next_steps(config: Config, ready: re.Match[str] | None) -> list[str]:
+    e = config.enphase
+    port = ready["port"] if ready else split_host_port(e.listen)[1]
+    steps = {
+        "transparent": [
+            "Send the Envoy's HTTPS here with a REDIRECT on this host (192.0.2.10 = your Envoy's address):",
+            f"  iptables -t nat -A PREROUTING -s 192.0.2.10 -p tcp --dport 443 -j REDIRECT --to-port {port}",
+            "  (nftables, routers and DNS overrides: docs/enphase.md)",
+        ],
+        "reverse": [
+            f"Forwarding to {e.upstream}. Point {e.hosts[0]} at this host in your LAN's DNS (this host must",
+            f"  still resolve the real name), or DNAT the Envoy's port 443 to this host's port {port} (docs/enphase.md).",
+        ],
+        "regular": [f"Configure the device to use this host, port {port}, as its HTTP proxy."],
+    }[e.mode]
+    if e.local_mode:
+        steps.append("LOCAL MODE: reports are answered here as the cloud would; nothing reaches Enphase.")
+    return steps
+
+
+def relay_command(config: Config, config_path: Path | None) -> list[str]:
+    """`python -m proxy_tcp` with the same config and data directory: the configured
+    `[[relay.listeners]]`, else one listener per supported device on its usual port."""
+    argv = [sys.executable, "-m", "proxy_tcp", "--data-dir", str(Path(config.data_dir).resolve())]
+    if config_path is not None:
+        argv += ["--config", str(Path(config_path).resolve())]
+    return argv
+
+
+def relay_next_steps(config: Config) -> list[str]:
+    return ["send AlphaESS/FoxESS traffic to the ports above (NAT redirect or DNS override): see docs/relay.md",
+            f"records go to {Path(config.data_dir).resolve() / 'relay.sqlite'}"]
+
+
+def services(config: Config, args: argparse.Namespace) -> list[Service]:
+    """Everything `pvtap run` keeps running, in start order."""
+    return [
+        Service("mitmproxy",
+                mitmdump_command(config, config_path=args.config, extra_sets=args.mitmproxy_set),
+                ready=MITM_READY, next_steps=lambda ready: enphase_next_steps(config, ready)),
+        Service("relay", relay_command(config, args.config), ready=RELAY_READY,
+                next_steps=lambda ready: relay_next_steps(config)),
+    ]
+
+
+# -- the command ------------------------------------------------------------------------------
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "run", help="run the proxy services (mitmproxy with the Enphase addon, the TCP relay) until stopped",
+        description="Start pvtap's proxy services, forward every byte to the vendor clouds and store "
+                    "a decoded copy in the local store, until Ctrl-C or SIGTERM.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mitmproxy-set", action="append", default=[], metavar="OPTION=VALUE",
+                        help="pass an extra --set to mitmdump (repeatable), e.g. tls_version_client_min=TLS1")
+    parser.add_argument("--dry-run", action="store_true", help="print each service's command line and exit")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    try:
+        planned = services(config, args)
+    except SetupError as exc:
+        print(f"pvtap run: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for service in planned:
+            print(f"{service.name}: {service.command}")
+        return 0
+    data_dir = Path(config.data_dir).resolve()
+    supervisor = Supervisor()
+    restore = supervisor.handle_signals()
+    try:
+        supervisor.say(f"pvtap run: storing in {data_dir}")
+        for service in planned:
+            supervisor.say(f"pvtap run: starting {service.name}: {service.command}")
+            match = supervisor.start(service)
+            where = f" on {match['host']}:{match['port']}" if match and "port" in match.groupdict() else ""
+            supervisor.say(f"pvtap run: {service.name} is up{where} (pid {service.proc.pid})")
+            for step in service.next_steps(match):
+                supervisor.say(f"  {step}")
+        supervisor.say("pvtap run: watch records arrive with `pvtap tail --follow`; Ctrl-C stops everything.")
+        died = supervisor.wait()
+    except StopRequested:
+        died = None
+    except SetupError as exc:
+        print(f"pvtap run: {exc}", file=sys.stderr)
+        supervisor.stop()
+        restore()
+        return 1
+    if died is not None:
+        supervisor.say(f"pvtap run: {died.name} exited with status {died.proc.returncode}; stopping the others")
+    supervisor.stop()
+    restore()
+    if died is not None:
+        return 1
+    supervisor.say("pvtap run: stopped")
+    return 0

@@ -1,0 +1,231 @@
+"""`pvtap run` and `pvtap demo` as a user runs them: real subprocesses, real mitmdump, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pvtap.cli import main
+from pvtap.cli.run import SetupError, find_mitmdump
+from pvtap.simulate.alphaess import run_simulator
+from pvtap.simulate.enphase import Simulator, encode_body, post_report
+from pvtap.simulate.enphase_cloud import EnphaseCloud
+from pvtap.store.local import LocalStore
+
+from tests.conftest import REPO
+
+MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
+ADDON = str(REPO / "addons" / "enphase.py")
+
+
+class Pvtap:
+    """`python -m pvtap ARGS` with its output read line by line as it comes."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PVTAP_")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "pvtap", *args], cwd=cwd, text=True,
+                                     env={**full_env, "PYTHONUNBUFFERED": "1", **env}, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def expect(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        """The first line (from here on) matching `pattern`; fails after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = ""
+            if line is None or time.monotonic() > deadline:
+                self.stop(signal.SIGKILL)
+                raise AssertionError(f"no line matching {pattern!r}; output so far:\n" + "\n".join(self.lines))
+            self.lines.append(line)
+            if match := re.search(pattern, line):
+                return match
+
+    def stop(self, signum: int = signal.SIGINT, timeout: float = 30.0) -> int:
+        """Send `signum`, wait for the exit status, and collect the rest of the output."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        status = self.proc.wait(timeout)
+        while (line := self._queue.get(timeout=5)) is not None:
+            self.lines.append(line)
+        return status
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# -- pvtap run: the command lines --------------------------------------------------------------
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, ["--mode", "transparent", "--listen-host", "0.0.0.0", "--listen-port", "8443", "-s", ADDON,
+          "--set", "enphase_data_dir={data}", "--set", "termlog_verbosity=info"]),
+    ({"PVTAP_ENPHASE_MODE": "reverse", "PVTAP_ENPHASE_LISTEN": "127.0.0.1:9443"},
+     ["--mode", "reverse:https://reports.enphaseenergy.com:443", "--listen-host", "127.0.0.1", "--listen-port", "9443",
+      "-s", ADDON, "--set", "enphase_data_dir={data}", "--set", "termlog_verbosity=info",
+      "--set", "keep_host_header=true"]),
+    ({"PVTAP_ENPHASE_LOCAL_MODE": "true", "PVTAP_LOG_LEVEL": "warning"},
+     ["--mode", "transparent", "--listen-host", "0.0.0.0", "--listen-port", "8443", "-s", ADDON,
+      "--set", "enphase_data_dir={data}", "--set", "termlog_verbosity=warn",
+      "--set", "enphase_local_mode=true", "--set", "connection_strategy=lazy"]),
+])
+def test_run_dry_run_prints_the_mitmdump_command(monkeypatch, capsys, data_dir: Path, env: dict, expected: list) -> None:
+    for key in [k for k in os.environ if k.startswith("PVTAP_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["--data-dir", str(data_dir), "run", "--dry-run", "--mitmproxy-set", "tls_version_client_min=TLS1"]) == 0
+    mitmproxy, relay = capsys.readouterr().out.strip().split("\n")
+    assert relay == f"relay: {sys.executable} -m proxy_tcp --data-dir {data_dir.resolve()}"
+    argv = mitmproxy.removeprefix("mitmproxy: ").split(" ")
+    assert argv == [MITMDUMP, *(a.format(data=data_dir) for a in expected), "--set", "tls_version_client_min=TLS1"]
+
+
+def test_run_says_clearly_when_mitmdump_is_not_installed(monkeypatch, capsys, tmp_path: Path) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python3"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SetupError, match="mitmdump .* is not installed"):
+        find_mitmdump()
+    assert main(["--data-dir", str(tmp_path / "data"), "run"]) == 2
+    err = capsys.readouterr().err
+    assert "not installed" in err and "pip install mitmproxy" in err
+
+
+def test_run_refuses_a_bad_mode_naming_the_key(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("PVTAP_ENPHASE_MODE", "socks")
+    assert main(["run", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "enphase.mode = 'socks'" in err and "PVTAP_ENPHASE_MODE" in err and "transparent, reverse, regular" in err
+
+
+# -- pvtap run: the real thing -----------------------------------------------------------------
+
+def _relay_config(tmp_path: Path) -> Path:
+    """A relay listener on a free loopback port answering locally: the default listeners would
+    take the devices' real ports and look up the vendors' real host names."""
+    path = tmp_path / "pvtap.toml"
+    path.write_text('[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "127.0.0.1:0"\npolicy = "local"\n')
+    return path
+
+
+def _run(tmp_path: Path, env: dict[str, str], *extra: str) -> Pvtap:
+    return Pvtap(["--config", str(_relay_config(tmp_path)), "--data-dir", str(tmp_path / "data"), "run",
+                  "--mitmproxy-set", f"confdir={tmp_path / 'conf'}", *extra], env, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_run_forwards_and_stores_and_stops_cleanly_on_a_signal(tmp_path: Path, signum: int) -> None:
+    data = tmp_path / "data"
+    report = Simulator(micros=2, start=1699956000).next_report()
+    body = encode_body(report.xml)
+    with EnphaseCloud(cert_dir=tmp_path / "cloud") as cloud:
+        run = _run(tmp_path, {"PVTAP_ENPHASE_MODE": "reverse", "PVTAP_ENPHASE_UPSTREAM": cloud.url,
+                              "PVTAP_ENPHASE_LISTEN": "127.0.0.1:0"},
+                   "--mitmproxy-set", f"ssl_verify_upstream_trusted_ca={cloud.cafile}")
+        up = run.expect(r"mitmproxy is up on 127\.0\.0\.1:(\d+) \(pid (\d+)\)")
+        port, mitmdump_pid = int(up.group(1)), int(up.group(2))
+        relay_port = int(run.expect(r"relay listening: alphaess on 127\.0\.0\.1:(\d+) \(local").group(1))
+        relay_pid = int(run.expect(r"relay is up \(pid (\d+)\)").group(1))
+        run.expect(r"pvtap tail --follow")
+        response = post_report("https://reports.enphaseenergy.com/emu_reports/performance_report?webcomm_version=3.0",
+                               body, connect=("127.0.0.1", port))
+        assert response.status == 200 and cloud.received()[0].body == body
+        run.expect(r"enphase: performance_report from 127\.0\.0\.1 .* forwarded, 200")
+        battery = asyncio.run(run_simulator("127.0.0.1", relay_port, interval=0.05, count=3))
+        assert battery.counts["1-1-16"] == 3 and battery.unanswered == 0  # the relay answered as the cloud
+        run.expect(r"alphaess .* local")  # the relay's connection line
+        assert run.stop(signum) == 0
+    assert not _pid_alive(mitmdump_pid) and not _pid_alive(relay_pid)
+    assert "enphase: 2 payloads stored" in run.output  # the addon's done hook ran: nothing left queued
+    assert run.lines[-1] == "pvtap run: stopped"
+    with LocalStore(data / "enphase.sqlite", readonly=True) as store:
+        assert store.count_raw() == 2
+        assert store.count_records(measurements=["enphase_interval"]) == len(report.intervals)
+    with LocalStore(data / "relay.sqlite", readonly=True) as store:
+        assert store.count_records(measurements=["alphaess_realtime"]) == 3
+
+
+@pytest.mark.slow
+def test_run_in_transparent_mode_starts_and_stops(tmp_path: Path) -> None:
+    run = _run(tmp_path, {"PVTAP_ENPHASE_LISTEN": "127.0.0.1:0"})
+    port = run.expect(r"mitmproxy is up on 127\.0\.0\.1:(\d+)").group(1)
+    run.expect(rf"iptables -t nat -A PREROUTING -s 192\.0\.2\.10 -p tcp --dport 443 -j REDIRECT --to-port {port}$")
+    assert run.stop(signal.SIGINT) == 0
+    assert "Transparent Proxy listening at 127.0.0.1" in run.output
+
+
+@pytest.mark.slow
+def test_run_exits_non_zero_when_a_service_dies(tmp_path: Path) -> None:
+    run = _run(tmp_path, {"PVTAP_ENPHASE_LISTEN": "127.0.0.1:0"})
+    pid = int(run.expect(r"mitmproxy is up on .* \(pid (\d+)\)").group(1))
+    os.kill(pid, signal.SIGKILL)
+    run.expect(r"mitmproxy exited with status -9; stopping the others")
+    assert run.proc.wait(30) == 1
+
+
+@pytest.mark.slow
+def test_run_reports_a_service_that_cannot_start(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = _run(tmp_path, {"PVTAP_ENPHASE_LISTEN": f"127.0.0.1:{port}"})
+        assert run.proc.wait(60) == 1
+        run.stop()
+    assert "mitmproxy exited with status" in run.output and "before it was ready" in run.output
+    assert "address already in use" in run.output.lower()  # mitmdump's own reason, passed on
+
+
+# -- pvtap demo --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_demo_shows_records_within_seconds_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    started = time.monotonic()
+    demo = Pvtap(["--data-dir", str(tmp_path / "data"), "demo", "--every", "0.5"], {}, tmp_path)
+    demo.expect(rf"records go to {re.escape(str(tmp_path / 'data' / 'demo'))} ")
+    mitmdump_pid = int(demo.expect(r"demo \| Enphase Envoy: mitmproxy with addons/enphase\.py on .* \(pid (\d+)\)").group(1))
+    demo.expect(r"mitmproxy \| .*enphase: performance_report from 127\.0\.0\.1 .* forwarded, 200")
+    demo.expect(r"envoy \| report 1: 200 OK")
+    demo.expect(r"record \| \S+Z  enphase_interval  envoy=999900000000,eqid=999900000001\.1  id=1000001 ")
+    assert time.monotonic() - started < 20
+    demo.expect(r"envoy \| report 3: 200 OK")  # it keeps posting
+    demo.expect(r"record \| \S+Z  alphaess_realtime  serial=ALSIM0000000001 ")  # the battery, through the relay
+    assert demo.stop(signal.SIGINT) == 0
+    assert re.search(r"stopped; (\d+) records shown", demo.lines[-1])
+    shown = int(re.search(r"stopped; (\d+) records shown", demo.lines[-1]).group(1))
+    with LocalStore(tmp_path / "data" / "demo" / "enphase.sqlite", readonly=True) as enphase, \
+            LocalStore(tmp_path / "data" / "demo" / "relay.sqlite", readonly=True) as relay:
+        assert enphase.count_records() + relay.count_records() == shown  # every stored record was shown, none twice
+        assert enphase.count_records(measurements=["enphase_interval"]) >= 6
+        assert relay.count_records(measurements=["alphaess_realtime"]) >= 1
+    assert not (tmp_path / "data" / "enphase.sqlite").exists()  # the real store is not touched
+    assert not _pid_alive(mitmdump_pid)
