@@ -5,6 +5,7 @@ or logged with its bytes."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import replace
 import threading
 import time
@@ -106,12 +107,18 @@ def test_submit_never_blocks_and_drops_when_full(store, codec):
     assert store.count_raw() == 4
 
 
-def test_full_queue_is_logged_without_the_payload(store, codec, caplog):
+def test_full_queue_is_logged_without_the_payload_and_without_flooding(store, codec, caplog):
     ingest = Ingest(store, max_queue=1)  # not started: nothing drains the queue
     assert ingest.submit(payload(b"n=1"))
     with caplog.at_level(logging.ERROR, logger="pvtap.ingest"):
         assert ingest.submit(payload(SECRET)) is False
-    assert "ingest queue full (1): dropped a alphaess frame copy; forwarding is unaffected" in caplog.text
+        for _ in range(1999):
+            assert ingest.submit(payload(b"n=2")) is False
+    assert ingest.counts.dropped == 2000
+    assert "ingest queue full (1): 1 copies dropped so far (latest: alphaess frame); forwarding is unaffected" \
+        in caplog.text
+    logged = [int(re.search(r"(\d+) copies dropped", r.getMessage()).group(1)) for r in caplog.records]
+    assert logged == [1, 10, 1000, 2000]  # a line now and then, not one per copy
     assert b"PLACEHOLDER-SECRET" not in caplog.text.encode()
 
 
