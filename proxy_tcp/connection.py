@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from pvtap.records import DOWN, UP, Origin, Record, now_utc
 
 from .pump import CHUNK, Activity, Copies, PumpEnd, pump
+from .tls import DEVICE_HANDSHAKE_TIMEOUT
 from .upstream import Endpoint, RefusedDestination, UpstreamError, open_upstream, original_destination
 
 if TYPE_CHECKING:
@@ -157,6 +158,8 @@ class Connection:
 
     async def _serve(self) -> None:
         config = self.listener.config
+        if self.listener.device_tls is not None and not await self._device_tls():
+            return
         if len(self.listener.connections) > config.max_connections:
             self.record.action = "refused"
             self.end("refused_limit", f"{config.max_connections} connections already open (max_connections)")
@@ -167,7 +170,8 @@ class Connection:
         try:
             async with asyncio.timeout(config.connect_timeout):
                 targets = await self._destinations()
-                cloud_reader, self.cloud_writer, endpoint = await open_upstream(targets, limit=CHUNK)
+                cloud_reader, self.cloud_writer, endpoint = await open_upstream(targets, limit=CHUNK,
+                                                                                 tls=self.listener.upstream_tls)
         except RefusedDestination as exc:
             self.record.action = "refused"
             self.end(exc.outcome, str(exc))
@@ -184,6 +188,18 @@ class Connection:
             return
         self.record.upstream = str(endpoint)
         await self._forward(cloud_reader, self.cloud_writer)
+
+    async def _device_tls(self) -> bool:
+        """Terminate the device's TLS (listener tls_cert): from here on the pumps, the decoder
+        and the local answerer see application bytes."""
+        try:
+            await self.device_writer.start_tls(self.listener.device_tls,
+                                               ssl_handshake_timeout=DEVICE_HANDSHAKE_TIMEOUT)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            self.record.action = "refused"
+            self.end("device_tls_failed", f"TLS handshake with the device failed: {exc or type(exc).__name__}")
+            return False
+        return True
 
     async def _destinations(self) -> list[Endpoint]:
         """Where this connection may go: the redirect's original destination, or the upstream's
@@ -225,6 +241,9 @@ class Connection:
                     self.end(f"{ended.side}_reset")
                     return
                 first_eof = first_eof or ended.side
+                target = cloud_writer if ended.side == "device" else self.device_writer
+                if not target.can_write_eof():  # TLS has no half-close: the EOF ends the connection
+                    break
             self.end(f"{first_eof}_closed")
         finally:
             await _cancel(pumps)
@@ -329,7 +348,10 @@ class Connection:
 
     async def _discard_unread(self) -> None:
         """Half-close towards the device and read what it already sent, so that closing sends
-        a FIN and not a reset (the kernel resets a socket closed with unread data)."""
+        a FIN and not a reset (the kernel resets a socket closed with unread data). TLS has no
+        half-close: its close_notify says the same."""
+        if not self.device_writer.can_write_eof():
+            return
         try:
             self.device_writer.write_eof()
             async with asyncio.timeout(CLOSE_GRACE):
@@ -358,7 +380,8 @@ class Connection:
                 log.exception("%s: could not store the connection record", self.label)
 
 
-WARN_OUTCOMES = {"upstream_failed", "refused_not_redirected", "refused_self", "refused_limit", "error"}
+WARN_OUTCOMES = {"upstream_failed", "refused_not_redirected", "refused_self", "refused_limit", "device_tls_failed",
+                 "error"}
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

@@ -1,8 +1,9 @@
 """A listener: one configured address, its protocol and policy, and the connections it accepted.
 
 Listening is the only place a transport appears: `transport = "tcp"` opens asyncio stream
-servers; another transport (UDP, TLS termination) is a further branch of `start` and of the
-connection it hands its peers to, while the policy and decode sides stay as they are.
+servers, `transport = "udp"` a datagram endpoint that only listens (proxy_tcp/udp.py). With
+`tls_cert` the connections it hands on terminate the devices' TLS, and `upstream_tls` makes them
+re-encrypt to the cloud (proxy_tcp/tls.py); the policy and decode sides stay as they are.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable
 
@@ -17,6 +19,8 @@ from pvtap.config import ConfigError, ListenerConfig, split_host_port
 
 from .connection import Connection
 from .pump import CHUNK
+from .tls import UpstreamTLS, device_context
+from .udp import Datagrams
 from .upstream import Endpoint, UpstreamError, UpstreamResolver
 
 if TYPE_CHECKING:
@@ -31,6 +35,20 @@ STOP_GRACE = 8.0
 #: forward to the vendor's cloud, answer locally while it cannot be reached.
 DEFAULT_LISTENERS = (
     ListenerConfig(protocol="alphaess", listen="0.0.0.0:7777", policy="auto", upstream="www.alphaess.com:7777"),
+    # FoxESS H1/H3/KH WiFi dongle: cleartext.
+    ListenerConfig(protocol="foxess", listen="0.0.0.0:10001", policy="auto", upstream="www.foxesscloud.com:10001"),
+    # FoxESS M1: TLS terminated with a `pvtap certs foxess` pair (generated if missing) and
+    # re-encrypted to the cloud address foxess_local_gateway relays to, pinned to the cloud's
+    # self-signed certificate as that project documents it.
+    ListenerConfig(protocol="foxess", listen="0.0.0.0:14431", policy="auto", upstream="8.209.116.72:14431",
+                   tls_cert="certs/foxess-monitor.crt", tls_key="certs/foxess-monitor.key",
+                   tls_subject="/C=CN/ST=JiangSu/L=Wuxi/O=FoxESS/CN=monitor", upstream_tls=True,
+                   upstream_pin_sha256="0ff6d2d0b548f0a03dced31ce7621a8c9497bdc074d723bc152094e4d299c1b7"),
+    # FoxESS M1 hub channel (no hub product is known): answered as the forum write-up's server did.
+    ListenerConfig(protocol="foxess", listen="0.0.0.0:6666", policy="local"),
+    # FoxESS M1 broadcasts: ESP-MESH join_me_req and the heartbeat.
+    ListenerConfig(protocol="foxess", listen="0.0.0.0:6364", transport="udp", policy="local"),
+    ListenerConfig(protocol="foxess", listen="0.0.0.0:3334", transport="udp", policy="local"),
 )
 
 
@@ -48,19 +66,34 @@ class Listener:
         self.relay = relay
         self.resolver = (UpstreamResolver(config.upstream, config.resolver, config.connect_timeout)
                          if config.policy in ("fixed", "auto") else None)
+        self.device_tls: ssl.SSLContext | None = None  # set by start() when tls_cert is configured
+        self.upstream_tls = UpstreamTLS.of(config)
         self.endpoints: list[Endpoint] = []
         self.connections: dict[asyncio.Task, Connection] = {}
         self._server: asyncio.Server | None = None
+        self.datagrams: Datagrams | None = None  # transport = "udp"
+        self._udp: asyncio.DatagramTransport | None = None
 
     def __str__(self) -> str:
         target = {"fixed": f" → {self.config.upstream}", "auto": f" → {self.config.upstream} (else local answers)",
                   "transparent": " → original destination", "local": " → local answers"}[self.config.policy]
         where = ", ".join(map(str, self.endpoints)) or self.config.listen
-        return f"{self.config.protocol} on {where} ({self.config.policy}{target})"
+        if self.config.transport == "udp":
+            return f"{self.config.protocol} on udp {where} (listen only)"
+        tls = (" tls" if self.device_tls else "") + (" → tls" if self.upstream_tls else "")
+        return f"{self.config.protocol} on {where}{tls} ({self.config.policy}{target})"
 
     async def start(self) -> None:
         host, port = split_host_port(self.config.listen)
+        if self.config.tls_cert:
+            self.device_tls = await asyncio.to_thread(device_context, self.config, self.key)
         try:
+            if self.config.transport == "udp":
+                self.datagrams = Datagrams(self.config, self.relay.sink, self.relay.privacy)
+                self._udp, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                    lambda: self.datagrams, local_addr=("0.0.0.0" if host == "*" else host, port))
+                self.endpoints = [Endpoint.of(self._udp.get_extra_info("sockname"))]
+                return
             self._server = await asyncio.start_server(self._accept, None if host == "*" else host, port,
                                                       limit=CHUNK, reuse_address=True)
         except OSError as exc:
@@ -90,11 +123,15 @@ class Listener:
                     fix = f"set {self.key('resolver')} to a DNS server that is not overridden"
                 raise ConfigError(self.key("upstream"), self.config.upstream, f"resolves to {reason}", fix)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Hand the connection to a task of our own, so that stopping can cancel and await it."""
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Hand the connection to a task of our own, so that stopping can cancel and await it.
+        Called synchronously as the connection is made: a TLS listener pauses reading here, so the
+        device's first handshake bytes wait for the TLS layer instead of landing in the reader."""
         if writer.get_extra_info("peername") is None:  # gone before we got to it
             writer.close()
             return
+        if self.device_tls is not None:
+            writer.transport.pause_reading()
         connection = Connection(self, reader, writer)
         task = asyncio.create_task(connection.run(), name=connection.label)
         self.connections[task] = connection
@@ -105,6 +142,10 @@ class Listener:
 
     async def close(self) -> None:
         """Stop accepting, end every open connection (each writes its record), then close."""
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+            log.info("%s", self.datagrams.summary())
         if self._server is None:
             return
         self._server.close()

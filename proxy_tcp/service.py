@@ -26,6 +26,7 @@ from pvtap.store.local import LocalStore
 
 from .listeners import Listener, default_listeners
 from .pump import Sink
+from .tls import in_data_dir
 from .upstream import SelfGuard
 
 log = logging.getLogger("proxy_tcp")
@@ -126,9 +127,10 @@ async def serve(config: Config, listeners: Sequence[ListenerConfig] | None = Non
     store = LocalStore.for_process(config.data_dir, "relay")
     ingest = Ingest(store, privacy).start()
     forwarder = start_forwarder(store.path, config.influx)  # None unless [influx] url is set
+    chosen = [in_data_dir(listener, config.data_dir)
+              for listener in (listeners if listeners is not None else listeners_of(config))]
     try:
-        async with relay_running(listeners if listeners is not None else listeners_of(config),
-                                 sink=ingest, store=store, privacy=privacy, keys=keys):
+        async with relay_running(chosen, sink=ingest, store=store, privacy=privacy, keys=keys):
             await (stop or asyncio.Event()).wait()
             log.info("relay stopping")
     finally:

@@ -13,13 +13,18 @@ import errno
 import ipaddress
 import os
 import socket
+import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
 from pvtap.config import split_host_port
+
+if TYPE_CHECKING:
+    from .tls import UpstreamTLS
 
 #: getsockopt option number of SO_ORIGINAL_DST (IPv4) and IP6T_SO_ORIGINAL_DST (IPv6).
 SO_ORIGINAL_DST = 80
@@ -178,14 +183,22 @@ def original_destination(sock: socket.socket) -> Endpoint | None:
         raise
 
 
-async def open_upstream(endpoints: list[Endpoint], limit: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
-                                                                         Endpoint]:
-    """Connect to the first endpoint that accepts (the caller bounds the time)."""
+async def open_upstream(endpoints: list[Endpoint], limit: int, tls: "UpstreamTLS | None" = None,
+                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Endpoint]:
+    """Connect to the first endpoint that accepts — over TLS, checked, when the listener says
+    so (proxy_tcp.tls) — the caller bounds the time."""
     errors = []
     for endpoint in endpoints:
         try:
-            reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port, limit=limit)
+            if tls is not None:
+                reader, writer = await tls.open(endpoint, limit)
+            else:
+                reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port, limit=limit)
             return reader, writer, endpoint
+        except UpstreamError as exc:  # a certificate that is not the pinned one
+            errors.append(f"{endpoint}: {exc}")
+        except ssl.SSLError as exc:
+            errors.append(f"{endpoint}: TLS handshake failed: {getattr(exc, 'verify_message', '') or exc.reason or exc}")
         except OSError as exc:
             errors.append(f"{endpoint}: {os.strerror(exc.errno) if exc.errno else exc}")
     raise UpstreamError("cannot connect to " + "; ".join(errors))
