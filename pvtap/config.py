@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -87,30 +89,225 @@ class EnphaseConfig:
         "Hosts whose /emu_reports/ posts are decoded; other traffic passes untouched.",
         check=lambda v: None if v and all(h and " " not in h for h in v) else "needs at least one host name",
     )
+    listen: str = setting(
+        "0.0.0.0:8443", "Where `pvtap run` has mitmproxy listen for the Envoy's HTTPS, host:port (port 0: any free port).",
+        check=lambda v: listen_address(v))  # defined below, with the relay's settings
+    mode: str = setting(
+        "transparent",
+        "How the Envoy's traffic reaches mitmproxy: transparent (a firewall REDIRECT on this host), reverse (a DNS "
+        "override or DNAT to this host; forwarded to enphase.upstream) or regular (the device uses it as HTTP proxy).",
+        check=one_of("transparent", "reverse", "regular"))
+    upstream: str = setting(
+        "https://reports.enphaseenergy.com:443", "The cloud reverse mode forwards to, https://host[:port].",
+        check=lambda v: None if re.fullmatch(r"https?://[^/:\s]+(:\d{1,5})?/?", v) else "expected https://host[:port]")
+
+
+RELAY_PROTOCOLS = ("alphaess", "foxess")
+RELAY_POLICIES = ("fixed", "transparent", "local", "auto")
+
+
+def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """A check that lets the empty value (meaning "not set") through."""
+    return lambda value: None if value in ("", None) else check(value)
+
+
+def listen_address(value: str) -> str | None:
+    """`host:port` as for host_port, where port 0 takes any free port (the log says which)."""
+    host, sep, port = value.rpartition(":")
+    return None if sep and host and port == "0" else host_port(value)
+
+
+def ip_with_optional_port(value: str) -> str | None:
+    """An IP address, optionally with a port: `192.0.2.53`, `192.0.2.53:5353`, `[2001:db8::53]:53`."""
+    host, port = value, ""
+    if value.startswith("["):
+        host, _, port = value[1:].partition("]")
+        port = port.removeprefix(":")
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "expected the IP address of a DNS server (optionally :port), not a name"
+    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+        return "the port must be between 1 and 65535"
+    return None
+
+
+def sha256_hex(value: str) -> str | None:
+    """64 hex digits, colons between the bytes allowed (as browsers and openssl print them)."""
+    return None if re.fullmatch(r"[0-9a-fA-F]{64}", value.replace(":", "")) else "expected 64 hex digits (a SHA-256)"
 
 
 @dataclass(frozen=True)
 class ListenerConfig:
     """One relay listener (a `[[relay.listeners]]` table)."""
 
-    protocol: str = setting("", "Protocol spoken on this port (alphaess, foxess, ...).")
-    listen: str = setting("", "Address to listen on, host:port.", check=host_port)
-    policy: str = setting("fixed", "Where connections go: fixed, transparent, local or auto.",
-                          check=one_of("fixed", "transparent", "local", "auto"))
-    upstream: str = setting("", "Cloud host:port for the fixed and auto policies.")
+    protocol: str = setting("", f"Protocol spoken on this port: {', '.join(RELAY_PROTOCOLS)}.",
+                            check=one_of(*RELAY_PROTOCOLS))
+    listen: str = setting("", "Address to listen on, host:port ([v6]:port; *:port for every IPv4 and IPv6 address).",
+                          check=listen_address)
+    transport: str = setting("tcp", "tcp, or udp: listen only (policy local); each datagram is decoded, nothing "
+                             "is forwarded or answered.", check=one_of("tcp", "udp"))
+    policy: str = setting("fixed", "Where connections go: fixed (the upstream), transparent (the original "
+                          "destination of a firewall REDIRECT), local (answer as the cloud would), auto "
+                          "(the upstream, answering locally while it cannot be reached).",
+                          check=one_of(*RELAY_POLICIES))
+    upstream: str = setting("", "Cloud host:port for the fixed and auto policies (a name or an IP address).",
+                            check=optional(host_port))
+    resolver: str = setting("", "IP[:port] of the DNS server that resolves the upstream name; set it when a DNS "
+                            "override points the cloud's name at this relay (empty: the system resolver).",
+                            check=optional(ip_with_optional_port))
+    connect_timeout: float = setting(10.0, "Seconds to resolve and connect to the cloud before giving up "
+                                     "(auto then answers locally).", check=positive)
+    idle_timeout: float = setting(3600.0, "Seconds without a byte either way before a connection is closed "
+                                  "(devices hold connections for hours).", check=positive)
+    decode_queue: int = setting(256, "Chunks queued per connection for decoding; when full, copies are dropped "
+                                "and counted (forwarding never waits).", check=positive)
+    max_connections: int = setting(64, "Connections open at once on this listener; more are refused and logged.",
+                                   check=positive)
+    tls_cert: str = setting("", "PEM certificate presented to devices: with tls_key, the relay terminates the "
+                            "devices' TLS here and the decoder sees the application bytes. Relative paths are taken "
+                            "in data_dir; a pair that does not exist is generated (self-signed, tls_subject).")
+    tls_key: str = setting("", "The private key of tls_cert (PEM; keep it mode 0600, never in a repository).")
+    tls_subject: str = setting("/CN=pvtap", "Subject of a generated tls_cert, OpenSSL style: /C=../O=../CN=...")
+    upstream_tls: bool = setting(False, "Speak TLS to the upstream, checked by upstream_pin_sha256, upstream_ca_file "
+                                 "or (said explicitly) upstream_insecure.")
+    upstream_pin_sha256: str = setting("", "SHA-256 of the upstream's certificate (hex, colons allowed; "
+                                       "`pvtap certs fingerprint HOST:PORT`): only that certificate is accepted.",
+                                       check=optional(sha256_hex))
+    upstream_ca_file: str = setting("", "PEM CA bundle the upstream's certificate chain and name are checked against.")
+    upstream_insecure: bool = setting(False, "Accept any upstream certificate (no check at all).")
+
+
+def check_listener(listener: ListenerConfig, key: Callable[[str], str]) -> None:
+    """The checks that span settings of one listener; `key(name)` names a setting in the error."""
+    if not listener.protocol:
+        raise ConfigError(key("protocol"), "", "missing", f"name the protocol: one of {', '.join(RELAY_PROTOCOLS)}")
+    if not listener.listen:
+        raise ConfigError(key("listen"), "", "missing", "give the address to listen on, e.g. 0.0.0.0:7777")
+    if listener.policy in ("fixed", "auto") and not listener.upstream:
+        raise ConfigError(key("upstream"), "", f"the {listener.policy} policy needs the cloud's address",
+                          f"set {key('upstream')} to the cloud's host:port (e.g. www.alphaess.com:7777), or set "
+                          f"{key('policy')} to transparent (firewall REDIRECT) or local (no cloud)")
+    if listener.policy in ("transparent", "local") and listener.upstream:
+        raise ConfigError(key("upstream"), listener.upstream, f"the {listener.policy} policy does not use an upstream",
+                          f"remove {key('upstream')}, or set {key('policy')} to fixed or auto")
+    if listener.resolver and not listener.upstream:
+        raise ConfigError(key("resolver"), listener.resolver, "a resolver is only used to resolve the upstream",
+                          f"remove {key('resolver')}, or set {key('upstream')} ({key('policy')} fixed or auto)")
+    check_listener_tls(listener, key)
+
+
+def check_listener_tls(listener: ListenerConfig, key: Callable[[str], str]) -> None:
+    """UDP listens only; TLS files come in pairs; upstream TLS says how the cloud is checked."""
+    if listener.transport == "udp":
+        if listener.policy != "local":
+            raise ConfigError(key("policy"), listener.policy, "a UDP listener only listens",
+                              f'set {key("policy")} = "local" (datagrams are decoded, never forwarded)')
+        if listener.tls_cert or listener.upstream_tls:
+            raise ConfigError(key("transport"), "udp", "TLS settings need a TCP listener",
+                              f"remove the tls_* and upstream_tls settings, or set {key('transport')} = \"tcp\"")
+    if bool(listener.tls_cert) != bool(listener.tls_key):
+        missing = "tls_key" if listener.tls_cert else "tls_cert"
+        raise ConfigError(key(missing), "", "TLS termination needs both tls_cert and tls_key",
+                          f"set {key(missing)} too (`pvtap certs` makes a pair), or remove the other")
+    checks = [name for name in ("upstream_pin_sha256", "upstream_ca_file", "upstream_insecure") if getattr(listener, name)]
+    if not listener.upstream_tls:
+        if checks:
+            raise ConfigError(key(checks[0]), getattr(listener, checks[0]), "only used with upstream_tls = true",
+                              f"set {key('upstream_tls')} = true, or remove {key(checks[0])}")
+        return
+    if listener.policy == "local":
+        raise ConfigError(key("upstream_tls"), True, "the local policy has no upstream",
+                          f"remove {key('upstream_tls')}, or use policy fixed, auto or transparent")
+    if len(checks) != 1:
+        problem = ("nothing says how to check the upstream's certificate" if not checks
+                   else f"{' and '.join(checks)} are all set; choose one")
+        raise ConfigError(key("upstream_tls"), True, problem,
+                          f"set exactly one of {key('upstream_pin_sha256')} (`pvtap certs fingerprint HOST:PORT`), "
+                          f"{key('upstream_ca_file')}, or {key('upstream_insecure')} = true")
+    if listener.upstream_ca_file and not Path(listener.upstream_ca_file).is_file():
+        raise ConfigError(key("upstream_ca_file"), listener.upstream_ca_file, "no such file",
+                          "point it at a PEM CA bundle")
 
 
 @dataclass(frozen=True)
 class RelayConfig:
-    listeners: list[ListenerConfig] = setting([], "The relay's listeners; see docs/config.md.")
+    listeners: list[ListenerConfig] = setting(
+        [], "The relay's listeners ([[relay.listeners]] tables); none: one per supported device on its usual "
+            "port (see docs/relay.md).")
+
+    def __post_init__(self) -> None:
+        seen: dict[tuple[str, str], int] = {}
+        for i, listener in enumerate(self.listeners):
+            check_listener(listener, lambda name, i=i: f"relay.listeners[{i}].{name}")
+            where = (listener.transport, listener.listen)  # UDP and TCP may share a port
+            if where in seen:
+                raise ConfigError(f"relay.listeners[{i}].listen", listener.listen,
+                                  f"relay.listeners[{seen[where]}] already listens there",
+                                  "give every listener its own address or port")
+            seen[where] = i
+
+
+def _influx_url(value: str) -> str | None:
+    if not value:
+        return None
+    return None if re.fullmatch(r"https?://[^/\s]+(/\S*)?", value) else "expected http(s)://host[:port]"
+
+
+def _existing_file(value: str) -> str | None:
+    return None if not value or Path(value).is_file() else "no such file"
+
+
+def _at_least(minimum: float) -> Callable[[float], str | None]:
+    return lambda value: None if value >= minimum else f"must be at least {minimum:g}"
 
 
 @dataclass(frozen=True)
 class InfluxConfig:
-    url: str = setting("", "InfluxDB URL (e.g. http://influxdb:8086); empty keeps records in the local store only.")
-    token: str = setting("", "API token (InfluxDB 1.8: user:password).")
-    org: str = setting("", "Organisation (InfluxDB 1.8: -).")
-    bucket: str = setting("pvtap", "Bucket (InfluxDB 1.8: database/retention_policy).")
+    """Where and how the forwarder delivers the local stores (docs/influxdb.md)."""
+
+    url: str = setting("", "InfluxDB URL (e.g. http://influxdb:8086); empty keeps records in the local store only.",
+                       check=_influx_url)
+    token: str = setting("", "API token (InfluxDB 1.8: user:password; InfluxDB 3: a database token).")
+    org: str = setting("", "Organisation (InfluxDB 1.8: -; InfluxDB 3: ignored, any value).")
+    bucket: str = setting("pvtap", "Bucket (InfluxDB 1.8: database/retention_policy; InfluxDB 3: the database).",
+                          check=lambda v: None if v.strip() else "must not be empty")
+    verify_tls: bool = setting(True, "Check the server's TLS certificate for https:// URLs (false only for testing).")
+    ca_file: str = setting("", "PEM file with the CA that signed the server certificate (empty: system CAs).",
+                           check=_existing_file, fix="point influx.ca_file at an existing PEM file or leave it empty")
+    timeout_s: float = setting(10.0, "Seconds one write request may take before it counts as failed and is retried.",
+                               check=positive)
+    gzip: bool = setting(False, "Compress write requests with gzip.")
+    batch_size: int = setting(1000, "Records per write request; a full batch is sent at once.",
+                              check=lambda v: None if 1 <= v <= 100_000 else "must be between 1 and 100000")
+    batch_age_s: float = setting(1.0, "Send a partial batch when its oldest record has waited this many seconds.",
+                                 check=_at_least(0.0))
+    retry_initial_s: float = setting(1.0, "First retry delay after a failed write; doubles each time (with jitter).",
+                                     check=positive)
+    retry_max_s: float = setting(60.0, "Longest delay between retries (connection errors retry forever).",
+                                 check=positive)
+    retry_after_max_s: float = setting(600.0, "Longest Retry-After from the server that is honoured.",
+                                       check=positive)
+    max_store_mb: int = setting(0, "Bound on each local store's size in MiB (0: no bound). Over it, the oldest "
+                                   "delivered records and raw payloads are pruned first.", check=_at_least(0))
+    prune_undelivered: bool = setting(
+        True, "When pruning delivered rows is not enough to stay under max_store_mb, also drop the oldest "
+              "undelivered records (logged as an error with the count); false keeps them and lets the store grow.")
+
+    def __post_init__(self) -> None:
+        if self.url and not self.org.strip():
+            raise ConfigError("influx.org", self.org, "an organisation is needed when influx.url is set",
+                              'set influx.org (InfluxDB 2: your org name; InfluxDB 1.8: "-"; InfluxDB 3: any '
+                              'value, e.g. "-")')
+        if self.retry_max_s < self.retry_initial_s:
+            raise ConfigError("influx.retry_max_s", self.retry_max_s,
+                              f"smaller than influx.retry_initial_s ({self.retry_initial_s:g})",
+                              "make retry_max_s at least retry_initial_s")
+        if self.ca_file and not self.verify_tls:
+            raise ConfigError("influx.verify_tls", self.verify_tls, "influx.ca_file is set but verification is off",
+                              "set verify_tls = true to use the CA file, or drop ca_file")
 
 
 @dataclass(frozen=True)
