@@ -33,13 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"pvtap.cli.{name}")
-        except ModuleNotFoundError as exc:  # a command still being written
-            if exc.name != f"pvtap.cli.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"pvtap.cli.{name}").register(sub)
     return parser
 
 

@@ -16,15 +16,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                             description="Simulate a device talking to its cloud, straight or through pvtap.")
     devices = parser.add_subparsers(dest="device", metavar="DEVICE", required=True)
     for name in SIMULATORS:
-        module = _optional(f"pvtap.simulate.{name}")
-        if module is not None:
-            module.register(devices)
-
-
-def _optional(name: str):
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:  # a simulator still being written
-        if exc.name != name:
-            raise
-        return None
+        importlib.import_module(f"pvtap.simulate.{name}").register(devices)
