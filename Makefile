@@ -1,12 +1,13 @@
 # pvtap — the two commands the README starts with:
 #   make run    install into .venv and run pvtap on the embedded local store (./data)
 #   make test   install everything the tests need (Python and Debian packages) and run the suite
-.PHONY: run test test-fast install demo clean
+.PHONY: run test test-fast install debian-packages demo clean
 
 PYTHON ?= $(shell scripts/find-python)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-DEBIAN_PACKAGES := influxdb victoria-metrics iptables nftables socat iproute2 openssl docker-compose curl
+# real servers and tools the tests drive (socat: bench/relay.py compares against it)
+DEBIAN_PACKAGES := influxdb victoria-metrics iptables nftables iproute2 socat
 
 run: install
 	$(VENV)/bin/pvtap run
