@@ -19,7 +19,6 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
 
 from mitmproxy import ctx, exceptions, http
 
@@ -55,11 +54,11 @@ class EnphaseTap:
 
     def load(self, loader) -> None:
         loader.add_option(
-            "pvtap_config", Optional[str], None,
+            "pvtap_config", str | None, None,
             "Path to the pvtap TOML config. Unset: $PVTAP_CONFIG, else the built-in defaults.",
         )
         loader.add_option(
-            "enphase_data_dir", Optional[str], None,
+            "enphase_data_dir", str | None, None,
             "Directory for the local store (enphase.sqlite). Unset: data_dir from the pvtap config (./data).",
         )
         loader.add_option(
@@ -71,7 +70,8 @@ class EnphaseTap:
         )
         loader.add_option(
             "enphase_hosts", Sequence[str], list(Config().enphase.hosts),
-            "Hosts (Host header) whose /emu_reports/ posts are copied and decoded. Unset: enphase.hosts from the pvtap config.",
+            "Hosts (Host header) whose /emu_reports/ posts are copied and decoded. "
+            "Unset: enphase.hosts from the pvtap config.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -85,7 +85,8 @@ class EnphaseTap:
             (self.settings.data_dir, self.settings.config.privacy)
         self.settings = settings
         log.info("enphase: decoding /emu_reports/ posts to %s into %s%s", ", ".join(sorted(settings.hosts)),
-                 settings.data_dir / "enphase.sqlite", "; LOCAL MODE: answering them here" if settings.local_mode else "")
+                 settings.data_dir / "enphase.sqlite",
+                 "; LOCAL MODE: answering them here" if settings.local_mode else "")
         if reopen:
             self._stop_ingest()
             self._start_ingest()

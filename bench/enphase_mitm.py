@@ -43,7 +43,7 @@ class CloudProcess:
     cafile: str
 
     @classmethod
-    def start(cls, cert_dir: Path) -> "CloudProcess":
+    def start(cls, cert_dir: Path) -> CloudProcess:
         proc = subprocess.Popen([sys.executable, "-m", "pvtap.simulate.enphase_cloud", "--cert-dir", str(cert_dir)],
                                 stdout=subprocess.PIPE, text=True)
         line = proc.stdout.readline()

@@ -25,15 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from influxdb_client import InfluxDBClient, WriteOptions, WritePrecision  # noqa: E402
-from influxdb_client.client.write_api import SYNCHRONOUS  # noqa: E402
+from influxdb_client import InfluxDBClient, WriteOptions, WritePrecision
+from influxdb_client.client.write_api import SYNCHRONOUS
 
-from pvtap.config import InfluxConfig  # noqa: E402
-from pvtap.records import Origin, Record  # noqa: E402
-from pvtap.store.forwarder import Forwarder  # noqa: E402
-from pvtap.store.lineprotocol import to_line  # noqa: E402
-from pvtap.store.local import LocalStore  # noqa: E402
-from tests.servers import VictoriaMetrics  # noqa: E402
+from pvtap.config import InfluxConfig
+from pvtap.records import Origin, Record
+from pvtap.store.forwarder import Forwarder
+from pvtap.store.lineprotocol import to_line
+from pvtap.store.local import LocalStore
+from tests.servers import VictoriaMetrics
 
 FIELDS_PER_RECORD = 4  # numeric series per record in VictoriaMetrics
 
@@ -52,7 +52,7 @@ def rate(n: int, seconds: float) -> str:
 def wait_count(vm: VictoriaMetrics, measurement: str, expected: int, timeout: float = 60) -> int:
     deadline = time.monotonic() + timeout
     while True:
-        got = vm.count('{__name__=~"%s_.*"}' % measurement)
+        got = vm.count(f'{{__name__=~"{measurement}_.*"}}')
         if got >= expected or time.monotonic() > deadline:
             return got
 

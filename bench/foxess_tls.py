@@ -153,7 +153,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="pvtap-bench-foxess-") as tmp:
         tmp_path = Path(tmp)
-        cloud = start([PYTHON, "-m", "pvtap.simulate.foxess_cloud", "--port", "0", "--cert-dir", str(tmp_path / "cloud")])
+        cloud = start([PYTHON, "-m", "pvtap.simulate.foxess_cloud", "--port", "0",
+                       "--cert-dir", str(tmp_path / "cloud")])
         relay = None
         try:
             line = wait_line(cloud, "listening ").split()

@@ -97,7 +97,7 @@ class ConnectionRecord:
 class Connection:
     """Serves one accepted device connection according to its listener's policy."""
 
-    def __init__(self, listener: "Listener", reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.listener = listener
         self.device_reader, self.device_writer = reader, writer
         self.cloud_writer: asyncio.StreamWriter | None = None
@@ -226,10 +226,12 @@ class Connection:
 
     async def _forward(self, cloud_reader: asyncio.StreamReader, cloud_writer: asyncio.StreamWriter) -> None:
         self.record.action = "forward"
-        common = dict(counts=self.record.bytes, copies=self.copies, activity=self.activity)
+        counts, copies, activity = self.record.bytes, self.copies, self.activity
         pumps = {
-            asyncio.create_task(pump(self.device_reader, cloud_writer, UP, source="device", target="cloud", **common)),
-            asyncio.create_task(pump(cloud_reader, self.device_writer, DOWN, source="cloud", target="device", **common)),
+            asyncio.create_task(pump(self.device_reader, cloud_writer, UP, source="device", target="cloud",
+                                     counts=counts, copies=copies, activity=activity)),
+            asyncio.create_task(pump(cloud_reader, self.device_writer, DOWN, source="cloud", target="device",
+                                     counts=counts, copies=copies, activity=activity)),
         }
         pending, first_eof = set(pumps), ""
         try:

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from pvtap.config import ConfigError, ListenerConfig, split_host_port
 
@@ -59,7 +60,7 @@ def default_listeners() -> list[ListenerConfig]:
 class Listener:
     """Accepts device connections on one address and serves each as a `Connection`."""
 
-    def __init__(self, config: ListenerConfig, key: Callable[[str], str], codec: ModuleType, relay: "Relay") -> None:
+    def __init__(self, config: ListenerConfig, key: Callable[[str], str], codec: ModuleType, relay: Relay) -> None:
         self.config = config
         self.key = key  # names a setting of this listener in errors
         self.codec = codec

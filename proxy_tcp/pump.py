@@ -47,7 +47,7 @@ class PumpEnd:
 
 
 async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str, *,
-               source: str, target: str, counts: dict[str, int], copies: "Copies", activity: Activity) -> PumpEnd:
+               source: str, target: str, counts: dict[str, int], copies: Copies, activity: Activity) -> PumpEnd:
     """Forward one direction until EOF or an error; forward first, then offer the copy."""
     loop = asyncio.get_running_loop()
     while True:

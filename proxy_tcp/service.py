@@ -13,15 +13,15 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
-from typing import AsyncIterator, Callable, Sequence
 
 from pvtap.config import Config, ConfigError, ListenerConfig
 from pvtap.decode import codec_for
 from pvtap.ingest import Ingest
-from pvtap.store.forwarder import start_forwarder
 from pvtap.privacy import Privacy
+from pvtap.store.forwarder import start_forwarder
 from pvtap.store.local import LocalStore
 
 from .listeners import Listener, default_listeners

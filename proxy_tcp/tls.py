@@ -16,8 +16,8 @@ import dataclasses
 import hashlib
 import logging
 import ssl
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pvtap.certs import parse_subject, self_signed, sha256_fingerprint, write_files
 from pvtap.config import ConfigError, ListenerConfig, split_host_port
@@ -79,7 +79,7 @@ class UpstreamTLS:
     server_hostname: str | None  # the upstream's name for SNI and the CA check, None: the address
 
     @classmethod
-    def of(cls, config: ListenerConfig) -> "UpstreamTLS | None":
+    def of(cls, config: ListenerConfig) -> UpstreamTLS | None:
         if not config.upstream_tls:
             return None
         if config.upstream_ca_file:

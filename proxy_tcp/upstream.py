@@ -42,7 +42,7 @@ class Endpoint:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @classmethod
-    def of(cls, sockname: tuple) -> "Endpoint":
+    def of(cls, sockname: tuple) -> Endpoint:
         return cls(_unmapped(sockname[0]), int(sockname[1]))
 
 
@@ -183,7 +183,7 @@ def original_destination(sock: socket.socket) -> Endpoint | None:
         raise
 
 
-async def open_upstream(endpoints: list[Endpoint], limit: int, tls: "UpstreamTLS | None" = None,
+async def open_upstream(endpoints: list[Endpoint], limit: int, tls: UpstreamTLS | None = None,
                         ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Endpoint]:
     """Connect to the first endpoint that accepts — over TLS, checked, when the listener says
     so (proxy_tcp.tls) — the caller bounds the time."""
@@ -198,7 +198,8 @@ async def open_upstream(endpoints: list[Endpoint], limit: int, tls: "UpstreamTLS
         except UpstreamError as exc:  # a certificate that is not the pinned one
             errors.append(f"{endpoint}: {exc}")
         except ssl.SSLError as exc:
-            errors.append(f"{endpoint}: TLS handshake failed: {getattr(exc, 'verify_message', '') or exc.reason or exc}")
+            reason = getattr(exc, "verify_message", "") or exc.reason or exc
+            errors.append(f"{endpoint}: TLS handshake failed: {reason}")
         except OSError as exc:
             errors.append(f"{endpoint}: {os.strerror(exc.errno) if exc.errno else exc}")
     raise UpstreamError("cannot connect to " + "; ".join(errors))

@@ -17,9 +17,10 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 ENV_PREFIX = "PVTAP_"
 CONFIG_ENV = "PVTAP_CONFIG"
@@ -90,8 +91,10 @@ class EnphaseConfig:
         check=lambda v: None if v and all(h and " " not in h for h in v) else "needs at least one host name",
     )
     listen: str = setting(
-        "0.0.0.0:8443", "Where `pvtap run` has mitmproxy listen for the Envoy's HTTPS, host:port (port 0: any free port).",
-        check=lambda v: listen_address(v))  # defined below, with the relay's settings
+        "0.0.0.0:8443",
+        "Where `pvtap run` has mitmproxy listen for the Envoy's HTTPS, host:port (port 0: any free port).",
+        # a lambda, not the function: listen_address is defined below, with the relay's settings
+        check=lambda v: listen_address(v))  # noqa: PLW0108
     mode: str = setting(
         "transparent",
         "How the Envoy's traffic reaches mitmproxy: transparent (a firewall REDIRECT on this host), reverse (a DNS "
@@ -212,7 +215,8 @@ def check_listener_tls(listener: ListenerConfig, key: Callable[[str], str]) -> N
         missing = "tls_key" if listener.tls_cert else "tls_cert"
         raise ConfigError(key(missing), "", "TLS termination needs both tls_cert and tls_key",
                           f"set {key(missing)} too (`pvtap certs` makes a pair), or remove the other")
-    checks = [name for name in ("upstream_pin_sha256", "upstream_ca_file", "upstream_insecure") if getattr(listener, name)]
+    checks = [name for name in ("upstream_pin_sha256", "upstream_ca_file", "upstream_insecure")
+              if getattr(listener, name)]
     if not listener.upstream_tls:
         if checks:
             raise ConfigError(key(checks[0]), getattr(listener, checks[0]), "only used with upstream_tls = true",
@@ -393,7 +397,8 @@ def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: s
         check = f.metadata.get("check")
         problem = check(value) if check else None
         if problem:
-            raise ConfigError(key, raw, problem, f.metadata.get("fix") or f"set {key} to a valid value ({f.metadata['help']})", where)
+            fix = f.metadata.get("fix") or f"set {key} to a valid value ({f.metadata['help']})"
+            raise ConfigError(key, raw, problem, fix, where)
         values[f.name] = value
     return cls(**values)
 
@@ -434,7 +439,8 @@ def _coerce(key: str, hint: Any, raw: Any, where: str, env: Mapping[str, str]) -
         try:
             value = hint(raw)
         except (TypeError, ValueError):
-            raise ConfigError(key, raw, f"expected a number ({hint.__name__})", f"write a number for {key}", where) from None
+            raise ConfigError(key, raw, f"expected a number ({hint.__name__})", f"write a number for {key}",
+                              where) from None
         if hint is int and isinstance(raw, float) and raw != value:
             raise ConfigError(key, raw, "expected a whole number", f"write an integer for {key}", where)
         return value

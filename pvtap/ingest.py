@@ -47,7 +47,7 @@ class Ingest:
         self._thread: threading.Thread | None = None
         self._devices: OrderedDict[tuple[str, str], str] = OrderedDict()
 
-    def start(self) -> "Ingest":
+    def start(self) -> Ingest:
         self._thread = threading.Thread(target=self._run, name=f"pvtap-ingest-{self.store.path.stem}", daemon=True)
         self._thread.start()
         return self

@@ -48,6 +48,6 @@ class Privacy:
         return pseudonym(serial, self.pseudonym_key) if self.pseudonym_key and serial else serial
 
     @classmethod
-    def from_config(cls, config: "Config") -> "Privacy":
+    def from_config(cls, config: Config) -> Privacy:
         key = pseudonym_key(config.data_dir) if config.privacy.pseudonymize_serials else None
         return cls(keep_network_identity=config.privacy.store_network_identity, pseudonym_key=key)

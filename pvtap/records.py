@@ -9,9 +9,9 @@ both came from.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Mapping
 
 FieldValue = int | float | str | bool
 

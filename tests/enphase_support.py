@@ -29,7 +29,7 @@ VECTOR_1 = b"""<?xml version='1.0' encoding='utf-8'?>
 <channel channel_type='1' condition_flags='0' observed_flags='0' eqid='123456105321.1' control_bits='0' />
 </device>
 </perf_report>
-"""
+"""  # noqa: E501 (the vector verbatim, one element a line)
 VECTOR_1_SERIALS = ("123456115374", "123456102635", "123456104335", "123456105321")
 
 #: The matching response (vector 1): events 221 to 228 in events_processed.
@@ -89,7 +89,8 @@ class Received:
 @dataclass
 class Answer:
     status: int = 200
-    headers: list[tuple[str, str]] = field(default_factory=lambda: [("Content-Type", "application/x-deflate; charset=utf-8")])
+    headers: list[tuple[str, str]] = field(
+        default_factory=lambda: [("Content-Type", "application/x-deflate; charset=utf-8")])
     body: bytes = b""
 
 
@@ -142,7 +143,7 @@ class RecordingServer:
     def _sni(self, sslobj: ssl.SSLObject, name: str | None, context: ssl.SSLContext) -> None:
         self._names[id(sslobj)] = name
 
-    def __enter__(self) -> "RecordingServer":
+    def __enter__(self) -> RecordingServer:
         self._thread.start()
         return self
 

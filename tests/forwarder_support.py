@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Iterator
 
 from pvtap.config import InfluxConfig
 from pvtap.records import Origin, Record
@@ -102,7 +102,7 @@ class Producer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "Producer":
+    def __enter__(self) -> Producer:
         self._thread.start()
         return self
 

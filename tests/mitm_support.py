@@ -45,7 +45,7 @@ class Mitmdump:
 
     @classmethod
     def reverse(cls, workdir: Path, cloud: EnphaseCloud, *, data_dir: Path | None, local_mode: bool = False,
-                extra: list[str] = ()) -> "Mitmdump":
+                extra: list[str] = ()) -> Mitmdump:
         """mitmdump in reverse mode in front of `cloud`, with the Enphase addon storing in
         `data_dir` (None: without the addon, for the bench's baseline)."""
         confdir = Path(workdir) / "mitmproxy-conf"
@@ -67,7 +67,7 @@ class Mitmdump:
         """The CA mitmdump signs its certificates with (to verify it from a client)."""
         return self.confdir / "mitmproxy-ca-cert.pem"
 
-    def start(self) -> "Mitmdump":
+    def start(self) -> Mitmdump:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("PVTAP_CONFIG", None)
         with open(self.log_path, "wb") as log:
@@ -105,7 +105,7 @@ class Mitmdump:
                 self.proc.wait()
         return self.proc.returncode
 
-    def __enter__(self) -> "Mitmdump":
+    def __enter__(self) -> Mitmdump:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

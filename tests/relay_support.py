@@ -18,10 +18,10 @@ import secrets
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Awaitable, Callable, Iterator
 
 import dns.message
 import dns.rcode
@@ -160,7 +160,7 @@ class StandInCloud:
         self.accepted = asyncio.Event()
         self._server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> "StandInCloud":
+    async def __aenter__(self) -> StandInCloud:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -215,7 +215,7 @@ class StandInDNS(asyncio.DatagramProtocol):
         self.queries: list[str] = []
         self.transport: asyncio.DatagramTransport | None = None
 
-    async def __aenter__(self) -> "StandInDNS":
+    async def __aenter__(self) -> StandInDNS:
         loop = asyncio.get_running_loop()
         self.transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=("127.0.0.1", 0))
         return self
@@ -227,7 +227,7 @@ class StandInDNS(asyncio.DatagramProtocol):
     @property
     def address(self) -> str:
         assert self.transport is not None
-        return "127.0.0.1:%d" % self.transport.get_extra_info("sockname")[1]
+        return f"127.0.0.1:{self.transport.get_extra_info('sockname')[1]:d}"
 
     def datagram_received(self, data: bytes, addr) -> None:
         query = dns.message.from_wire(data)
@@ -262,7 +262,7 @@ class RelayProcess:
         self.proc: subprocess.Popen | None = None
         self.endpoints: list[str] = []
 
-    def start(self, timeout: float = 20.0) -> "RelayProcess":
+    def start(self, timeout: float = 20.0) -> RelayProcess:
         self.proc = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
@@ -310,7 +310,8 @@ class RelayProcess:
 
     def run_to_end(self, timeout: float = 20.0) -> tuple[int, str]:
         """For a relay expected to exit by itself (a start-up error)."""
-        result = subprocess.run(self.argv, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(self.argv, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout,
+                                check=False)
         return result.returncode, result.stdout + result.stderr
 
 
@@ -318,7 +319,7 @@ class RelayProcess:
 
 def sh(*argv: str, netns: str | None = None, check: bool = True, input: str | None = None) -> str:
     prefix = ["ip", "netns", "exec", netns] if netns else []
-    result = subprocess.run([*prefix, *argv], capture_output=True, text=True, input=input)
+    result = subprocess.run([*prefix, *argv], capture_output=True, text=True, input=input, check=False)
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
     return result.stdout
@@ -328,7 +329,7 @@ def sh(*argv: str, netns: str | None = None, check: bool = True, input: str | No
 def in_netns(name: str) -> Iterator[None]:
     """Run the block's socket calls in network namespace `name` (this thread only): sockets made
     here stay in that namespace after the block."""
-    own = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(f"/run/netns/{name}", os.O_RDONLY)
     try:
         os.setns(target, os.CLONE_NEWNET)

@@ -37,9 +37,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 START_TIMEOUT = 30.0
 
@@ -75,7 +76,7 @@ class _Server:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self) -> "_Server":
+    def start(self) -> _Server:
         """Start (or restart on the port it had) and wait until it answers."""
         if self.running:
             return self
@@ -166,7 +167,7 @@ class Influxd(_Server):
         super().__init__(tmp_path)
         self.database = database
 
-    def start(self) -> "Influxd":
+    def start(self) -> Influxd:
         super().start()
         self.query(f'CREATE DATABASE "{self.database}"', method="POST")
         return self
@@ -361,7 +362,7 @@ class ScriptedInflux:
         with self._lock:
             return [line for r in self.requests if 200 <= r.status < 300 for line in r.lines]
 
-    def start(self) -> "ScriptedInflux":
+    def start(self) -> ScriptedInflux:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -378,7 +379,10 @@ class ScriptedInflux:
                 with outer._lock:
                     n = len(outer.requests)
                     outer.requests.append(request)
-                reply = outer.respond(request, n) if parsed.path == "/api/v2/write" else Reply(404, b'{"message":"not found"}')
+                if parsed.path == "/api/v2/write":
+                    reply = outer.respond(request, n)
+                else:
+                    reply = Reply(404, b'{"message":"not found"}')
                 if reply.delay:
                     time.sleep(reply.delay)
                 request.status = reply.status
@@ -414,7 +418,7 @@ class ScriptedInflux:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "ScriptedInflux":
+    def __enter__(self) -> ScriptedInflux:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -64,7 +64,8 @@ def test_crc_mismatch_is_detected(vector: Vector):
     bad = vector.frame[:-1] + bytes([vector.frame[-1] ^ 0xFF])
     framer = A.Framer()
     items = framer.feed(bad) + framer.feed(BY_NAME["empty 1-1-0"].frame)
-    assert all(isinstance(i, A.Garbage) for i in items[:-1]) and items[-1] == A.parse_frame(BY_NAME["empty 1-1-0"].frame)
+    assert all(isinstance(i, A.Garbage) for i in items[:-1])
+    assert items[-1] == A.parse_frame(BY_NAME["empty 1-1-0"].frame)
     assert b"".join(i.data for i in items[:-1]) == bad and framer.buffered == 0
     assert items[0].reason.startswith(f"CRC mismatch in 1-{vector.b1}-{vector.type}")
 
@@ -88,7 +89,8 @@ def test_realtime_vector_decodes_to_the_stated_values():
 
 def test_field_types_are_fixed_per_field_not_per_value():
     body = {"Time": "2021/03/24 09:40:59", "SN": SERIAL, "Ppv1": "1029", "Upv1": "278.2", "Fac": "50.02",
-            "FlagBms": "257", "VcellLow": "17042704", "InvWorkMode": "2.0", "ErrInv": "1.5", "ErrEms": "99999999999999999999", "EmsStatus": "Normal",
+            "FlagBms": "257", "VcellLow": "17042704", "InvWorkMode": "2.0", "ErrInv": "1.5",
+            "ErrEms": "99999999999999999999", "EmsStatus": "Normal",
             "CSQ": "99,99", "Eirp": "-63", "Pbat": "-2187.8480", "Tinv": "", "BatV": "n/a",
             "NewFirmwareKey": "12", "NewFirmwareText": "abc", "GCPower": 0}
     [record] = decode((UP, frame(1, 5, body)))

@@ -7,8 +7,6 @@ import random
 import tracemalloc
 from datetime import UTC, datetime
 
-import pytest
-
 from pvtap.decode import alphaess as A
 from pvtap.records import DOWN, UP, Origin
 from tests.alphaess_support import BY_NAME, VECTORS

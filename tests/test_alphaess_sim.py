@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sys
 from datetime import datetime, timedelta
@@ -101,7 +102,7 @@ async def test_session_login_backfill_config_realtime_extended():
     for r in by["alphaess_realtime"]:
         assert 10.0 <= r.fields["SOC"] <= 100.0 and r.fields["Ppv1"] >= 0
     rows = [datetime.fromisoformat(r.fields["device_time"]) for r in by["alphaess_backfill"]]
-    assert [b - a for a, b in zip(rows, rows[1:])] == [timedelta(minutes=1)] * 8
+    assert [b - a for a, b in itertools.pairwise(rows)] == [timedelta(minutes=1)] * 8
     since = datetime.strptime(resume["Parameter1"], "%Y/%m/%d %H:%M:%S")
     assert rows[0] == since + timedelta(minutes=1)
     down = decoded(result.received, DOWN)

@@ -213,7 +213,7 @@ def test_devices_table(capsys, device_stores):
 
 def test_devices_json(capsys, device_stores):
     data_dir, now = device_stores
-    code, out, _ = pvtap(capsys, data_dir, "devices", "--json")
+    _, out, _ = pvtap(capsys, data_dir, "devices", "--json")
     devices = json.loads(out)
     for d in devices:
         assert d.pop("seconds_since_contact") == pytest.approx(
@@ -270,7 +270,7 @@ def test_export_csv(capsys, stores):
 
 
 def test_export_json_keeps_types(capsys, stores):
-    code, out, _ = pvtap(capsys, stores, "export", "--format", "json")
+    _, out, _ = pvtap(capsys, stores, "export", "--format", "json")
     docs = [json.loads(line) for line in out.splitlines()]
     assert docs[0] == {"time": "2024-06-01T12:00:00Z", "time_ns": 1717243200000000000, "measurement": "enphase_reading",
                        "tags": {"envoy": "SIM-ENVOY-1", "eqid": "SIM-MICRO-1.1"},

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from pvtap import config as config_module
-from pvtap.config import (CONFIG_ENV, Config, ConfigError, ListenerConfig, describe, load_config, positive,
-                          setting)
+from pvtap.config import CONFIG_ENV, Config, ConfigError, ListenerConfig, describe, load_config, positive, setting
 
 from .conftest import REPO
 
@@ -245,7 +244,7 @@ def test_numbers_and_optionals():
 
 def test_config_doc_is_current():
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "gen-config-doc"), "--check"],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import replace
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from types import SimpleNamespace
 

@@ -20,7 +20,6 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from pvtap.decode.enphase import build_response
 from pvtap.store.local import LocalStore
-
 from tests.conftest import REPO
 
 ADDON_PATH = REPO / "addons" / "enphase.py"
@@ -126,7 +125,8 @@ def test_options_default_to_the_pvtap_config(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.parametrize("options, words", [
     ({"enphase_hosts": []}, ["enphase_hosts", "[]", "Fix:"]),
     ({"enphase_hosts": ["  "]}, ["enphase_hosts", "Fix:"]),
-    ({"pvtap_config": "/nonexistent/pvtap.toml"}, ["pvtap_config", "/nonexistent/pvtap.toml", "does not exist", "Fix:"]),
+    ({"pvtap_config": "/nonexistent/pvtap.toml"},
+     ["pvtap_config", "/nonexistent/pvtap.toml", "does not exist", "Fix:"]),
     ({"enphase_local_mode": True}, ["connection_strategy", "'eager'", "lazy", "Fix:"]),
 ])
 def test_bad_options_are_rejected_in_configure(tap, options: dict, words: list[str]) -> None:
@@ -190,7 +190,8 @@ async def test_report_and_response_are_copied_and_the_flow_is_untouched(tap, dat
     raws, records = stored(data_dir)
     up, down = (r.raw for r in raws)
     assert (up.kind, up.origin.direction, up.origin.connection) == ("performance_report", "up", flow.id)
-    assert (down.kind, down.origin.direction, down.origin.connection) == ("performance_report_response", "down", flow.id)
+    assert (down.kind, down.origin.direction, down.origin.connection) == \
+        ("performance_report_response", "down", flow.id)
     assert up.meta["method"] == "POST" and up.meta["host"] == "reports.enphaseenergy.com"
     assert (up.meta["path"], up.meta["query"]) == (REPORT_PATH, "webcomm_version=3.0")
     assert up.meta["content_type"] == "application/x-deflate"
@@ -308,12 +309,14 @@ async def test_local_mode_acknowledges_nothing_for_an_unreadable_report(tap, bod
 async def test_local_mode_answers_task_complete_with_an_empty_200(tap, data_dir: Path) -> None:
     tctx, addon = tap
     tctx.configure(addon, enphase_local_mode=True, connection_strategy="lazy")
-    flow = report_flow(body=b"done=1", path="/emu_reports/task_complete", content_type="application/x-www-form-urlencoded")
+    flow = report_flow(body=b"done=1", path="/emu_reports/task_complete",
+                       content_type="application/x-www-form-urlencoded")
     await tctx.cycle(addon, flow)
     addon.ingest.join()
     assert (flow.response.status_code, flow.response.raw_content) == (200, b"")
     raws, _ = stored(data_dir)
-    assert [(r.raw.kind, r.raw.payload) for r in raws] == [("task_complete", b"done=1"), ("task_complete_response", b"")]
+    assert [(r.raw.kind, r.raw.payload) for r in raws] == \
+        [("task_complete", b"done=1"), ("task_complete_response", b"")]
 
 
 async def test_a_store_that_cannot_be_opened_does_not_stop_forwarding(tmp_path: Path, caplog) -> None:

@@ -11,8 +11,17 @@ from datetime import timedelta
 import pytest
 
 from pvtap.decode.enphase import (
-    MAX_INFLATED, PayloadTooLarge, ReportError, build_response, decode_raw, event_ids, inflate, parse_xml,
-    redact_raw, report_kind, report_xml,
+    MAX_INFLATED,
+    PayloadTooLarge,
+    ReportError,
+    build_response,
+    decode_raw,
+    event_ids,
+    inflate,
+    parse_xml,
+    redact_raw,
+    report_kind,
+    report_xml,
 )
 from pvtap.ingest import Ingest
 from pvtap.privacy import Privacy, pseudonym
@@ -21,8 +30,16 @@ from pvtap.simulate.enphase import Simulator, encode_body
 from pvtap.store.lineprotocol import to_line
 from pvtap.store.local import LocalStore
 from tests.enphase_support import (
-    DEFLATE, RECEIVED, VECTOR_1, VECTOR_1_RESPONSE, VECTOR_1_SERIALS, VECTOR_2, assert_records, request_raw,
-    response_raw, wire_body,
+    DEFLATE,
+    RECEIVED,
+    VECTOR_1,
+    VECTOR_1_RESPONSE,
+    VECTOR_1_SERIALS,
+    VECTOR_2,
+    assert_records,
+    request_raw,
+    response_raw,
+    wire_body,
 )
 
 KEY = b"k" * 32
@@ -287,8 +304,9 @@ BILLION_LAUGHS = b"""<?xml version="1.0"?>
 def test_billion_laughs_is_refused_without_expansion() -> None:
     assert BILLION_LAUGHS.count(b"<!ENTITY") == 10
     for xml in (BILLION_LAUGHS, BILLION_LAUGHS.decode().encode("utf-16"),
-                b'<!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/hostname">]><perf_report report_timestamp="1">&x;</perf_report>'):
-        with pytest.raises(ReportError, match="DOCTYPE|parse"):
+                b'<!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/hostname">]>'
+                b'<perf_report report_timestamp="1">&x;</perf_report>'):
+        with pytest.raises(ReportError, match=r"DOCTYPE|parse"):
             parse_xml(xml)
     with pytest.raises(ReportError, match="DOCTYPE"):
         decode_raw(request_raw(wire_body(BILLION_LAUGHS)))
@@ -311,7 +329,8 @@ def test_corrupt_zlib() -> None:
     with pytest.raises(ReportError):
         decode_raw(request_raw(body))
     redacted = redact_raw(request_raw(body), Privacy())
-    assert (redacted.payload, redacted.meta["encoding"], redacted.meta["original_size"]) == (body, "original", len(body))
+    assert (redacted.payload, redacted.meta["encoding"], redacted.meta["original_size"]) == \
+        (body, "original", len(body))
     with pytest.raises(ReportError):
         decode_raw(redacted)
 
@@ -394,7 +413,8 @@ def test_form_without_body_and_unexpected_root() -> None:
 
 
 def test_other_emu_reports_are_stored_raw_only() -> None:
-    assert decode_raw(request_raw(b"task=42&status=done", "application/x-www-form-urlencoded", kind="task_complete")) == []
+    task = request_raw(b"task=42&status=done", "application/x-www-form-urlencoded", kind="task_complete")
+    assert decode_raw(task) == []
     assert decode_raw(response_raw(b"OK", "text/plain", kind="task_complete")) == []
     assert len(decode_raw(request_raw(wire_body(VECTOR_1), kind="emu_report"))) == 5
     redacted = redact_raw(request_raw(b"task=42&serial=123456115374", "text/plain", kind="task_complete"), Privacy())

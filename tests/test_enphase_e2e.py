@@ -25,7 +25,6 @@ from pvtap.records import utc_from_unix
 from pvtap.simulate.enphase import SimReport, SimResponse, Simulator, encode_body, post_report
 from pvtap.simulate.enphase_cloud import EnphaseCloud, Exchange
 from pvtap.store.local import LocalStore, StoredRaw
-
 from tests.mitm_support import Mitmdump, wait_for
 
 pytestmark = pytest.mark.slow
@@ -57,7 +56,8 @@ class ProxyPath:
             return len(self.cloud.received()), 0, 0
         with self.store() as store:
             last = next(store.records(newest_first=True, limit=1), None)
-            return len(self.cloud.received()), max([r.id for r in store.raw_payloads()], default=0), last.id if last else 0
+            newest_raw = max([r.id for r in store.raw_payloads()], default=0)
+            return len(self.cloud.received()), newest_raw, last.id if last else 0
 
     def new_raws(self, after: int, count: int, *, decoded: bool = True) -> list[StoredRaw]:
         """Wait for `count` raw payloads after id `after`, each decoded (records or an error)."""
@@ -274,7 +274,8 @@ def test_local_mode_answers_without_contacting_the_cloud(tmp_path: Path) -> None
             assert (task.status, task.body) == (200, b"")
             raws = local.new_raws(0, 6, decoded=False)
             expected = sum(_expected_counts(reports).values())
-            wait_for(lambda: _count_records(local.data_dir / "enphase.sqlite") >= expected, what="the local-mode records")
+            wait_for(lambda: _count_records(local.data_dir / "enphase.sqlite") >= expected,
+                     what="the local-mode records")
         finally:
             status = proxy.stop()
         assert cloud.connections == 0 and cloud.received() == []  # the cloud was never contacted

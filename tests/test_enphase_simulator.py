@@ -20,7 +20,14 @@ from pvtap.decode.enphase import build_response, decode_raw, inflate, redact_raw
 from pvtap.privacy import Privacy
 from pvtap.records import utc_from_unix
 from pvtap.simulate.enphase import (
-    MAX_RECORDS, PERIOD, SimReport, Simulator, build_report_xml, encode_body, post_report, report_url,
+    MAX_RECORDS,
+    PERIOD,
+    SimReport,
+    Simulator,
+    build_report_xml,
+    encode_body,
+    post_report,
+    report_url,
 )
 from tests.enphase_support import DEFLATE, REPORT_HOST, Answer, RecordingServer, request_raw
 
@@ -199,7 +206,7 @@ class ConnectProxy:
                             return
                         (upstream if sock is client else client).sendall(data)
 
-    def __enter__(self) -> "ConnectProxy":
+    def __enter__(self) -> ConnectProxy:
         self.thread.start()
         return self
 
@@ -242,7 +249,8 @@ def test_cli_posts_reports_and_counts(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_cli_reports_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with RecordingServer(tmp_path, Answer(status=503, headers=[("Content-Type", "text/plain")], body=b"busy")) as server:
+    busy = Answer(status=503, headers=[("Content-Type", "text/plain")], body=b"busy")
+    with RecordingServer(tmp_path, busy) as server:
         code = main(["simulate", "enphase", "--url", f"https://{REPORT_HOST}", "--connect", f"127.0.0.1:{server.port}"])
     out = capsys.readouterr().out
     assert code == 1 and "report 1/1: 503 Service Unavailable;" in out and "? events acknowledged" in out

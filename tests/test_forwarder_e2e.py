@@ -52,7 +52,8 @@ def test_database_outage_while_records_flow_then_the_backlog_drains(data_dir, tm
 def _config_file(tmp_path: Path, url: str, data_dir: Path) -> Path:
     path = tmp_path / "pvtap.toml"
     path.write_text(f'data_dir = "{data_dir}"\n[influx]\nurl = "{url}"\ntoken = "test-token"\norg = "-"\n'
-                    'bucket = "pvtap"\nbatch_size = 100\nbatch_age_s = 0.02\nretry_initial_s = 0.05\nretry_max_s = 0.2\n')
+                    'bucket = "pvtap"\nbatch_size = 100\nbatch_age_s = 0.02\n'
+                    'retry_initial_s = 0.05\nretry_max_s = 0.2\n')
     return path
 
 
@@ -74,7 +75,8 @@ def test_kill_9_mid_batch_repeatedly_loses_nothing(data_dir, tmp_path):
                 before = read_status(store.path).cursor
                 proc = _forward(cfg)
                 # once it is delivering, kill it at a random moment (mostly mid-batch: a batch is ~5 ms)
-                assert wait_until(lambda: read_status(store.path).cursor > before, timeout=20), proc.stderr
+                assert wait_until(lambda before=before: read_status(store.path).cursor > before, timeout=20), \
+                    proc.stderr
                 time.sleep(rng.uniform(0.0, 0.15))
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
@@ -163,7 +165,10 @@ async def test_steady_flow_from_the_simulators_through_the_relay_and_the_addon(d
                         assert proc.returncode == 0, out.decode()
                     await alpha_cloud.wait_for(lambda: not any(s.open for s in alpha_cloud.sessions))
                     assert all(p.exists() for p in stores)
-                    drained = lambda: all(read_status(p).forwarded and read_status(p).backlog == 0 for p in stores)
+
+                    def drained() -> bool:
+                        return all(read_status(p).forwarded and read_status(p).backlog == 0 for p in stores)
+
                     assert await asyncio.to_thread(wait_until, drained, 30), [read_status(p) for p in stores]
                 finally:
                     assert await asyncio.to_thread(relay.stop) == 0, relay.text

@@ -7,6 +7,7 @@ capped back-off; a hanging server times out, and stopping is quick even then.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -74,7 +75,10 @@ def test_gzip_setting_compresses_the_body(store):
 
 def test_429_waits_exactly_as_long_as_retry_after_says(store):
     records = fill(store, 10)
-    script = lambda req, n: Reply(429, b'{"message":"too many requests"}', {"Retry-After": "1"}) if n == 0 else Reply()
+
+    def script(req, n):
+        return Reply(429, b'{"message":"too many requests"}', {"Retry-After": "1"}) if n == 0 else Reply()
+
     with ScriptedInflux(script) as server, forwarding(store, config(server.url, retry_initial_s=0.01)) as fwd:
         assert fwd.drain(10)
     first, second = server.requests
@@ -91,7 +95,10 @@ def test_retry_after_as_http_date_and_cap(store):
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
     fill(store, 1)
     # a server asking for an hour is held to influx.retry_after_max_s
-    script = lambda req, n: Reply(503, b"", {"Retry-After": "3600"}) if n == 0 else Reply()
+
+    def script(req, n):
+        return Reply(503, b"", {"Retry-After": "3600"}) if n == 0 else Reply()
+
     with ScriptedInflux(script) as server, forwarding(store, config(server.url, retry_after_max_s=0.5)) as fwd:
         assert fwd.drain(5)
     assert 0.45 <= server.requests[1].received - server.requests[0].received < 2.5  # not 3600 s
@@ -99,7 +106,10 @@ def test_retry_after_as_http_date_and_cap(store):
 
 def test_413_splits_the_batch_until_it_fits(store):
     records = fill(store, 100)
-    script = lambda req, n: Reply(413, b'{"message":"request too large"}') if len(req.lines) > 30 else Reply()
+
+    def script(req, n):
+        return Reply(413, b'{"message":"request too large"}') if len(req.lines) > 30 else Reply()
+
     with ScriptedInflux(script) as server, forwarding(store, config(server.url)) as fwd:
         assert fwd.drain(10)
     sizes = [(len(r.lines), r.status) for r in server.requests]
@@ -113,7 +123,10 @@ def test_413_for_a_single_record_dead_letters_it(store):
     records = fill(store, 8)
     big = make_records(1, 100, tags={"note": "huge"})
     store.append(big)
-    script = lambda req, n: Reply(413, b'{"message":"request too large"}') if any("huge" in l for l in req.lines) else Reply()
+
+    def script(req, n):
+        return Reply(413, b'{"message":"request too large"}') if any("huge" in line for line in req.lines) else Reply()
+
     with ScriptedInflux(script) as server, forwarding(store, config(server.url)) as fwd:
         assert fwd.drain(10)
     assert sorted(server.accepted) == sorted(expected_lines(records))
@@ -128,8 +141,11 @@ def test_422_moves_only_the_offending_record_to_the_dead_letters(store, caplog):
     after = fill(store, 13, start=7)
     message = ('partial write: field type conflict: input field "p_w" on measurement "inverter" is type float, '
                'already exists as type integer dropped=1')
-    script = lambda req, n: (Reply(422, json.dumps({"code": "unprocessable entity", "message": message}).encode())
-                             if any("quality=bad" in l for l in req.lines) else Reply())
+
+    def script(req, n):
+        return (Reply(422, json.dumps({"code": "unprocessable entity", "message": message}).encode())
+                if any("quality=bad" in line for line in req.lines) else Reply())
+
     with caplog.at_level(logging.WARNING, "pvtap.forward"), ScriptedInflux(script) as server, \
             forwarding(store, config(server.url)) as fwd:
         assert fwd.drain(10)
@@ -149,8 +165,11 @@ def test_400_finds_two_bad_records_among_many(store):
     bad_ids = {11, 29}
     records = [make_records(1, i, tags={"quality": "bad"})[0] if i + 1 in bad_ids else r for i, r in enumerate(records)]
     store.append(records)
-    script = lambda req, n: (Reply(400, b'{"message":"unable to parse"}')
-                             if any("quality=bad" in l for l in req.lines) else Reply())
+
+    def script(req, n):
+        return (Reply(400, b'{"message":"unable to parse"}')
+                if any("quality=bad" in line for line in req.lines) else Reply())
+
     with ScriptedInflux(script) as server, forwarding(store, config(server.url, batch_size=40)) as fwd:
         assert fwd.drain(10)
     dead = read_deadletters(store.path)
@@ -164,7 +183,10 @@ def test_400_finds_two_bad_records_among_many(store):
 def test_token_refused_keeps_the_backlog_and_says_so(store, caplog, status):
     records = fill(store, 30)
     refusing = {"on": True}
-    script = lambda req, n: Reply(status, b'{"code":"unauthorized","message":"unauthorized access"}') if refusing["on"] else Reply()
+
+    def script(req, n):
+        return Reply(status, b'{"code":"unauthorized","message":"unauthorized access"}') if refusing["on"] else Reply()
+
     with caplog.at_level(logging.INFO, "pvtap.forward"), ScriptedInflux(script) as server, \
             forwarding(store, config(server.url)) as fwd:
         assert wait_until(lambda: len(server.requests) >= 3)
@@ -183,7 +205,10 @@ def test_token_refused_keeps_the_backlog_and_says_so(store, caplog, status):
 
 def test_404_bucket_not_found_keeps_the_backlog(store, caplog):
     fill(store, 5)
-    script = lambda req, n: Reply(404, b'{"code":"not found","message":"bucket \\"pvtap\\" not found"}') if n < 2 else Reply()
+
+    def script(req, n):
+        return Reply(404, b'{"code":"not found","message":"bucket \\"pvtap\\" not found"}') if n < 2 else Reply()
+
     with caplog.at_level(logging.ERROR, "pvtap.forward"), ScriptedInflux(script) as server, \
             forwarding(store, config(server.url)) as fwd:
         assert fwd.drain(10)
@@ -193,12 +218,15 @@ def test_404_bucket_not_found_keeps_the_backlog(store, caplog):
 
 def test_500_retries_with_capped_exponential_backoff(store):
     records = fill(store, 10)
-    script = lambda req, n: Reply(500, b'{"message":"internal error"}') if n < 7 else Reply()
+
+    def script(req, n):
+        return Reply(500, b'{"message":"internal error"}') if n < 7 else Reply()
+
     with ScriptedInflux(script) as server, \
             forwarding(store, config(server.url, retry_initial_s=0.1, retry_max_s=0.4)) as fwd:
         assert fwd.drain(20)
     times = [r.received for r in server.requests]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     nominal = [0.1, 0.2, 0.4, 0.4, 0.4, 0.4, 0.4]  # doubling, capped at retry_max_s; jitter picks in [d/2, d]
     assert len(gaps) == 7
     assert all(gap >= d / 2 - 0.01 for gap, d in zip(gaps, nominal)), gaps
@@ -208,7 +236,10 @@ def test_500_retries_with_capped_exponential_backoff(store):
 
 def test_a_hanging_server_times_out_and_the_batch_is_sent_again_identically(store):
     records = fill(store, 10)
-    script = lambda req, n: Reply(204, delay=4) if n == 0 else Reply()
+
+    def script(req, n):
+        return Reply(204, delay=4) if n == 0 else Reply()
+
     with ScriptedInflux(script) as server, forwarding(store, config(server.url, timeout_s=0.3)) as fwd:
         assert fwd.drain(10)
         assert "timed out" in (read_status(store.path).last_error or "").lower()

@@ -18,19 +18,19 @@ from pvtap.store.lineprotocol import to_line
 from tests.servers import Influxd
 
 T = datetime(2026, 11, 1, 12, 0, 0, 654_321, tzinfo=UTC)  # 1793534400654321000 ns
-O = Origin("alphaess", "SN-TEST-0001")
+ORIGIN = Origin("alphaess", "SN-TEST-0001")
 
 ESCAPING = [
-    Record("inverter power", T, {"site name": "roof east", "serial": "SN-TEST-0001"}, {"p ac w": 1234.5}, O),
-    Record("grid,meter", T, {"phase,id": "L1,L2", "k=v": "a=b"}, {"x,y=z": 7}, O),
-    Record("quotes", T, {"label": 'say "hi"', "q'": "it's"}, {"s": 'he said "hi"', "n": -3}, O),
-    Record("backslash\\mid", T, {"path": "C:\\data\\pv", "key\\x": "v"}, {"s": "a\\b \\\" c\\", "f\\g": 0.5}, O),
-    Record("unicode", T, {"room": "Wohnzimmer °C ☀", "名前": "太陽"}, {"temp_°c": 21.5, "note": "ünïcødé 😀"}, O),
+    Record("inverter power", T, {"site name": "roof east", "serial": "SN-TEST-0001"}, {"p ac w": 1234.5}, ORIGIN),
+    Record("grid,meter", T, {"phase,id": "L1,L2", "k=v": "a=b"}, {"x,y=z": 7}, ORIGIN),
+    Record("quotes", T, {"label": 'say "hi"', "q'": "it's"}, {"s": 'he said "hi"', "n": -3}, ORIGIN),
+    Record("backslash\\mid", T, {"path": "C:\\data\\pv", "key\\x": "v"}, {"s": "a\\b \\\" c\\", "f\\g": 0.5}, ORIGIN),
+    Record("unicode", T, {"room": "Wohnzimmer °C ☀", "名前": "太陽"}, {"temp_°c": 21.5, "note": "ünïcødé 😀"}, ORIGIN),
     Record("types", T, {"serial": "SN-TEST-0001"},
            {"int": 9_223_372_036_854_775_807, "neg": -9_223_372_036_854_775_808, "float_whole": 42.0,
             "float_tiny": 1.5e-300, "float_big": 6.02e23, "bool_t": True, "bool_f": False, "empty": "",
-            "multi": "line one\nline two\ttab"}, O),
-    Record("ns", datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC), {}, {"v": 1}, O),
+            "multi": "line one\nline two\ttab"}, ORIGIN),
+    Record("ns", datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC), {}, {"v": 1}, ORIGIN),
 ]
 
 INFLUX_TYPES = {"integer": "integer", "float": "float", "boolean": "boolean", "string": "string"}
@@ -60,7 +60,7 @@ def test_escaping_cases_read_back_exactly_from_influxdb(influxd):
 
 
 def test_a_record_written_twice_is_one_point(influxd):
-    record = Record("dedup", T, {"serial": "SN-TEST-0001"}, {"p_w": 10.25, "e_wh": 5}, O)
+    record = Record("dedup", T, {"serial": "SN-TEST-0001"}, {"p_w": 10.25, "e_wh": 5}, ORIGIN)
     line = influx_line(record, {}, {})
     assert influx_line(record, {}, {}) == line  # same record, same line, to the nanosecond
     for _ in range(2):
@@ -70,8 +70,8 @@ def test_a_record_written_twice_is_one_point(influxd):
 
 def test_integer_and_float_fields_stay_stable_in_influxdb(influxd):
     records = [
-        Record("stable", T.replace(second=1), {}, {"soc": 40, "p_w": 100.5}, O),
-        Record("stable", T.replace(second=2), {}, {"soc": 41.0, "p_w": 101}, O),  # flipped types in the decoder
+        Record("stable", T.replace(second=1), {}, {"soc": 40, "p_w": 100.5}, ORIGIN),
+        Record("stable", T.replace(second=2), {}, {"soc": 41.0, "p_w": 101}, ORIGIN),  # flipped types in the decoder
     ]
     types, new = {}, {}
     lines = [influx_line(r, types, new) for r in records]
@@ -79,20 +79,20 @@ def test_integer_and_float_fields_stay_stable_in_influxdb(influxd):
     assert influxd.field_types("stable") == {"soc": "integer", "p_w": "float"}
     assert [(p["soc"], p["p_w"]) for p in influxd.points("stable")] == [(40, 100.5), (41, 101.0)]
     # without the rule, the second line is a field type conflict
-    status, body = influxd.write(to_line(Record("stable", T.replace(second=3), {}, {"soc": 41.5}, O)))
+    status, body = influxd.write(to_line(Record("stable", T.replace(second=3), {}, {"soc": 41.5}, ORIGIN)))
     assert status == 400 and "field type conflict" in body
 
 
 UNWRITABLE = [
-    (Record("m", T, {"site": "trailing\\"}, {"v": 1}, O), "backslash"),
-    (Record("m", T, {"site\\": "x"}, {"v": 1}, O), "backslash"),
-    (Record("m\\=x", T, {}, {"v": 1}, O), "backslash"),
-    (Record("m\\", T, {"t": "x"}, {"v": 1}, O), "backslash"),
-    (Record("m", T, {}, {"f\\ x": 1}, O), "backslash"),
-    (Record("m", T, {}, {'f\\"x': 1}, O), "backslash"),
-    (Record("m", T, {"site": "two\nlines"}, {"v": 1}, O), "line break"),
-    (Record("m", T, {}, {"tab\tkey": 1}, O), "line break"),
-    (Record("#m", T, {}, {"v": 1}, O), "comment"),
+    (Record("m", T, {"site": "trailing\\"}, {"v": 1}, ORIGIN), "backslash"),
+    (Record("m", T, {"site\\": "x"}, {"v": 1}, ORIGIN), "backslash"),
+    (Record("m\\=x", T, {}, {"v": 1}, ORIGIN), "backslash"),
+    (Record("m\\", T, {"t": "x"}, {"v": 1}, ORIGIN), "backslash"),
+    (Record("m", T, {}, {"f\\ x": 1}, ORIGIN), "backslash"),
+    (Record("m", T, {}, {'f\\"x': 1}, ORIGIN), "backslash"),
+    (Record("m", T, {"site": "two\nlines"}, {"v": 1}, ORIGIN), "line break"),
+    (Record("m", T, {}, {"tab\tkey": 1}, ORIGIN), "line break"),
+    (Record("#m", T, {}, {"v": 1}, ORIGIN), "comment"),
 ]
 
 
@@ -113,20 +113,20 @@ def test_names_that_do_not_survive_line_protocol_are_refused(influxd, record, wh
 
 @pytest.mark.parametrize("name", ["a\\b", "C:\\data\\pv", "a\\\\b", "x\\n"])
 def test_backslashes_elsewhere_are_written(name):
-    check_writable(Record(name, T, {name: name}, {name: 1}, O))
+    check_writable(Record(name, T, {name: name}, {name: 1}, ORIGIN))
 
 
 def test_field_type_rule():
     types: dict = {("m", "known_int"): "integer", ("m", "known_float"): "float"}
     new: dict = {}
-    r = Record("m", T, {}, {"known_int": 3.0, "known_float": 2, "fresh": True}, O)
+    r = Record("m", T, {}, {"known_int": 3.0, "known_float": 2, "fresh": True}, ORIGIN)
     settled = settle_types(r, types, new)
     assert settled.fields == {"known_int": 3, "known_float": 2.0, "fresh": True}
     assert type(settled.fields["known_int"]) is int and type(settled.fields["known_float"]) is float
     assert new == {("m", "fresh"): "boolean"}
     for bad in ({"known_int": 3.5}, {"known_float": "x"}, {"known_int": True}, {"fresh_big": 2**63}):
         with pytest.raises(Unwritable):
-            settle_types(Record("m", T, {}, bad, O), types, {})
+            settle_types(Record("m", T, {}, bad, ORIGIN), types, {})
 
 
 def test_lines_are_exactly_what_influxdb_client_writes():
@@ -135,15 +135,18 @@ def test_lines_are_exactly_what_influxdb_client_writes():
     import random
     rng = random.Random(1)
     alphabet = "ab Z09_,= \"'\\\n\t\r°☀😀名-."
-    word = lambda: "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+
+    def word() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+
     values = [lambda: rng.uniform(-1e6, 1e6), lambda: rng.randint(-2**63, 2**63 - 1), lambda: rng.random() < 0.5,
               word, lambda: float(rng.randint(-100, 100)), lambda: rng.choice([1e-300, 6.02e23, 1e16, -0.0, 0.1]),
               lambda: ""]
     cases = list(ESCAPING)
-    for i in range(2000):
+    for _ in range(2000):
         tags = {word(): rng.choice([word(), ""]) for _ in range(rng.randint(0, 3))}
         fields = {word(): rng.choice(values)() for _ in range(rng.randint(1, 4))}
-        cases.append(Record(word(), T.replace(microsecond=rng.randint(0, 999_999)), tags, fields, O))
+        cases.append(Record(word(), T.replace(microsecond=rng.randint(0, 999_999)), tags, fields, ORIGIN))
     for record in cases:
         assert format_line(record.measurement, record.tags, record.fields, record.time_ns) == point_line(record), record
 

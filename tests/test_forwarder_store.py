@@ -19,8 +19,7 @@ from pvtap.store.delivery import DeliveryLog, read_deadletters, read_status
 from pvtap.store.forwarder import Forwarder
 from pvtap.store.local import LocalStore
 from tests.conftest import REPO
-from tests.forwarder_support import (T0, config, expected_lines, forwarding, make_records, mark_delivered,
-                                     wait_until)
+from tests.forwarder_support import T0, config, expected_lines, forwarding, make_records, mark_delivered, wait_until
 from tests.servers import Reply, ScriptedInflux
 
 
@@ -48,8 +47,11 @@ def test_dead_letters_are_listed_and_requeued(store, tmp_path, data_dir, capsys)
     bad = make_records(1, 5, tags={"quality": "bad"})
     store.append(good + bad)
     rejecting = {"on": True}
-    script = lambda req, n: (Reply(400, b'{"message":"field type conflict"}')
-                             if rejecting["on"] and any("quality=bad" in l for l in req.lines) else Reply())
+
+    def script(req, n):
+        return (Reply(400, b'{"message":"field type conflict"}')
+                if rejecting["on"] and any("quality=bad" in line for line in req.lines) else Reply())
+
     with ScriptedInflux(script) as server:
         cfg_path = write_config(tmp_path, server.url, data_dir)
         with forwarding(store, config(server.url)) as fwd:
@@ -60,7 +62,7 @@ def test_dead_letters_are_listed_and_requeued(store, tmp_path, data_dir, capsys)
             assert "field type conflict" in out.out and expected_lines(good + bad)[-1] in out.out
             assert "1 dead letters" in out.err
             assert main(["--config", str(cfg_path), "deadletters", "list", "--json"]) == 0
-            (entry,) = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+            (entry,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
             assert entry["record_id"] == 6 and entry["status"] == 400 and entry["tags"]["quality"] == "bad"
 
             rejecting["on"] = False  # the bucket's schema was fixed
@@ -76,7 +78,7 @@ def test_requeued_dead_letter_rejected_again_stays_with_the_new_message(store):
     store.append(make_records(1, tags={"quality": "bad"}))
     messages = iter([b'{"message":"first refusal"}', b'{"message":"second refusal"}'])
     with ScriptedInflux(lambda req, n: Reply(422, next(messages))) as server, \
-            forwarding(store, config(server.url)) as fwd:
+            forwarding(store, config(server.url)):
         assert wait_until(lambda: len(read_deadletters(store.path)) == 1)
         delivery = DeliveryLog(store.path)
         assert delivery.requeue([1]) == 1
@@ -165,7 +167,7 @@ def test_prune_takes_delivered_rows_first_then_logs_dropped_undelivered(store, c
         # a bound below the backlog: the oldest undelivered go too, and that is an error with the count
         assert delivery.prune(200_000, "later") == (0, 0)  # delivery works: no loss, no error
         assert "ERROR" not in caplog.text
-        delivered, dropped = delivery.prune(200_000, "drop")
+        _, dropped = delivery.prune(200_000, "drop")
         assert dropped > 0 and delivery.used_bytes() <= 200_000
         state = read_status(store.path)
         assert state.dropped == dropped and state.backlog == 400 - dropped
@@ -201,15 +203,18 @@ def test_status_shows_backlog_success_error_rate_and_dead_letters(store, tmp_pat
     store.append(make_records(20))
     store.append(make_records(1, 20, tags={"quality": "bad"}))
     LocalStore.for_process(data_dir, "enphase").close()  # a store no forwarder has seen
-    script = lambda req, n: (Reply(503, b'{"message":"busy"}') if n == 0 else Reply(422, b'{"message":"bad point"}')
-                             if any("quality=bad" in l for l in req.lines) else Reply())
+
+    def script(req, n):
+        return (Reply(503, b'{"message":"busy"}') if n == 0 else Reply(422, b'{"message":"bad point"}')
+                if any("quality=bad" in line for line in req.lines) else Reply())
+
     with ScriptedInflux(script) as server:
         with forwarding(store, config(server.url)) as fwd:
             assert fwd.drain(10)
         store.append(make_records(7, 30))  # waiting
         cfg = write_config(tmp_path, server.url, data_dir)
         assert main(["--config", str(cfg), "status", "--json"]) == 0
-        enphase, relay = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+        enphase, relay = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert enphase["store"] == "enphase.sqlite" and not enphase["forwarded"] and enphase["backlog"] == 0
         assert relay["backlog"] == 7 and relay["oldest_id"] == 22
         assert relay["oldest_time_ns"] == make_records(1, 30)[0].time_ns
@@ -260,7 +265,8 @@ def test_forward_command_drains_every_store_once(tmp_path, data_dir):
     with ScriptedInflux() as server:
         cfg = write_config(tmp_path, server.url, data_dir)
         proc = subprocess.run([sys.executable, "-m", "pvtap", "--config", str(cfg), "forward", "--once",
-                               "--timeout", "20"], capture_output=True, text=True, cwd=REPO, timeout=60)
+                               "--timeout", "20"], capture_output=True, text=True, cwd=REPO, timeout=60,
+                              check=False)
         assert proc.returncode == 0, proc.stderr
         assert "delivered 100 records" in proc.stderr
         assert sorted(server.accepted) == sorted(expected_lines(make_records(30, measurement="enphase"))
@@ -269,7 +275,8 @@ def test_forward_command_drains_every_store_once(tmp_path, data_dir):
 
 def test_forward_command_without_url_names_the_setting(tmp_path, data_dir):
     proc = subprocess.run([sys.executable, "-m", "pvtap", "--data-dir", str(data_dir), "forward"],
-                          capture_output=True, text=True, cwd=REPO, timeout=60, env={**os.environ, "PVTAP_CONFIG": ""})
+                          capture_output=True, text=True, cwd=REPO, timeout=60, env={**os.environ, "PVTAP_CONFIG": ""},
+                          check=False)
     assert proc.returncode == 2 and "influx.url is not set" in proc.stderr
 
 
@@ -277,7 +284,10 @@ def test_forward_command_without_url_names_the_setting(tmp_path, data_dir):
 def test_forwarder_drops_undelivered_only_while_delivery_fails(store, caplog, monkeypatch, prune_undelivered):
     monkeypatch.setattr(forwarder_module, "PRUNE_EVERY_S", 0.1)
     fill_with_raw(store, 300)  # ~1.3 MB, all undelivered
-    script = lambda req, n: Reply(500, b'{"message":"down"}')
+
+    def script(req, n):
+        return Reply(500, b'{"message":"down"}')
+
     with caplog.at_level(logging.ERROR, "pvtap.forward"), ScriptedInflux(script) as server, \
             forwarding(store, config(server.url, max_store_mb=1, prune_undelivered=prune_undelivered)):
         assert wait_until(lambda: "undelivered" in caplog.text)

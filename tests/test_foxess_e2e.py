@@ -28,8 +28,8 @@ from pvtap.decode.foxess import decode_m1_telemetry, parse_modbus
 from pvtap.ingest import Ingest
 from pvtap.privacy import Privacy
 from pvtap.simulate.foxess_cloud import FoxCloud
-from pvtap.simulate.foxess_h1 import H1Simulator
 from pvtap.simulate.foxess_h1 import SERIAL as H1_SERIAL
+from pvtap.simulate.foxess_h1 import H1Simulator
 from pvtap.simulate.foxess_m1 import ACTIVE_POWER_LIMIT, SERIAL, M1Simulator, SimulatorError, join_me_req
 from pvtap.store.local import LocalStore
 
@@ -297,14 +297,15 @@ def test_default_listeners_carry_every_foxess_channel_and_resolve_certs_in_the_d
     listeners = default_listeners()
     for listener in listeners:
         check_listener(listener, lambda name: name)
-    foxess = {(l.transport, l.listen.rpartition(":")[2]): l for l in listeners if l.protocol == "foxess"}
+    foxess = {(lst.transport, lst.listen.rpartition(":")[2]): lst for lst in listeners if lst.protocol == "foxess"}
     assert set(foxess) == {("tcp", "10001"), ("tcp", "14431"), ("tcp", "6666"), ("udp", "6364"), ("udp", "3334")}
     m1 = foxess[("tcp", "14431")]
     assert m1.upstream_tls and len(m1.upstream_pin_sha256) == 64 and not m1.upstream_insecure
     placed = in_data_dir(m1, tmp_path)
     assert (placed.tls_cert, placed.tls_key) == (str(tmp_path / "certs/foxess-monitor.crt"),
                                                  str(tmp_path / "certs/foxess-monitor.key"))
-    assert in_data_dir(dataclasses.replace(m1, tls_cert="/abs/c.crt", tls_key="/abs/c.key"), tmp_path).tls_cert == "/abs/c.crt"
+    absolute = dataclasses.replace(m1, tls_cert="/abs/c.crt", tls_key="/abs/c.key")
+    assert in_data_dir(absolute, tmp_path).tls_cert == "/abs/c.crt"
     assert foxess[("tcp", "6666")].policy == "local"
 
 

@@ -21,8 +21,16 @@ from pvtap.privacy import Privacy
 from pvtap.records import DOWN, UP
 from pvtap.store.local import LocalStore
 from tests.conftest import free_port
-from tests.relay_support import (CollectingSink, StandInCloud, StandInDNS, listener, read_all, read_to_eof,
-                                 running_relay, test_codec)
+from tests.relay_support import (
+    CollectingSink,
+    StandInCloud,
+    StandInDNS,
+    listener,
+    read_all,
+    read_to_eof,
+    running_relay,
+    test_codec,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -124,7 +132,7 @@ async def test_a_slow_decoder_costs_dropped_copies_never_forwarding_speed(store)
         # each copy takes 0.2 s to decode: 60 chunks would take 12 s if forwarding waited for them
         async with running_relay(listener(cloud.address, decode_queue=2), codec=test_codec(feed_delay=0.2),
                                  store=store) as (_, port):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
             started = time.monotonic()
             for chunk in chunks:
                 writer.write(chunk)

@@ -18,8 +18,7 @@ import pytest
 
 from pvtap.decode.alphaess import REQUEST, Framer, ack_frame, encode_frame
 from pvtap.store.local import LocalStore
-from tests.relay_support import (RelayProcess, Topology, connect_from, listen_in, recv_to_eof, sh,
-                                 three_namespaces)
+from tests.relay_support import RelayProcess, Topology, connect_from, listen_in, recv_to_eof, sh, three_namespaces
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

@@ -22,7 +22,6 @@ from pvtap.simulate.alphaess import run_simulator
 from pvtap.simulate.enphase import Simulator, encode_body, post_report
 from pvtap.simulate.enphase_cloud import EnphaseCloud
 from pvtap.store.local import LocalStore
-
 from tests.conftest import REPO
 
 MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
@@ -97,12 +96,14 @@ def _pid_alive(pid: int) -> bool:
       "--set", "enphase_data_dir={data}", "--set", "termlog_verbosity=warn",
       "--set", "enphase_local_mode=true", "--set", "connection_strategy=lazy"]),
 ])
-def test_run_dry_run_prints_the_mitmdump_command(monkeypatch, capsys, data_dir: Path, env: dict, expected: list) -> None:
+def test_run_dry_run_prints_the_mitmdump_command(monkeypatch, capsys, data_dir: Path, env: dict,
+                                                 expected: list) -> None:
     for key in [k for k in os.environ if k.startswith("PVTAP_")]:
         monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    assert main(["--data-dir", str(data_dir), "run", "--dry-run", "--mitmproxy-set", "tls_version_client_min=TLS1"]) == 0
+    assert main(["--data-dir", str(data_dir), "run", "--dry-run",
+                 "--mitmproxy-set", "tls_version_client_min=TLS1"]) == 0
     mitmproxy, relay = capsys.readouterr().out.strip().split("\n")
     assert relay == f"relay: {sys.executable} -m proxy_tcp --data-dir {data_dir.resolve()}"
     argv = mitmproxy.removeprefix("mitmproxy: ").split(" ")
@@ -112,7 +113,7 @@ def test_run_dry_run_prints_the_mitmdump_command(monkeypatch, capsys, data_dir: 
 def test_run_says_clearly_when_mitmdump_is_not_installed(monkeypatch, capsys, tmp_path: Path) -> None:
     monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python3"))
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(SetupError, match="mitmdump .* is not installed"):
+    with pytest.raises(SetupError, match=r"mitmdump .* is not installed"):
         find_mitmdump()
     assert main(["--data-dir", str(tmp_path / "data"), "run"]) == 2
     err = capsys.readouterr().err
@@ -212,7 +213,8 @@ def test_demo_shows_records_within_seconds_and_stops_on_ctrl_c(tmp_path: Path) -
     started = time.monotonic()
     demo = Pvtap(["--data-dir", str(tmp_path / "data"), "demo", "--every", "0.5"], {}, tmp_path)
     demo.expect(rf"records go to {re.escape(str(tmp_path / 'data' / 'demo'))} ")
-    mitmdump_pid = int(demo.expect(r"demo \| Enphase Envoy: mitmproxy with addons/enphase\.py on .* \(pid (\d+)\)").group(1))
+    mitm_line = demo.expect(r"demo \| Enphase Envoy: mitmproxy with addons/enphase\.py on .* \(pid (\d+)\)")
+    mitmdump_pid = int(mitm_line.group(1))
     demo.expect(r"mitmproxy \| .*enphase: performance_report from 127\.0\.0\.1 .* forwarded, 200")
     demo.expect(r"envoy \| report 1: 200 OK")
     demo.expect(r"record \| \S+Z  enphase_interval  envoy=999900000000,eqid=999900000001\.1  id=1000001 ")

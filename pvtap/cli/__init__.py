@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pvtap", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="TOML config file (default: $PVTAP_CONFIG, else built-in defaults)")
-    parser.add_argument("--data-dir", type=Path, help="directory of the local stores (overrides data_dir / PVTAP_DATA_DIR)")
+    parser.add_argument("--data-dir", type=Path,
+                        help="directory of the local stores (overrides data_dir / PVTAP_DATA_DIR)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:

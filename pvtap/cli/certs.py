@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import socket
 import ssl
 import sys
 from pathlib import Path
@@ -84,7 +83,7 @@ def run_fingerprint(args: argparse.Namespace, config: Config) -> int:
         fingerprint = sha256_fingerprint(pem_or_der)
         cert = (x509.load_pem_x509_certificate(pem_or_der) if pem_or_der.lstrip().startswith(b"-----")
                 else x509.load_der_x509_certificate(pem_or_der))
-    except (OSError, ssl.SSLError, socket.timeout) as exc:
+    except (TimeoutError, OSError, ssl.SSLError) as exc:
         print(f"pvtap certs fingerprint: could not get a certificate from {args.target}: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:

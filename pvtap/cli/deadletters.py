@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     lister.add_argument("--limit", type=int, default=None, help="at most this many per store")
     lister.add_argument("--json", action="store_true", help="one JSON object per dead letter")
     requeue = actions.add_parser("requeue", help="queue dead letters for another delivery attempt")
-    requeue.add_argument("ids", nargs="*", type=int, help="dead-letter ids (as listed); needs --store with several stores")
+    requeue.add_argument("ids", nargs="*", type=int,
+                         help="dead-letter ids (as listed); needs --store with several stores")
     requeue.add_argument("--all", action="store_true", help="every dead letter")
     parser.set_defaults(func=run, action="list", limit=None, json=False)
 

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pvtap.cli.run import (MITM_READY, Service, SetupError, StopRequested, Supervisor, find_addon,
-                           find_mitmdump)
+from pvtap.cli.run import MITM_READY, Service, SetupError, StopRequested, Supervisor, find_addon, find_mitmdump
 from pvtap.cli.tail import format_record
 from pvtap.config import Config
 from pvtap.store.local import LocalStore

@@ -88,5 +88,6 @@ def _table(devices: list[Device], now_ns: int) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     right = {4, 5}  # counts line up on the right
     return "\n".join(
-        "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        "  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                  for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
         for row in rows)

@@ -12,9 +12,10 @@ import heapq
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import TextIO
 
 from pvtap.cli._common import NoStores, Progress, find_stores, iso_utc, parse_when
 from pvtap.config import Config

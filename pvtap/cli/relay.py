@@ -75,7 +75,8 @@ def quick_listener(args: argparse.Namespace) -> ListenerConfig | None:
         check = field.metadata.get("check")
         problem = check(given[field.name]) if check and field.name in given else None
         if problem:
-            raise ConfigError(flag(field.name), given[field.name], problem, f"{flag(field.name)}: {field.metadata['help']}")
+            raise ConfigError(flag(field.name), given[field.name], problem,
+                              f"{flag(field.name)}: {field.metadata['help']}")
     listener = ListenerConfig(**given)
     check_listener(listener, flag)
     return listener

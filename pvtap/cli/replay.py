@@ -40,7 +40,7 @@ class ReplaySummary:
     records_after: int = 0
     no_decoder: set[str] = field(default_factory=set)
 
-    def add(self, other: "ReplaySummary") -> None:
+    def add(self, other: ReplaySummary) -> None:
         for f in fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
             setattr(self, f.name, mine | theirs if isinstance(mine, set) else mine + theirs)

@@ -21,9 +21,10 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from pvtap.config import Config, split_host_port
 
@@ -179,8 +180,8 @@ class Supervisor:
 
     def _pump(self, service: Service, ready: threading.Event) -> None:
         assert service.proc is not None and service.proc.stdout is not None
-        for line in service.proc.stdout:
-            line = line.rstrip("\n")
+        for raw in service.proc.stdout:
+            line = raw.rstrip("\n")
             service.tail.append(line)
             if not ready.is_set() and service.ready is not None and (match := service.ready.search(line)):
                 service.ready_match = match
@@ -243,7 +244,8 @@ def enphase_next_steps(config: Config, ready: re.Match[str] | None) -> list[str]
         ],
         "reverse": [
             f"Forwarding to {e.upstream}. Point {e.hosts[0]} at this host in your LAN's DNS (this host must",
-            f"  still resolve the real name), or DNAT the Envoy's port 443 to this host's port {port} (docs/enphase.md).",
+            f"  still resolve the real name), or DNAT the Envoy's port 443 to this host's port {port} "
+            "(docs/enphase.md).",
         ],
         "regular": [f"Configure the device to use this host, port {port}, as its HTTP proxy."],
     }[e.mode]

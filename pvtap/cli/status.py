@@ -56,7 +56,8 @@ def describe(s: DeliveryStatus, now_ns: int | None = None) -> list[str]:
         lines.append(f"  delivered      {s.delivered} records in all")
         lines.append(f"  last success   {_when(s.last_success_ns, now_ns)}")
         error = s.last_error if s.last_error_ns and (s.last_success_ns or 0) < s.last_error_ns else None
-        lines.append(f"  last error     {_when(s.last_error_ns, now_ns)}" + (f": {s.last_error}" if s.last_error else "")
+        lines.append(f"  last error     {_when(s.last_error_ns, now_ns)}"
+                     + (f": {s.last_error}" if s.last_error else "")
                      + ("" if error or not s.last_error_ns else " (since recovered)"))
         lines.append(f"  rate           {s.rate_1m:.1f} records/s over 1 min, {s.rate_10m:.1f} over 10 min")
         lines.append(f"  dead letters   {s.deadletters}" + (f" ({s.requeued} requeued)" if s.requeued else "")

@@ -63,9 +63,10 @@ import ipaddress
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Iterable
+from typing import Any
 
 import fastcrc
 
@@ -385,9 +386,7 @@ def _whole(value: Any, number: float) -> int | None:
 def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+    if isinstance(value, (int, float)) or (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
         number = float(value)
     else:
         return None
@@ -722,7 +721,8 @@ class Tap:
             rest = framer.flush()
             if rest and not self.opaque:
                 self.rejected += len(rest)
-                out.append(self._raw(direction, "partial", rest, received, {"reason": "connection ended inside a frame"}))
+                out.append(self._raw(direction, "partial", rest, received,
+                                     {"reason": "connection ended inside a frame"}))
         return out
 
     def _go_opaque(self, head: bytes, size: int, received: datetime) -> RawPayload:

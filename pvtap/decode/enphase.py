@@ -34,8 +34,8 @@ import re
 import threading
 import urllib.parse
 import zlib
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Callable, Iterable, Mapping
 
 from lxml import etree
 

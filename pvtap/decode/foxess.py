@@ -21,9 +21,9 @@ import json
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable
 
 import fastcrc
 
@@ -591,7 +591,10 @@ def _replace(p: bytes, span: tuple[int, int], new: bytes) -> bytes:
 
 def _redact_frame(frame: Frame, privacy: Privacy, meta: dict) -> bytes:
     p, code = frame.payload, frame.function
-    pseudo = lambda s: privacy.serial(s).encode()
+
+    def pseudo(serial: str) -> bytes:
+        return privacy.serial(serial).encode()
+
     if code == FIRMWARE_CHUNK:  # keep the transfer id and index, never the image
         meta["firmware_chunk_bytes"] = max(len(p) - 7, 0)
         return p[:7]

@@ -38,9 +38,10 @@ import json
 import math
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable
+from typing import Any
 
 from pvtap.decode.alphaess import REQUEST, RESPONSE, AlphaFrame, Framer, device_time, encode_frame
 
@@ -331,7 +332,8 @@ class _Device:
         return (datetime.now() + timedelta(seconds=self.clock_skew)).replace(microsecond=0)
 
     def done(self) -> bool:
-        return (self.count is not None and self.result.counts["1-1-16"] >= self.count) or self.loop.time() >= self.deadline
+        return ((self.count is not None and self.result.counts["1-1-16"] >= self.count)
+                or self.loop.time() >= self.deadline)
 
     async def run(self) -> SimulatorResult:
         failures = 0
@@ -352,7 +354,8 @@ class _Device:
             first = not self.result.sessions
             self.result.sessions.append(session)
             conn = _Connection(reader, writer, session, self.log)
-            self.log(f"connected to {self.host}:{self.port}" + ("" if first else " again (no login, as the battery does)"))
+            self.log(f"connected to {self.host}:{self.port}"
+                     + ("" if first else " again (no login, as the battery does)"))
             try:
                 if first:
                     await self.open_session(conn)
@@ -489,7 +492,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "are placeholders.")
     parser.add_argument("--host", default="127.0.0.1", help="where the 'cloud' listens (default 127.0.0.1)")
     parser.add_argument("--port", type=_positive(int), default=7777, help="its port (default 7777)")
-    parser.add_argument("--interval", type=_positive(float), default=10.0, help="seconds between realtime frames (default 10)")
+    parser.add_argument("--interval", type=_positive(float), default=10.0,
+                        help="seconds between realtime frames (default 10)")
     parser.add_argument("--extended-every", type=_positive(float), default=300.0,
                         help="seconds between extended frames (default 300)")
     parser.add_argument("--count", type=_positive(int), help="stop after this many realtime frames")

@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable
 
 from pvtap.decode.alphaess import REQUEST, RESPONSE, AlphaFrame, Framer, Garbage, ack_frame, encode_frame
 from pvtap.simulate.alphaess import config_body
@@ -59,7 +59,7 @@ class AlphaCloud:
         self._changed = asyncio.Condition()
         self._cmd_index = 10_000_001
 
-    async def start(self) -> "AlphaCloud":
+    async def start(self) -> AlphaCloud:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         self.log(f"stand-in AlphaESS cloud listening on {self.host}:{self.port}")
@@ -72,7 +72,7 @@ class AlphaCloud:
             await self._server.wait_closed()
             self._server = None
 
-    async def __aenter__(self) -> "AlphaCloud":
+    async def __aenter__(self) -> AlphaCloud:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

@@ -421,8 +421,8 @@ def run(args: argparse.Namespace, config: object = None) -> int:
                   f"{len(response.body)} bytes, {'?' if acked is None else acked} events acknowledged", flush=True)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
-    print(f"{sent} report{'' if sent == 1 else 's'} posted, {answered} answered 2xx, {sent - answered} failed or refused; "
-          f"{acknowledged} events acknowledged", flush=True)
+    print(f"{sent} report{'' if sent == 1 else 's'} posted, {answered} answered 2xx, "
+          f"{sent - answered} failed or refused; {acknowledged} events acknowledged", flush=True)
     return 0 if sent == answered else 1
 
 

@@ -22,10 +22,10 @@ import ssl
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
 
 from pvtap.certs import self_signed, write_pair
 from pvtap.decode.enphase import build_response, event_ids, report_kind
@@ -86,7 +86,7 @@ class EnphaseCloud:
         host, port = self.address
         return f"https://{host}:{port}"
 
-    def start(self) -> "EnphaseCloud":
+    def start(self) -> EnphaseCloud:
         self._thread = threading.Thread(target=self._server.serve_forever, name="enphase-cloud", daemon=True)
         self._thread.start()
         return self
@@ -100,7 +100,7 @@ class EnphaseCloud:
         if self._own_dir:
             shutil.rmtree(self.cert_dir, ignore_errors=True)
 
-    def __enter__(self) -> "EnphaseCloud":
+    def __enter__(self) -> EnphaseCloud:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -122,7 +122,8 @@ class EnphaseCloud:
             self.connections += 1
 
 
-def answer(method: str, path: str, content_type: str, body: bytes) -> tuple[int, list[tuple[str, str]], bytes, list[str]]:
+def answer(method: str, path: str, content_type: str,
+           body: bytes) -> tuple[int, list[tuple[str, str]], bytes, list[str]]:
     """What the stand-in answers: (status, headers, body, acknowledged event ids)."""
     if method != "POST":
         return 405, [("Allow", "POST"), ("Content-Type", "text/plain")], b"only POST\n", []
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                     "until interrupted. Point mitmproxy's reverse mode at it; it is never the real cloud.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
-    parser.add_argument("--cert-dir", type=Path, help="where to write enphase-cloud.crt/.key (default: a temporary directory)")
+    parser.add_argument("--cert-dir", type=Path,
+                        help="where to write enphase-cloud.crt/.key (default: a temporary directory)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     stop = threading.Event()

@@ -25,8 +25,8 @@ import ssl
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pvtap.certs import foxess_pair, sha256_fingerprint
 from pvtap.decode import foxess
@@ -38,7 +38,7 @@ log = logging.getLogger("pvtap.simulate.foxess_cloud")
 class CloudSession:
     """One device connection as the stand-in saw it."""
 
-    def __init__(self, cloud: "FoxCloud", writer: asyncio.StreamWriter) -> None:
+    def __init__(self, cloud: FoxCloud, writer: asyncio.StreamWriter) -> None:
         self.cloud = cloud
         self.writer = writer
         tls = writer.get_extra_info("ssl_object")
@@ -132,11 +132,11 @@ class FoxCloud:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> "FoxCloud":
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> FoxCloud:
         self._server = await asyncio.start_server(self._serve, host, port, ssl=self._context)
         return self
 
-    async def __aenter__(self) -> "FoxCloud":
+    async def __aenter__(self) -> FoxCloud:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
     parser.add_argument("--plain", action="store_true", help="cleartext, and no bootstrap acknowledgements (H-series)")
-    parser.add_argument("--cert-dir", type=Path, help="where to write foxess-cloud.crt/.key (default: a temporary directory)")
+    parser.add_argument("--cert-dir", type=Path,
+                        help="where to write foxess-cloud.crt/.key (default: a temporary directory)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -326,7 +326,8 @@ class M1Simulator:
     # UDP broadcasts
 
     async def broadcast(self, host: str, *, mesh_port: int = 6364, heartbeat_port: int = 3334,
-                        mesh_interval: float = 2.0, heartbeat_interval: float = 12.0, duration: float) -> tuple[int, int]:
+                        mesh_interval: float = 2.0, heartbeat_interval: float = 12.0,
+                        duration: float) -> tuple[int, int]:
         """Send both broadcasts for `duration` seconds (first ones at once); (mesh, heartbeats) sent."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -349,7 +350,7 @@ class M1Simulator:
                                            (host, heartbeat_port))
                     counts[1] += 1
                     next_due[1] += heartbeat_interval
-                await asyncio.sleep(max(0.0, min(min(next_due), end) - loop.time()))
+                await asyncio.sleep(max(0.0, min(*next_due, end) - loop.time()))
         finally:
             sock.close()
         return counts[0], counts[1]

@@ -18,9 +18,9 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from pvtap.records import Origin, Record, from_ns
 
@@ -84,7 +84,7 @@ class Item:
         return _record(self.row)
 
     @classmethod
-    def of(cls, key: int, record: Record) -> "Item":
+    def of(cls, key: int, record: Record) -> Item:
         o = record.origin
         return cls(key, (record.time_ns, record.measurement, json.dumps(dict(record.tags), sort_keys=True),
                          json.dumps(dict(record.fields)), o.protocol, o.device, o.connection, o.direction))

@@ -34,9 +34,9 @@ import re
 import threading
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import urllib3
 from influxdb_client import InfluxDBClient, WritePrecision
@@ -46,8 +46,8 @@ from influxdb_client.client.write_api import SYNCHRONOUS
 from pvtap.config import InfluxConfig
 from pvtap.records import FieldValue, Record
 from pvtap.store.delivery import DeliveryLog, DeliveryStatus, Item, Rejection, read_status
-from pvtap.store.local import LocalStore
 from pvtap.store.lineprotocol import format_line
+from pvtap.store.local import LocalStore
 
 log = logging.getLogger("pvtap.forward")
 
@@ -95,23 +95,25 @@ def settle_fields(measurement: str, fields: Mapping[str, FieldValue], types: dic
     out = None
     for name, value in fields.items():
         kind = field_kind(value)
-        if kind == "integer" and not _INT64[0] <= value <= _INT64[1]:
+        if kind == "integer" and isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
             raise Unwritable(f"field {name!r} = {value} does not fit InfluxDB's 64-bit integers")
         key = (measurement, name)
         known = types.get(key) or new.get(key)
         if known is None:
             new[key] = kind
         elif known != kind:
+            written: FieldValue
             if known == "float" and kind == "integer":
-                value = float(value)
-            elif known == "integer" and kind == "float" and value.is_integer() and _INT64[0] <= value <= _INT64[1]:
-                value = int(value)
+                written = float(value)
+            elif (known == "integer" and isinstance(value, float) and value.is_integer()
+                  and _INT64[0] <= value <= _INT64[1]):
+                written = int(value)
             else:
                 raise Unwritable(
                     f"field {name!r} of {measurement!r} was first written as {known}; this value "
                     f"{value!r} is {kind}, and InfluxDB rejects a field that changes type")
             out = dict(fields) if out is None else out
-            out[name] = value
+            out[name] = written
     return fields if out is None else out
 
 
@@ -192,7 +194,7 @@ def classify(status: int, message: str, retry_after: float | None) -> Failure:
         return Failure("rejected", status, message)
     if status in (401, 403):
         return Failure("auth", status, message)
-    if status == 429 or status == 503 and retry_after is not None:
+    if status == 429 or (status == 503 and retry_after is not None):
         return Failure("throttled", status, message, retry_after)
     if status >= 500:
         return Failure("server", status, message, retry_after)
@@ -266,7 +268,7 @@ class Forwarder:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> "Forwarder":
+    def start(self) -> Forwarder:
         self._thread = threading.Thread(target=self._run, name=f"pvtap-forward-{self.path.stem}", daemon=True)
         self._thread.start()
         return self
@@ -465,7 +467,7 @@ class Forwarder:
             why = "too large for the server" if failure.kind == "too_large" else "rejected"
             log.warning("%s: record #%d %s (%s); moved to the dead letters: %s", self.path.name, item.key, why,
                         failure.status, failure.message)
-            self._commit([p[0] for p in prepared], refused + [Rejection(item, failure.status, failure.message, line)],
+            self._commit([p[0] for p in prepared], [*refused, Rejection(item, failure.status, failure.message, line)],
                          requeue)
             return
         # split so that each half gets half of the sendable records

@@ -9,7 +9,7 @@ spends most of its time here. Timestamps are exact nanoseconds.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from pvtap.records import FieldValue, Record
 

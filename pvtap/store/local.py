@@ -12,9 +12,9 @@ import contextlib
 import json
 import sqlite3
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from pvtap.records import Origin, RawPayload, Record, from_ns, to_ns
 
@@ -98,7 +98,7 @@ class LocalStore:
         self._db.execute("PRAGMA busy_timeout=10000")
 
     @classmethod
-    def for_process(cls, data_dir: str | Path, name: str) -> "LocalStore":
+    def for_process(cls, data_dir: str | Path, name: str) -> LocalStore:
         """The store a producing process (`enphase`, `relay`, …) writes to."""
         return cls(Path(data_dir) / f"{name}{SUFFIX}")
 
@@ -106,7 +106,7 @@ class LocalStore:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> "LocalStore":
+    def __enter__(self) -> LocalStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
