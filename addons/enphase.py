@@ -80,9 +80,9 @@ class EnphaseTap:
         settings while running reopens the store."""
         if not updated & OPTIONS:
             return
-        settings = self._settings()
-        reopen = self.ingest is not None and (settings.data_dir, settings.config.privacy) != \
-            (self.settings.data_dir, self.settings.config.privacy)
+        settings, old = self._settings(), self.settings
+        reopen = self.ingest is not None and old is not None and \
+            (settings.data_dir, settings.config.privacy) != (old.data_dir, old.config.privacy)
         self.settings = settings
         log.info("enphase: decoding /emu_reports/ posts to %s into %s%s", ", ".join(sorted(settings.hosts)),
                  settings.data_dir / "enphase.sqlite",
@@ -103,6 +103,7 @@ class EnphaseTap:
             return
         flow.metadata["enphase_kind"] = kind
         self._submit(_payload(flow, flow.request, UP, kind))
+        assert self.settings is not None  # _report_kind found a kind: the settings are loaded
         if self.settings.local_mode:
             flow.metadata["enphase_local"] = True
             flow.response = await _local_answer(flow, kind)
@@ -111,6 +112,7 @@ class EnphaseTap:
         kind = flow.metadata.get("enphase_kind")
         if kind is None:
             return
+        assert flow.response is not None  # mitmproxy calls this hook with the response
         self._submit(_payload(flow, flow.response, DOWN, f"{kind}_response"))
         outcome = "answered locally" if flow.metadata.get("enphase_local") else "forwarded"
         log.info("enphase: %s from %s (flow %s): %d bytes up, %s, %d %d bytes down",
@@ -120,6 +122,7 @@ class EnphaseTap:
     def error(self, flow: http.HTTPFlow) -> None:
         kind = flow.metadata.get("enphase_kind")
         if kind is not None:
+            assert flow.error is not None  # mitmproxy calls this hook with the error
             log.warning("enphase: %s from %s (flow %s): %d bytes up, no response: %s (the request is stored)",
                         kind, _peer(flow), flow.id, len(flow.request.raw_content or b""), flow.error.msg)
 
@@ -163,16 +166,18 @@ class EnphaseTap:
             self.ingest.submit(raw)
 
     def _start_ingest(self) -> None:
+        settings = self.settings
+        assert settings is not None  # configure() runs before running() and before a reopen
         try:
-            store = LocalStore.for_process(self.settings.data_dir, "enphase")
-            privacy = Privacy.from_config(self.settings.config)
+            store = LocalStore.for_process(settings.data_dir, "enphase")
+            privacy = Privacy.from_config(settings.config)
         except Exception as exc:
             log.error("enphase: cannot open the store in %s (%s): reports are forwarded but NOT stored. "
                       "Fix: point enphase_data_dir (or data_dir in the pvtap config) at a writable directory.",
-                      self.settings.data_dir, exc)
+                      settings.data_dir, exc)
             return
         self.ingest = Ingest(store, privacy).start()
-        self.forwarder = start_forwarder(store.path, self.settings.config.influx)
+        self.forwarder = start_forwarder(store.path, settings.config.influx)
 
     def _stop_ingest(self) -> None:
         if self.forwarder is not None:

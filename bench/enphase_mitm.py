@@ -46,6 +46,7 @@ class CloudProcess:
     def start(cls, cert_dir: Path) -> CloudProcess:
         proc = subprocess.Popen([sys.executable, "-m", "pvtap.simulate.enphase_cloud", "--cert-dir", str(cert_dir)],
                                 stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None  # a pipe
         line = proc.stdout.readline()
         if "listening on" not in line:
             proc.kill()

@@ -110,6 +110,7 @@ def start(cmd: list[str], env: dict | None = None, log: Path | None = None) -> s
 
 
 def wait_line(proc: subprocess.Popen, prefix: str, timeout: float = 30.0) -> str:
+    assert proc.stdout is not None and isinstance(proc.args, list)  # as start() makes them
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()

@@ -226,7 +226,7 @@ def main() -> int:
         finally:
             sink.terminate()
             echo.terminate()
-    rows = [(label, *values) for label, values in best.items()]
+    rows = [(label, mbps, median, p99) for label, (mbps, median, p99) in best.items()]
 
     direct, socat_row = rows[0], rows[1]
     print(f"\nbulk {args.megabytes} MiB one way (best of {args.runs} × {args.repeat}); round trip of a "

@@ -26,6 +26,8 @@ from .tls import DEVICE_HANDSHAKE_TIMEOUT
 from .upstream import Endpoint, RefusedDestination, UpstreamError, open_upstream, original_destination
 
 if TYPE_CHECKING:
+    import ssl
+
     from .listeners import Listener
 
 log = logging.getLogger("proxy_tcp.connection")
@@ -137,7 +139,9 @@ class Connection:
         try:
             await self._serving
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # run itself was cancelled: no time left
+            task = asyncio.current_task()
+            assert task is not None  # run() is a task's coroutine
+            if task.cancelling():  # run itself was cancelled: no time left
                 raise
             self.end("shutdown", "the relay stopped")
         except Exception as exc:  # a relay bug ends this connection only
@@ -158,7 +162,7 @@ class Connection:
 
     async def _serve(self) -> None:
         config = self.listener.config
-        if self.listener.device_tls is not None and not await self._device_tls():
+        if self.listener.device_tls is not None and not await self._device_tls(self.listener.device_tls):
             return
         if len(self.listener.connections) > config.max_connections:
             self.record.action = "refused"
@@ -189,11 +193,11 @@ class Connection:
         self.record.upstream = str(endpoint)
         await self._forward(cloud_reader, self.cloud_writer)
 
-    async def _device_tls(self) -> bool:
+    async def _device_tls(self, context: ssl.SSLContext) -> bool:
         """Terminate the device's TLS (listener tls_cert): from here on the pumps, the decoder
         and the local answerer see application bytes."""
         try:
-            await self.device_writer.start_tls(self.listener.device_tls,
+            await self.device_writer.start_tls(context,
                                                ssl_handshake_timeout=DEVICE_HANDSHAKE_TIMEOUT)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             self.record.action = "refused"
@@ -217,6 +221,7 @@ class Connection:
                 raise RefusedDestination("refused_self", reason)
             return [dest]
         self.record.upstream = self.listener.config.upstream
+        assert self.listener.resolver is not None  # policies fixed and auto have one; local does not come here
         targets = await self.listener.resolver.resolve()
         for target in targets:
             reason = guard.reason(target)

@@ -14,7 +14,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pvtap.config import ConfigError, ListenerConfig, split_host_port
 
@@ -90,9 +90,9 @@ class Listener:
             self.device_tls = await asyncio.to_thread(device_context, self.config, self.key)
         try:
             if self.config.transport == "udp":
-                self.datagrams = Datagrams(self.config, self.relay.sink, self.relay.privacy)
+                self.datagrams = datagrams = Datagrams(self.config, self.relay.sink, self.relay.privacy)
                 self._udp, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                    lambda: self.datagrams, local_addr=("0.0.0.0" if host == "*" else host, port))
+                    lambda: datagrams, local_addr=("0.0.0.0" if host == "*" else host, port))
                 self.endpoints = [Endpoint.of(self._udp.get_extra_info("sockname"))]
                 return
             self._server = await asyncio.start_server(self._accept, None if host == "*" else host, port,
@@ -132,7 +132,8 @@ class Listener:
             writer.close()
             return
         if self.device_tls is not None:
-            writer.transport.pause_reading()
+            # StreamWriter types its transport as write-only; a stream server's transport reads too
+            cast(asyncio.Transport, writer.transport).pause_reading()
         connection = Connection(self, reader, writer)
         task = asyncio.create_task(connection.run(), name=connection.label)
         self.connections[task] = connection
@@ -146,6 +147,7 @@ class Listener:
         if self._udp is not None:
             self._udp.close()
             self._udp = None
+            assert self.datagrams is not None  # made with the UDP transport
             log.info("%s", self.datagrams.summary())
         if self._server is None:
             return

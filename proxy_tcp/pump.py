@@ -13,7 +13,8 @@ import asyncio
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from datetime import datetime
+from typing import Any, Protocol, cast
 
 from pvtap.records import RawPayload, now_utc
 
@@ -73,6 +74,8 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direc
 
 
 _END = object()
+#: a copy waiting for the decoder: (direction, bytes, when received)
+_Chunk = tuple[str, bytes, datetime]
 
 
 class Copies:
@@ -138,7 +141,8 @@ class Copies:
             while not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             end = batch[-1] is _END
-            chunks = batch[:-1] if end else batch
+            # copies, then at most one _END, put last by close()
+            chunks = cast(list[_Chunk], batch[:-1] if end else batch)
             self.queued_bytes -= sum(len(chunk[1]) for chunk in chunks)
             if chunks:
                 await loop.run_in_executor(self.executor, self._feed, chunks)
@@ -146,9 +150,10 @@ class Copies:
                 await loop.run_in_executor(self.executor, self._finish)
                 return
 
-    def _feed(self, chunks: list) -> None:
+    def _feed(self, chunks: list[_Chunk]) -> None:
         """Runs in a worker thread, one batch at a time per connection; the sink is submitted
         to from here too, so whatever it does (count, log a drop) stays off the event loop."""
+        assert self.tap is not None  # without a Tap, start() runs no decoder
         for index, (direction, data, received) in enumerate(chunks):
             if self.opaque:
                 break
@@ -166,6 +171,7 @@ class Copies:
             self.opaque = bool(getattr(self.tap, "opaque", False))
 
     def _finish(self) -> None:
+        assert self.tap is not None  # without a Tap, start() runs no decoder
         try:
             payloads = self.tap.finish(now_utc())
         except Exception:

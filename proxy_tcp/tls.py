@@ -40,7 +40,10 @@ def in_data_dir(listener: ListenerConfig, data_dir: str | Path) -> ListenerConfi
     `pvtap certs` writes), so the same config works wherever the relay is started."""
     paths = {name: str(Path(data_dir) / value) for name in ("tls_cert", "tls_key")
              if (value := getattr(listener, name)) and not Path(value).is_absolute()}
-    return dataclasses.replace(listener, **paths) if paths else listener
+    if not paths:
+        return listener
+    return dataclasses.replace(listener, tls_cert=paths.get("tls_cert", listener.tls_cert),
+                               tls_key=paths.get("tls_key", listener.tls_key))
 
 
 def device_context(config: ListenerConfig, key: Callable[[str], str]) -> ssl.SSLContext:

@@ -135,7 +135,7 @@ class UpstreamResolver:
     async def _system(self) -> list[str]:
         infos = await asyncio.get_running_loop().getaddrinfo(self.name, self.port, type=socket.SOCK_STREAM)
         infos.sort(key=lambda info: info[0] != socket.AF_INET)
-        return [_unmapped(info[4][0]) for info in infos]
+        return [_unmapped(str(info[4][0])) for info in infos]  # an IP address: str for AF_INET and AF_INET6
 
     async def _named(self) -> list[str]:
         assert self.resolver is not None

@@ -38,12 +38,10 @@ class ConfigError(ValueError):
 def setting(default: Any, help: str, check: Callable[[Any], str | None] | None = None,
             fix: str = "") -> Any:
     """A config field: its default, one line of help, an optional check returning a problem."""
-    factory = (lambda: default) if isinstance(default, (list, dict)) else dataclasses.MISSING
-    return dataclasses.field(
-        default=default if factory is dataclasses.MISSING else dataclasses.MISSING,
-        default_factory=factory,
-        metadata={"help": help, "check": check, "fix": fix},
-    )
+    metadata = {"help": help, "check": check, "fix": fix}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 # -- reusable checks --------------------------------------------------------------------------
@@ -245,7 +243,10 @@ class RelayConfig:
     def __post_init__(self) -> None:
         seen: dict[tuple[str, str], int] = {}
         for i, listener in enumerate(self.listeners):
-            check_listener(listener, lambda name, i=i: f"relay.listeners[{i}].{name}")
+            def key(name: str, i: int = i) -> str:
+                return f"relay.listeners[{i}].{name}"
+
+            check_listener(listener, key)
             where = (listener.transport, listener.listen)  # UDP and TCP may share a port
             if where in seen:
                 raise ConfigError(f"relay.listeners[{i}].listen", listener.listen,
@@ -351,7 +352,11 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, 
     out = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            assert f.default_factory is not dataclasses.MISSING, f"{key} has no default"
+            default = f.default_factory()
         if dataclasses.is_dataclass(_hint(cls, f.name)):
             out.extend(describe(_hint(cls, f.name), key + "."))
         else:
@@ -380,7 +385,7 @@ def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: s
     values = {}
     for f in dataclasses.fields(cls):
         key, hint = f"{prefix}{f.name}", hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[f.name] = _build(hint, data.get(f.name, {}), env, key + ".", source)
             continue
         env_key = _env_name(key)
@@ -426,7 +431,7 @@ def _coerce(key: str, hint: Any, raw: Any, where: str, env: Mapping[str, str]) -
         (item,) = typing.get_args(hint)
         if not isinstance(raw, list):
             raise ConfigError(key, raw, "expected a list", f"write {key} = [ ... ]", where)
-        if dataclasses.is_dataclass(item):
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
             return [_build(item, entry, {}, f"{key}[{i}].", where) for i, entry in enumerate(raw)]
         return [_coerce(f"{key}[{i}]", item, v, where, env) for i, v in enumerate(raw)]
     if hint is bool:

@@ -54,13 +54,13 @@ class Record:
         for key, value in self.tags.items():
             if not isinstance(key, str) or not isinstance(value, str) or not key:
                 raise ValueError(f"tag {key!r}={value!r} must be a non-empty str key and a str value")
-        for key, value in self.fields.items():
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"field name {key!r} must be a non-empty str")
-            if not isinstance(value, (int, float, str, bool)):
-                raise ValueError(f"field {key!r} has unsupported type {type(value).__name__}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"field {key!r} is {value!r}; only finite floats can be stored")
+        for name, field_value in self.fields.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"field name {name!r} must be a non-empty str")
+            if not isinstance(field_value, (int, float, str, bool)):
+                raise ValueError(f"field {name!r} has unsupported type {type(field_value).__name__}")
+            if isinstance(field_value, float) and not math.isfinite(field_value):
+                raise ValueError(f"field {name!r} is {field_value!r}; only finite floats can be stored")
 
     @property
     def time_ns(self) -> int:

@@ -17,6 +17,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def number(value: object) -> float:
+    """A numeric record field (a FieldValue may also be a str), for arithmetic in assertions."""
+    assert isinstance(value, (int, float)), f"{value!r} is not a number"
+    return value
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "data"

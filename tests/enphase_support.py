@@ -54,15 +54,16 @@ def wire_body(xml: bytes) -> bytes:
 def request_raw(payload: bytes, content_type: str | None = DEFLATE, *, kind: str = "performance_report",
                 query: str = "webcomm_version=3.0", connection: str = "flow-1") -> RawPayload:
     """A request payload as the addon builds it."""
-    meta = {"method": "POST", "host": REPORT_HOST, "path": f"/emu_reports/{kind}", "query": query,
-            "content_type": content_type}
+    meta: dict[str, str | None] = {"method": "POST", "host": REPORT_HOST, "path": f"/emu_reports/{kind}",
+                                   "query": query, "content_type": content_type}
     return RawPayload(Origin("enphase", "", connection, UP), kind, payload, RECEIVED, meta)
 
 
 def response_raw(payload: bytes, content_type: str = "application/x-deflate; charset=utf-8", *,
                  status_code: int = 200, kind: str = "performance_report") -> RawPayload:
-    meta = {"method": "POST", "host": REPORT_HOST, "path": f"/emu_reports/{kind}", "query": "webcomm_version=3.0",
-            "content_type": content_type, "status_code": status_code}
+    meta: dict[str, str | int] = {"method": "POST", "host": REPORT_HOST, "path": f"/emu_reports/{kind}",
+                                  "query": "webcomm_version=3.0", "content_type": content_type,
+                                  "status_code": status_code}
     return RawPayload(Origin("enphase", "", "flow-1", DOWN), f"{kind}_response", payload, RECEIVED, meta)
 
 
@@ -131,7 +132,7 @@ class RecordingServer:
         class Server(ThreadingHTTPServer):
             daemon_threads = True
 
-            def get_request(self):  # type: ignore[override]
+            def get_request(self):
                 sock, peer = self.socket.accept()
                 return context.wrap_socket(sock, server_side=True), peer
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from pvtap.config import InfluxConfig
 from pvtap.records import Origin, Record
@@ -42,7 +43,7 @@ def make_records(n: int, start: int = 0, *, measurement: str = "inverter", seria
 
 def config(url: str, **overrides) -> InfluxConfig:
     """Fast settings for tests: small batches, short ages, short back-off."""
-    base = dict(url=url, token="test-token", org="-", bucket="pvtap", batch_size=100, batch_age_s=0.05,
+    base: dict[str, Any] = dict(url=url, token="test-token", org="-", bucket="pvtap", batch_size=100, batch_age_s=0.05,
                 retry_initial_s=0.05, retry_max_s=0.2, timeout_s=2.0)
     base.update(overrides)
     return InfluxConfig(**base)

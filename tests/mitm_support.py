@@ -17,9 +17,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-
-from pvtap.simulate.enphase_cloud import EnphaseCloud
+from typing import Protocol
 
 REPO = Path(__file__).resolve().parent.parent
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
@@ -30,6 +30,16 @@ START_TIMEOUT = 30.0
 
 class MitmdumpError(RuntimeError):
     pass
+
+
+class Cloud(Protocol):
+    """What mitmdump needs of the stand-in cloud it is put in front of (EnphaseCloud, or the
+    bench's cloud in its own process)."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def cafile(self) -> str | Path: ...
 
 
 class Mitmdump:
@@ -44,8 +54,8 @@ class Mitmdump:
         self.port = 0
 
     @classmethod
-    def reverse(cls, workdir: Path, cloud: EnphaseCloud, *, data_dir: Path | None, local_mode: bool = False,
-                extra: list[str] = ()) -> Mitmdump:
+    def reverse(cls, workdir: Path, cloud: Cloud, *, data_dir: Path | None, local_mode: bool = False,
+                extra: Sequence[str] = ()) -> Mitmdump:
         """mitmdump in reverse mode in front of `cloud`, with the Enphase addon storing in
         `data_dir` (None: without the addon, for the bench's baseline)."""
         confdir = Path(workdir) / "mitmproxy-conf"

@@ -96,7 +96,8 @@ def test_codec(**behaviour) -> SimpleNamespace:
     return SimpleNamespace(Tap=tap, LocalAnswerer=EchoAnswerer)
 
 
-test_codec.__test__ = False  # not a test function
+# not a test function (pytest collects it where it is imported); mypy allows no attributes on functions
+test_codec.__test__ = False  # type: ignore[attr-defined]
 
 
 class CollectingSink:

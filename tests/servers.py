@@ -222,7 +222,7 @@ bind-address = "127.0.0.1:0"
     def points(self, measurement: str, db: str | None = None) -> list[dict[str, Any]]:
         """Every point of a measurement as {column: value} (tags and fields, `time` in ns)."""
         name = measurement.replace("\\", "\\\\").replace('"', '\\"')
-        out = []
+        out: list[dict[str, Any]] = []
         for result in self.query(f'SELECT * FROM "{name}"', db):
             for series in result.get("series", []):
                 out.extend(dict(zip(series["columns"], row)) for row in series["values"])
@@ -230,7 +230,7 @@ bind-address = "127.0.0.1:0"
 
     def series_keys(self, db: str | None = None) -> list[str]:
         """The series keys (measurement and escaped tags, as InfluxDB parsed them)."""
-        keys = []
+        keys: list[str] = []
         for result in self.query("SHOW SERIES", db):
             for series in result.get("series", []):
                 keys.extend(row[0] for row in series["values"])
@@ -245,7 +245,7 @@ bind-address = "127.0.0.1:0"
         return types
 
     def measurements(self, db: str | None = None) -> list[str]:
-        names = []
+        names: list[str] = []
         for result in self.query("SHOW MEASUREMENTS", db):
             for series in result.get("series", []):
                 names.extend(row[0] for row in series["values"])

@@ -7,6 +7,7 @@ import itertools
 import json
 import sys
 from datetime import datetime, timedelta
+from typing import TypedDict
 
 import pytest
 
@@ -19,7 +20,17 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.timeout(60)
 
-FAST = {"interval": 0.05, "extended_every": 0.12, "reconnect_delay": 0.05, "ack_timeout": 3}
+
+class Timing(TypedDict):
+    """run_simulator's timing arguments."""
+
+    interval: float
+    extended_every: float
+    reconnect_delay: float
+    ack_timeout: float
+
+
+FAST: Timing = {"interval": 0.05, "extended_every": 0.12, "reconnect_delay": 0.05, "ack_timeout": 3}
 
 
 def names(frames) -> list[str]:
@@ -196,6 +207,7 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
                                                    cwd=REPO, stdout=asyncio.subprocess.PIPE,
                                                    stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None  # communicate() waited for the exit
     return process.returncode, out.decode(), err.decode()
 
 

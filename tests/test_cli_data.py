@@ -27,7 +27,7 @@ from pvtap.cli import main
 from pvtap.cli._common import ago, parse_when
 from pvtap.ingest import Ingest
 from pvtap.privacy import Privacy
-from pvtap.records import Origin, RawPayload, Record, now_utc
+from pvtap.records import FieldValue, Origin, RawPayload, Record, now_utc
 from pvtap.simulate.enphase import build_report_xml, encode_body
 from pvtap.store.local import LocalStore
 
@@ -390,7 +390,7 @@ def test_export_streams(capsys, data_dir, tmp_path):
 
 # -- export → a real InfluxDB 1.6 ----------------------------------------------------------------
 
-TRICKY_FIELDS = {
+TRICKY_FIELDS: dict[str, FieldValue] = {
     "quotes": 'say "hi", it\'s = fine',
     "backslash": "C:\\pv\\log\\",
     "unicode": "Überschuss ☀ 日本",

@@ -228,13 +228,14 @@ def test_numbers_and_optionals():
     assert build({"count": 4.0}).count == 4
     assert build({}, {"PVTAP_COUNT": "42", "PVTAP_RATIO": "1e-3", "PVTAP_LABEL": "x"}) == Sample(42, 0.001, "x")
     assert build({"label": ""}).label is None
-    for data, env, problem in [
+    cases: list[tuple[dict[str, object], dict[str, str], str]] = [
         ({"count": 2.5}, {}, "expected a whole number"),
         ({"count": True}, {}, "expected a number (int)"),
         ({"count": "many"}, {}, "expected a number (int)"),
         ({}, {"PVTAP_COUNT": "4.5"}, "expected a number (int)"),
         ({"count": 0}, {}, "must be greater than 0"),
-    ]:
+    ]
+    for data, env, problem in cases:
         with pytest.raises(ConfigError) as info:
             build(data, env)
         assert (info.value.key, info.value.problem) == ("count", problem)

@@ -13,8 +13,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from pvtap.records import Origin, RawPayload, Record, from_ns, to_ns, utc_from_unix
-from pvtap.store.local import LocalStore, open_stores, store_paths
+from pvtap.records import FieldValue, Origin, RawPayload, Record, from_ns, to_ns, utc_from_unix
+from pvtap.store.local import LocalStore, StoredRecord, open_stores, store_paths
 
 T0 = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)
 ENVOY = Origin("enphase", "SIM-ENVOY-0001", "flow-1", "up")
@@ -80,7 +80,7 @@ def test_store_file_is_wal_with_schema_version(data_dir, store):
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: a commit survives power loss
 
 
-FIELDS = {
+FIELDS: dict[str, FieldValue] = {
     "true": True, "false": False,
     "zero": 0, "one": 1, "minus": -1,
     "int64_max": 2**63 - 1, "int64_min": -(2**63), "beyond_int64": 2**80,
@@ -275,12 +275,14 @@ def test_reader_in_another_process_sees_whole_batches_in_id_order(data_dir):
     batches, size = 60, 25
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(batches), str(size)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdin is not None and writer.stdout is not None
     try:
         assert writer.stdout.readline().strip() == "ready"
         reader = LocalStore(path, readonly=True)
         writer.stdin.write("go\n")
         writer.stdin.flush()
-        cursor, seen, observed_counts = 0, [], set()
+        cursor, observed_counts = 0, set()
+        seen: list[StoredRecord] = []
         deadline = time.monotonic() + 60
         while len(seen) < batches * size and time.monotonic() < deadline:
             new = list(reader.records(after_id=cursor))

@@ -10,6 +10,7 @@ import logging
 import urllib.parse
 import zlib
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from lxml import etree
@@ -19,11 +20,14 @@ from mitmproxy.addons.script import load_script
 from mitmproxy.test import taddons, tflow, tutils
 
 from pvtap.decode.enphase import build_response
+from pvtap.records import Record
 from pvtap.store.local import LocalStore
 from tests.conftest import REPO
 
 ADDON_PATH = REPO / "addons" / "enphase.py"
-addon_module = load_script(str(ADDON_PATH))
+_loaded = load_script(str(ADDON_PATH))  # None (and logged) when the script does not load
+assert _loaded is not None, f"cannot load {ADDON_PATH}"
+addon_module: ModuleType = _loaded
 
 REPORT_PATH = "/emu_reports/performance_report"
 # Placeholder serials and documentation addresses only (RFC 5737, locally administered MAC).
@@ -198,7 +202,7 @@ async def test_report_and_response_are_copied_and_the_flow_is_untouched(tap, dat
     assert down.meta["status_code"] == 200
     assert b"192.0.2.5" not in up.payload and b"02:00:00:00:00:01" not in up.payload  # redacted before the store
     assert all(r.decode_error is None for r in raws)
-    by_measurement = {}
+    by_measurement: dict[str, list[Record]] = {}
     for record in records:
         by_measurement.setdefault(record.measurement, []).append(record)
     assert {m: len(rs) for m, rs in by_measurement.items()} == {
@@ -272,6 +276,7 @@ async def test_one_log_line_per_report(tap, caplog) -> None:
     lines = [m for m in caplog.messages if flow.id in m]
     assert len(lines) == 1
     assert f"performance_report from {flow.client_conn.peername[0]}" in lines[0]
+    assert flow.response is not None and flow.response.raw_content is not None
     assert f"{len(BODY)} bytes up, forwarded, 200 {len(flow.response.raw_content)} bytes down" in lines[0]
 
 
@@ -301,6 +306,7 @@ async def test_local_mode_acknowledges_nothing_for_an_unreadable_report(tap, bod
     tctx.configure(addon, enphase_local_mode=True, connection_strategy="lazy")
     flow = report_flow(body=body)
     await tctx.cycle(addon, flow)
+    assert flow.response is not None
     assert flow.response.status_code == 200
     assert flow.response.raw_content == build_response([])
     assert flow.request.raw_content == body
@@ -313,6 +319,7 @@ async def test_local_mode_answers_task_complete_with_an_empty_200(tap, data_dir:
                        content_type="application/x-www-form-urlencoded")
     await tctx.cycle(addon, flow)
     addon.ingest.join()
+    assert flow.response is not None
     assert (flow.response.status_code, flow.response.raw_content) == (200, b"")
     raws, _ = stored(data_dir)
     assert [(r.raw.kind, r.raw.payload) for r in raws] == \
@@ -331,5 +338,6 @@ async def test_a_store_that_cannot_be_opened_does_not_stop_forwarding(tmp_path: 
         assert any("reports are forwarded but NOT stored" in m for m in caplog.messages)
         flow = report_flow()
         await tctx.cycle(addon, flow)  # no exception, and local mode still answers
+        assert flow.response is not None
         assert flow.response.raw_content == build_response(["227", "228"])
         addon.done()

@@ -137,7 +137,7 @@ def test_reports_pass_byte_identical_and_are_stored_decoded(path: ProxyPath) -> 
     assert all(r.decode_error is None for r in raws)
     for (report, target), up, down in zip(posts, raws[0::2], raws[1::2]):
         assert up.raw.origin.connection == down.raw.origin.connection  # one flow
-        assert (up.raw.meta["path"], "?" + up.raw.meta["query"]) == (REPORT_PATH, target[len(REPORT_PATH):])
+        assert (up.raw.meta["path"], f"?{up.raw.meta['query']}") == (REPORT_PATH, target[len(REPORT_PATH):])
         assert up.raw.meta["original_size"] == len(encode_body(report.xml))
         assert up.raw.origin.device == ENVOY
         for identity in ENVOY_NETWORK:  # redacted before the store
@@ -298,6 +298,7 @@ def test_the_stand_in_cloud_runs_on_its_own(tmp_path: Path) -> None:
     stop on SIGTERM with its counts."""
     proc = subprocess.Popen([sys.executable, "-m", "pvtap.simulate.enphase_cloud", "--cert-dir", str(tmp_path)],
                             stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
     try:
         line = proc.stdout.readline()
         url = re.search(r"listening on (https://127\.0\.0\.1:\d+) \(certificate (\S+)\)", line)

@@ -54,21 +54,22 @@ def test_report_round_trips_to_the_generated_values() -> None:
     assert envoy.fields["interval_count"] == envoy.fields["reading_count"] == 3
 
     assert len(report.intervals) == 3
-    for sim, record in zip(report.intervals, records["enphase_interval"], strict=True):
-        assert record.time == utc_from_unix(sim.end_date) and record.tags["eqid"] == sim.eqid
-        assert record.fields == {"id": sim.id, "interval_duration_s": 300, "stat_duration_s": sim.stat_duration,
-                                 "energy_j": sim.joules, "energy_wh": sim.joules / 3600,
-                                 "avg_power_w": sim.joules / 300}
-        assert 100 * 300 < sim.joules < 300 * 300  # noon: 100-300 W per micro
-    for sim, record in zip(report.readings, records["enphase_reading"], strict=True):
-        assert record.time == utc_from_unix(sim.date) and record.tags["eqid"] == sim.eqid
+    for interval, record in zip(report.intervals, records["enphase_interval"], strict=True):
+        assert record.time == utc_from_unix(interval.end_date) and record.tags["eqid"] == interval.eqid
+        assert record.fields == {"id": interval.id, "interval_duration_s": 300,
+                                 "stat_duration_s": interval.stat_duration, "energy_j": interval.joules,
+                                 "energy_wh": interval.joules / 3600, "avg_power_w": interval.joules / 300}
+        assert 100 * 300 < interval.joules < 300 * 300  # noon: 100-300 W per micro
+    for reading, record in zip(report.readings, records["enphase_reading"], strict=True):
+        assert record.time == utc_from_unix(reading.date) and record.tags["eqid"] == reading.eqid
         assert record.fields == {
-            "id": sim.id, "duration_s": sim.duration, "ac_voltage_v": sim.ac_mv / 1000,
-            "ac_frequency_hz": sim.ac_mhz / 1000, "dc_voltage_v": sim.dc_mv / 1000, "dc_current_a": sim.dc_ma / 1000,
-            "temperature_c": float(sim.temperature_c), "flags": 0, "stats_5": 0, "stats_6": 0,
-            "energy_j": sim.joules, "avg_power_w": sim.joules / sim.duration}
-        assert 230 < sim.ac_mv / 1000 < 250 and 49.9 < sim.ac_mhz / 1000 < 50.1 and 25 < sim.dc_mv / 1000 < 40
-        assert 20 <= sim.temperature_c <= 60
+            "id": reading.id, "duration_s": reading.duration, "ac_voltage_v": reading.ac_mv / 1000,
+            "ac_frequency_hz": reading.ac_mhz / 1000, "dc_voltage_v": reading.dc_mv / 1000,
+            "dc_current_a": reading.dc_ma / 1000, "temperature_c": float(reading.temperature_c), "flags": 0,
+            "stats_5": 0, "stats_6": 0, "energy_j": reading.joules, "avg_power_w": reading.joules / reading.duration}
+        assert 230 < reading.ac_mv / 1000 < 250 and 49.9 < reading.ac_mhz / 1000 < 50.1
+        assert 25 < reading.dc_mv / 1000 < 40
+        assert 20 <= reading.temperature_c <= 60
     # the first report: a power-on reset of every micro, and every device's state
     assert [(r.fields["event_code"], r.fields["state"], r.tags["eqid"]) for r in records["enphase_event"]] == [
         (509, "one-shot", "999900000001"), (509, "one-shot", "999900000002"), (509, "one-shot", "999900000003")]
@@ -116,6 +117,7 @@ def test_daylight_curve_and_events() -> None:
     by_id = {e.id: e for e in day.events}
     for event in day.events:
         if event.code == 512:  # set and clear point at each other
+            assert event.correlation_id is not None
             assert by_id[event.correlation_id].correlation_id == event.id
     ids = [e.id for e in night.events + day.events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from tests.servers import Reply, ScriptedInflux
 
 
 @pytest.fixture
-def store(data_dir: Path) -> LocalStore:
+def store(data_dir: Path) -> Iterator[LocalStore]:
     s = LocalStore.for_process(data_dir, "relay")
     yield s
     s.close()
@@ -91,7 +92,8 @@ def test_retry_after_as_http_date_and_cap(store):
     assert parse_retry_after("2") == 2.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: now
     future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 28 <= parse_retry_after(future) <= 31
+    wait = parse_retry_after(future)
+    assert wait is not None and 28 <= wait <= 31
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
     fill(store, 1)
     # a server asking for an hour is held to influx.retry_after_max_s

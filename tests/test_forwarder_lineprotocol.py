@@ -8,11 +8,12 @@ the test shows why: written anyway, InfluxDB reads back something else or reject
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
 
-from pvtap.records import Origin, Record
+from pvtap.records import FieldValue, Origin, Record
 from pvtap.store.forwarder import Unwritable, check_writable, field_kind, format_line, influx_line, settle_types
 from pvtap.store.lineprotocol import to_line
 from tests.servers import Influxd
@@ -73,7 +74,8 @@ def test_integer_and_float_fields_stay_stable_in_influxdb(influxd):
         Record("stable", T.replace(second=1), {}, {"soc": 40, "p_w": 100.5}, ORIGIN),
         Record("stable", T.replace(second=2), {}, {"soc": 41.0, "p_w": 101}, ORIGIN),  # flipped types in the decoder
     ]
-    types, new = {}, {}
+    types: dict[tuple[str, str], str] = {}
+    new: dict[tuple[str, str], str] = {}
     lines = [influx_line(r, types, new) for r in records]
     assert influxd.write("\n".join(lines))[0] == 204
     assert influxd.field_types("stable") == {"soc": "integer", "p_w": "float"}
@@ -139,9 +141,10 @@ def test_lines_are_exactly_what_influxdb_client_writes():
     def word() -> str:
         return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
 
-    values = [lambda: rng.uniform(-1e6, 1e6), lambda: rng.randint(-2**63, 2**63 - 1), lambda: rng.random() < 0.5,
-              word, lambda: float(rng.randint(-100, 100)), lambda: rng.choice([1e-300, 6.02e23, 1e16, -0.0, 0.1]),
-              lambda: ""]
+    values: list[Callable[[], FieldValue]] = [
+        lambda: rng.uniform(-1e6, 1e6), lambda: rng.randint(-2**63, 2**63 - 1), lambda: rng.random() < 0.5,
+        word, lambda: float(rng.randint(-100, 100)), lambda: rng.choice([1e-300, 6.02e23, 1e16, -0.0, 0.1]),
+        lambda: ""]
     cases = list(ESCAPING)
     for _ in range(2000):
         tags = {word(): rng.choice([word(), ""]) for _ in range(rng.randint(0, 3))}
@@ -155,4 +158,6 @@ def point_line(record: Record) -> str:
     """influxdb-client's own serialiser, the definition format_line is held to."""
     from influxdb_client import Point, WritePrecision
     return Point.from_dict({"measurement": record.measurement, "tags": dict(record.tags), "fields": dict(record.fields),
-                            "time": record.time_ns}, write_precision=WritePrecision.NS).to_line_protocol()
+                            "time": record.time_ns},
+                           # WritePrecision.NS is the str "ns", but from_dict() annotates the class
+                           write_precision=WritePrecision.NS).to_line_protocol()  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from tests.servers import Reply, ScriptedInflux
 
 
 @pytest.fixture
-def store(data_dir: Path) -> LocalStore:
+def store(data_dir: Path) -> Iterator[LocalStore]:
     s = LocalStore.for_process(data_dir, "relay")
     yield s
     s.close()
@@ -156,7 +157,8 @@ def test_prune_takes_delivered_rows_first_then_logs_dropped_undelivered(store, c
     assert size > 900_000
     with caplog.at_level(logging.INFO, "pvtap.forward"):
         # room for the undelivered part: only delivered rows go
-        assert delivery.prune(int(size * 0.6), "drop") == (pytest.approx(600, abs=100), 0)
+        pruned_delivered, pruned_undelivered = delivery.prune(int(size * 0.6), "drop")
+        assert pruned_delivered == pytest.approx(600, abs=100) and pruned_undelivered == 0
         state = read_status(store.path)
         assert state.backlog == 400 and state.dropped == 0
         assert delivery.used_bytes() <= size * 0.6

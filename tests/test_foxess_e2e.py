@@ -100,7 +100,7 @@ async def test_m1_through_tls_pinned_byte_identical_and_stored(stack, relay_cert
     # the application bytes crossed unmodified, both ways, over TLS on both sides
     assert bytes(session.received) == bytes(sim.sent) and bytes(sim.received) == bytes(session.sent)
     assert [f.function for f in sim.frames_received][:3] == [0xAA, 0xAC, 0xAB]  # the cloud's acks, relayed
-    assert session.tls[0] in ("TLSv1.2", "TLSv1.3")  # the relay's own TLS session with the cloud
+    assert session.tls is not None and session.tls[0] in ("TLSv1.2", "TLSv1.3")  # the relay's own TLS session
     assert sha256_fingerprint(relay_cert[0].read_bytes()) != cloud.fingerprint  # two different TLS sessions
 
     telemetry = stack.records("foxess_telemetry")

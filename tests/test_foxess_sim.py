@@ -21,6 +21,7 @@ from pvtap.records import Origin, now_utc
 from pvtap.simulate.foxess_cloud import FoxCloud
 from pvtap.simulate.foxess_h1 import H1Simulator
 from pvtap.simulate.foxess_m1 import ACTIVE_POWER_LIMIT, M1Simulator, SimulatorError
+from tests.conftest import number
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,9 +55,9 @@ async def test_m1_bootstraps_sends_telemetry_and_answers_modbus_over_tls():
     telemetry = [decode_m1_telemetry(f.payload) for f in session.frames if f.function == 0x02]
     for fields, values in zip(telemetry, sim.telemetry, strict=True):
         assert fields["ac_power_w"] == values.ac_power_w
-        assert abs(fields["ac_voltage_v"] - values.ac_voltage_v) <= 1 / 64
-        assert abs(fields["generation_total_kwh"] - values.generation_total_kwh) <= 1 / 256
-        assert 49.9 < fields["frequency_hz"] < 50.1
+        assert abs(number(fields["ac_voltage_v"]) - values.ac_voltage_v) <= 1 / 64
+        assert abs(number(fields["generation_total_kwh"]) - values.generation_total_kwh) <= 1 / 256
+        assert 49.9 < number(fields["frequency_hz"]) < 50.1
     assert sim.modbus_answered == 3
 
 
@@ -142,7 +143,7 @@ async def test_udp_broadcasts_decode_to_presence():
     beats = [r for r in records if r.tags["source"] == "heartbeat"]
     assert [r.fields["seq"] for r in mesh] == list(range(counts[0]))
     assert {r.fields["vendor_id"] for r in mesh} == {45324} and {r.tags["port"] for r in mesh} == {str(mesh_port)}
-    clocks = [r.fields["device_clock"] for r in beats]
+    clocks = [number(r.fields["device_clock"]) for r in beats]
     assert len(clocks) == counts[1] and all(abs(c - time.time()) < 5 for c in clocks) and clocks == sorted(clocks)
 
 

@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from pvtap.decode.alphaess import REQUEST, Framer, ack_frame, encode_frame
+from pvtap.decode.alphaess import REQUEST, AlphaFrame, Framer, ack_frame, encode_frame
 from pvtap.store.local import LocalStore
 from tests.relay_support import RelayProcess, Topology, connect_from, listen_in, recv_to_eof, sh, three_namespaces
 
@@ -61,7 +61,8 @@ class AckingCloud:
         with conn:
             conn.settimeout(10)
             self.received = recv_to_eof(conn)
-            acks = [ack_frame(f.type) for f in Framer().feed(self.received) if getattr(f, "b1", 0) == REQUEST]
+            acks = [ack_frame(f.type) for f in Framer().feed(self.received)
+                    if isinstance(f, AlphaFrame) and f.b1 == REQUEST]
             self.sent = b"".join(acks)
             conn.sendall(self.sent)
 

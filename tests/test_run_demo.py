@@ -41,6 +41,7 @@ class Pvtap:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
+        assert self.proc.stdout is not None  # a pipe
         for line in self.proc.stdout:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
@@ -222,8 +223,9 @@ def test_demo_shows_records_within_seconds_and_stops_on_ctrl_c(tmp_path: Path) -
     demo.expect(r"envoy \| report 3: 200 OK")  # it keeps posting
     demo.expect(r"record \| \S+Z  alphaess_realtime  serial=ALSIM0000000001 ")  # the battery, through the relay
     assert demo.stop(signal.SIGINT) == 0
-    assert re.search(r"stopped; (\d+) records shown", demo.lines[-1])
-    shown = int(re.search(r"stopped; (\d+) records shown", demo.lines[-1]).group(1))
+    stopped = re.search(r"stopped; (\d+) records shown", demo.lines[-1])
+    assert stopped
+    shown = int(stopped.group(1))
     with LocalStore(tmp_path / "data" / "demo" / "enphase.sqlite", readonly=True) as enphase, \
             LocalStore(tmp_path / "data" / "demo" / "relay.sqlite", readonly=True) as relay:
         assert enphase.count_records() + relay.count_records() == shown  # every stored record was shown, none twice

@@ -16,12 +16,15 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pvtap.cli.run import MITM_READY, Service, SetupError, StopRequested, Supervisor, find_addon, find_mitmdump
 from pvtap.cli.tail import format_record
 from pvtap.config import Config
 from pvtap.store.local import LocalStore
+
+if TYPE_CHECKING:
+    from pvtap.simulate.enphase_cloud import EnphaseCloud
 
 EPILOG = """\
 what runs (all on 127.0.0.1, nothing leaves this machine):
@@ -60,32 +63,40 @@ class DemoDevice(Protocol):
         """Stop what `start` runs in this process (the supervised services stop separately)."""
 
 
+def _start_ready(supervisor: Supervisor, service: Service) -> re.Match[str]:
+    """Start a service that has a ready pattern; the line that matched it."""
+    match = supervisor.start(service)
+    assert match is not None, f"{service.name} has no ready pattern"
+    return match
+
+
 class EnphaseDemo:
     name = "Enphase Envoy"
     store = "enphase"
 
     def __init__(self) -> None:
-        self.cloud = None
+        self.cloud: EnphaseCloud | None = None
 
     def start(self, ctx: DemoContext) -> None:
         from pvtap.simulate.enphase_cloud import HOSTNAME, EnphaseCloud
 
-        self.cloud = EnphaseCloud(cert_dir=ctx.workdir / "enphase-cloud").start()
-        ctx.supervisor.say(f"     demo | {self.name}: stand-in {HOSTNAME} on {self.cloud.url}")
-        proxy = Service("mitmproxy", self.mitmdump_command(ctx), ready=MITM_READY,
+        self.cloud = cloud = EnphaseCloud(cert_dir=ctx.workdir / "enphase-cloud").start()
+        ctx.supervisor.say(f"     demo | {self.name}: stand-in {HOSTNAME} on {cloud.url}")
+        proxy = Service("mitmproxy", self.mitmdump_command(ctx, cloud), ready=MITM_READY,
                         show=lambda line: not _CONNECTION_CHATTER.search(line))
-        port = ctx.supervisor.start(proxy)["port"]
+        port = _start_ready(ctx.supervisor, proxy)["port"]
+        assert proxy.proc is not None  # started
         ctx.supervisor.say(f"     demo | {self.name}: mitmproxy with addons/enphase.py on 127.0.0.1:{port} "
                            f"(pid {proxy.proc.pid})")
         ctx.supervisor.start(Service("envoy", [
             sys.executable, "-m", "pvtap", "simulate", "enphase", "--url", f"https://{HOSTNAME}",
             "--connect", f"127.0.0.1:{port}", "--micros", "2", "--reports", "0", "--every", f"{ctx.every:g}"]))
 
-    def mitmdump_command(self, ctx: DemoContext) -> list[str]:
-        argv = [find_mitmdump(), "--mode", f"reverse:{self.cloud.url}", "--listen-host", "127.0.0.1",
+    def mitmdump_command(self, ctx: DemoContext, cloud: EnphaseCloud) -> list[str]:
+        argv = [find_mitmdump(), "--mode", f"reverse:{cloud.url}", "--listen-host", "127.0.0.1",
                 "--listen-port", "0", "-s", str(find_addon()),
                 "--set", f"confdir={ctx.workdir / 'mitmproxy'}", "--set", "keep_host_header=true",
-                "--set", f"ssl_verify_upstream_trusted_ca={self.cloud.cafile}",
+                "--set", f"ssl_verify_upstream_trusted_ca={cloud.cafile}",
                 "--set", f"enphase_data_dir={ctx.data_dir}", "--set", "enphase_hosts=reports.enphaseenergy.com",
                 "--set", "flow_detail=0"]
         if ctx.config_path is not None:
@@ -108,7 +119,7 @@ class AlphaDemo:
     RELAY_READY = re.compile(r"relay listening: alphaess on (?P<host>[\d.]+):(?P<port>\d+) ")
 
     def start(self, ctx: DemoContext) -> None:
-        cloud = ctx.supervisor.start(Service("alphaess-cloud", [
+        cloud = _start_ready(ctx.supervisor, Service("alphaess-cloud", [
             sys.executable, "-m", "pvtap.simulate.alphaess_cloud", "--port", "0"], ready=self.CLOUD_READY,
             show=lambda line: False))  # its frame-by-frame lines repeat the battery's
         ctx.supervisor.say(f"     demo | {self.name}: stand-in www.alphaess.com on 127.0.0.1:{cloud['port']}")
@@ -116,7 +127,7 @@ class AlphaDemo:
                  "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{cloud['port']}"]
         if ctx.config_path is not None:
             relay[3:3] = ["--config", str(ctx.config_path.resolve())]
-        port = ctx.supervisor.start(Service("relay", relay, ready=self.RELAY_READY))["port"]
+        port = _start_ready(ctx.supervisor, Service("relay", relay, ready=self.RELAY_READY))["port"]
         ctx.supervisor.say(f"     demo | {self.name}: relay (python -m proxy_tcp) on 127.0.0.1:{port}")
         ctx.supervisor.start(Service("battery", [
             sys.executable, "-m", "pvtap", "simulate", "alphaess", "--host", "127.0.0.1", "--port", str(port),
@@ -202,6 +213,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
             device.start(ctx)
         died = supervisor.wait()
         if died is not None:
+            assert died.proc is not None  # wait() returns only a service that ran and exited
             supervisor.say(f"     demo | {died.name} exited with status {died.proc.returncode}; stopping the demo")
             status = 1
     except StopRequested:

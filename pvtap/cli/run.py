@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -213,7 +213,7 @@ def find_addon() -> Path:
 
 
 def mitmdump_command(config: Config, *, config_path: Path | None = None,
-                     extra_sets: list[str] = ()) -> list[str]:
+                     extra_sets: Sequence[str] = ()) -> list[str]:
     """The mitmdump command line `pvtap run` uses for the Enphase path."""
     e = config.enphase
     host, port = split_host_port(e.listen)
@@ -311,6 +311,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         for service in planned:
             supervisor.say(f"pvtap run: starting {service.name}: {service.command}")
             match = supervisor.start(service)
+            assert service.proc is not None  # start() ran it
             where = f" on {match['host']}:{match['port']}" if match and "port" in match.groupdict() else ""
             supervisor.say(f"pvtap run: {service.name} is up{where} (pid {service.proc.pid})")
             for step in service.next_steps(match):
@@ -325,6 +326,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         restore()
         return 1
     if died is not None:
+        assert died.proc is not None  # wait() returns only a service that ran and exited
         supervisor.say(f"pvtap run: {died.name} exited with status {died.proc.returncode}; stopping the others")
     supervisor.stop()
     restore()

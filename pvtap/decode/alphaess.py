@@ -280,7 +280,8 @@ def device_time(text: str) -> datetime | None:
     if not m:
         return None
     try:
-        return datetime(*map(int, m.groups()))
+        year, month, day, hour, minute, second = map(int, m.groups())
+        return datetime(year, month, day, hour, minute, second)
     except ValueError:
         return None
 

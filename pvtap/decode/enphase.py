@@ -402,7 +402,7 @@ def decode_raw(raw: RawPayload) -> list[Record]:
     if root.tag == "perf_report_response":
         return _response_records(root, raw)
     if strict:
-        raise ReportError(f"unexpected root element <{root.tag}> in a {raw.kind}")
+        raise ReportError(f"unexpected root element <{root.tag!s}> in a {raw.kind}")
     return []
 
 
@@ -413,8 +413,9 @@ def _response_records(root: etree._Element, raw: RawPayload) -> list[Record]:
     ids = [i for i in (e.get("id") for e in root.iter("event")) if i is not None]
     fields: dict[str, FieldValue] = {
         "status": root.get("status", ""), "events_acknowledged": len(ids), "event_ids": ",".join(ids)}
-    if isinstance(raw.meta.get("status_code"), int) and not isinstance(raw.meta.get("status_code"), bool):
-        fields["http_status"] = raw.meta["status_code"]  # type: ignore[assignment]
+    status_code = raw.meta.get("status_code")
+    if isinstance(status_code, int) and not isinstance(status_code, bool):
+        fields["http_status"] = status_code
     fields.update(_unknown(root.attrib, {"status"}, fields))
     tags = {"envoy": origin.device} if origin.device else {}
     records = [Record("enphase_report_response", raw.received, tags, fields, origin)]
@@ -500,8 +501,9 @@ class _Report:
         for name in ("correlation_id", "message_key"):
             if el.get(name) is not None:
                 fields[name] = _int(el, name)
-        if el.get("serial_num") is not None:
-            fields["serial_num"] = el.get("serial_num")
+        serial = el.get("serial_num")
+        if serial is not None:
+            fields["serial_num"] = serial
         if code in EVENT_CODES:
             fields["description"] = EVENT_CODES[code]
         params = el.find("message_params")
@@ -521,7 +523,7 @@ class _Report:
 
     def _state_fields(self, el: etree._Element, ints: frozenset[str], strs: set[str]) -> dict[str, FieldValue]:
         fields: dict[str, FieldValue] = {name: _int(el, name) for name in sorted(ints) if el.get(name) is not None}
-        fields.update({name: el.get(name) for name in sorted(strs) if el.get(name) is not None})
+        fields.update({name: value for name in sorted(strs) if (value := el.get(name)) is not None})
         fields.update(_unknown(el.attrib, ints | strs | {"eqid"}, fields))
         if not fields:
             raise ValueError("no state attributes")
@@ -621,6 +623,8 @@ class _Elements:
         self._seen: dict[str, int] = {}
 
     def add(self, el: etree._Element, error: str | None = None) -> None:
+        tag = el.tag
+        assert isinstance(tag, str), "an element, not a comment or processing instruction"
         fields: dict[str, FieldValue] = dict(el.attrib)
         text = (el.text or "").strip()
         if text:
@@ -631,14 +635,14 @@ class _Elements:
             fields["decode_error"] = error
         parent = el.getparent()
         if parent is not None:
-            fields["parent"] = parent.tag
-        n = self._seen.get(el.tag, 0)
-        self._seen[el.tag] = n + 1
-        tags = {**self.tags, "element": el.tag, "n": str(n)}
+            fields["parent"] = str(parent.tag)  # the parent of a parsed element: its tag is a str already
+        n = self._seen.get(tag, 0)
+        self._seen[tag] = n + 1
+        tags = {**self.tags, "element": tag, "n": str(n)}
         self.records.append(Record("enphase_element", self.time, tags, fields, self.origin))
 
 
-def _unknown(attrib: Mapping[str, str], known: frozenset[str] | set[str],
+def _unknown(attrib: etree._Attrib, known: frozenset[str] | set[str],
              taken: Mapping[str, FieldValue]) -> dict[str, str]:
     """Attributes this module does not know, as str fields under their own names (a later
     version that learns one gives its typed value a new name, so the type never flips)."""
@@ -648,11 +652,11 @@ def _unknown(attrib: Mapping[str, str], known: frozenset[str] | set[str],
 def _int(el: etree._Element, name: str) -> int:
     value = el.get(name)
     if value is None:
-        raise KeyError(f"<{el.tag}> has no {name}")
+        raise KeyError(f"<{el.tag!s}> has no {name}")
     try:
         return _int64(value)
     except ValueError as exc:
-        raise ValueError(f"<{el.tag}> {name}: {exc}") from None
+        raise ValueError(f"<{el.tag!s}> {name}: {exc}") from None
 
 
 def _int64(text: str) -> int:

@@ -619,13 +619,13 @@ def _redact_frame(frame: Frame, privacy: Privacy, meta: dict) -> bytes:
         md = parse_firmware_metadata(p)
         return _replace(p, md.serial_span, pseudo(md.serial))
     if hub_channel(frame) and frame.stamp & 0xFF == HUB_LOGIN:
-        serial = hub_login(p)[0].encode()
-        if not serial:
+        login = hub_login(p)[0].encode()
+        if not login:
             return p
-        at = p.index(serial)
-        if at and p[at - 1] == len(serial):
-            return _replace(p, (at - 1, at + len(serial)), pseudo(serial.decode()))
-        return p[:at] + pseudo(serial.decode()) + p[at + len(serial):]
+        at = p.index(login)
+        if at and p[at - 1] == len(login):
+            return _replace(p, (at - 1, at + len(login)), pseudo(login.decode()))
+        return p[:at] + pseudo(login.decode()) + p[at + len(login):]
     return p
 
 
@@ -654,6 +654,14 @@ def _mac(mac: str, privacy: Privacy) -> str:
 
 # -- records ---------------------------------------------------------------------------------
 
+def _meta_int(raw: RawPayload, key: str, default: int) -> int:
+    """An integer that redact_raw or the relay noted in `meta` (None is refused, as int() refuses it)."""
+    value = raw.meta.get(key, default)
+    if value is None:
+        raise TypeError(f"meta {key!r} is None, expected an integer")
+    return int(value)
+
+
 def decode_raw(raw: RawPayload) -> list[Record]:
     """Records from a (redacted) payload: a frame, a UDP datagram, or nothing for garbage."""
     if raw.kind == "frame":
@@ -662,7 +670,7 @@ def decode_raw(raw: RawPayload) -> list[Record]:
         if "datagram_bytes" in raw.meta:  # cut by redact_raw: neither JSON nor a frame
             raise ValueError(f"UDP datagram of {raw.meta['datagram_bytes']} bytes is neither ESP-MESH JSON nor a "
                              f"FoxESS frame (its first {len(raw.payload)} bytes are kept)")
-        return presence_records(raw.payload, int(raw.meta.get("port", 0)), raw.origin, raw.received)
+        return presence_records(raw.payload, _meta_int(raw, "port", 0), raw.origin, raw.received)
     if raw.kind in ("garbage", "partial", "opaque"):
         return []
     raise ValueError(f"unknown FoxESS payload kind {raw.kind!r}")
@@ -696,7 +704,7 @@ def _realtime(frame: Frame, raw: RawPayload) -> list[Record]:
 
 
 def _battery_serials(frame: Frame, raw: RawPayload) -> list[Record]:
-    serials = battery_serials(frame.payload, int(raw.meta.get("serial_slot", BATTERY_SERIAL_SLOT)))
+    serials = battery_serials(frame.payload, _meta_int(raw, "serial_slot", BATTERY_SERIAL_SLOT))
     return [_record("foxess_battery_serials", raw, {}, {"battery_count": len(serials),
                                                         "battery_serials": ",".join(serials)})]
 
@@ -748,7 +756,7 @@ def _firmware(frame: Frame, raw: RawPayload) -> list[Record]:
     if code == FIRMWARE_CHUNK:
         if len(p) < 7:
             raise FrameError(f"firmware chunk of {len(p)} bytes has no index")
-        size = int(raw.meta.get("firmware_chunk_bytes", len(p) - 7))
+        size = _meta_int(raw, "firmware_chunk_bytes", len(p) - 7)
         return [_record("foxess_firmware", raw, {"stage": "chunk"},
                         {**transfer, "index": _u16(p, 5), "chunk_bytes": size})]
     if code == FIRMWARE_CHUNK | REPLY and len(p) >= 8:

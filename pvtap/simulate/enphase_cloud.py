@@ -146,13 +146,13 @@ class _Server(ThreadingHTTPServer):
         self.cloud, self.context = cloud, context
         super().__init__(address, handler)
 
-    def get_request(self):  # type: ignore[override]
+    def get_request(self):
         sock, peer = self.socket.accept()
         self.cloud._connected()
         # The handshake happens on the handler thread, so a slow client cannot stall accept().
         return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), peer
 
-    def handle_error(self, request, client_address) -> None:  # type: ignore[override]
+    def handle_error(self, request, client_address) -> None:
         log.debug("stand-in cloud: connection from %s failed", client_address[0], exc_info=True)
 
 

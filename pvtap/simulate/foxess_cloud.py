@@ -115,9 +115,11 @@ class FoxCloud:
         self.stamps = itertools.count(0xE2000001)  # request stamps, each one answered by its echo
         self.fingerprint = ""
         self._context: ssl.SSLContext | None = None
-        self._own_dir = tls and cert_dir is None
-        self.cert_dir = Path(tempfile.mkdtemp(prefix="pvtap-foxess-cloud-")) if self._own_dir else cert_dir
+        #: the temporary directory made here (and removed on close) when TLS needs one and none was given
+        self._own_dir = Path(tempfile.mkdtemp(prefix="pvtap-foxess-cloud-")) if tls and cert_dir is None else None
+        self.cert_dir = self._own_dir or cert_dir
         if tls:
+            assert self.cert_dir is not None  # given, or made above
             cert, key = foxess_pair(self.cert_dir, "foxess-cloud")
             self.cert_path = cert
             self.fingerprint = sha256_fingerprint(cert.read_bytes())
@@ -155,8 +157,8 @@ class FoxCloud:
             for session in self.sessions:
                 session.writer.close()
             await self._server.wait_closed()
-        if self._own_dir:
-            shutil.rmtree(self.cert_dir, ignore_errors=True)
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = CloudSession(self, writer)

@@ -289,7 +289,8 @@ class M1Simulator:
         """Both logins, each acknowledged, then `heartbeats` heartbeats (0: until cancelled),
         each mirrored. SimulatorError when the hub does not answer as the write-up's did."""
         reader, writer = await asyncio.open_connection(host, port)
-        result, splitter, pending = HubResult(), FrameSplitter(), []
+        result, splitter = HubResult(), FrameSplitter()
+        pending: list[Frame] = []
 
         async def next_frame() -> Frame:
             while not pending:

@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import urllib3
 from influxdb_client import InfluxDBClient, WritePrecision
@@ -370,17 +371,24 @@ class Forwarder:
         os.close(fd)
         return False
 
+    @property
+    def _state(self) -> DeliveryLog:
+        """The store's delivery state: open from a successful _open() until the forwarder stops."""
+        assert self._delivery is not None, "the forwarder has not opened its store"
+        return self._delivery
+
     def _make_client(self) -> InfluxDBClient:
         c = self.config
-        kwargs = {"verify_ssl": c.verify_tls}
+        kwargs: dict[str, Any] = {"verify_ssl": c.verify_tls}
         if not c.verify_tls:
             log.warning("%s: TLS certificate verification is OFF for %s (influx.verify_tls = false)",
                         self.path.name, c.url)
             warnings.filterwarnings("once", category=urllib3.exceptions.InsecureRequestWarning)
         if c.ca_file:
             kwargs["ssl_ca_cert"] = c.ca_file
-        return InfluxDBClient(url=c.url, token=c.token or None, org=c.org, timeout=int(c.timeout_s * 1000),
-                              enable_gzip=c.gzip, **kwargs)
+        # influxdb-client annotates `token: str = None`: None (no token configured) is its own default
+        return InfluxDBClient(url=c.url, token=c.token or None, org=c.org,  # type: ignore[arg-type]
+                              timeout=int(c.timeout_s * 1000), enable_gzip=c.gzip, **kwargs)
 
     def _loop(self) -> None:
         next_prune = 0.0
@@ -391,7 +399,7 @@ class Forwarder:
                 self._prune()
                 next_prune = now + PRUNE_EVERY_S
             if now >= next_forget:
-                self._delivery.forget_old_batches()
+                self._state.forget_old_batches()
                 next_forget = now + 600
             try:
                 pause = self._cycle()
@@ -410,16 +418,16 @@ class Forwarder:
             undelivered = "later"
         else:
             undelivered = "drop" if self.config.prune_undelivered else "keep"
-        self._delivery.prune(self.config.max_store_mb * 2**20, undelivered)
+        self._state.prune(self.config.max_store_mb * 2**20, undelivered)
 
     def _cycle(self) -> float:
         """One step of work; returns how long to pause before the next (0: go on at once)."""
         size = self.config.batch_size
-        requeued = self._delivery.requeued(size)
+        requeued = self._state.requeued(size)
         if requeued:
             self._deliver(requeued, requeue=True)
             return 0.0
-        items = self._delivery.pending(size)
+        items = self._state.pending(size)
         if not items:
             self._waiting_since = None
             self._drain = None
@@ -448,7 +456,7 @@ class Forwarder:
             except Unwritable as exc:
                 prepared.append((item, None, str(exc)))
         if maker.new:
-            self._delivery.remember_types(maker.new)
+            self._state.remember_types(maker.new)
             self._types.update(maker.new)
         self._send(prepared, requeue)
 
@@ -478,9 +486,9 @@ class Forwarder:
 
     def _commit(self, items: Sequence[Item], rejected: list[Rejection], requeue: bool) -> None:
         if requeue:
-            self._delivery.commit_requeued(items, rejected, self.destination)
+            self._state.commit_requeued(items, rejected, self.destination)
         else:
-            self._delivery.commit_records(items, rejected, self.destination)
+            self._state.commit_records(items, rejected, self.destination)
         for r in rejected:
             if r.status is None:
                 log.warning("%s: record #%d not written (%s); moved to the dead letters", self.path.name,
@@ -498,7 +506,8 @@ class Forwarder:
     def _post(self, lines: list[str]) -> Failure | None:
         try:
             self._write_api.write(bucket=self.config.bucket, org=self.config.org, record="\n".join(lines),
-                                  write_precision=WritePrecision.NS)
+                                  # WritePrecision.NS is the str "ns", but write() annotates the class
+                                  write_precision=WritePrecision.NS)  # type: ignore[arg-type]
             return None
         except InfluxDBError as exc:
             response = exc.response
@@ -521,13 +530,13 @@ class Forwarder:
         if failure.retry_after is not None:
             delay = min(failure.retry_after, c.retry_after_max_s)
         try:
-            self._delivery.note_error(failure.describe(), self.destination)
+            self._state.note_error(failure.describe(), self.destination)
         except Exception:
             log.exception("%s: could not record the delivery error", self.path.name)
         last = self._last_logged.get(failure.kind)
         if last is None or now - last >= LOG_REPEAT_S:
             self._last_logged[failure.kind] = now
-            waiting = self._delivery.backlog()
+            waiting = self._state.backlog()
             if failure.kind == "auth":
                 log.error("%s: InfluxDB at %s REFUSED THE TOKEN (%s): check influx.token (InfluxDB 1.8: "
                           "user:password) and its write permission on bucket %r. %d records are kept and "
@@ -552,7 +561,7 @@ class Forwarder:
         now = time.monotonic()
         if now - start >= PROGRESS_EVERY_S and now - self._last_progress >= PROGRESS_EVERY_S:
             self._last_progress = now
-            waiting = self._delivery.backlog()
+            waiting = self._state.backlog()
             rate = done / (now - start)
             log.info("%s: draining backlog: %d delivered in %.0f s (%.0f records/s), %d waiting, about %.0f s left",
                      self.path.name, done, now - start, rate, waiting, waiting / rate if rate else float("inf"))

@@ -139,7 +139,8 @@ class LocalStore:
                 (to_ns(raw.received), o.protocol, raw.kind, o.device, o.connection, o.direction,
                  json.dumps(dict(raw.meta), sort_keys=True), bytes(raw.payload), decode_error),
             )
-            raw_id = int(cur.lastrowid)
+            raw_id = cur.lastrowid
+            assert raw_id is not None  # set by every INSERT
             self._db.executemany(_INSERT_RECORD, [_record_row(r, raw_id) for r in records])
             return raw_id
 
@@ -266,8 +267,10 @@ _RECORD_COLUMNS = "raw_id, time_ns, measurement, tags, fields, protocol, device,
 _INSERT_RECORD = f"INSERT INTO records ({_RECORD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)"
 
 
-def _filters(since_ns: int | None, until_ns: int | None, measurements: Sequence[str]) -> tuple[list[str], list]:
-    where, args = ["1"], []
+def _filters(since_ns: int | None, until_ns: int | None,
+             measurements: Sequence[str]) -> tuple[list[str], list[int | str]]:
+    where: list[str] = ["1"]
+    args: list[int | str] = []
     if since_ns is not None:
         where.append("time_ns >= ?")
         args.append(since_ns)
