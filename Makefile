@@ -1,7 +1,10 @@
 # pvtap — the two commands the README starts with:
 #   make run    install into .venv and run pvtap on the embedded local store (./data)
-#   make test   install everything the tests need (Python and Debian packages) and run the suite
-.PHONY: run test test-fast install debian-packages demo clean
+#   make test   install everything the tests need (Python and Debian packages), lint, and run the suite
+# and for development:
+#   make lint       the static checks alone: ruff and mypy (configured in pyproject.toml)
+#   make test-fast  the tests not marked slow, without lint
+.PHONY: run test test-fast lint install debian-packages demo clean
 
 PYTHON ?= $(shell scripts/find-python)
 VENV   ?= .venv
@@ -34,12 +37,18 @@ debian-packages:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# Zero findings or make fails (CI runs `make test`). mypy's cache lives in .mypy_cache: the
+# first run checks everything (some 20 s), later ones only what changed.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
 # pytest exits 5 when it collected no test: make fails on it, so an empty run never passes.
-test: debian-packages install
+test: install lint debian-packages
 	$(PY) -m pytest
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
