@@ -71,7 +71,7 @@ class LocalStore:
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reads that decide what to write take it too
         if readonly:
             if not self.path.exists():
                 raise FileNotFoundError(f"no local store at {self.path}")
@@ -141,18 +141,28 @@ class LocalStore:
 
     def decode_cursor(self) -> int:
         """Every raw payload id up to this one has been decoded."""
+        with self._lock:
+            return self._decode_cursor()
+
+    def _decode_cursor(self) -> int:
         if not has_table(self._db, "decoding"):  # a version 1 file opened read-only: all decoded
             return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM raw").fetchone()[0]
         return self._db.execute("SELECT cursor FROM decoding WHERE id=1").fetchone()[0]
 
+    def newest_raw_id(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM raw").fetchone()[0]
+
     def decode_backlog(self) -> int:
         """Archived payloads waiting to be decoded."""
-        return self._db.execute("SELECT COUNT(*) FROM raw WHERE id > ?", (self.decode_cursor(),)).fetchone()[0]
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM raw WHERE id > ?", (self._decode_cursor(),)).fetchone()[0]
 
     def pending(self, limit: int) -> list[StoredRaw]:
         """The next payloads to decode, oldest first."""
-        rows = self._db.execute(f"SELECT {_RAW_COLUMNS} FROM raw WHERE id > ? ORDER BY id LIMIT ?",
-                                (self.decode_cursor(), limit)).fetchall()
+        with self._lock:  # never inside another thread's open transaction on this connection
+            rows = self._db.execute(f"SELECT {_RAW_COLUMNS} FROM raw WHERE id > ? ORDER BY id LIMIT ?",
+                                    (self._decode_cursor(), limit)).fetchall()
         return [_stored_raw(row) for row in rows]
 
     def commit_decoded(self, decoded: Sequence[Decoded], cursor: int) -> int:
