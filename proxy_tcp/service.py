@@ -119,8 +119,7 @@ async def relay_running(listeners: Sequence[ListenerConfig], *, copies: CopySink
     """A started Relay for the duration of the block; stopped (connections ended and recorded)
     on the way out, whatever happened. Copies go to `copies`; without it, to an ingest worker
     in a thread of this process writing `store` (tests inject their `codecs` there), which is
-    stopped after the relay, having archived everything (`relay.copies.idle()` waits for the
-    decoding too)."""
+    stopped after the relay, once everything is archived and decoded."""
     channel: Channel | None = None
     if copies is None:
         if store is None:
@@ -139,7 +138,10 @@ async def relay_running(listeners: Sequence[ListenerConfig], *, copies: CopySink
             await relay.stop()
     finally:
         if channel is not None:
-            channel.close(WORKER_STOP_GRACE_S)
+            try:
+                await channel.idle(timeout=60)  # tests read the store next: all decoded
+            finally:
+                channel.close(WORKER_STOP_GRACE_S)
 
 
 def listeners_of(config: Config) -> list[ListenerConfig]:

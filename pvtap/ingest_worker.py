@@ -464,6 +464,8 @@ class Worker:
             cursor = self.ingest.store.decode_cursor()
             ready = [token for token, target in self._syncs if target <= cursor]
             self._syncs = [(t, target) for t, target in self._syncs if target > cursor]
+        if ready:  # a fresh snapshot first: whoever waited reads the counts next
+            self._send(wire.control(Kind.SNAPSHOT, self.snapshot()))
         for token in ready:
             self._send(wire.with_conn(Kind.SYNCED, token))
 
@@ -561,18 +563,22 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def read_settings(sock: socket.socket, timeout: float = 30.0) -> WorkerSettings:
-    reader = wire.Reader()
+    """The first message, read exactly (what follows it stays in the socket for the worker)."""
     sock.settimeout(timeout)
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            raise EOFError("the channel closed before the settings came")
-        messages = reader.feed(data)
-        if messages:
-            kind, body = messages[0]
-            if kind is not Kind.SETTINGS or len(messages) > 1 or reader.pending:
-                raise wire.WireError("the first message must be SETTINGS, alone")
-            return WorkerSettings(**wire.doc(body))
+
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            more = sock.recv(n - len(data))
+            if not more:
+                raise EOFError("the channel closed before the settings came")
+            data += more
+        return data
+
+    size, kind = wire.HEADER.unpack(exactly(wire.HEADER.size))
+    if kind != Kind.SETTINGS or size > wire.MAX_BODY:
+        raise wire.WireError("the first message must be SETTINGS")
+    return WorkerSettings(**wire.doc(exactly(size)))
 
 
 def main(argv: list[str] | None = None) -> int:
