@@ -52,10 +52,10 @@ class IngestCounts:
 class Ingest:
     """Redacts and archives payloads, and decodes the archive after its cursor, into one store."""
 
-    def __init__(self, store: LocalStore, privacy: Privacy | None = None, *, codecs: Codecs = codec_for) -> None:
+    def __init__(self, store: LocalStore, privacy: Privacy | None = None, *, codecs: Codecs | None = None) -> None:
         self.store = store
         self.privacy = privacy or Privacy()
-        self.codecs = codecs
+        self.codecs = codecs or codec_for
         self.counts = IngestCounts()
         self._devices: OrderedDict[tuple[str, str], str] = OrderedDict()
 

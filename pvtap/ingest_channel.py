@@ -62,7 +62,7 @@ class IngestStartError(RuntimeError):
 @dataclass
 class _Message:
     parts: list[bytes]
-    size: int  # a copy: its payload's bytes (what the budget counts); control: the whole message
+    size: int  # a copy: what the budget counts of it (its payload's bytes); control: the whole message
     control: bool
 
     @classmethod
@@ -330,12 +330,16 @@ class Channel:
     def _enqueue(self, parts: list[bytes], size: int) -> bool:
         """Queue a copy of `size` bytes; False (counted) when over the budget or no worker."""
         self._restart_if_due()
-        if self._closed or self._sock is None or self._buffered + size > self.limit:
+        # A copy larger than the whole budget (not copied here: the caller holds it anyway) is
+        # taken when nothing else waits, and counts as half the budget, so the next ones pass.
+        budget = min(size, self.limit // 2) if size > self.limit else size
+        if self._closed or self._sock is None or (self._buffered + budget > self.limit
+                                                  and (self._buffered or budget == size)):
             self.counts.copies_dropped += 1
             self.counts.bytes_dropped += size
             return False
-        self._buffered += size
-        self._out.append(_Message(parts, size, False))
+        self._buffered += budget
+        self._out.append(_Message(parts, budget, False))
         self._schedule_flush()
         return True
 
@@ -366,10 +370,15 @@ class Channel:
         sock = self._sock
         while self._out and sock is not None:
             buffers: list[bytes | memoryview] = []
-            for message in itertools.islice(self._out, 0, _IOV_MAX // 2):
+            for message in itertools.islice(self._out, 0, _IOV_MAX // 4):
                 buffers += message.parts
-            if self._offset:
-                buffers[0] = memoryview(buffers[0])[self._offset:] if self._offset < len(buffers[0]) else b""
+            skip = self._offset  # of the first message, already sent
+            while skip:
+                if skip >= len(buffers[0]):
+                    skip -= len(buffers.pop(0))
+                else:
+                    buffers[0] = memoryview(buffers[0])[skip:]
+                    skip = 0
             try:
                 sent = sock.sendmsg(buffers[:_IOV_MAX])
             except (BlockingIOError, InterruptedError):
@@ -401,7 +410,7 @@ class Channel:
         else:
             self._buffered -= message.size
             self.counts.copies_sent += 1
-            self.counts.bytes_sent += message.size
+            self.counts.bytes_sent += len(message.parts[-1])
 
     def _want_writable(self, want: bool) -> None:
         if self._loop is None or self._sock is None or want == self._writing:

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,19 +139,23 @@ class _ArchiveQueue:
         self.items: deque[tuple[list[RawPayload], list[Record], int | None]] = deque()
         self.cond = threading.Condition()
 
-    def put(self, raws: list[RawPayload], records: list[Record] = (), sync: int | None = None) -> int:  # type: ignore[assignment]
-        """Queue payloads (dropped when over the budget: returns how many), records and a sync
-        token (never dropped: they are small)."""
-        size = sum(len(r.payload) + 200 for r in raws)
-        dropped = 0
+    def put(self, raws: list[RawPayload], records: Sequence[Record] = (), sync: int | None = None,
+            give_up: Callable[[], bool] = lambda: False) -> int:
+        """Queue payloads, records and a sync token. While the queue is over its budget this
+        waits (the channel backs up and the forwarding side drops and counts, per connection),
+        unless `give_up()` says the worker is stopping: then the payloads are dropped (returns
+        how many)."""
+        size = _budget(raws, self.limit)
         with self.cond:
-            if raws and self.bytes + size > self.limit:
-                dropped, raws, size = len(raws), [], 0
+            while raws and self.bytes and self.bytes + size > self.limit:
+                if give_up():
+                    return len(raws)
+                self.cond.wait(0.2)
             if raws or records or sync is not None:
                 self.items.append((raws, list(records), sync))
                 self.bytes += size
-                self.cond.notify()
-        return dropped
+                self.cond.notify_all()
+        return 0
 
     def take(self, wait: float) -> tuple[list[RawPayload], list[Record], list[int], int]:
         """Everything queued (after waiting up to `wait` for the first item, then GROUP_WAIT_S for
@@ -169,14 +174,22 @@ class _ArchiveQueue:
                 records += recs
                 if sync is not None:
                     syncs.append(sync)
-            return raws, records, syncs, sum(len(r.payload) + 200 for r in raws)
+            return raws, records, syncs, _budget(raws, self.limit)
 
     def done(self, size: int) -> None:
         with self.cond:
             self.bytes -= size
+            self.cond.notify_all()
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+def _budget(raws: list[RawPayload], limit: int) -> int:
+    """What payloads count against the archive queue's budget: their bytes; a batch larger than
+    the whole budget passes alone and counts as half of it (as in the channel)."""
+    size = sum(len(r.payload) + 200 for r in raws)
+    return min(size, limit // 2) if size > limit else size
 
 
 @dataclass
@@ -184,7 +197,7 @@ class WorkerCounts:
     copies_received: int = 0  # chunks and whole payloads from the channel
     bytes_received: int = 0
     connections: int = 0
-    dropped_copies: int = 0  # framed and redacted, but not archived: the archive queue was full
+    dropped_copies: int = 0  # framed and redacted, but not archived (the disk failed until the worker stopped)
     archive_errors: int = 0
     parent: dict[str, int] = field(default_factory=dict)  # the forwarding side's own counts (COUNTS)
 
@@ -355,14 +368,14 @@ class Worker:
         assert self.ingest is not None  # set before reading starts
         return self.ingest.redact(raw)
 
-    def _queue(self, raws: list[RawPayload], records: list[Record] = ()) -> None:  # type: ignore[assignment]
-        dropped = self.queue.put(raws, records)
+    def _queue(self, raws: list[RawPayload], records: Sequence[Record] = ()) -> None:
+        dropped = self.queue.put(raws, records, give_up=self._past_stop_deadline)
         if dropped:
             self.counts.dropped_copies += dropped
-            n = self.counts.dropped_copies
-            if n == dropped or n // 1000 != (n - dropped) // 1000:
-                log.error("ingest: the archive is behind (%d MiB queued): %d payloads dropped so far; forwarding "
-                          "is unaffected", self.queue.limit >> 20, n)
+            log.error("ingest: stopping with the archive behind: %d payloads dropped", dropped)
+
+    def _past_stop_deadline(self) -> bool:
+        return self._stop_deadline is not None and time.monotonic() > self._stop_deadline
 
     def _opaque(self, conn: int) -> None:
         self._send(wire.with_conn(Kind.OPAQUE, conn))

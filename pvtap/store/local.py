@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -83,6 +84,8 @@ class LocalStore:
                 self._db.close()
                 raise
             return
+        if not self.path.exists():
+            _create(self.path)
         private_file(self.path)  # 0600 before SQLite makes the -wal and -shm files with the same mode
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
@@ -329,6 +332,28 @@ class IngestStatus:
     forwarder_error: str | None = None
     counts: dict = dataclasses.field(default_factory=dict)
     updated_ns: int = 0
+
+
+def _create(path: Path) -> None:
+    """A new store appears whole: made under another name (0600, WAL, the schema) and linked
+    into place, so a reader never opens a file without tables. If another process got there
+    first, its file stays."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    private_file(tmp)
+    db = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        create_or_migrate(db, tmp)
+    finally:
+        db.close()
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
 
 def store_paths(data_dir: str | Path) -> list[Path]:
