@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -183,7 +184,7 @@ def percentile(sorted_times: list[float], q: float) -> float:
     return sorted_times[min(len(sorted_times) - 1, int(len(sorted_times) * q))]
 
 
-def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path, drain: float) -> dict:
+def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path, drain: float) -> dict[str, Any]:
     proc: subprocess.Popen | None = None
     data_dir = tmp / f"{path}-{devices}" / "data"
     data_dir.mkdir(parents=True)
@@ -194,7 +195,7 @@ def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path
         proc, port = start_relay(cloud_port, data_dir, data_dir.parent / "relay.log")
     try:
         times, failed = asyncio.run(fleet(port, devices, seconds))
-        row = {"path": path, "devices": devices, "frames": len(times), "failed": failed,
+        row: dict[str, Any] = {"path": path, "devices": devices, "frames": len(times), "failed": failed,
                "load": os.getloadavg()[0]}
         times.sort()
         if times:
