@@ -127,6 +127,7 @@ class Channel:
         self._streams: dict[int, CopyStream] = {}
         self._numbers = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading: socket.socket | None = None  # the socket the loop reads the back-channel of
         self._flush_scheduled = False
         self._writing = False
         self._restart_at: float | None = None
@@ -451,12 +452,14 @@ class Channel:
         if loop is not self._loop:
             self._detach_loop()
             self._loop = loop
-            if self._sock is not None:
-                loop.add_reader(self._sock.fileno(), self._on_readable)
+        if self._sock is not None and self._reading is not self._sock:  # a new loop, or a new worker
+            loop.add_reader(self._sock.fileno(), self._on_readable)
+            self._reading = self._sock
         return loop
 
     def _detach_loop(self) -> None:
         loop, self._loop = self._loop, None
+        self._reading = None
         if loop is None or loop.is_closed() or self._sock is None:
             return
         loop.remove_reader(self._sock.fileno())
@@ -516,6 +519,7 @@ class Channel:
         """The worker's end closed: after a clean close that is the end; otherwise count what is
         lost, keep the control messages for the next worker and restart it after a back-off."""
         sock, self._sock = self._sock, None
+        self._reading = None
         if sock is not None:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(sock.fileno())

@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import logging
 import os
 import signal
@@ -61,6 +62,8 @@ log = logging.getLogger("pvtap.ingest")
 DECODE_STOP_GRACE_S = 2.0
 #: after its channel ended, how long archiving what was received may take (a failing disk)
 ARCHIVE_STOP_GRACE_S = 5.0
+#: how long a new worker waits for the previous writer of its store to finish
+WRITER_LOCK_WAIT_S = 15.0
 #: a group commit waits this long for more payloads after the first, unless GROUP_MAX are there
 GROUP_WAIT_S = 0.005
 GROUP_MAX = 2000
@@ -110,16 +113,21 @@ class WriterLockError(RuntimeError):
 
 @contextlib.contextmanager
 def writer_lock(store: Path) -> Any:
-    """Hold `<store>.writer.lock` (0600) while writing the store; WriterLockError if taken."""
-    import fcntl
-
+    """Hold `<store>.writer.lock` (0600) while writing the store; WriterLockError if another
+    process holds it for longer than WRITER_LOCK_WAIT_S."""
     path = store.with_name(store.name + ".writer.lock")
     fd = open_private(path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        deadline = time.monotonic() + WRITER_LOCK_WAIT_S
+        while True:  # a worker that is still finishing (its parent restarted quickly) lets go soon
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
             raise WriterLockError(
                 f"{store} is being written by another pvtap process (pid {holder}). Fix: give each relay or "
                 "mitmproxy its own data_dir (docs/relay.md, \"More than one relay\"), or stop the other one") from None
