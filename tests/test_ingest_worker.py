@@ -48,6 +48,11 @@ def alive(pid: int) -> bool:
         return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def is_alive(channel: Channel) -> bool:
+    """Read afresh each time: the worker's state changes under the loop (mypy would narrow a property)."""
+    return channel.alive
+
+
 def frame(n: int) -> RawPayload:
     return RawPayload(Origin("enphase", "", f"flow-{n}", "up"), "task_complete", f"n={n}".encode(), T0)
 
@@ -83,12 +88,12 @@ async def test_a_worker_that_dies_is_restarted_and_the_gap_is_counted(tmp_path):
         first = channel.ready["pid"]
         os.kill(first, signal.SIGKILL)
         async with asyncio.timeout(10):
-            while channel.alive:  # the EOF reaches the loop
+            while is_alive(channel):  # the EOF reaches the loop
                 await asyncio.sleep(0.01)
         gap = [channel.payload(frame(n)) for n in range(10, 15)]  # no worker: dropped, counted, never blocking
         assert gap == [False] * 5
         async with asyncio.timeout(30):
-            while not (channel.alive and channel.ready):
+            while not (is_alive(channel) and channel.ready):
                 channel.payload(frame(99))  # also what restarts it once the back-off passed
                 await asyncio.sleep(0.05)
         assert channel.ready["pid"] != first

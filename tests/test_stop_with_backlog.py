@@ -51,6 +51,7 @@ def test_mitmdump_stopped_with_a_decode_backlog_decodes_it_after_a_restart(tmp_p
                 answers = list(pool.map(lambda body: post_report(URL, body, connect=("127.0.0.1", proxy.port),
                                                                  cafile=str(proxy.ca_cert)), bodies))
             assert [a.status for a in answers] == [200] * len(bodies)
+            assert proxy.proc is not None
             proxy.proc.send_signal(signal.SIGTERM)  # at once: the worker is still decoding
             assert proxy.proc.wait(30) == 0
         finally:
