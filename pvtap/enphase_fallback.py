@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
+import re
 import socket
 import ssl
 from collections.abc import Hashable
@@ -123,6 +124,10 @@ class CloudWatch:
         self._pending[key] = _Pending(upstream, now + self.timeout, what)
         return out
 
+    def step_done(self, key: Hashable) -> None:
+        """The step ended without saying whether the cloud answers (e.g. a TCP connect before TLS)."""
+        self._pending.pop(key, None)
+
     def answered(self, upstream: str, now: float, key: Hashable | None = None) -> list[Transition]:
         out = self.tick(now)
         self._pending.pop(key, None)
@@ -177,6 +182,16 @@ class CloudWatch:
                                 self.fallback_after)
         entry.state = state
         return transition
+
+
+_ERRNO = re.compile(r"\[Errno (-?\d+)\]")
+
+
+def plain_reason(message: str) -> str:
+    """"[Errno 111] Connect call failed ('192.0.2.1', 443)" → "Connection refused" (what a person
+    looks for); other messages as they are."""
+    match = _ERRNO.match(message)
+    return os.strerror(int(match[1])) if match and int(match[1]) > 0 else message
 
 
 def upstream_name(address: tuple[str, int] | None) -> str:

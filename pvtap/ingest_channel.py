@@ -12,6 +12,7 @@ at that moment are announced to the new one.
     channel.start(wait_ready=30)               # IngestStartError if the store cannot be opened
     copies = channel.open(record, device)      # per relayed connection: chunk(), close()
     channel.payload(raw)                       # a whole payload (the addon, UDP datagrams)
+    channel.record(record)                     # a record of its own (the addon's enphase_fallback)
     channel.stats()                            # counts of both ends, flat
     await channel.idle()                       # tests: everything sent so far is decoded
     channel.close(timeout)                     # flush, end the channel, wait for the worker
@@ -42,7 +43,7 @@ from pvtap.ingest_framing import ConnectionRecord
 from pvtap.ingest_wire import Kind
 from pvtap.ingest_worker import WorkerSettings, run_in_thread
 from pvtap.privacy import Privacy
-from pvtap.records import RawPayload
+from pvtap.records import RawPayload, Record
 
 log = logging.getLogger("pvtap.ingest")
 
@@ -288,6 +289,10 @@ class Channel:
     def payload(self, raw: RawPayload) -> bool:
         """Queue a whole payload; False (counted) when it had to be dropped."""
         return self._enqueue(wire.payload(raw), len(raw.payload))
+
+    def record(self, record: Record) -> None:
+        """Queue a record that needs no decoding (rare, so always queued, like a control message)."""
+        self._enqueue_control(wire.record(record))
 
     def stats(self) -> dict[str, Any]:
         """Both ends' counts, flat: this side's (copies sent and dropped, buffered bytes, worker

@@ -11,6 +11,7 @@ forwarding process → worker                     worker → forwarding process
   CHUNK     conn u32, direction u8, ns i64, bytes  SNAPSHOT  json (the worker's counts)
   CLOSE     conn u32, json (the connection record) SYNCED    token u32
   PAYLOAD   json length u32, json, bytes (a whole payload: the addon, UDP)
+  RECORD    json (a record of the forwarding process's own, e.g. the addon's enphase_fallback)
   COUNTS    json (the forwarding side's own counts: copies dropped, …)
   SYNC      token u32 (answered once all before it is archived and decoded)
 """
@@ -22,7 +23,8 @@ import json
 import struct
 from typing import Any
 
-from pvtap.records import DOWN, UP, Origin, RawPayload, from_ns, to_ns
+from pvtap.records import DOWN, UP, Origin, RawPayload, Record, from_ns, to_ns
+from pvtap.store.rows import record_from_row, record_row
 
 HEADER = struct.Struct("<IB")
 _CONN = struct.Struct("<I")
@@ -41,6 +43,7 @@ class Kind(enum.IntEnum):
     PAYLOAD = 5
     COUNTS = 6
     SYNC = 7
+    RECORD = 8
     READY = 20
     FAILED = 21
     OPAQUE = 22
@@ -79,6 +82,10 @@ def payload(raw: RawPayload) -> list[bytes]:
     head = _json({"protocol": o.protocol, "device": o.device, "connection": o.connection, "direction": o.direction,
                   "kind": raw.kind, "received_ns": to_ns(raw.received), "meta": dict(raw.meta)})
     return message(Kind.PAYLOAD, _PAYLOAD.pack(len(head)), head, raw.payload)
+
+
+def record(r: Record) -> list[bytes]:
+    return control(Kind.RECORD, list(record_row(r)))
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -128,6 +135,10 @@ def conn_of(body: bytes) -> tuple[int, Any]:
 def read_chunk(body: bytes) -> tuple[int, str, int, bytes]:
     conn, direction, time_ns = _CHUNK.unpack_from(body)
     return conn, DIRECTIONS[direction], time_ns, body[_CHUNK.size:]
+
+
+def read_record(body: bytes) -> Record:
+    return record_from_row(json.loads(body))
 
 
 def read_payload(body: bytes) -> RawPayload:

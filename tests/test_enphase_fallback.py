@@ -10,7 +10,15 @@ import ssl
 import pytest
 
 from pvtap.config import ConfigError, load_config, parse_duration
-from pvtap.enphase_fallback import MEASUREMENT, CloudState, CloudWatch, Decision, probe, upstream_name
+from pvtap.enphase_fallback import (
+    MEASUREMENT,
+    CloudState,
+    CloudWatch,
+    Decision,
+    plain_reason,
+    probe,
+    upstream_name,
+)
 from pvtap.records import utc_from_unix
 
 CLOUD = "198.51.100.2:443"
@@ -86,6 +94,12 @@ def test_the_record_says_why() -> None:
     assert dict(record.tags) == {"upstream": CLOUD, "state": "fallback"}
     assert dict(record.fields) == {"previous": "unreachable", "reason": "DNS: Name or service not known",
                                    "unreachable_s": 6.0, "answered_locally": 0, "fallback_after_s": 5}
+
+
+def test_plain_reasons() -> None:
+    assert plain_reason("[Errno 111] Connect call failed ('192.0.2.1', 443)") == "Connection refused"
+    assert plain_reason("[Errno -2] Name or service not known") == "[Errno -2] Name or service not known"
+    assert plain_reason("TLS: handshake failed") == "TLS: handshake failed"
 
 
 def test_upstream_names() -> None:
