@@ -172,3 +172,27 @@ async def test_probe_refused_answered_and_silent(tmp_path) -> None:
         for writer in silent_conns:
             writer.close()
     assert (await probe("name.invalid", 443, server_name=None, timeout=5) or "").startswith("DNS: ")
+
+
+# -- the addon's options ----------------------------------------------------------------------------
+
+def test_addon_options_validate_durations(tmp_path, monkeypatch) -> None:
+    from mitmproxy import exceptions
+    from mitmproxy.addons.proxyserver import Proxyserver
+    from mitmproxy.test import taddons
+
+    from tests.test_enphase_addon import addon_module
+
+    monkeypatch.delenv("PVTAP_CONFIG", raising=False)
+    addon = addon_module.EnphaseTap()
+    with taddons.context(Proxyserver(), addon, addon.fallback) as tctx:
+        tctx.configure(addon, enphase_data_dir=str(tmp_path), enphase_fallback_after="15m",
+                       enphase_cloud_timeout="5s")
+        assert (addon.settings.fallback_after, addon.settings.cloud_timeout) == (900.0, 5.0)
+        assert addon.fallback.watch is not None and addon.fallback.watch.fallback_after == 900.0
+        with pytest.raises(exceptions.OptionsError, match=r"enphase_fallback_after = 'soon'.*Fix: --set "):
+            tctx.configure(addon, enphase_fallback_after="soon")
+        with pytest.raises(exceptions.OptionsError, match="local mode already answers every report"):
+            tctx.configure(addon, enphase_local_mode=True, connection_strategy="lazy")
+        tctx.configure(addon, enphase_fallback_after="0")
+        assert addon.fallback.watch is None  # off
