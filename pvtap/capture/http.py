@@ -58,6 +58,7 @@ class MessageSplitter:
         try:
             while (message := self._next(final=False)) is not None:
                 out.append(message)
+                self._time = time  # what is left began in this chunk
         except ValueError:  # a chunk size that is not hex: not HTTP after all, or a gap hid it
             self.gap()
         return out
