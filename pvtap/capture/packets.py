@@ -10,7 +10,7 @@ how many payload bytes were not captured (the reassembler marks them as a gap).
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -66,7 +66,7 @@ def parse(linktype: int, frame: bytes) -> Parsed:
     """The TCP segment or UDP datagram a captured frame carries, or why it is skipped."""
     try:
         return _parse(linktype, frame)
-    except (struct.error, IndexError, ValueError):
+    except (struct.error, IndexError, ValueError, OSError):  # inet_ntop: too few address bytes
         return Skipped("frame too short for its headers")
 
 
@@ -104,13 +104,13 @@ def _ip(frame: bytes, offset: int) -> Parsed:
         total, fragment, protocol = struct.unpack_from("!H2xHxB", frame, offset + 2)
         if fragment & 0x3FFF:  # more fragments, or an offset
             return Skipped("IP fragment (not reassembled)")
-        src = str(ipaddress.IPv4Address(frame[offset + 12:offset + 16]))
-        dst = str(ipaddress.IPv4Address(frame[offset + 16:offset + 20]))
+        src = socket.inet_ntop(socket.AF_INET, frame[offset + 12:offset + 16])
+        dst = socket.inet_ntop(socket.AF_INET, frame[offset + 16:offset + 20])
         return _transport(protocol, src, dst, frame, offset + header, offset + total)
     if version == 6:
         payload_length, next_header = struct.unpack_from("!HB", frame, offset + 4)
-        src = str(ipaddress.IPv6Address(frame[offset + 8:offset + 24]))
-        dst = str(ipaddress.IPv6Address(frame[offset + 24:offset + 40]))
+        src = socket.inet_ntop(socket.AF_INET6, frame[offset + 8:offset + 24])
+        dst = socket.inet_ntop(socket.AF_INET6, frame[offset + 24:offset + 40])
         end, at = offset + 40 + payload_length, offset + 40
         while next_header in _IPV6_EXTENSIONS or next_header == 44:
             if next_header == 44:
