@@ -98,7 +98,7 @@ def import_capture(path: Path, ingest: Ingest, store: LocalStore, ports: dict[in
     error = ""
     try:
         with Capture(path) as capture:
-            progress = Progress(f"importing {path.name}", capture.size, enabled=Progress.wanted(progress_forced))
+            progress = Progress(f"importing {path.name}, bytes", capture.size, enabled=Progress.wanted(progress_forced))
             drawn = 0
             try:
                 for frame in capture:
