@@ -85,7 +85,8 @@ def main() -> None:
         importer = read_only(path)
         took = time.perf_counter() - started
         assert importer.summary.streams["alphaess"] == 1 and importer.summary.gaps == 0
-        print(f"read + parse + reassemble + frame: {packets:,} packets in {took:.2f} s = {packets / took:,.0f} packets/s")
+        print(f"read + parse + reassemble + frame: {packets:,} packets in {took:.2f} s = "
+              f"{packets / took:,.0f} packets/s")
         started = time.perf_counter()
         ingest = whole(path, Path(tmp) / "data")
         took = time.perf_counter() - started

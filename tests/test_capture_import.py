@@ -227,3 +227,29 @@ def test_gzip_captures_are_read_too(tmp_path: Path) -> None:
     assert [p.payload for p in stored if p.kind == "frame"] == [realtime(7)]
     with Capture(packed) as capture:
         assert capture.compressed and capture.size == 0
+
+
+def test_many_connections_are_finished_as_they_end(tmp_path: Path, monkeypatch) -> None:
+    import pvtap.capture.importer as importer_module
+    monkeypatch.setattr(importer_module, "MAX_OPEN", 4)
+    conversations = []
+    for i in range(12):
+        c = Conversation(7777, client_port=51000 + i)
+        c.open()
+        c.send(UP, realtime(i))
+        c.close()
+        c.packets = [(t + i, frame) for t, frame in c.packets]  # one after the other
+        conversations.append(c)
+    path = write(tmp_path / "many.pcap", *conversations)
+    stored: list[RawPayload] = []
+    connections: list[Record] = []
+    importer = Importer(store=stored.append, store_record=connections.append, privacy=Privacy())
+    most_open = 0
+    with Capture(path) as capture:
+        for frame in capture:
+            importer.packet(frame.time, frame.wirelen, parse(frame.linktype, frame.data))
+            most_open = max(most_open, len(importer._connections))
+    importer.finish()
+    assert most_open <= 5
+    assert len(connections) == 12 and all(c.tags["outcome"] == "closed" for c in connections)
+    assert [p.payload for p in stored if p.kind == "frame"] == [realtime(i) for i in range(12)]

@@ -12,7 +12,7 @@ record, as in the relay (listener "capture", policy "import"), with its gaps.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +32,7 @@ TCP_PORTS = {7777: "alphaess", 10001: "foxess", 6666: "foxess", 14431: "foxess",
 #: the FoxESS M1's LAN broadcasts (ESP-MESH join_me_req, heartbeat)
 UDP_PORTS = {6364: "foxess", 3334: "foxess"}
 MEASUREMENT = "pvtap_connection"
+MAX_OPEN = 256  # connections held before those that ended are finished
 
 
 def store_payload(ingest: Ingest, raw: RawPayload) -> None:
@@ -79,9 +80,14 @@ class Connection:
         self.requests: list[Message] = []
         self.messages = 0
         self.outcome = "capture_ended"
+        self.fins: set[str] = set()
         self.client_isn: int | None = None
         privacy = importer.privacy
         self.initial_device = client[0] if privacy.keep_network_identity else ""
+
+    @property
+    def ended(self) -> bool:
+        return self.outcome == "reset" or len(self.fins) == 2
 
     def direction(self, segment: Segment) -> str:
         return UP if segment.src == self.client else DOWN
@@ -94,6 +100,7 @@ class Connection:
             self.outcome = "reset"
         elif segment.flags & FIN and self.outcome != "reset":
             self.outcome = "closed"
+            self.fins.add(direction)
         if segment.flags & ACK:  # what the other side sent and this one acknowledged
             self._deliver(other, self.halves[other].acknowledged(segment.ack, time))
         pieces = self.halves[direction].segment(segment.seq, segment.payload, time, syn=bool(segment.flags & SYN),
@@ -154,14 +161,14 @@ class Connection:
 
     def _messages(self, direction: str, messages: list[Message]) -> None:
         for message in messages:
-            self.messages += 1
             if direction == UP:
                 self.requests.append(message)
                 raw = self._enphase_payload(message, message, UP)
             else:
                 request = self.requests.pop(0) if self.requests else None
                 raw = self._enphase_payload(request, message, DOWN) if request else None
-            if raw is not None:
+            if raw is not None:  # a report or its answer; other HTTP traffic is not stored
+                self.messages += 1
                 self.importer.store(raw)
 
     def _enphase_payload(self, request: Message, message: Message, direction: str) -> RawPayload | None:
@@ -238,6 +245,7 @@ class Importer:
         self.udp_ports = {**UDP_PORTS, **{p: proto for p, proto in (ports or {}).items() if proto == "foxess"}}
         self.summary = Summary()
         self._connections: dict[tuple[Endpoint, Endpoint], Connection] = {}
+        self._finished: OrderedDict[tuple[Endpoint, Endpoint], None] = OrderedDict()  # recently, by sweep
         self._opened = 0
 
     def packet(self, time: float, size: int, parsed: Parsed) -> None:
@@ -266,6 +274,8 @@ class Importer:
         if connection is not None and opening and connection.client_isn != segment.seq:
             connection.finish()  # the ports were used again: a new connection
             connection = None
+        if connection is None and not opening and not segment.payload and key in self._finished:
+            return  # the last ACK of a connection already finished
         if connection is None:
             client, server = self._roles(segment)
             self._opened += 1
@@ -274,6 +284,19 @@ class Importer:
                 connection.client_isn = segment.seq
             self._connections[key] = connection
         connection.segment(segment, time)
+        if connection.ended and len(self._connections) > MAX_OPEN:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Finish the connections that ended (their last ACKs, if any, have come by now), so a
+        capture of many connections needs memory for the open ones only."""
+        for key, connection in list(self._connections.items()):
+            if connection.ended:
+                connection.finish()
+                del self._connections[key]
+                self._finished[key] = None
+                while len(self._finished) > 4 * MAX_OPEN:
+                    self._finished.popitem(last=False)
 
     def _roles(self, segment: Segment) -> tuple[Endpoint, Endpoint]:
         """(client, server): who sent the SYN; else the side on a known port; else the lower port."""
