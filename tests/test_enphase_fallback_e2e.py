@@ -7,7 +7,7 @@ locally; after it the Envoy gets a valid perf_report_response from the addon; on
 answers again reports are forwarded byte for byte. Every report is stored once, every change of
 state is one log line and one `enphase_fallback` record.
 
-- reverse mode: up, refusing, up, black hole, up (the whole sequence);
+- reverse mode: up, down (refusing, then black-holing), up, black hole, up (the whole sequence);
 - regular mode (the Envoy's CONNECT by name; /etc/netns/<ns>/hosts gives the name an address):
   a cloud already down when the proxy starts, then up;
 - transparent mode (device, proxy and cloud namespaces, an iptables REDIRECT): up, refusing, up.
@@ -219,7 +219,7 @@ def state_lines(output: str) -> list[str]:
 
 def test_reverse_mode_up_refusing_up_black_hole_up(tmp_path: Path) -> None:
     simulator = Simulator(micros=2, start=DAYTIME, seed=11)
-    reports = [simulator.next_report() for _ in range(5)]
+    reports = [simulator.next_report() for _ in range(6)]
     with namespace() as ns:
         cloud = stand_in_cloud(ns, "127.0.0.1", tmp_path / "cloud")
         proxy = mitmdump_in(ns, tmp_path, cloud, ["--mode", "reverse:https://127.0.0.1:443", "--listen-host",
@@ -230,14 +230,18 @@ def test_reverse_mode_up_refusing_up_black_hole_up(tmp_path: Path) -> None:
             path.forwarded(reports[0])
             refused = path.answered_locally(reports[1], path.switch.refusing)
             assert any("Reset" in a.error or "EOF" in a.error or "closed" in a.error for a in refused[:-1]), refused
+            path.switch.black_hole()  # still down, now silent: the addon's try times out, the answer is local
+            seen = len(cloud.received())
+            silent = path.attempt(reports[2])
+            assert silent.response is not None and silent.response.status == 200 and len(cloud.received()) == seen
             path.switch.up()
-            path.forwarded(reports[2])
-            dropped = path.answered_locally(reports[3], path.switch.black_hole)
+            path.forwarded(reports[3])
+            dropped = path.answered_locally(reports[4], path.switch.black_hole)
             assert any("timed out" in a.error for a in dropped[:-1]), dropped
             path.switch.up()
-            path.forwarded(reports[4])
+            path.forwarded(reports[5])
             records = path.fallback_records(6)
-            wait_stored(path, 10)
+            wait_stored(path, 12)
         finally:
             status = proxy.stop()
             cloud.stop()
@@ -248,11 +252,11 @@ def test_reverse_mode_up_refusing_up_black_hole_up(tmp_path: Path) -> None:
     check_episode(path, dropped, records[3], records[4])
     assert records[0].fields["reason"] == "Connection refused"
     assert records[3].fields["reason"] == f"no answer to the connect within {CLOUD_TIMEOUT:g} s"
-    assert [r.fields["answered_locally"] for r in (records[2], records[5])] == [1, 1]
+    assert [r.fields["answered_locally"] for r in (records[2], records[5])] == [2, 1]
     assert all(r.tags["upstream"] == "127.0.0.1:443" for r in records)
     assert stored_reports(path) == [r.report_timestamp for r in reports]  # each report once
-    assert [a["cloud_unreachable"] for a in local_answers(path)] == ["Connection refused",
-                                                                      f"no answer within {CLOUD_TIMEOUT:g} s"]
+    assert [a["cloud_unreachable"] for a in local_answers(path)] == [
+        "Connection refused", f"no answer within {CLOUD_TIMEOUT:g} s", f"no answer within {CLOUD_TIMEOUT:g} s"]
     lines = state_lines(proxy.output())
     assert len(lines) == 6, lines  # one per change of state, not one per report or per try
     assert "connection_strategy=lazy while the cloud is unreachable (was eager)" in proxy.output()
