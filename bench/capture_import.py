@@ -21,7 +21,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 from scapy.utils import RawPcapWriter
 
-from pvtap.capture.importer import Importer, store_payload
+from pvtap.capture.importer import Importer, IngestBatches
 from pvtap.capture.packets import parse
 from pvtap.capture.reader import Capture
 from pvtap.decode.alphaess import REQUEST, encode_frame
@@ -65,12 +65,13 @@ def read_only(path: Path) -> Importer:
 def whole(path: Path, data_dir: Path) -> Ingest:
     with LocalStore.for_process(data_dir, "import") as store:
         ingest = Ingest(store, Privacy())
-        importer = Importer(store=lambda raw: store_payload(ingest, raw), store_record=lambda r: store.append([r]),
-                            privacy=Privacy())
+        batches = IngestBatches(ingest)
+        importer = Importer(store=batches.payload, store_record=batches.record, privacy=Privacy())
         with Capture(path) as capture:
             for frame in capture:
                 importer.packet(frame.time, frame.wirelen, parse(frame.linktype, frame.data))
         importer.finish()
+        batches.flush()
     return ingest
 
 

@@ -23,7 +23,6 @@ import pvtap.decode.alphaess as alphaess
 from proxy_tcp import relay_running
 from pvtap.cli import main
 from pvtap.config import ListenerConfig
-from pvtap.ingest import Ingest
 from pvtap.privacy import Privacy
 from pvtap.records import UP, Origin, now_utc
 from pvtap.simulate.alphaess import PLACEHOLDER_PASSWORD, run_simulator
@@ -47,7 +46,6 @@ async def live_run(data_dir: Path, capture: Path) -> dict[str, int]:
     """The simulators through an in-process relay (real store and ingest), captured by tcpdump on
     the device side of the relay only. Returns the relay's listening ports by role."""
     store = LocalStore.for_process(data_dir, "relay")
-    ingest = Ingest(store, Privacy()).start()
     try:
         async with AlphaCloud() as alpha_cloud, FoxCloud(tls=False, ack_bootstrap=False) as fox_cloud:
             listeners = [
@@ -56,7 +54,8 @@ async def live_run(data_dir: Path, capture: Path) -> dict[str, int]:
                 ListenerConfig(protocol="foxess", listen="127.0.0.1:0", transport="udp", policy="local"),
                 ListenerConfig(protocol="foxess", listen="127.0.0.1:0", transport="udp", policy="local"),
             ]
-            async with relay_running(listeners, sink=ingest, store=store, privacy=Privacy()) as relay:
+            # its ingest worker (a thread here) has archived and decoded everything when the block ends
+            async with relay_running(listeners, store=store, privacy=Privacy()) as relay:
                 ports = dict(zip(("alphaess", "foxess", "mesh", "heartbeat"),
                                  (listener.endpoints[0].port for listener in relay.listeners)))
                 bpf = (f"tcp port {ports['alphaess']} or tcp port {ports['foxess']} or udp port {ports['mesh']} "
@@ -74,12 +73,10 @@ async def live_run(data_dir: Path, capture: Path) -> dict[str, int]:
                                                         heartbeat_port=ports["heartbeat"], mesh_interval=0.05,
                                                         heartbeat_interval=0.1, duration=0.3)
                     await _ended(relay)
-                    await asyncio.to_thread(ingest.join)
                     tcpdump.stop()
                 assert "0 packets dropped by kernel" in tcpdump.stderr, tcpdump.stderr
         return ports
     finally:
-        ingest.stop()
         store.close()
 
 

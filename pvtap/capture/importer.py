@@ -5,7 +5,7 @@ Packets come in file order. TCP segments are put back into per-direction byte st
 bytes; the streams then go through the same Tap (AlphaESS, FoxESS) the relay uses, or, for
 Enphase reports over plain HTTP, are split into the request and response payloads the mitmproxy
 addon would have made. Each payload is redacted, decoded and stored by the in-process ingest
-(`store_payload`), with the capture's own timestamps. UDP datagrams to the FoxESS M1's ports
+(`IngestBatches`), with the capture's own timestamps. UDP datagrams to the FoxESS M1's ports
 become the relay's "datagram" payloads. Each TCP connection ends with a `pvtap_connection`
 record, as in the relay (listener "capture", policy "import"), with its gaps.
 """
@@ -32,13 +32,36 @@ TCP_PORTS = {7777: "alphaess", 10001: "foxess", 6666: "foxess", 14431: "foxess",
 #: the FoxESS M1's LAN broadcasts (ESP-MESH join_me_req, heartbeat)
 UDP_PORTS = {6364: "foxess", 3334: "foxess"}
 MEASUREMENT = "pvtap_connection"
+BATCH = 500  # payloads per commit
 MAX_OPEN = 256  # connections held before those that ended are finished
 
 
-def store_payload(ingest: Ingest, raw: RawPayload) -> None:
-    """Redact, decode and store one payload exactly as live traffic is (the one place here that
-    knows the ingest engine)."""
-    ingest.process(raw)
+class IngestBatches:
+    """Redacts each payload at once and archives and decodes them in batches: one commit for many
+    payloads (the ingest engine's group commit), as the live ingest worker does. The one place
+    here that knows the ingest engine. `flush()` at the end, and before reading the store."""
+
+    def __init__(self, ingest: Ingest, size: int = BATCH) -> None:
+        self.ingest = ingest
+        self.size = size
+        self._payloads: list[RawPayload] = []
+        self._records: list[Record] = []
+
+    def payload(self, raw: RawPayload) -> None:
+        self._payloads.append(self.ingest.redact(raw))  # in order: a reply learns its connection's device
+        if len(self._payloads) >= self.size:
+            self.flush()
+
+    def record(self, record: Record) -> None:
+        """A record that needs no decoding (a connection record)."""
+        self._records.append(record)
+
+    def flush(self) -> None:
+        if self._payloads or self._records:
+            self.ingest.archive(self._payloads, self._records)
+            self._payloads, self._records = [], []
+        while self.ingest.decode_pending():
+            pass
 
 
 def endpoint(e: Endpoint) -> str:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pvtap.capture.importer import PROTOCOLS, TCP_PORTS, UDP_PORTS, Importer, Summary, store_payload
+from pvtap.capture.importer import PROTOCOLS, TCP_PORTS, UDP_PORTS, Importer, IngestBatches, Summary
 from pvtap.capture.packets import parse
 from pvtap.capture.reader import Capture, CaptureError, TruncatedCapture
 from pvtap.cli._common import Progress, iso_utc
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     with LocalStore.for_process(config.data_dir, name) as store:
         ingest = Ingest(store, Privacy.from_config(config))
         for path in args.captures:
-            if not import_capture(path, ingest, store, dict(args.port), progress_forced=args.progress):
+            if not import_capture(path, ingest, dict(args.port), progress_forced=args.progress):
                 status = 1
         c = ingest.counts
         print(f"stored in {store.path}: {c.stored_raw:,} payloads, {c.records:,} records, "
@@ -88,13 +88,13 @@ def run(args: argparse.Namespace, config: Config) -> int:
     return status
 
 
-def import_capture(path: Path, ingest: Ingest, store: LocalStore, ports: dict[int, str], *,
-                   progress_forced: bool = False) -> bool:
+def import_capture(path: Path, ingest: Ingest, ports: dict[int, str], *, progress_forced: bool = False) -> bool:
     """Import one file; prints its summary. False when it could not be read to its end."""
     before = (ingest.counts.stored_raw, ingest.counts.records, ingest.counts.decode_errors,
               dict(ingest.counts.by_kind))
-    importer = Importer(store=lambda raw: store_payload(ingest, raw), store_record=lambda r: store.append([r]),
-                        privacy=ingest.privacy, name=path.name, ports=ports)
+    batches = IngestBatches(ingest)
+    importer = Importer(store=batches.payload, store_record=batches.record, privacy=ingest.privacy, name=path.name,
+                        ports=ports)
     error = ""
     try:
         with Capture(path) as capture:
@@ -110,6 +110,7 @@ def import_capture(path: Path, ingest: Ingest, store: LocalStore, ports: dict[in
                 error = str(exc)
             finally:
                 importer.finish()
+                batches.flush()  # what was read is stored, whatever stopped the reading
                 progress.advance(max(0, capture.position - drawn))
                 progress.finish()
             kind = capture.format + (" (gzip)" if capture.compressed else "")
