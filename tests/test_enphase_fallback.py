@@ -196,3 +196,14 @@ def test_addon_options_validate_durations(tmp_path, monkeypatch) -> None:
             tctx.configure(addon, enphase_local_mode=True, connection_strategy="lazy")
         tctx.configure(addon, enphase_fallback_after="0")
         assert addon.fallback.watch is None  # off
+
+
+def test_the_record_crosses_the_channel_to_the_ingest_worker_unchanged() -> None:
+    from pvtap import ingest_wire as wire
+
+    watch = CloudWatch(fallback_after=5, timeout=1)
+    watch.failed(CLOUD, "Connection refused", T0)
+    (transition,) = watch.tick(T0 + 5.25)
+    record = transition.record()
+    ((kind, body),) = wire.Reader().feed(b"".join(wire.record(record)))
+    assert kind is wire.Kind.RECORD and wire.read_record(body) == record
