@@ -20,8 +20,10 @@ resolve to (transparent mode, so a cloud already down at start-up is recognised 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -70,6 +72,14 @@ class CloudFallback:
     def running(self) -> None:
         if self._ticker is None:
             self._ticker = create_task(self._tick(), name="enphase cloud fallback", keep_ref=True)
+        if self.watch is not None:  # the names' addresses, for transparent mode: off the loop, never waited for
+            loop = asyncio.get_running_loop()
+
+            def resolve() -> None:
+                found = _addresses(self.hosts)
+                with contextlib.suppress(RuntimeError):  # the proxy stopped meanwhile
+                    loop.call_soon_threadsafe(self.known.update, found)
+            threading.Thread(target=resolve, name="enphase cloud addresses", daemon=True).start()
 
     def done(self) -> None:
         if self._ticker is not None:
@@ -77,11 +87,7 @@ class CloudFallback:
             self._ticker = None
 
     async def _tick(self) -> None:
-        resolved = False
         while True:
-            if self.watch is not None and not resolved:
-                resolved = True  # once: the names' addresses, for transparent mode
-                self.known.update(await asyncio.to_thread(_addresses, self.hosts))
             if self.watch is not None:
                 self._apply(self.watch.tick(time.time()))
             await asyncio.sleep(TICK)
