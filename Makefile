@@ -9,8 +9,8 @@
 PYTHON ?= $(shell scripts/find-python)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# real servers and tools the tests drive (socat: bench/relay.py compares against it)
-DEBIAN_PACKAGES := influxdb victoria-metrics iptables nftables iproute2 socat
+# real servers and tools the tests drive (socat: bench/relay.py compares against it; mosquitto: the MQTT broker)
+DEBIAN_PACKAGES := influxdb victoria-metrics iptables nftables iproute2 socat mosquitto mosquitto-clients
 
 run: install
 	$(VENV)/bin/pvtap run
