@@ -185,10 +185,10 @@ class Watcher:
         with self._lock:
             if not self._ready.is_set() and msg.retain:
                 if msg.payload:
-                    self.retained_at_subscribe[msg.topic] = msg.payload
+                    self.retained_at_subscribe[msg.topic] = bytes(msg.payload)
                 else:
                     self.retained_at_subscribe.pop(msg.topic, None)
-            self.messages.append(Message(msg.topic, msg.payload, bool(msg.retain), time.monotonic()))
+            self.messages.append(Message(msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic()))
 
     def __enter__(self) -> Watcher:
         self.client.connect("localhost" if self.broker.tls else "127.0.0.1", self.broker.port)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pvtap import __version__
-from pvtap.mqtt.catalog import VENDORS, DeviceRef, Sensor
+from pvtap.mqtt.catalog import VENDORS, DeviceRef, Sensor, sensors_of
 from pvtap.mqtt.state import DeviceState
 
 ONLINE, OFFLINE = "online", "offline"
@@ -128,3 +128,11 @@ def bridge_config(topics: Topics) -> dict[str, Any]:
                    "model": "Transparent logging proxy", "sw_version": __version__},
         "origin": ORIGIN,
     }
+
+
+def clearing(topics: Topics, device: DeviceRef, keys: set[str]) -> list[tuple[str, str | None]]:
+    """Empty retained payloads on every topic of a device (`keys`, and every sensor its vendor
+    may have): Home Assistant removes its entities, and the broker forgets the state."""
+    keys = keys | {s.key for s in sensors_of(device.vendor)}
+    out: list[tuple[str, str | None]] = [(topics.config(device, key), None) for key in sorted(keys)]
+    return [*out, (topics.state(device), None), (topics.availability(device), None)]

@@ -237,16 +237,16 @@ def read_status(path: str | Path) -> MqttStatus | None:
         db.close()
 
 
-def request_forget(path: str | Path, serial: str) -> list[DeviceRef]:
+def request_forget(path: str | Path, serial: str) -> dict[DeviceRef, set[str]]:
     """For `pvtap mqtt --forget`: drop a device's saved state from a store and ask a running
-    publisher to drop it too; returns the devices (by vendor) that were known there."""
+    publisher to drop it too; returns the devices (by vendor) known there, with their sensors."""
     db = sqlite3.connect(Path(path), isolation_level=None, timeout=30.0)
     try:
         db.execute("PRAGMA busy_timeout=30000")
         db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
         db.execute("BEGIN IMMEDIATE")
-        known = [DeviceRef(v, s) for v, s in db.execute(
-            "SELECT vendor, serial FROM mqtt_devices WHERE serial=?", (serial,))]
+        known = {DeviceRef(v, s): set(json.loads(doc).get("sensors", {})) for v, s, doc in db.execute(
+            "SELECT vendor, serial, state FROM mqtt_devices WHERE serial=?", (serial,))}
         db.execute("DELETE FROM mqtt_devices WHERE serial=?", (serial,))
         db.execute("INSERT OR REPLACE INTO mqtt_forget (serial, requested_ns) VALUES (?,?)", (serial, time.time_ns()))
         db.execute("COMMIT")

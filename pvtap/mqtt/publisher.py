@@ -33,8 +33,8 @@ import aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
 from pvtap.config import MqttConfig, broker_address
-from pvtap.mqtt.catalog import DeviceRef, sensors_of
-from pvtap.mqtt.discovery import OFFLINE, ONLINE, Topics, bridge_config, sensor_config
+from pvtap.mqtt.catalog import DeviceRef
+from pvtap.mqtt.discovery import OFFLINE, ONLINE, Topics, bridge_config, clearing, sensor_config
 from pvtap.mqtt.follow import Follower, StoreTaken
 from pvtap.mqtt.state import DeviceState, fold
 
@@ -262,14 +262,7 @@ class Publisher:
     # -- connecting ------------------------------------------------------------------------------
 
     def _client(self) -> aiomqtt.Client:
-        tls_context = None
-        if self.tls:
-            tls_context = ssl.create_default_context(cafile=self.config.ca_file or None)
-        return aiomqtt.Client(
-            self.host, self.port, username=self.config.username or None, password=self.config.password or None,
-            identifier=f"{self.config.client_id}-{self.name}", tls_context=tls_context, timeout=CONNECT_TIMEOUT_S,
-            keepalive=KEEPALIVE_S, logger=logging.getLogger("pvtap.mqtt.client"),
-            will=aiomqtt.Will(self.topics.bridge, OFFLINE, qos=QOS, retain=True))
+        return client_for(self.config, self.name, aiomqtt.Will(self.topics.bridge, OFFLINE, qos=QOS, retain=True))
 
     async def _connection_loop(self) -> None:
         delay = RETRY_INITIAL_S
@@ -383,7 +376,7 @@ class Publisher:
             if self.config.discovery:
                 messages.append((self.topics.bridge_config, json.dumps(bridge_config(self.topics))))
             for ref, keys in list(self._to_clear.items()):
-                messages += self._clearing(ref, keys)
+                messages += clearing(self.topics, ref, keys)
                 cleared.append(ref)
         for ref, state in list(self.devices.items()):
             if not state.values:
@@ -407,12 +400,6 @@ class Publisher:
         for ref in cleared:
             self._cleared(ref)
 
-    def _clearing(self, ref: DeviceRef, keys: set[str]) -> list[tuple[str, str | None]]:
-        """Empty retained payloads on every topic of a device: Home Assistant removes its entities."""
-        keys = keys | {s.key for s in sensors_of(ref.vendor)}
-        out: list[tuple[str, str | None]] = [(self.topics.config(ref, key), None) for key in sorted(keys)]
-        return [*out, (self.topics.state(ref), None), (self.topics.availability(ref), None)]
-
     def _cleared(self, ref: DeviceRef) -> None:
         self._to_clear.pop(ref, None)
         for follower in self.followers.values():
@@ -432,11 +419,26 @@ class Publisher:
         return max(0.01, due)
 
     async def _send(self, client: aiomqtt.Client, messages: list[tuple[str, str | None]]) -> None:
-        """Publish retained at QoS 1, BATCH at a time in flight; returns when the broker took them all."""
         for i in range(0, len(messages), BATCH):
-            chunk = messages[i:i + BATCH]
-            await asyncio.gather(*(client.publish(topic, payload, qos=QOS, retain=True) for topic, payload in chunk))
-            self.published += len(chunk)
+            await send(client, messages[i:i + BATCH])
+            self.published += len(messages[i:i + BATCH])
+
+
+def client_for(config: MqttConfig, name: str, will: aiomqtt.Will | None = None) -> aiomqtt.Client:
+    """A client for mqtt.url with the configured credentials and TLS, as `<client_id>-<name>`."""
+    host, port, tls = broker_address(config.url)
+    tls_context = ssl.create_default_context(cafile=config.ca_file or None) if tls else None
+    return aiomqtt.Client(
+        host, port, username=config.username or None, password=config.password or None,
+        identifier=f"{config.client_id}-{name}", tls_context=tls_context, timeout=CONNECT_TIMEOUT_S,
+        keepalive=KEEPALIVE_S, logger=logging.getLogger("pvtap.mqtt.client"), will=will)
+
+
+async def send(client: aiomqtt.Client, messages: list[tuple[str, str | None]]) -> None:
+    """Publish retained at QoS 1, BATCH at a time in flight; returns when the broker took them all."""
+    for i in range(0, len(messages), BATCH):
+        chunk = messages[i:i + BATCH]
+        await asyncio.gather(*(client.publish(topic, payload, qos=QOS, retain=True) for topic, payload in chunk))
 
 
 def _refused_credentials(exc: BaseException) -> bool:

@@ -20,7 +20,8 @@ STOP_TIMEOUT_S = 5.0
 
 class PublisherThread:
     def __init__(self, config: MqttConfig, name: str, stores: Callable[[], Iterable[Path]]) -> None:
-        self.publisher = Publisher(config, name, stores)
+        # rescan: a store still followed by a stopping predecessor (a restarted worker) is taken up once free
+        self.publisher = Publisher(config, name, stores, rescan=True)
         self._thread = threading.Thread(target=self._run, name=f"pvtap-mqtt-{name}", daemon=True)
 
     def start(self) -> PublisherThread:
