@@ -293,7 +293,7 @@ class Publisher:
         text = _describe(exc)
         self.last_error, self.last_error_ns = text, time.time_ns()
         if connected_at is not None:
-            log.warning("mqtt: lost the connection to %s after %.0f s (%s); %d messages published so far; "
+            log.warning("mqtt: lost the connection to %s after %.1f s (%s); %d messages published so far; "
                         "reconnecting", self.broker, time.monotonic() - connected_at, text, self.published)
             self._failing_since = None
             return
