@@ -81,7 +81,7 @@ def states(watch: Watcher) -> list[dict]:
     return [m.json() for m in watch.on(STATE) if m.payload]
 
 
-def test_retained_discovery_state_and_availability(broker, battery, data_dir):
+def test_retained_discovery_state_and_availability(broker, battery, data_dir, capsys):
     battery.send(16, Ppv1=1200, Ppv2=800, PrealL1=650, PmeterL1=-20, Pbat=-1330, SOC=55.5)
     battery.send(5, EpvTotal=1234.5, Einput=812.3, Eoutput=95.7, Echarge=640.2, EDischarge=601.9, Tinv=31.5)
     with Watcher(broker) as watch:
@@ -105,6 +105,10 @@ def test_retained_discovery_state_and_availability(broker, battery, data_dir):
     assert held[BRIDGE] == b"offline"  # a clean stop says so before it disconnects
     status = read_status(data_dir / "relay.sqlite")
     assert status is not None and status.cursor == 2 and status.backlog == 0 and not status.running
+    assert status.published == pub.snapshot().published == len(held) + 1  # + offline at the end, same topic
+    assert cli(["--data-dir", str(data_dir), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "  mqtt           stopped" in out and f"{status.published} published, 1 devices, 0 records not read" in out
 
 
 def test_restart_resumes_at_the_cursor_without_republishing_history(broker, battery, data_dir):
