@@ -43,13 +43,14 @@ class BrokerError(RuntimeError):
 
 class Mosquitto:
     def __init__(self, tmp_path: Path, *, users: dict[str, str] | None = None,
-                 tls: tuple[Path, Path, Path] | None = None) -> None:
+                 tls: tuple[Path, Path, Path] | None = None, password_file: Path | None = None) -> None:
         if shutil.which("mosquitto") is None:
             raise BrokerError("mosquitto is not installed (Debian package: see Makefile DEBIAN_PACKAGES)")
         self.dir = Path(tmp_path) / f"mosquitto-{os.getpid()}-{time.monotonic_ns()}"
         self.dir.mkdir(parents=True)
         self.users = users or {}
         self.tls = tls
+        self.password_file = password_file  # made elsewhere (by pvtap); `users` then says who the tests are
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log = self.dir / "mosquitto.log"
@@ -62,7 +63,9 @@ class Mosquitto:
         lines = [f"listener {self.port} 127.0.0.1", "user root", "persistence false",
                  f"log_dest file {self.log}", "log_type all", "connection_messages true", "log_timestamp true",
                  f"allow_anonymous {'false' if self.users else 'true'}"]
-        if self.users:
+        if self.password_file is not None:
+            lines.append(f"password_file {self.password_file}")
+        elif self.users:
             passwd = self.dir / "passwd"
             passwd.touch(mode=0o600)
             for user, password in self.users.items():
