@@ -26,8 +26,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-from bench.relay import FRAME, Relay, round_trips, start_server  # noqa: E402
+from relay import FRAME, Relay, round_trips, start_server  # noqa: E402  (bench/relay.py)
+
 from pvtap.config import MqttConfig  # noqa: E402
 from pvtap.mqtt.publisher import Publisher  # noqa: E402
 from pvtap.records import Origin, Record  # noqa: E402
