@@ -17,10 +17,10 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
-from types import ModuleType
 from typing import TYPE_CHECKING, cast
 
 from pvtap.config import ConfigError, ListenerConfig, split_host_port
+from pvtap.decode import StreamCodec
 
 from .admission import AllowList, Refusal, Refusals, reset
 from .connection import Connection
@@ -65,7 +65,7 @@ def default_listeners() -> list[ListenerConfig]:
 class Listener:
     """Accepts device connections on one address and serves each as a `Connection`."""
 
-    def __init__(self, config: ListenerConfig, key: Callable[[str], str], codec: ModuleType, relay: Relay) -> None:
+    def __init__(self, config: ListenerConfig, key: Callable[[str], str], codec: StreamCodec, relay: Relay) -> None:
         self.config = config
         self.key = key  # names a setting of this listener in errors
         self.codec = codec

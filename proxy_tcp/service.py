@@ -27,10 +27,9 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 
 from pvtap.config import Config, ConfigError, InfluxConfig, ListenerConfig
-from pvtap.decode import codec_for
+from pvtap.decode import Codec, StreamCodec, codec_for, stream_codec
 from pvtap.ingest_channel import Channel, IngestStartError
 from pvtap.ingest_pool import ChannelPool
 from pvtap.ingest_worker import WORKER_STOP_GRACE_S, WorkerSettings
@@ -62,7 +61,7 @@ class Relay:
     the protocols and the guard against connecting back to itself."""
 
     def __init__(self, listeners: Sequence[ListenerConfig], *, copies: CopySink, privacy: Privacy | None = None,
-                 codecs: Callable[[str], ModuleType] = codec_for,
+                 codecs: Callable[[str], Codec] = codec_for,
                  keys: Callable[[int, str], str] = config_key) -> None:
         self.configs = list(listeners)
         self.copies = copies
@@ -92,16 +91,17 @@ class Relay:
             log.info("relay listening: %s", listener)
         log.info("%s %d listener(s)", READY, len(self.listeners))
 
-    def _codec(self, config: ListenerConfig, key: Callable[[str], str]) -> ModuleType:
+    def _codec(self, config: ListenerConfig, key: Callable[[str], str]) -> StreamCodec:
         try:
             codec = self.codecs(config.protocol)
         except (ValueError, ImportError) as exc:
             raise ConfigError(key("protocol"), config.protocol, f"no decoder for it ({exc})",
                               "use a protocol the relay carries") from None
-        if not (hasattr(codec, "Tap") and hasattr(codec, "LocalAnswerer")):
+        stream = stream_codec(codec)
+        if stream is None:
             raise ConfigError(key("protocol"), config.protocol, "its decoder has no Tap/LocalAnswerer for the relay",
                               "use a protocol the relay carries")
-        return codec
+        return stream
 
     @property
     def connections(self) -> int:
@@ -116,7 +116,7 @@ class Relay:
 @contextlib.asynccontextmanager
 async def relay_running(listeners: Sequence[ListenerConfig], *, copies: CopySink | None = None,
                         store: LocalStore | Path | None = None, privacy: Privacy | None = None,
-                        codecs: Callable[[str], ModuleType] = codec_for, queue_bytes: int = TEST_QUEUE_BYTES,
+                        codecs: Callable[[str], Codec] = codec_for, queue_bytes: int = TEST_QUEUE_BYTES,
                         keys: Callable[[int, str], str] = config_key) -> AsyncIterator[Relay]:
     """A started Relay for the duration of the block; stopped (connections ended and recorded)
     on the way out, whatever happened. Copies go to `copies`; without it, to an ingest worker
