@@ -24,12 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pvtap.decode import alphaess, enphase, foxess  # noqa: E402
-from pvtap.privacy import Privacy  # noqa: E402
-from pvtap.records import UP, Origin, RawPayload, now_utc  # noqa: E402
-from pvtap.simulate.alphaess import _Battery  # noqa: E402
-from pvtap.simulate.enphase import Simulator, encode_body  # noqa: E402
-from pvtap.simulate.foxess_m1 import SunModel, telemetry_payload  # noqa: E402
+from pvtap.decode import alphaess, enphase, foxess
+from pvtap.privacy import Privacy
+from pvtap.records import UP, Origin, RawPayload, now_utc
+from pvtap.simulate.alphaess import _Battery
+from pvtap.simulate.enphase import Simulator, encode_body
+from pvtap.simulate.foxess_m1 import SunModel, telemetry_payload
 
 PRIVACY = {
     "default": Privacy(),

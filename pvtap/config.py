@@ -100,6 +100,10 @@ class PrivacyConfig:
         False, "Keep the device's LAN IP, MAC and location in records and raw payloads (redacted by default).")
     pseudonymize_serials: bool = setting(
         False, "Replace every device serial with a stable pseudonym before it is stored or logged.")
+    keep_unredacted: bool = setting(
+        False, "Keep in full the bytes a decoder could not positively redact (rejected bytes, a frame cut off at "
+               "the end of a connection, a body that does not parse). By default only their size, SHA-256 and the "
+               "reason are stored, since they may hold a password or serial in clear.")
 
 
 @dataclass(frozen=True)

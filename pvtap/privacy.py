@@ -58,6 +58,7 @@ class Privacy:
 
     keep_network_identity: bool = False  # LAN IP, MAC, location
     pseudonym_key: bytes | None = None  # when set, serials are replaced by pseudonyms
+    keep_unredacted: bool = False  # keep bytes that were not positively redacted (else size + SHA-256 only)
 
     def serial(self, serial: str) -> str:
         return pseudonym(serial, self.pseudonym_key) if self.pseudonym_key and serial else serial
@@ -65,4 +66,5 @@ class Privacy:
     @classmethod
     def from_config(cls, config: Config) -> Privacy:
         key = pseudonym_key(config.data_dir) if config.privacy.pseudonymize_serials else None
-        return cls(keep_network_identity=config.privacy.store_network_identity, pseudonym_key=key)
+        return cls(keep_network_identity=config.privacy.store_network_identity, pseudonym_key=key,
+                   keep_unredacted=config.privacy.keep_unredacted)

@@ -18,8 +18,6 @@ MAX_FRAME = 4096
 MAX_GARBAGE_RUN = 4096
 #: Bytes of an opaque (e.g. TLS) stream kept as a sample; the rest is only forwarded.
 OPAQUE_SAMPLE = 512
-#: Undecodable datagrams are kept up to this size (the rest is counted in meta, not stored).
-MAX_DATAGRAM_KEPT = 4096
 
 class FrameError(ValueError):
     """Bytes that are not one well-formed FoxESS frame."""

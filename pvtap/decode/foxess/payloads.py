@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 
 from pvtap.records import FieldValue
@@ -44,10 +45,6 @@ def s16(p: bytes, offset: int) -> int:
     return int.from_bytes(p[offset:offset + 2], "big", signed=True)
 
 
-def _u32_word_swapped(p: bytes, offset: int) -> int:
-    return u16(p, offset) | u16(p, offset + 2) << 16
-
-
 def _length_prefixed(p: bytes, offset: int, what: str) -> tuple[bytes, int]:
     """(the string at `offset` preceded by its length byte, the offset after it)."""
     if offset >= len(p):
@@ -75,39 +72,54 @@ def parse_registration(p: bytes) -> Registration:
     return Registration(p[:4], serial.decode("ascii", "replace"), firmware.decode("ascii", "replace"), (4, after))
 
 
-def decode_m1_telemetry(p: bytes) -> dict[str, FieldValue]:
-    """The 238-byte M1/Q1 telemetry block (foxess_local_gateway `telemetry.py` offsets).
+_M1_WORDS = struct.Struct(f">{M1_TELEMETRY_LENGTH // 2}H")
+#: M1/Q1 models with four PV inputs (foxess_local_gateway: "Q1 PV3/PV4 unvalidated").
+FOUR_STRING_MODELS = ("Q1",)
+
+
+def _signed(word: int) -> int:
+    return word - 0x10000 if word & 0x8000 else word
+
+
+def decode_m1_telemetry(p: bytes, model: str = "") -> dict[str, FieldValue]:
+    """The 238-byte M1/Q1 telemetry block (foxess_local_gateway `telemetry.py` offsets), read
+    as big-endian words in one unpack.
 
     Temperature is read signed (an unsigned read turns −1 °C into 2047 °C); export power is
-    negated as foxess_local_gateway does; PV3/PV4 appear only when the string count says so.
+    negated as foxess_local_gateway does. PV3/PV4 are included when the model is a four-string
+    one (`Q1-…`, from the connection's product info), when the string count says ≥ 4, or when
+    any of their values is non-zero: four-string models report them with other counts.
     """
     if len(p) != M1_TELEMETRY_LENGTH:
         raise FrameError(f"M1 telemetry is {M1_TELEMETRY_LENGTH} bytes, got {len(p)}")
-    state = u16(p, 154)
-    pv_strings = u16(p, 156)
+    w = _M1_WORDS.unpack(p)  # w[i] is the word at byte offset 2 * i
+    state, pv_strings = w[77], w[78]
+    four = pv_strings >= 4 or model.upper().startswith(FOUR_STRING_MODELS) or any(w[24:30])
     fields: dict[str, FieldValue] = {
-        "ac_power_w": s16(p, 6),
-        "export_power_w": -s16(p, 2),
-        "ac_voltage_v": u16(p, 12) / 32,
-        "ac_current_a": u16(p, 14) / 512,
-        "frequency_hz": u16(p, 16) / 128,
+        "ac_power_w": _signed(w[3]),
+        "export_power_w": -_signed(w[1]),
+        "ac_voltage_v": w[6] / 32,
+        "ac_current_a": w[7] / 512,
+        "frequency_hz": w[8] / 128,
     }
-    for n in range(1, 5 if pv_strings >= 4 else 3):
-        base = 36 + (n - 1) * 6
-        fields[f"pv{n}_voltage_v"] = u16(p, base) / 256
-        fields[f"pv{n}_current_a"] = u16(p, base + 2) / 512
-        fields[f"pv{n}_power_w"] = u16(p, base + 4)
-    fields.update({
-        "temperature_c": s16(p, 62) / 32,
-        "sequence": u16(p, 66),
-        "generation_total_kwh": _u32_word_swapped(p, 70) / 128,
-        "export_total_kwh": _u32_word_swapped(p, 74) / 128,
-        **{f"fault_word_{i + 1}": u16(p, 98 + 2 * i) for i in range(5)},
-        "state": state,
-        "state_text": {2: "standby", 4: "running"}.get(state, "unknown"),
-        "pv_strings": pv_strings,
-    })
+    for n in range(1, 5 if four else 3):
+        base = 18 + (n - 1) * 3
+        fields[f"pv{n}_voltage_v"] = w[base] / 256
+        fields[f"pv{n}_current_a"] = w[base + 1] / 512
+        fields[f"pv{n}_power_w"] = w[base + 2]
+    fields["temperature_c"] = _signed(w[31]) / 32
+    fields["sequence"] = w[33]
+    fields["generation_total_kwh"] = (w[35] | w[36] << 16) / 128
+    fields["export_total_kwh"] = (w[37] | w[38] << 16) / 128
+    for i in range(5):
+        fields[f"fault_word_{i + 1}"] = w[49 + i]
+    fields["state"] = state
+    fields["state_text"] = _STATES.get(state, "unknown")
+    fields["pv_strings"] = pv_strings
     return fields
+
+
+_STATES = {2: "standby", 4: "running"}
 
 
 def decode_h1_realtime(p: bytes) -> dict[str, FieldValue]:
@@ -123,6 +135,52 @@ def decode_h1_realtime(p: bytes) -> dict[str, FieldValue]:
         "grid_voltage_v": u16(p, 18) / 10, "grid_current_a": s16(p, 20) / 10, "grid_power_w": s16(p, 22),
         "frequency_hz": u16(p, 24) / 100,
     }
+
+
+#: T-series realtime payloads (foxess.md §3.5): version 0, and version 1 (newer firmware), which
+#: inserts 6 bytes at the start. The 232-byte payload of 245-byte frames has no public layout.
+T_REALTIME_VERSIONS = {152: 0, 158: 1}
+_T_WORDS = struct.Struct(">31h i")  # 31 signed words, then the total yield (s32)
+_T_FAULTS = struct.Struct(">8I")
+_T_FAULTS_AT = 125 - 9  # frame bytes 125–156: after the 9-byte frame header
+_T_PHASES = ("r", "s", "t")
+
+
+def decode_t_realtime(p: bytes) -> dict[str, FieldValue]:
+    """The T-series realtime block (foxess.md §3.5, after TSER-L `inverter_payload.py` and
+    TSER-A `foxess_t_series.h`): grid, generation and load power; per phase R/S/T voltage (0.1 V),
+    current (0.1 A), frequency (0.01 Hz) and power; PV1–PV4 voltage and current (0.1) with power
+    computed as V × I (the wire's power words read 0); boost, inverter and ambient temperature;
+    today's (s16) and total (s32) yield in 0.1 kWh; 8 fault words (u32)."""
+    version = T_REALTIME_VERSIONS.get(len(p))
+    if version is None:
+        raise FrameError(f"T-series realtime is {' or '.join(map(str, T_REALTIME_VERSIONS))} bytes, got {len(p)}")
+    at = 6 * version
+    *w, total = _T_WORDS.unpack_from(p, at)
+    fields: dict[str, FieldValue] = {"grid_power_w": w[0], "generation_power_w": w[1], "load_power_w": w[2]}
+    for i, phase in enumerate(_T_PHASES):
+        v, a, hz, watts = w[3 + 4 * i:7 + 4 * i]
+        fields[f"phase_{phase}_voltage_v"] = v / 10
+        fields[f"phase_{phase}_current_a"] = a / 10
+        fields[f"phase_{phase}_frequency_hz"] = hz / 100
+        fields[f"phase_{phase}_power_w"] = watts
+    for n in range(4):
+        volts, amps = w[15 + 3 * n] / 10, w[16 + 3 * n] / 10
+        fields[f"pv{n + 1}_voltage_v"] = volts
+        fields[f"pv{n + 1}_current_a"] = amps
+        fields[f"pv{n + 1}_power_w"] = volts * amps
+    fields["boost_temperature_c"] = float(w[27])
+    fields["inverter_temperature_c"] = float(w[28])
+    fields["ambient_temperature_c"] = float(w[29])
+    fields["today_yield_kwh"] = w[30] / 10
+    fields["total_yield_kwh"] = total / 10
+    for i, word in enumerate(_T_FAULTS.unpack_from(p, _T_FAULTS_AT + at)):
+        fields[f"fault_word_{i + 1}"] = word
+    return fields
+
+
+#: Every 0x02 payload length with a known layout: M1/Q1, H1, T-series.
+REALTIME_LENGTHS = frozenset({M1_TELEMETRY_LENGTH, H1_REALTIME_LENGTH, *T_REALTIME_VERSIONS})
 
 
 def decode_product_info(p: bytes) -> dict[str, FieldValue]:

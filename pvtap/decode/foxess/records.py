@@ -9,6 +9,7 @@ from datetime import datetime
 
 from pvtap.records import FieldValue, Origin, RawPayload, Record
 
+from ..withhold import is_withheld
 from .framing import (
     BATTERY_SERIAL_SLOT,
     BATTERY_SERIALS,
@@ -41,11 +42,13 @@ from .framing import (
 )
 from .payloads import (
     MESH_FIELDS,
+    T_REALTIME_VERSIONS,
     battery_serials,
     decode_h1_realtime,
     decode_m1_telemetry,
     decode_module_info,
     decode_product_info,
+    decode_t_realtime,
     hub_login,
     parse_firmware_metadata,
     parse_modbus,
@@ -54,7 +57,6 @@ from .payloads import (
     u16,
 )
 
-# -- records ---------------------------------------------------------------------------------
 
 def _meta_int(raw: RawPayload, key: str, default: int) -> int:
     """An integer that redact_raw or the relay noted in `meta` (None is refused, as int() refuses it)."""
@@ -65,13 +67,20 @@ def _meta_int(raw: RawPayload, key: str, default: int) -> int:
 
 
 def decode_raw(raw: RawPayload) -> list[Record]:
-    """Records from a (redacted) payload: a frame, a UDP datagram, or nothing for garbage."""
+    """Records from a (redacted) payload: a frame, a UDP datagram, or nothing for garbage. A
+    withheld frame (`pvtap.decode.withhold`) still gives its `foxess_unknown_frame` record from
+    the function, family and length redact_raw noted."""
+    if is_withheld(raw):
+        if raw.kind == "datagram":
+            raise ValueError(f"UDP datagram of {raw.meta.get('withheld_size')} bytes withheld: {raw.meta['withheld']}")
+        if raw.kind == "frame" and "function" in raw.meta:
+            return [_record("foxess_unknown_frame", raw, {"family": str(raw.meta.get("family", ""))},
+                            {"function": _meta_int(raw, "function", 0),
+                             "payload_length": _meta_int(raw, "payload_length", 0)})]
+        return []
     if raw.kind == "frame":
         return decode_frame(parse_frame(raw.payload), raw)
     if raw.kind == "datagram":
-        if "datagram_bytes" in raw.meta:  # cut by redact_raw: neither JSON nor a frame
-            raise ValueError(f"UDP datagram of {raw.meta['datagram_bytes']} bytes is neither ESP-MESH JSON nor a "
-                             f"FoxESS frame (its first {len(raw.payload)} bytes are kept)")
         return presence_records(raw.payload, _meta_int(raw, "port", 0), raw.origin, raw.received)
     if raw.kind in ("garbage", "partial", "opaque"):
         return []
@@ -97,12 +106,17 @@ def _product_info(frame: Frame, raw: RawPayload) -> list[Record]:
 
 
 def _realtime(frame: Frame, raw: RawPayload) -> list[Record]:
-    if len(frame.payload) == M1_TELEMETRY_LENGTH:
-        return [_record("foxess_telemetry", raw, {"layout": "m1"}, decode_m1_telemetry(frame.payload))]
-    if len(frame.payload) == H1_REALTIME_LENGTH:
-        return [_record("foxess_h1_realtime", raw, {}, decode_h1_realtime(frame.payload))]
+    p = frame.payload
+    if len(p) == M1_TELEMETRY_LENGTH:
+        fields = decode_m1_telemetry(p, str(raw.meta.get("model", "")))
+        return [_record("foxess_telemetry", raw, {"layout": "m1"}, fields)]
+    if len(p) == H1_REALTIME_LENGTH:
+        return [_record("foxess_h1_realtime", raw, {}, decode_h1_realtime(p))]
+    if len(p) in T_REALTIME_VERSIONS:
+        return [_record("foxess_t_realtime", raw, {"payload_version": str(T_REALTIME_VERSIONS[len(p)])},
+                        decode_t_realtime(p))]
     return [_record("foxess_unknown_frame", raw, {"family": f"{frame.family:02x}"},
-                    {"function": frame.function, "payload_length": len(frame.payload)})]
+                    {"function": frame.function, "payload_length": len(p)})]
 
 
 def _battery_serials(frame: Frame, raw: RawPayload) -> list[Record]:

@@ -11,6 +11,7 @@ from datetime import datetime
 
 from pvtap.records import DOWN, UP, Origin, RawPayload
 
+from ..sampling import RejectedSample
 from .framing import (
     BOOTSTRAP_ACKS,
     HEARTBEAT,
@@ -21,6 +22,7 @@ from .framing import (
     MODBUS_WRITE,
     MODULE_INFO,
     OPAQUE_SAMPLE,
+    PRODUCT_INFO,
     REGISTRATION,
     REPLY,
     Frame,
@@ -30,7 +32,7 @@ from .framing import (
     hub_channel,
     parse_frame,
 )
-from .payloads import decode_module_info, hub_login, parse_modbus, parse_registration
+from .payloads import decode_module_info, decode_product_info, hub_login, parse_modbus, parse_registration
 from .records import DECODERS
 
 # -- the relay's decode side -------------------------------------------------------------------
@@ -53,7 +55,10 @@ class Tap:
     """The decode side of one relayed FoxESS connection (interface: pvtap.decode docstring).
 
     Counts: `frames`, `rejected` (bytes in no frame), `unknown` (frames of undocumented
-    function codes; per code in `unknown_functions`).
+    function codes; per code in `unknown_functions`). Runs of rejected bytes are handed out as a
+    bounded sample per connection (`pvtap.decode.sampling`); `rejected_sample.dropped` counts
+    the runs beyond it. The model a product-info frame names goes into the meta of the frames
+    after it (`model`), so an M1/Q1 telemetry block knows whether it has four strings.
     Modbus requests are remembered by their stamp so the reply that echoes it carries the
     register and count (meta), which the reply itself does not.
     """
@@ -68,6 +73,10 @@ class Tap:
         self.opaque = False
         self.unknown = 0
         self.unknown_functions: dict[int, int] = {}
+        self.model = ""
+        self.rejected_sample = RejectedSample()
+        self._origins = {UP: dataclasses.replace(origin, direction=UP),
+                         DOWN: dataclasses.replace(origin, direction=DOWN)}
         self._splitters = {UP: FrameSplitter(), DOWN: FrameSplitter()}
         self._started: set[str] = set()
         self._pending: OrderedDict[int, tuple[int, int | None, int | None]] = OrderedDict()
@@ -81,23 +90,37 @@ class Tap:
                 self.opaque = True
                 return [RawPayload(dataclasses.replace(self.origin, direction=direction), "opaque",
                                    bytes(data[:OPAQUE_SAMPLE]), received, {"reason": "TLS handshake"})]
-        return [self._payload(direction, kind, chunk, received)
-                for kind, chunk in self._splitters[direction].feed(data)]
+        out = []
+        for kind, chunk in self._splitters[direction].feed(data):
+            if kind == "frame" or self._sampled(chunk):
+                out.append(self._payload(direction, kind, chunk, received))
+        return out
 
     def finish(self, received: datetime) -> list[RawPayload]:
-        return [self._payload(direction, kind, chunk, received)
-                for direction, splitter in self._splitters.items() for kind, chunk in splitter.finish()]
+        out = []
+        for direction, splitter in self._splitters.items():
+            for kind, chunk in splitter.finish():
+                if kind == "partial" or self._sampled(chunk):
+                    out.append(self._payload(direction, kind, chunk, received))
+        return out
+
+    def _sampled(self, chunk: bytes) -> bool:
+        """Counts rejected bytes; True when this run is within the connection's sample."""
+        self.rejected += len(chunk)
+        return self.rejected_sample.take(len(chunk))
 
     def _payload(self, direction: str, kind: str, chunk: bytes, received: datetime) -> RawPayload:
         meta: dict[str, str | int | float | bool | None] = {}
         if kind == "frame":
             self.frames += 1
             meta.update(self._inspect(parse_frame(chunk)))
-        else:
+        elif kind == "partial":
             self.rejected += len(chunk)
         if self.serial:
             meta["serial"] = self.serial
-        return RawPayload(dataclasses.replace(self.origin, direction=direction), kind, chunk, received, meta)
+        if self.model:
+            meta["model"] = self.model
+        return RawPayload(self._origins[direction], kind, chunk, received, meta)
 
     def _inspect(self, frame: Frame) -> dict[str, int]:
         if frame.function not in DECODERS:
@@ -109,6 +132,11 @@ class Tap:
         if serial and serial != self.serial and (not self.serial or frame.function == MODULE_INFO):
             self.serial = serial
             self.origin = dataclasses.replace(self.origin, device=serial)
+            self._origins = {d: dataclasses.replace(self.origin, direction=d) for d in (UP, DOWN)}
+        if frame.function == PRODUCT_INFO:
+            model = decode_product_info(frame.payload).get("model")
+            if isinstance(model, str) and model:
+                self.model = model
         if frame.function in (MODBUS_READ, MODBUS_WRITE):
             try:
                 request = parse_modbus(frame)
