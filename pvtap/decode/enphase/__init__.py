@@ -12,13 +12,13 @@ with `meta["status_code"]`. `redact_raw` turns them into what the store keeps, r
 `meta["encoding"]`:
 
 - `"xml"`: the report parsed; the payload is the redacted XML (utf-8);
-- `"text"`: it inflated but did not parse (truncated XML, a zlib stream cut short, not XML at
-  all); the inflated text, form-decoded when it is a `body=` form, with identities scrubbed
-  textually;
-- `"original"`: it did not inflate at all (corrupt, or a decompression bomb); the bytes as
-  received.
+- anything that does not parse (not zlib, cut off, over the size bounds, XML that does not parse,
+  the undocumented `task_complete`/`emu_report` bodies) was not positively redacted, so it is
+  withheld: payload empty, its size, SHA-256 and the reason in meta (`pvtap.decode.withhold`);
+  with `[privacy] keep_unredacted` it is kept as received instead (`"original"`).
 
-`decode_raw` accepts all three, bare XML and the original compressed form.
+`decode_raw` accepts both, bare XML and the original compressed form; for a withheld
+performance report (or its response) it raises ReportError with the reason.
 
 Measurements (tags: `envoy` = Envoy serial, `eqid` = device or channel; both low-cardinality):
 `enphase_envoy`, `enphase_event`, `enphase_device`, `enphase_channel`, `enphase_interval`,
@@ -44,7 +44,6 @@ from .envelope import (
     build_response,
     event_ids,
     inflate,
-    inflate_truncated,
     inflated,
     is_deflate,
     looks_like_xml,
@@ -72,7 +71,6 @@ __all__ = [
     "decode_raw",
     "event_ids",
     "inflate",
-    "inflate_truncated",
     "inflated",
     "is_deflate",
     "looks_like_xml",

@@ -70,23 +70,14 @@ def inflate(body: bytes, content_type: str | None, max_size: int = MAX_INFLATED)
     return bytes(body)
 
 
-def _inflate_bounded(data: bytes, wbits: int, max_size: int, *, truncated_ok: bool = False) -> bytes:
+def _inflate_bounded(data: bytes, wbits: int, max_size: int) -> bytes:
     inflater = zlib.decompressobj(wbits)
     out = inflater.decompress(data, max_size + 1)
     if len(out) > max_size:
         raise PayloadTooLarge(f"body inflates beyond {max_size} bytes (compressed {len(data)} bytes)")
-    if not inflater.eof and not (truncated_ok and out):
+    if not inflater.eof:
         raise zlib.error("incomplete or truncated stream")
     return out
-
-
-def inflate_truncated(body: bytes) -> bytes | None:
-    """What a zlib stream cut short (a dropped upload) inflates to, so that it can be scrubbed
-    and kept as text; None when the bytes do not start a zlib stream at all."""
-    try:
-        return _inflate_bounded(body, zlib.MAX_WBITS, MAX_INFLATED, truncated_ok=True)
-    except (zlib.error, PayloadTooLarge):
-        return None
 
 
 def report_xml(body: bytes, content_type: str | None) -> tuple[bytes, dict[str, str]]:

@@ -10,6 +10,7 @@ from lxml import etree
 
 from pvtap.records import FieldValue, Origin, RawPayload, Record, utc_from_unix
 
+from ..withhold import is_withheld
 from .envelope import PROTOCOL, ReportError, inflated, parse_xml, split_form
 
 EVENT_STATES = {0: "one-shot", 1: "set", 2: "clear"}
@@ -30,6 +31,10 @@ def decode_raw(raw: RawPayload) -> list[Record]:
     report or its response that cannot be read; other /emu_reports/ kinds (whose format is not
     public) give [] unless they hold a report this module knows."""
     strict = raw.kind.startswith("performance_report")
+    if is_withheld(raw):
+        if strict:
+            raise ReportError(f"payload withheld: {raw.meta['withheld']}")
+        return []
     try:
         xml, _ = split_form(inflated(raw))
         root = parse_xml(xml)

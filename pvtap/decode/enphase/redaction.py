@@ -1,4 +1,4 @@
-"""Enphase redaction: network identity removed, serials pseudonymised (package docstring).
+"""Enphase redaction: network identity removed, serials pseudonymised, failing closed.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from lxml import etree
 from pvtap.privacy import REDACTED, Privacy
 from pvtap.records import Origin, RawPayload
 
+from ..withhold import is_withheld, redacted_origin, withhold
 from .envelope import (
     PayloadTooLarge,
     ReportError,
-    inflate_truncated,
     inflated,
     parse_xml,
     split_form,
@@ -35,48 +35,34 @@ _PLAIN_ATTRIBUTES = frozenset({
 })
 
 
-# -- redaction --------------------------------------------------------------------------------
-
 def redact_raw(raw: RawPayload, privacy: Privacy) -> RawPayload:
-    """The payload as it may be stored: network identity removed (unless kept), serials
-    pseudonymised (when a key is set). Never raises; see the module docstring for the three
-    encodings it produces."""
+    """The payload as it may be stored: the report parsed, network identity removed (unless
+    kept) and serials pseudonymised (when a key is set), stored as XML (`encoding: "xml"`).
+    A body that does not get that far — not zlib, cut off, over the size bounds, XML that does not
+    parse — is withheld (`pvtap.decode.withhold`), since no part of it was positively redacted;
+    with `keep_unredacted` it is kept as received (`encoding: "original"`). Never raises."""
     meta = {**raw.meta, "original_size": len(raw.payload)}
+    origin = redacted_origin(raw.origin, privacy)
+    if is_withheld(raw):
+        return withhold(raw, str(raw.meta["withheld"]), privacy, origin=origin, meta=meta)
     try:
-        text = inflated(raw)
-    except PayloadTooLarge:
-        return _with(raw, raw.payload, raw.origin.device, {**meta, "encoding": "original"})
-    except ReportError:
-        truncated = inflate_truncated(raw.payload)
-        if truncated is None:
-            return _with(raw, raw.payload, raw.origin.device, {**meta, "encoding": "original"})
-        text = truncated
-        meta["truncated_stream"] = True
-    try:
-        xml, fields = split_form(text)
-    except ReportError:
-        xml, fields = text, {}
-    scrub = _Scrubber(privacy)
-    try:
+        xml, fields = split_form(inflated(raw))
         root = parse_xml(xml)
-    except ReportError:
-        payload = scrub.text(xml)
-        device = _envoy_serial_in_text(payload)
-        encoding = "text"
-    else:
-        scrub.tree(root)
-        payload = etree.tostring(root, encoding="utf-8", xml_declaration=True)
-        envoy = next(root.iter("envoy"), None)
-        device = envoy.get("serial_num", "") if envoy is not None else ""
-        encoding = "xml"
+    except PayloadTooLarge as exc:
+        return withhold(raw, f"too large: {exc}", privacy, origin=origin, meta={**meta, "encoding": "original"})
+    except ReportError as exc:
+        return withhold(raw, f"does not decode: {exc}", privacy, origin=origin, meta={**meta, "encoding": "original"})
+    scrub = _Scrubber(privacy)
+    scrub.tree(root)
+    payload = etree.tostring(root, encoding="utf-8", xml_declaration=True)
+    envoy = next(root.iter("envoy"), None)
+    device = envoy.get("serial_num", "") if envoy is not None else ""
     if fields:
         meta["form_fields"] = urllib.parse.urlencode({k: scrub.value(v) for k, v in fields.items()})
-    return _with(raw, payload, device or raw.origin.device, {**meta, "encoding": encoding})
-
-
-def _with(raw: RawPayload, payload: bytes, device: str, meta: dict) -> RawPayload:
-    origin = Origin(raw.origin.protocol, device, raw.origin.connection, raw.origin.direction)
-    return RawPayload(origin=origin, kind=raw.kind, payload=payload, received=raw.received, meta=meta)
+    meta["encoding"] = "xml"
+    if device:
+        origin = Origin(origin.protocol, device, origin.connection, origin.direction)
+    return RawPayload(origin, raw.kind, payload, raw.received, meta)
 
 
 _NETWORK_XPATH = etree.XPath("|".join(f"//@{name}" for name in NETWORK_ATTRIBUTES))
@@ -86,9 +72,6 @@ _PSEUDONYM = re.compile(r"anon-[0-9a-f]{12}")
 #: Identity-shaped tokens in free text (serials, IPs, MACs, coordinates), looked up in the values
 #: found in this report's identity attributes.
 _TOKEN = re.compile(r"[0-9A-Za-z:._-]{6,}")
-_TEXT_NETWORK = re.compile(rb"""\s(?:ip_addr|mac_addr|latitude|longitude)\s*=\s*(?:"[^"]*"?|'[^']*'?)""")
-_TEXT_SERIAL = re.compile(rb"""(\b(?:serial_num|eqid)\s*=\s*["'])([^"'<>\s]*)""")
-_TEXT_ENVOY_SERIAL = re.compile(rb"""<envoy\s[^>]*?\bserial_num\s*=\s*["']([^"'<>\s]*)""")
 
 
 class _Scrubber:
@@ -121,15 +104,6 @@ class _Scrubber:
                 if el.tail and el.tail.strip():
                     el.tail = self.value(el.tail)
 
-    def text(self, text: bytes) -> bytes:
-        """Textual scrub of a report that does not parse."""
-        if not self.privacy.keep_network_identity:
-            text = _TEXT_NETWORK.sub(b"", text)
-        if self.privacy.pseudonym_key:
-            text = _TEXT_SERIAL.sub(
-                lambda m: m.group(1) + self.eqid(m.group(2).decode("utf-8", "replace")).encode(), text)
-        return text
-
     def eqid(self, value: str) -> str:
         """A serial or `serial.N` channel id with the serial pseudonymised; idempotent."""
         serial, dot, channel = value.partition(".")
@@ -159,8 +133,4 @@ class _Scrubber:
         if len(value) >= 6:  # shorter values are too likely to hit unrelated text
             self.replacements[value] = replacement
 
-
-def _envoy_serial_in_text(text: bytes) -> str:
-    match = _TEXT_ENVOY_SERIAL.search(text)
-    return match.group(1).decode("utf-8", "replace") if match else ""
 
