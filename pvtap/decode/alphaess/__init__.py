@@ -46,11 +46,13 @@ Redaction (`redact_raw`, before anything is stored or logged): `Password`, `Lice
 `ZipCode`, `PhoneNumber` always; `Country`, the MAC in `System` messages and a network address
 used as device label unless `privacy.keep_network_identity`; with `privacy.pseudonym_key` every
 serial (`SN`, `UserName`, `InvSN`, `BatterySN*`, …, the CSV serial column, the origin's device)
-becomes its pseudonym. A redacted frame is re-encoded with a fresh CRC, so the stored raw is
-still a valid frame; an unchanged one is stored byte for byte. Rejected bytes (garbage, a
-partial frame) get the same key/value redaction on their text, cut-off values included, and a
-run that does not begin at a frame header loses everything up to its first string end: it may
-begin inside a secret whose key is in the previous run.
+becomes its pseudonym. Only the secret values change: the redactor finds each key in the body's
+text and replaces its value in place, so every other byte (repeated keys, order, spacing) stays,
+and the frame gets a fresh CRC; an unchanged frame is stored byte for byte. What it cannot vouch
+for is withheld (`pvtap.decode.withhold`: size + SHA-256 + reason, unless `[privacy]
+keep_unredacted`): rejected bytes, a frame cut off at the end of a connection, an opaque
+stream's sample, a body that is neither a JSON object nor the back-fill CSV, a CSV row without a
+header or with more cells than it.
 
 CRC-16/MODBUS comes from `fastcrc` (a compiled, stateless implementation: under a nanosecond a
 byte, safe to call from the relay's worker threads).

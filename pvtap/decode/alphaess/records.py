@@ -1,4 +1,9 @@
 """AlphaESS bodies and the records they hold (timestamps and field types: the package docstring).
+
+A JSON body is read as a `Body`: its members in order, a repeated key kept as often as it comes
+(a real 1-1-4 dump repeats `Generator`). In a record, the first occurrence keeps the key's name
+and later ones are numbered from 2 (`Generator`, `Generator_2`, …; a number already taken by a
+real key is skipped), so no value is lost and each field name keeps one meaning per frame type.
 """
 
 from __future__ import annotations
@@ -7,29 +12,72 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pvtap.privacy import REDACTED
 from pvtap.records import FieldValue, Origin, RawPayload, Record
 
+from ..withhold import is_withheld
 from .framing import REQUEST, RESPONSE, AlphaFrame, parse_frame
 
 # -- bodies -----------------------------------------------------------------------------------
 
-def json_body(body: bytes) -> dict[str, Any] | None:
+class Body(list[tuple[str, Any]]):
+    """A JSON object's members in order, repeated keys kept (nested objects are Bodies too)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The first value of `key`."""
+        for name, value in self:
+            if name == key:
+                return value
+        return default
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=Body)
+
+
+def json_body(body: bytes) -> Body | None:
     """The body as a JSON object, or None when it is not one."""
     try:
-        value = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        value = _DECODER.decode(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None
-    return value if isinstance(value, dict) else None
+    return value if isinstance(value, Body) else None
 
 
-def encode_json(obj: dict[str, Any]) -> bytes:
-    """Compact, like the device writes it."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+def encode_json(obj: dict[str, Any] | Body) -> bytes:
+    """Compact, like the device writes it (a Body with its repeated keys)."""
+    return dump(obj).encode("utf-8")
+
+
+def dump(value: Any) -> str:
+    if isinstance(value, Body):
+        return "{" + ",".join(f"{dump(k)}:{dump(v)}" for k, v in value) + "}"
+    if isinstance(value, dict):
+        return dump(Body(value.items()))
+    if isinstance(value, list):
+        return "[" + ",".join(map(dump, value)) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def numbered(items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """Members with a repeated key renamed `key_2`, `key_3`, … (module docstring)."""
+    seen: set[str] = set()
+    repeated: list[tuple[str, Any]] = []
+    for name, value in items:
+        if name in seen:
+            repeated.append((name, value))
+        else:
+            seen.add(name)
+            yield name, value
+    for name, value in repeated:
+        n = 2
+        while f"{name}_{n}" in seen:
+            n += 1
+        seen.add(f"{name}_{n}")
+        yield f"{name}_{n}", value
 
 
 _DEVICE_TIME = re.compile(r"(\d{4})/(\d{1,2})/(\d{1,2}) (\d{1,2}):(\d{2}):(\d{2})")
@@ -117,7 +165,7 @@ def typed_fields(items: Iterable[tuple[str, Any]]) -> dict[str, FieldValue]:
     for name, value in items:
         if name in _NOT_FIELDS or value is None or value == "" or value == REDACTED:
             continue
-        text = value if isinstance(value, str) else json.dumps(value)
+        text = _text(value)
         if name in TEXT_FIELDS:
             fields[name] = text
             continue
@@ -185,7 +233,7 @@ def records_from_frame(frame: AlphaFrame, origin: Origin, received: datetime,
         naive = device_time(body.get("Time", ""))
         if clock_offset_s is None and naive is not None:
             clock_offset_s = math.floor((received - naive.replace(tzinfo=UTC)).total_seconds())
-        fields = typed_fields(body.items())
+        fields = typed_fields(numbered(body))
         if naive is not None:
             fields["device_time"] = _iso(naive)
         if not fields:
@@ -200,12 +248,12 @@ def records_from_frame(frame: AlphaFrame, origin: Origin, received: datetime,
         return _event_records(body, tags, origin, received, clock_offset_s)
 
     if frame.type == 8 and body is not None and body.get("Command"):
-        fields = {_snake(k): _text(v) for k, v in body.items() if v != REDACTED}
+        fields = {_snake(k): _text(v) for k, v in numbered(body) if v != REDACTED}
         kind = "request" if frame.b1 == REQUEST else "ack"
         return [Record("alphaess_command", received, {**tags, "kind": kind}, fields, origin)]
 
     if (frame.type, frame.b1) in ((4, REQUEST), (3, RESPONSE)) and body is not None:
-        fields = {k: _text(v) for k, v in body.items() if k not in ("SN", "Status") and v != REDACTED}
+        fields = {k: _text(v) for k, v in numbered(body) if k not in ("SN", "Status") and v != REDACTED}
         if not fields:
             return []
         source = "device" if frame.b1 == REQUEST else "cloud"
@@ -219,7 +267,7 @@ def records_from_frame(frame: AlphaFrame, origin: Origin, received: datetime,
 
 
 def _text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+    return value if isinstance(value, str) else dump(value)
 
 
 def _snake(name: str) -> str:
@@ -242,7 +290,7 @@ def _backfill_records(body: bytes, origin: Origin, received: datetime, offset: i
     return records
 
 
-def _event_records(body: dict[str, Any], tags: dict[str, str], origin: Origin, received: datetime,
+def _event_records(body: Body, tags: dict[str, str], origin: Origin, received: datetime,
                    offset: int | None) -> list[Record]:
     msg_type = _text(body.get("MsgType", ""))
     content = _text(body.get("MsgContent", ""))
@@ -262,8 +310,9 @@ def _event_records(body: dict[str, Any], tags: dict[str, str], origin: Origin, r
 
 
 def decode_raw(raw: RawPayload) -> list[Record]:
-    """Records of a stored (redacted) payload. Garbage, partial and opaque payloads hold none."""
-    if raw.kind in ("garbage", "partial", "opaque"):
+    """Records of a stored (redacted) payload. Garbage, partial, opaque and withheld payloads
+    hold none."""
+    if raw.kind in ("garbage", "partial", "opaque") or is_withheld(raw):
         return []
     if raw.kind != "frame":
         raise ValueError(f"unknown AlphaESS payload kind {raw.kind!r}")

@@ -11,6 +11,7 @@ from typing import Any
 
 from pvtap.records import DOWN, UP, Origin, RawPayload
 
+from ..sampling import RejectedSample
 from .framing import KNOWN_TYPES, PROTOCOL, REQUEST, SYNC, AlphaFrame, Framer, Garbage, ack_frame
 from .records import csv_rows, first_device_time, json_body
 
@@ -29,7 +30,9 @@ class Tap:
     connection is `opaque`: one "opaque" payload holding the first 5 bytes, then nothing.
     `origin.device` becomes the real serial once a frame shows it (`redact_raw` pseudonymises
     it; apply `privacy.serial()` before logging it). Counts: `frames`, `unknown` (frames of
-    undocumented types), `rejected` (bytes in no frame), `opaque_bytes`.
+    undocumented types), `rejected` (bytes in no frame), `opaque_bytes`. Garbage runs are handed
+    out as a bounded sample per connection (`pvtap.decode.sampling`; `rejected_sample.dropped`
+    counts the runs beyond it).
     """
 
     def __init__(self, origin: Origin) -> None:
@@ -42,6 +45,7 @@ class Tap:
         self._framers = {UP: Framer(), DOWN: Framer()}
         self._first: bytearray | None = bytearray()  # the device's first bytes, until two are seen
         self._min_lag: float | None = None
+        self.rejected_sample = RejectedSample()
 
     def feed(self, direction: str, data: bytes, received: datetime) -> list[RawPayload]:
         if self.opaque:
@@ -58,7 +62,8 @@ class Tap:
         for item in self._framers[direction].feed(data):
             if isinstance(item, Garbage):
                 self.rejected += len(item.data)
-                out.append(self._raw(direction, "garbage", item.data, received, {"reason": item.reason}))
+                if self.rejected_sample.take(len(item.data)):
+                    out.append(self._raw(direction, "garbage", item.data, received, {"reason": item.reason}))
             else:
                 out.append(self._frame(direction, item, received))
         return out
