@@ -20,6 +20,8 @@ from .envelope import (
     split_form,
 )
 
+#: The documents whose layout is known (reference §2): anything else is withheld.
+KNOWN_DOCUMENTS = frozenset({"perf_report", "perf_report_response"})
 #: Attributes that identify the site's network and location: removed unless kept by privacy.
 NETWORK_ATTRIBUTES = ("ip_addr", "mac_addr", "latitude", "longitude")
 #: Attributes holding a serial (an eqid may carry a `.N` channel suffix): pseudonymised.
@@ -52,6 +54,9 @@ def redact_raw(raw: RawPayload, privacy: Privacy) -> RawPayload:
         return withhold(raw, f"too large: {exc}", privacy, origin=origin, meta={**meta, "encoding": "original"})
     except ReportError as exc:
         return withhold(raw, f"does not decode: {exc}", privacy, origin=origin, meta={**meta, "encoding": "original"})
+    if root.tag not in KNOWN_DOCUMENTS:  # no schema to say where its identities are
+        return withhold(raw, f"unknown document <{root.tag!s}>", privacy, origin=origin,
+                        meta={**meta, "encoding": "original"})
     scrub = _Scrubber(privacy)
     scrub.tree(root)
     payload = etree.tostring(root, encoding="utf-8", xml_declaration=True)
