@@ -47,6 +47,11 @@ class Tap:
         self._min_lag: float | None = None
         self.rejected_sample = RejectedSample()
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for reassembly, both directions (bounded by the framers)."""
+        return sum(f.buffered for f in self._framers.values())
+
     def feed(self, direction: str, data: bytes, received: datetime) -> list[RawPayload]:
         if self.opaque:
             self.opaque_bytes += len(data)

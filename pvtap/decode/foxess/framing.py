@@ -70,12 +70,19 @@ def parse_frame(data: bytes) -> Frame:
 class FrameSplitter:
     """Reassembles frames from one direction of a byte stream: any segmentation, several frames
     per chunk, garbage between them, bad tails or CRCs and absurd lengths. A rejected candidate
-    costs one byte (not two), so a real header right behind a false one is never skipped."""
+    costs one byte (not two), so a real header right behind a false one is never skipped, and a
+    false start whose length is not yet satisfied is dropped as soon as a complete frame follows
+    it (found by the fuzzing: a stray 7F before a frame hid it until the connection ended)."""
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buffer = bytearray()
         self._junk = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held: an incomplete frame, and rejected bytes not handed out yet."""
+        return len(self._buffer) + len(self._junk)
 
     def feed(self, data: bytes) -> list[tuple[str, bytes]]:
         """("frame", bytes) and ("garbage", bytes) items in stream order."""
@@ -99,7 +106,11 @@ class FrameSplitter:
                 self._reject_one()
                 continue
             if len(buf) < total:
-                break
+                following = _next_frame(buf, 1, self.max_frame)
+                if following is None:
+                    break
+                self._reject(following)  # a false start: a complete frame follows inside it
+                continue
             candidate = bytes(buf[:total])
             try:
                 parse_frame(candidate)
@@ -123,13 +134,39 @@ class FrameSplitter:
         return out
 
     def _reject_one(self) -> None:
-        self._junk.append(self._buffer[0])
-        del self._buffer[:1]
+        self._reject(1)
+
+    def _reject(self, count: int) -> None:
+        self._junk += self._buffer[:count]
+        del self._buffer[:count]
 
     def _flush_junk(self, out: list[tuple[str, bytes]]) -> None:
         if self._junk:
             out.append(("garbage", bytes(self._junk)))
             self._junk.clear()
+
+
+def _next_frame(buf: bytearray, start: int, max_frame: int) -> int | None:
+    """Where the first complete, valid frame at or after `start` begins, if one is buffered: a
+    false start (a stray 7E/7F before a real header) must not hold up the frames behind it until
+    its length field is satisfied, or until the connection ends."""
+    at = start
+    while True:
+        found = [i for i in (buf.find(h, at) for h in HEADERS) if i >= 0]
+        if not found:
+            return None
+        at = min(found)
+        if len(buf) - at < 9:
+            return None
+        total = int.from_bytes(buf[at + 7:at + 9], "big") + OVERHEAD
+        if total <= max_frame and at + total <= len(buf):
+            try:
+                parse_frame(bytes(buf[at:at + total]))
+            except FrameError:
+                pass
+            else:
+                return at
+        at += 1
 
 
 def _find_header(buf: bytearray) -> int:

@@ -81,6 +81,11 @@ class Tap:
         self._started: set[str] = set()
         self._pending: OrderedDict[int, tuple[int, int | None, int | None]] = OrderedDict()
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for reassembly, both directions (bounded by the framers)."""
+        return sum(f.buffered for f in self._splitters.values())
+
     def feed(self, direction: str, data: bytes, received: datetime) -> list[RawPayload]:
         if self.opaque or not data:
             return []
