@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -20,8 +21,10 @@ _KEY_FILE = "pseudonym.key"
 KEY_BYTES = 32
 
 
+@functools.lru_cache(maxsize=4096)
 def pseudonym(serial: str, key: bytes) -> str:
-    """A stable stand-in for a serial: the same serial and key always give the same pseudonym."""
+    """A stable stand-in for a serial: the same serial and key always give the same pseudonym.
+    Cached: a device's serial recurs in every frame, and an HMAC costs more than the frame's decode."""
     digest = hmac.new(key, serial.encode(), hashlib.sha256).hexdigest()
     return f"anon-{digest[:12]}"
 

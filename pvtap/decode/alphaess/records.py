@@ -38,13 +38,28 @@ class Body(list[tuple[str, Any]]):
 _DECODER = json.JSONDecoder(object_pairs_hook=Body)
 
 
+#: Bodies parsed lately: the Tap, `redact_raw` and `decode_raw` read the same body in turn.
+#: Bounded (cleared when full, small bodies only); the Bodies in it are never modified.
+_PARSED: dict[bytes, Body | None] = {}
+_PARSED_MAX = 512
+_PARSED_BODY_MAX = 8192
+
+
 def json_body(body: bytes) -> Body | None:
-    """The body as a JSON object, or None when it is not one."""
+    """The body as a JSON object, or None when it is not one. Do not modify what it returns."""
+    found = _PARSED.get(body, _PARSED)
+    if found is not _PARSED:
+        return found  # type: ignore[return-value]
     try:
         value = _DECODER.decode(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    return value if isinstance(value, Body) else None
+        value = None
+    parsed = value if isinstance(value, Body) else None
+    if len(body) <= _PARSED_BODY_MAX:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[bytes(body)] = parsed
+    return parsed
 
 
 def encode_json(obj: dict[str, Any] | Body) -> bytes:
@@ -62,8 +77,14 @@ def dump(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def numbered(items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+def numbered(items: list[tuple[str, Any]]) -> list[tuple[str, Any]] | Iterator[tuple[str, Any]]:
     """Members with a repeated key renamed `key_2`, `key_3`, … (module docstring)."""
+    if len({name for name, _ in items}) == len(items):
+        return items  # the usual case: nothing repeated
+    return _numbered(items)
+
+
+def _numbered(items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
     seen: set[str] = set()
     repeated: list[tuple[str, Any]] = []
     for name, value in items:
@@ -84,9 +105,19 @@ _DEVICE_TIME = re.compile(r"(\d{4})/(\d{1,2})/(\d{1,2}) (\d{1,2}):(\d{2}):(\d{2}
 _EVENT_ENTRY = re.compile(r"(\d{2})/(\d{2})/(\d{2}) (\d{2}):(\d{2}):(\d{2}) (\d+)")
 
 
-def device_time(text: str) -> datetime | None:
-    """`YYYY/MM/DD HH:MM:SS` (device local clock) as a naive datetime; None if it is not one."""
-    m = _DEVICE_TIME.fullmatch(text.strip()) if isinstance(text, str) else None
+def device_time(text: object) -> datetime | None:
+    """`YYYY/MM/DD HH:MM:SS` (device local clock) as a naive datetime; None if it is not one.
+    The device's own zero-padded form is read by slicing; other spellings by the pattern."""
+    if not isinstance(text, str):
+        return None
+    if len(text) == 19 and text[4] == text[7] == "/" and text[10] == " " and text[13] == text[16] == ":" \
+            and (text[:4] + text[5:7] + text[8:10] + text[11:13] + text[14:16] + text[17:]).isdigit():
+        try:
+            return datetime(int(text[:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]), int(text[14:16]),
+                            int(text[17:]))
+        except ValueError:
+            return None
+    m = _DEVICE_TIME.fullmatch(text.strip())
     if not m:
         return None
     try:
@@ -156,16 +187,18 @@ _NOT_FIELDS = frozenset({"Time", "Date", "SN"})
 #: CSV back-fill names differing from the JSON names of the same quantity.
 _CSV_RENAMES = {"Vpv1": "Upv1", "Vpv2": "Upv2"}
 
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+_SKIPPED_VALUES = ("", REDACTED)
 
 
 def typed_fields(items: Iterable[tuple[str, Any]]) -> dict[str, FieldValue]:
     """Measurement fields with a fixed type per name (see module docstring)."""
     fields: dict[str, FieldValue] = {}
     for name, value in items:
-        if name in _NOT_FIELDS or value is None or value == "" or value == REDACTED:
+        if name in _NOT_FIELDS or value is None or value in _SKIPPED_VALUES:
             continue
-        text = _text(value)
+        text = value if type(value) is str else _text(value)
         if name in TEXT_FIELDS:
             fields[name] = text
             continue
@@ -195,9 +228,17 @@ def _whole(value: Any, number: float) -> int | None:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)) or (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
+    """A finite number from a number or its decimal text (`12`, `-1.5`, `.5`, `1e3`; float()
+    also reads underscores, refused here, and nan/inf, which are not finite)."""
+    kind = type(value)
+    if kind is str:
+        if "_" in value:
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+    elif kind is int or kind is float or (isinstance(value, (int, float)) and not isinstance(value, bool)):
         number = float(value)
     else:
         return None
@@ -226,7 +267,7 @@ def records_from_frame(frame: AlphaFrame, origin: Origin, received: datetime,
         found = body.get("SN") or body.get("UserName")
         if isinstance(found, str) and found:
             serial = found
-            origin = dataclasses.replace(origin, device=found)
+            origin = Origin(origin.protocol, found, origin.connection, origin.direction)
     tags = {"serial": serial} if serial else {}
 
     if frame.type in (5, 16) and frame.b1 == REQUEST and body is not None:

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from pvtap.privacy import REDACTED, Privacy
@@ -29,6 +31,14 @@ _COLON = re.compile(r"\s*:\s*")
 _VALUE = json.JSONDecoder(object_pairs_hook=Body)
 
 
+@functools.lru_cache(maxsize=4)
+def _keys(keep_network_identity: bool, pseudonyms: bool) -> tuple[frozenset[str], re.Pattern[str]]:
+    """The keys whose values redaction may change, and a pattern that finds them as keys."""
+    keys = SECRET_KEYS | (frozenset() if keep_network_identity else LOCATION_KEYS | {"MsgContent"}) | \
+        (SERIAL_KEYS if pseudonyms else frozenset())
+    return keys, re.compile(r'"(' + "|".join(map(re.escape, sorted(keys))) + r')"\s*:\s*')
+
+
 class _Redaction:
     """One payload's redaction, and what it changed (for the raw payload's meta)."""
 
@@ -36,8 +46,7 @@ class _Redaction:
         self.privacy = privacy
         self.redacted: set[str] = set()
         self.pseudonymised: set[str] = set()
-        self.keys = SECRET_KEYS | (set() if privacy.keep_network_identity else LOCATION_KEYS | {"MsgContent"}) | \
-            (SERIAL_KEYS if privacy.pseudonym_key else set())
+        self.keys, self.key_pattern = _keys(privacy.keep_network_identity, bool(privacy.pseudonym_key))
 
     def value(self, key: str, value: Any) -> Any:
         """What a value of `key` may be stored as."""
@@ -65,30 +74,43 @@ class _Redaction:
         if json_body(body) is None:
             return None
         text = body.decode("utf-8")
-        if "\\" not in text and not any(key in text for key in self.keys):  # no key to look at, not even escaped
-            return body
         out: list[str] = []
         pos = skip_to = 0
-        for token in _STRING.finditer(text):
-            if token.start() < skip_to:
-                continue
-            colon = _COLON.match(text, token.end())
-            if colon is None:
-                continue  # a value
-            key = token.group()
-            key = json.loads(key) if "\\" in key else key[1:-1]
-            if key not in self.keys:
-                continue
-            value, end = _VALUE.raw_decode(text, colon.end())
+        plain = "\\" not in text
+        for key, start in self._keys_in(text):
+            if start < skip_to:
+                continue  # inside a value already replaced
+            if plain and text[start] == '"':  # a string without escapes: it ends at the next quote
+                end = text.index('"', start + 1) + 1
+                value: Any = text[start + 1:end - 1]
+            else:
+                value, end = _VALUE.raw_decode(text, start)
             new = self.value(key, value)
             if new == value and type(new) is type(value):
                 continue
-            out += (text[pos:colon.end()], dump(new))
+            out += (text[pos:start], dump(new))
             pos = skip_to = end
         if not out:
             return body
         out.append(text[pos:])
         return "".join(out).encode("utf-8")
+
+    def _keys_in(self, text: str) -> Iterator[tuple[str, int]]:
+        """(key, where its value starts) for each key of interest in a valid JSON text. Without a
+        backslash no string can hold a quote, so every `"Key":` the pattern finds is a key;
+        otherwise every string token is looked at, escaped keys decoded."""
+        if "\\" not in text:
+            for match in self.key_pattern.finditer(text):
+                yield match.group(1), match.end()
+            return
+        for token in _STRING.finditer(text):
+            colon = _COLON.match(text, token.end())
+            if colon is None:
+                continue  # a value
+            key = token.group()
+            key = json.loads(key) if "\\" in key else key[1:-1]
+            if key in self.keys:
+                yield key, colon.end()
 
     def csv(self, body: bytes) -> bytes | None:
         """The back-fill CSV with the cells of secret or serial columns replaced; None when a row

@@ -46,6 +46,7 @@ class Tap:
         self._first: bytearray | None = bytearray()  # the device's first bytes, until two are seen
         self._min_lag: float | None = None
         self.rejected_sample = RejectedSample()
+        self._origins: dict[str, Origin] = {}
 
     @property
     def buffered(self) -> int:
@@ -127,8 +128,11 @@ class Tap:
             self.origin = dataclasses.replace(self.origin, device=serial)
 
     def _raw(self, direction: str, kind: str, payload: bytes, received: datetime, meta: dict[str, Any]) -> RawPayload:
-        return RawPayload(dataclasses.replace(self.origin, protocol=PROTOCOL, direction=direction),
-                          kind, payload, received, meta)
+        origin = self._origins.get(direction)
+        if origin is None or origin.device != self.origin.device:  # made once per direction and device
+            origin = self._origins[direction] = Origin(PROTOCOL, self.origin.device, self.origin.connection,
+                                                       direction)
+        return RawPayload(origin, kind, payload, received, meta)
 
 
 class LocalAnswerer:
