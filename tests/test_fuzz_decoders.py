@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import urllib.parse
 import zlib
 from datetime import UTC, datetime
 
@@ -24,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pvtap.decode import alphaess, enphase, foxess
+from pvtap.decode.enphase import envelope
 from pvtap.privacy import Privacy
 from pvtap.records import DOWN, UP, Origin, RawPayload
 from pvtap.simulate.enphase import encode_body
@@ -219,3 +221,9 @@ def test_enphase_redaction_never_keeps_network_identity(data):
         enphase.decode_raw(safe)
     except ValueError:
         pass
+
+
+@given(st.binary(max_size=200).map(lambda b: bytes(c if c % 3 else 0x25 for c in b)))
+def test_the_fast_form_unquote_equals_the_stdlib(value):
+    """Enphase's form decoding (unicode_escape trick) against urllib, on %-dense input."""
+    assert envelope._form_unquote(value) == urllib.parse.unquote_to_bytes(value.replace(b"+", b" "))

@@ -86,17 +86,19 @@ class _Report:
         self.origin = Origin(PROTOCOL, serial or raw.origin.device, raw.origin.connection, raw.origin.direction)
         self.tags = {"envoy": serial} if serial else {}
         self.elements = _Elements(self.time, self.tags, self.origin)
+        self._times: dict[int, datetime] = {}
 
     def records(self) -> list[Record]:
         out: list[Record] = []
         counts = {"event": 0, "device": 0, "channel": 0, "interval": 0, "reading": 0}
         decoded: set[etree._Element] = set()
         for el in self.root.iterdescendants():
-            if not isinstance(el.tag, str) or el is self.envoy:
+            tag = el.tag
+            if not isinstance(tag, str) or el is self.envoy:
                 continue
-            if el.tag == "message_params" and el.getparent() in decoded:
+            if tag == "message_params" and el.getparent() in decoded:
                 continue  # part of its event's record
-            decoder = _DECODERS.get(el.tag)
+            decoder = _DECODERS.get(tag)
             if decoder is None:
                 self.elements.add(el)
                 continue
@@ -105,8 +107,8 @@ class _Report:
             except _ELEMENT_ERRORS as exc:
                 self.elements.add(el, f"{type(exc).__name__}: {exc}")
             else:
-                counts[el.tag] += 1
-                if el.tag == "event":
+                counts[tag] += 1
+                if tag == "event":
                     decoded.add(el)
         return [self._envoy_record(counts), *out, *self.elements.records]
 
@@ -156,15 +158,15 @@ class _Report:
             fields["message_params"] = params.text or ""
         fields.update(_unknown(el.attrib, _EVENT_ATTRIBUTES, fields))
         time = utc_from_unix(_int(el, "event_date")) + timedelta(microseconds=event_id % 1_000_000)
-        return self._record("enphase_event", time, el, fields, code=str(code))
+        return self._record("enphase_event", time, el.get("eqid"), fields, code=str(code))
 
     def _device(self, el: etree._Element) -> Record:
         fields = self._state_fields(el, _DEVICE_INTS, {"part_num"})
-        return self._record("enphase_device", self.time, el, fields)
+        return self._record("enphase_device", self.time, el.get("eqid"), fields)
 
     def _channel(self, el: etree._Element) -> Record:
         fields = self._state_fields(el, _CHANNEL_INTS, set())
-        return self._record("enphase_channel", self.time, el, fields)
+        return self._record("enphase_channel", self.time, el.get("eqid"), fields)
 
     def _state_fields(self, el: etree._Element, ints: frozenset[str], strs: set[str]) -> dict[str, FieldValue]:
         fields: dict[str, FieldValue] = {name: _int(el, name) for name in sorted(ints) if el.get(name) is not None}
@@ -179,11 +181,12 @@ class _Report:
         joules (webcomm 4.6.0); a comma list (possibly the 3.0 form, meaning unconfirmed) is kept
         as the text `stats`. Intervals of one channel with the same end_date (a catch-up roll-up
         ending with a 5-minute one) are one InfluxDB point; filter on interval_duration_s."""
-        duration = _int(el, "interval_duration")
-        fields: dict[str, FieldValue] = {"id": _int(el, "id"), "interval_duration_s": duration}
-        if el.get("stat_duration") is not None:
-            fields["stat_duration_s"] = _int(el, "stat_duration")
-        stats = el.get("stats", "")
+        a = dict(el.attrib)
+        duration = _int(a, "interval_duration", el)
+        fields: dict[str, FieldValue] = {"id": _int(a, "id", el), "interval_duration_s": duration}
+        if "stat_duration" in a:
+            fields["stat_duration_s"] = _int(a, "stat_duration", el)
+        stats = a.get("stats", "")
         if stats and "," not in stats:
             joules = _int64(stats)
             fields["energy_j"] = joules
@@ -192,8 +195,9 @@ class _Report:
                 fields["avg_power_w"] = joules / duration
         elif stats:
             fields["stats"] = stats
-        fields.update(_unknown(el.attrib, _INTERVAL_ATTRIBUTES, fields))
-        return self._record("enphase_interval", utc_from_unix(_int(el, "end_date")), el, fields)
+        if a.keys() - _INTERVAL_ATTRIBUTES:
+            fields.update(_unknown(a, _INTERVAL_ATTRIBUTES, fields))
+        return self._record("enphase_interval", self._time(_int(a, "end_date", el)), a.get("eqid"), fields)
 
     def _reading(self, el: etree._Element) -> Record:
         """Electrical readings of one channel over `duration` seconds ending at `date`.
@@ -201,12 +205,13 @@ class _Report:
         stats = AC mV, AC mHz, DC mV, DC mA, °C, two unknown counters, and (8-value form) joules
         over the duration (reference §2.6). The two unknowns are kept as `stats_5`/`stats_6`: they
         may be pwrConvErrSecs/pwrConvMaxErrCycles, but that is unverified."""
-        stats = [_int64(v) for v in el.get("stats", "").split(",")]
+        a = dict(el.attrib)
+        stats = [_int64(v) for v in a.get("stats", "").split(",")]
         if len(stats) < 5:
             raise ValueError(f"reading stats has {len(stats)} values, expected at least 5")
-        duration = _int(el, "duration")
+        duration = _int(a, "duration", el)
         fields: dict[str, FieldValue] = {
-            "id": _int(el, "id"),
+            "id": _int(a, "id", el),
             "duration_s": duration,
             "ac_voltage_v": stats[0] / 1000,
             "ac_frequency_hz": stats[1] / 1000,
@@ -214,8 +219,8 @@ class _Report:
             "dc_current_a": stats[3] / 1000,
             "temperature_c": float(stats[4]),
         }
-        if el.get("flags") is not None:
-            fields["flags"] = _int(el, "flags")
+        if "flags" in a:
+            fields["flags"] = _int(a, "flags", el)
         for index, value in enumerate(stats[5:], start=5):
             if index == 7:
                 fields["energy_j"] = value
@@ -223,13 +228,20 @@ class _Report:
                     fields["avg_power_w"] = value / duration
             else:
                 fields[f"stats_{index}"] = value
-        fields.update(_unknown(el.attrib, _READING_ATTRIBUTES, fields))
-        return self._record("enphase_reading", utc_from_unix(_int(el, "date")), el, fields)
+        if a.keys() - _READING_ATTRIBUTES:
+            fields.update(_unknown(a, _READING_ATTRIBUTES, fields))
+        return self._record("enphase_reading", self._time(_int(a, "date", el)), a.get("eqid"), fields)
 
-    def _record(self, measurement: str, time: datetime, el: etree._Element, fields: dict[str, FieldValue],
+    def _time(self, unix: int) -> datetime:
+        """A report's intervals and readings share a few dozen timestamps: each is made once."""
+        time = self._times.get(unix)
+        if time is None:
+            time = self._times[unix] = utc_from_unix(unix)
+        return time
+
+    def _record(self, measurement: str, time: datetime, eqid: str | None, fields: dict[str, FieldValue],
                 **extra_tags: str) -> Record:
         tags = dict(self.tags)
-        eqid = el.get("eqid")
         if eqid:
             tags["eqid"] = eqid
         tags.update(extra_tags)
@@ -287,21 +299,23 @@ class _Elements:
         self.records.append(Record("enphase_element", self.time, tags, fields, self.origin))
 
 
-def _unknown(attrib: etree._Attrib, known: frozenset[str] | set[str],
+def _unknown(attrib: Mapping[str, str] | etree._Attrib, known: frozenset[str] | set[str],
              taken: Mapping[str, FieldValue]) -> dict[str, str]:
     """Attributes this module does not know, as str fields under their own names (a later
     version that learns one gives its typed value a new name, so the type never flips)."""
     return {name: value for name, value in attrib.items() if name not in known and name not in taken}
 
 
-def _int(el: etree._Element, name: str) -> int:
-    value = el.get(name)
+def _int(source: etree._Element | Mapping[str, str], name: str, el: etree._Element | None = None) -> int:
+    """An integer attribute of an element (or of its attributes, `el` naming it in errors)."""
+    value = source.get(name)
+    tag = (el if el is not None else source).tag  # type: ignore[union-attr]
     if value is None:
-        raise KeyError(f"<{el.tag!s}> has no {name}")
+        raise KeyError(f"<{tag!s}> has no {name}")
     try:
         return _int64(value)
     except ValueError as exc:
-        raise ValueError(f"<{el.tag!s}> {name}: {exc}") from None
+        raise ValueError(f"<{tag!s}> {name}: {exc}") from None
 
 
 def _int64(text: str) -> int:

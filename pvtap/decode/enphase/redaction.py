@@ -15,6 +15,7 @@ from ..withhold import is_withheld, redacted_origin, withhold
 from .envelope import (
     PayloadTooLarge,
     ReportError,
+    hand_over,
     inflated,
     parse_xml,
     split_form,
@@ -60,6 +61,7 @@ def redact_raw(raw: RawPayload, privacy: Privacy) -> RawPayload:
     scrub = _Scrubber(privacy)
     scrub.tree(root)
     payload = etree.tostring(root, encoding="utf-8", xml_declaration=True)
+    hand_over(payload, root)
     envoy = next(root.iter("envoy"), None)
     device = envoy.get("serial_num", "") if envoy is not None else ""
     if fields:
