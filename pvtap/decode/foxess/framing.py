@@ -78,6 +78,7 @@ class FrameSplitter:
         self.max_frame = max_frame
         self._buffer = bytearray()
         self._junk = bytearray()
+        self.parsed: list[Frame] = []  # the Frames of the last feed's "frame" items
 
     @property
     def buffered(self) -> int:
@@ -85,8 +86,11 @@ class FrameSplitter:
         return len(self._buffer) + len(self._junk)
 
     def feed(self, data: bytes) -> list[tuple[str, bytes]]:
-        """("frame", bytes) and ("garbage", bytes) items in stream order."""
+        """("frame", bytes) and ("garbage", bytes) items in stream order. The Frame each "frame"
+        item parses to is left, in the same order, in `parsed` (so a caller need not parse it
+        again)."""
         out: list[tuple[str, bytes]] = []
+        self.parsed = []
         buf = self._buffer
         buf += data
         while buf:
@@ -113,12 +117,13 @@ class FrameSplitter:
                 continue
             candidate = bytes(buf[:total])
             try:
-                parse_frame(candidate)
+                frame = parse_frame(candidate)
             except FrameError:
                 self._reject_one()
                 continue
             self._flush_junk(out)
             out.append(("frame", candidate))
+            self.parsed.append(frame)
             del buf[:total]
         if len(self._junk) >= MAX_GARBAGE_RUN:
             self._flush_junk(out)

@@ -96,8 +96,13 @@ class Tap:
                 return [RawPayload(dataclasses.replace(self.origin, direction=direction), "opaque",
                                    bytes(data[:OPAQUE_SAMPLE]), received, {"reason": "TLS handshake"})]
         out = []
-        for kind, chunk in self._splitters[direction].feed(data):
-            if kind == "frame" or self._sampled(chunk):
+        splitter = self._splitters[direction]
+        items = splitter.feed(data)
+        frames = iter(splitter.parsed)
+        for kind, chunk in items:
+            if kind == "frame":
+                out.append(self._payload(direction, kind, chunk, received, next(frames)))
+            elif self._sampled(chunk):
                 out.append(self._payload(direction, kind, chunk, received))
         return out
 
@@ -114,11 +119,12 @@ class Tap:
         self.rejected += len(chunk)
         return self.rejected_sample.take(len(chunk))
 
-    def _payload(self, direction: str, kind: str, chunk: bytes, received: datetime) -> RawPayload:
+    def _payload(self, direction: str, kind: str, chunk: bytes, received: datetime,
+                 frame: Frame | None = None) -> RawPayload:
         meta: dict[str, str | int | float | bool | None] = {}
-        if kind == "frame":
+        if frame is not None:
             self.frames += 1
-            meta.update(self._inspect(parse_frame(chunk)))
+            meta.update(self._inspect(frame))
         elif kind == "partial":
             self.rejected += len(chunk)
         if self.serial:
