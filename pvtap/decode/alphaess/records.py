@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+
 from pvtap.privacy import REDACTED
 from pvtap.records import FieldValue, Origin, RawPayload, Record
 
@@ -35,8 +37,11 @@ class Body(list[tuple[str, Any]]):
         return default
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=Body)
-
+_PAIRS = json.JSONDecoder(object_pairs_hook=Body)
+_CONTAINERS = frozenset({dict, list})
+#: The end of a key: in JSON without escapes no string holds a quote, so this is found after
+#: every key and nowhere else.
+_KEY_END = re.compile(rb'"\s*:')
 
 #: Bodies parsed lately: the Tap, `redact_raw` and `decode_raw` read the same body in turn.
 #: Bounded (cleared when full, small bodies only); the Bodies in it are never modified.
@@ -50,16 +55,54 @@ def json_body(body: bytes) -> Body | None:
     found = _PARSED.get(body, _PARSED)
     if found is not _PARSED:
         return found  # type: ignore[return-value]
-    try:
-        value = _DECODER.decode(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        value = None
-    parsed = value if isinstance(value, Body) else None
+    parsed = _parse(body)
     if len(body) <= _PARSED_BODY_MAX:
         if len(_PARSED) >= _PARSED_MAX:
             _PARSED.clear()
         _PARSED[bytes(body)] = parsed
     return parsed
+
+
+def _parse(body: bytes) -> Body | None:
+    """orjson (some four times as fast as json) when that loses nothing: it keeps only the last
+    of repeated keys, so a body with escapes, or with more keys in its text than in the parse,
+    goes to the json module's pairs decoder, as does anything orjson refuses (json reads NaN)."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _parse_pairs(body)
+    if type(value) is not dict:
+        return None
+    flat = _CONTAINERS.isdisjoint(map(type, value.values()))  # the usual case: strings and numbers
+    if b"\\" in body or len(_KEY_END.findall(body)) != (len(value) if flat else _keys(value)):
+        return _parse_pairs(body)
+    return Body(value.items()) if flat else _as_body(value)
+
+
+def _parse_pairs(body: bytes) -> Body | None:
+    try:
+        value = _PAIRS.decode(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, Body) else None
+
+
+def _keys(value: Any) -> int:
+    """How many keys a parsed document holds, at every depth."""
+    if type(value) is dict:
+        return len(value) + sum(_keys(v) for v in value.values() if type(v) in (dict, list))
+    if type(value) is list:
+        return sum(_keys(v) for v in value if type(v) in (dict, list))
+    return 0
+
+
+def _as_body(value: Any) -> Any:
+    """orjson's dicts as Bodies, at every depth."""
+    if type(value) is dict:
+        return Body((k, _as_body(v) if type(v) in (dict, list) else v) for k, v in value.items())
+    if type(value) is list:
+        return [_as_body(v) if type(v) in (dict, list) else v for v in value]
+    return value
 
 
 def encode_json(obj: dict[str, Any] | Body) -> bytes:
