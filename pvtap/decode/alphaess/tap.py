@@ -27,7 +27,8 @@ class Tap:
     meta `frame` = "1-1-16" etc., `length`, and for frames carrying device times
     `clock_offset_s` / `clock`) or per run of rejected bytes (kind "garbage", meta `reason`).
     If the device's first two bytes are not `01 01` / `01 02` (e.g. a TLS ClientHello) the
-    connection is `opaque`: one "opaque" payload holding the first 5 bytes, then nothing.
+    connection is `opaque`: one "opaque" payload holding the first 5 bytes (which `redact_raw`
+    withholds), then nothing.
     `origin.device` becomes the real serial once a frame shows it (`redact_raw` pseudonymises
     it; apply `privacy.serial()` before logging it). Counts: `frames`, `unknown` (frames of
     undocumented types), `rejected` (bytes in no frame), `opaque_bytes`. Garbage runs are handed
