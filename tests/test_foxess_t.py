@@ -18,7 +18,6 @@ from proxy_tcp import relay_running
 from pvtap.config import ListenerConfig
 from pvtap.decode import foxess
 from pvtap.decode.foxess import build_frame, decode_raw, decode_t_realtime, redact_raw
-from pvtap.ingest import Ingest
 from pvtap.privacy import Privacy
 from pvtap.records import UP, Origin, RawPayload
 from pvtap.simulate.foxess_cloud import FoxCloud
@@ -95,13 +94,12 @@ async def test_every_split_offset_through_the_relay(data_dir, version):
     """One connection carries the frame once per split offset k: the first k bytes, then (after
     the stand-in cloud has them, so the relay read them apart) the rest."""
     store = LocalStore.for_process(data_dir, "relay")
-    ingest = Ingest(store, Privacy()).start()
     frames = []
     try:
         async with FoxCloud(tls=False) as cloud:
             listener = ListenerConfig(protocol="foxess", listen="127.0.0.1:0", policy="fixed",
                                       upstream=f"127.0.0.1:{cloud.port}")
-            async with relay_running([listener], sink=ingest, store=store, privacy=Privacy()) as relay:
+            async with relay_running([listener], store=store, privacy=Privacy()) as relay:
                 port = relay.listeners[0].endpoints[0].port
                 _reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 session = await cloud.wait_session()
@@ -122,7 +120,7 @@ async def test_every_split_offset_through_the_relay(data_dir, version):
                     while relay.connections:
                         await asyncio.sleep(0.01)
         assert bytes(session.received) == b"".join(frames)  # forwarded unchanged
-        ingest.join()
+        # the relay has stopped: its ingest worker archived and decoded everything
         records = [s.record for s in store.records(measurements=["foxess_t_realtime"])]
         assert len(records) == len(frames) == len(payload) + foxess.OVERHEAD - 1
         for record in records:
@@ -131,7 +129,6 @@ async def test_every_split_offset_through_the_relay(data_dir, version):
         (connection,) = [s.record for s in store.records(measurements=["pvtap_connection"])]
         assert connection.fields["rejected"] == 0 and connection.fields["frames"] == len(frames)
     finally:
-        ingest.stop()
         store.close()
 
 
@@ -139,21 +136,18 @@ async def test_every_split_offset_through_the_relay(data_dir, version):
 async def test_the_simulated_bridge_into_a_local_listener(data_dir):
     """How it runs for real: the bridge connects to a listener with policy local; nothing answers."""
     store = LocalStore.for_process(data_dir, "relay")
-    ingest = Ingest(store, Privacy()).start()
     try:
         listener = ListenerConfig(protocol="foxess", listen="127.0.0.1:0", policy="local")
-        async with relay_running([listener], sink=ingest, store=store, privacy=Privacy()) as relay:
+        async with relay_running([listener], store=store, privacy=Privacy()) as relay:
             port = relay.listeners[0].endpoints[0].port
             assert await run_bridge("127.0.0.1", port, count=3, interval=0, version=1, seed=5) == 3
             async with asyncio.timeout(10):
                 while relay.connections:
                     await asyncio.sleep(0.01)
-        ingest.join()
         records = [s.record for s in store.records(measurements=["foxess_t_realtime"])]
         assert len(records) == 3 and {r.tags["payload_version"] for r in records} == {"1"}
         assert all(isinstance(r.fields["generation_power_w"], int) for r in records)
     finally:
-        ingest.stop()
         store.close()
 
 
