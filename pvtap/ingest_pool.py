@@ -101,9 +101,10 @@ class ChannelPool:
     def payload(self, raw: RawPayload) -> bool:
         return self._for(raw.origin.connection).payload(raw)
 
-    def stats(self) -> dict[str, Any]:
-        """Sums over the workers (numbers), and each worker's own under `workers`."""
-        each = [channel.stats() for channel in self.channels]
+    def stats(self, poll: bool = True) -> dict[str, Any]:
+        """Sums over the workers (numbers), and each worker's own under `workers` (`poll`: see
+        Channel.stats)."""
+        each = [channel.stats(poll) for channel in self.channels]
         total: dict[str, Any] = {}
         for stats in each:
             for key, value in stats.items():

@@ -38,6 +38,8 @@ what runs (all on 127.0.0.1, nothing leaves this machine):
 Records go to <data_dir>/demo (e.g. ./data/demo), not to your real store; look at them again
 afterwards with `pvtap --data-dir data/demo tail`."""
 
+#: the demo's proxies serve their health endpoints on free ports, beside a `pvtap run` on the defaults
+DEMO_HEALTH = {"PVTAP_HEALTH_RELAY_LISTEN": "127.0.0.1:0", "PVTAP_HEALTH_ENPHASE_LISTEN": "127.0.0.1:0"}
 #: mitmproxy's per-connection lines, which would drown the demo's output
 _CONNECTION_CHATTER = re.compile(r"\] (client|server) (connect|disconnect)")
 
@@ -82,7 +84,7 @@ class EnphaseDemo:
 
         self.cloud = cloud = EnphaseCloud(cert_dir=ctx.workdir / "enphase-cloud").start()
         ctx.supervisor.say(f"     demo | {self.name}: stand-in {HOSTNAME} on {cloud.url}")
-        proxy = Service("mitmproxy", self.mitmdump_command(ctx, cloud), ready=MITM_READY,
+        proxy = Service("mitmproxy", self.mitmdump_command(ctx, cloud), ready=MITM_READY, env=DEMO_HEALTH,
                         show=lambda line: not _CONNECTION_CHATTER.search(line))
         port = _start_ready(ctx.supervisor, proxy)["port"]
         assert proxy.proc is not None  # started
@@ -127,7 +129,7 @@ class AlphaDemo:
                  "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{cloud['port']}"]
         if ctx.config_path is not None:
             relay[3:3] = ["--config", str(ctx.config_path.resolve())]
-        port = _start_ready(ctx.supervisor, Service("relay", relay, ready=self.RELAY_READY))["port"]
+        port = _start_ready(ctx.supervisor, Service("relay", relay, ready=self.RELAY_READY, env=DEMO_HEALTH))["port"]
         ctx.supervisor.say(f"     demo | {self.name}: relay (python -m proxy_tcp) on 127.0.0.1:{port}")
         ctx.supervisor.start(Service("battery", [
             sys.executable, "-m", "pvtap", "simulate", "alphaess", "--host", "127.0.0.1", "--port", str(port),

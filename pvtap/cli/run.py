@@ -54,6 +54,8 @@ what it starts:
     UDP 6364/3334), policy auto: forward to the cloud, answer locally when it is unreachable.
   Records go to <data_dir>/enphase.sqlite and <data_dir>/relay.sqlite; watch them with
   `pvtap tail --follow`. With [influx] url set, each service also delivers them to InfluxDB.
+  Each serves /healthz, /readyz and /metrics: the relay on health.relay_listen (127.0.0.1:9108),
+  mitmproxy on health.enphase_listen (127.0.0.1:9109); `pvtap health` asks both (docs/health.md).
 
 examples:
   pvtap run                                   transparent proxy on 0.0.0.0:8443, store in ./data
