@@ -80,15 +80,12 @@ def run(args: argparse.Namespace, config: Config) -> int:
         stores = [stack.enter_context(LocalStore(p, readonly=True)) for p in paths]
         total = sum(store.count_records(**filters) for store in stores)
         progress = Progress("exporting", total, enabled=Progress.wanted(args.progress))
-        records = heapq.merge(*(store.records(by_time=True, **filters) for store in stores),
-                              key=lambda stored: (stored.record.time_ns, stored.id))
-        write = _write_csv(stores, filters) if args.format == "csv" else _WRITERS[args.format]
         if args.output is None:
-            write(sys.stdout, (s.record for s in records), progress.advance)
+            write_export(stores, args.format, filters, sys.stdout, progress.advance)
             sys.stdout.flush()
         else:
             try:
-                _write_file(args.output, lambda out: write(out, (s.record for s in records), progress.advance))
+                _write_file(args.output, lambda out: write_export(stores, args.format, filters, out, progress.advance))
             except OSError as exc:
                 print(f"pvtap export: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
                 return 1
@@ -97,6 +94,16 @@ def run(args: argparse.Namespace, config: Config) -> int:
     print(f"exported {progress.done:,} records ({args.format}) to {where} in {progress.elapsed:.1f} s",
           file=sys.stderr)
     return 0
+
+
+def write_export(stores: list[LocalStore], fmt: str, filters: dict, out: TextIO,
+                 advance: Callable[[], None] = lambda: None) -> None:
+    """Write the records of `stores` matching `filters` (since_ns, until_ns, measurements) to
+    `out` in time order, in `fmt` (one of FORMATS); `pvtap web`'s download link uses it too."""
+    records = heapq.merge(*(store.records(by_time=True, **filters) for store in stores),
+                          key=lambda stored: (stored.record.time_ns, stored.id))
+    write = _write_csv(stores, filters) if fmt == "csv" else _WRITERS[fmt]
+    write(out, (s.record for s in records), advance)
 
 
 Writer = Callable[[TextIO, Iterator[Record], Callable[[], None]], None]
