@@ -1,0 +1,112 @@
+"""The web view's devices, current values and health, read from real stores (read-only)."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+
+from pvtap.cli.status import describe
+from pvtap.config import Config, EnphaseConfig, WebConfig
+from pvtap.store.delivery import read_status
+from pvtap.store.local import IngestStatus, LocalStore
+from pvtap.web import readings
+from pvtap.web.stores import readable_stores
+
+from .web_support import ALPHA, ENVOY, MICROS, add_alpha, add_alpha_identity, add_connection, add_envoy, ns, stores
+
+T0 = datetime(2024, 6, 1, 12, tzinfo=UTC)
+
+
+def test_devices_with_identity_contact_records_today_and_path(data_dir):
+    relay, enphase = stores(data_dir)
+    with relay, enphase:
+        add_alpha(relay, T0 - timedelta(hours=1), 3)  # before the day starts (day_start = T0 below)
+        add_alpha_identity(relay, T0)
+        add_alpha(relay, T0, 4, first=3)
+        add_connection(relay, T0, "forward")
+        add_envoy(enphase, T0, (180.0, 200.0), (38.0, 41.0))
+    config = Config(web=WebConfig(silent_after_s=60))
+    now = ns(T0 + timedelta(seconds=59))
+    found = {d.serial: d for d in readings.devices(readable_stores(data_dir), config, ns(T0), now)}
+    alpha, envoy = found[ALPHA], found[ENVOY]
+    assert (alpha.vendor, alpha.store, alpha.model) == ("alphaess", "relay.sqlite", "SMILE5-INV / SMILE5-BAT")
+    assert alpha.firmware == "EMSVersion SIM-EMS-1.0, InvVersion SIM-INV-1.0"
+    assert alpha.last_contact_ns == ns(T0 + timedelta(seconds=60))  # the last frame: 3 + 3 × 10 s after T0
+    assert alpha.silent is False
+    assert alpha.records_today == 4 + 1 + 1  # the frames from T0 on, the identity and the connection record
+    assert (alpha.path, alpha.cloud) == ("relay, policy auto (listener 0.0.0.0:7777)", "cloud reached (192.0.2.1:7777)")
+    assert (envoy.vendor, envoy.model, envoy.firmware) == ("enphase", "800-00069-r05", "R3.12.34 (sim)")
+    assert (envoy.path, envoy.cloud) == ("mitmproxy addon, transparent mode", "cloud reached (last answer HTTP 200)")
+    assert envoy.last_contact_ns == ns(T0) and envoy.silent_for_s == 59.0 and envoy.silent is False
+    later = {d.serial: d for d in readings.devices(readable_stores(data_dir), config, ns(T0), now + 2 * 10**9)}
+    assert later[ENVOY].silent is True and later[ALPHA].silent is False  # 61 s against 1 s
+
+
+def test_local_answers_are_said(data_dir):
+    relay, enphase = stores(data_dir)
+    with relay, enphase:
+        add_alpha(relay, T0, 1)
+        add_connection(relay, T0, "local", cloud_error="connection refused")
+        add_envoy(enphase, T0, (1.0, 2.0), (3.0, 4.0), answered_locally=True)
+    config = Config(enphase=EnphaseConfig(mode="reverse", local_mode=True))
+    found = {d.serial: d for d in readings.devices(readable_stores(data_dir), config, 0, ns(T0))}
+    assert found[ALPHA].cloud == "answered locally: cloud unreachable (connection refused)"
+    assert found[ENVOY].path == "mitmproxy addon, reverse mode, local mode"
+    assert found[ENVOY].cloud == "answered locally (local mode)"
+
+
+def test_an_open_relay_connection_names_the_configured_policy(data_dir):
+    with LocalStore.for_process(data_dir, "relay") as relay:
+        add_alpha(relay, T0, 1)
+    (device,) = readings.devices(readable_stores(data_dir), Config(), 0, ns(T0))
+    assert (device.path, device.cloud) == (
+        "relay, policy auto", "connection open; whether the cloud answers is known when it ends")
+
+
+def test_current_values_are_the_newest_stored_and_an_envoy_adds_its_micros(data_dir):
+    relay, enphase = stores(data_dir)
+    with relay, enphase:
+        add_alpha(relay, T0, 5)  # frame 4 is the newest: PV 1040, SoC 52.0, Pbat -304
+        add_envoy(enphase, T0, (100.0, 110.0), (30.0, 31.0))
+        add_envoy(enphase, T0 + timedelta(minutes=5), (180.5, 200.25), (38.0, 41.5))
+    found = {d.serial: d.now for d in readings.devices(readable_stores(data_dir), Config(), 0, ns(T0))}
+    alpha = found[ALPHA]
+    newest = ns(T0 + timedelta(seconds=40))
+    assert {q: (v["value"], v["time_ns"]) for q, v in alpha.items()} == {
+        "pv_w": (1040.0, newest), "battery_w": (-304.0, newest), "grid_w": (100.0, newest),
+        "house_w": (600.0, newest), "soc_pct": (52.0, newest)}
+    envoy = found[ENVOY]
+    assert envoy["pv_w"]["value"] == 380.75 and envoy["pv_w"]["unit"] == "W"
+    assert envoy["pv_w"]["parts"] == [{"part": MICROS[0], "value": 180.5}, {"part": MICROS[1], "value": 200.25}]
+    assert envoy["temperature_c"]["value"] == 41.5  # the hottest, not a sum
+    assert list(envoy) == ["pv_w", "temperature_c"]
+
+
+def test_health_uses_the_words_of_pvtap_status(data_dir):
+    with LocalStore.for_process(data_dir, "relay") as relay:
+        add_alpha(relay, T0, 2)
+        relay.write_status(IngestStatus(running=True, pid=4242, dropped_copies=17, decode_backlog=0, forwarder="stuck",
+                                        forwarder_error="no progress for 301 s",
+                                        counts={"connections": 5, "connections_open": 1, "decode_errors": 2}))
+    path = data_dir / "relay.sqlite"
+    now = ns(T0)
+    (store,) = readings.health([path], now)
+    with LocalStore(path, readonly=True) as s:
+        expected = describe(read_status(path), now, ingest=(s.decode_backlog(), s.status()))
+    assert store["title"] == expected[0]
+    shown = [f"  {label:<15}{value}".rstrip() for label, value in store["rows"]]
+    assert shown == [line.rstrip() for line in expected[1:]]
+    rows = dict(store["rows"])
+    assert rows["dropped copies"] == "17 (ingest was busy or down; forwarding was not affected)"
+    assert rows["connections"] == "5 relayed, 1 open"
+    assert rows["forwarder"] == "STUCK: no progress for 301 s"
+    assert rows["backlog"] == "2 records (never forwarded)"  # the acks carry no record
+    assert store["numbers"] == {"decode_backlog": 0, "dropped_copies": 17, "connections": 5, "decode_errors": 2,
+                                "influx_backlog": 2, "influx_forwarded": False, "influx_last_error": None}
+
+
+def test_as_json_has_every_field(data_dir):
+    with LocalStore.for_process(data_dir, "relay") as relay:
+        add_alpha(relay, T0, 1)
+    (device,) = readings.devices(readable_stores(data_dir), Config(), 0, ns(T0))
+    assert set(readings.as_json(device)) == {f.name for f in dataclasses.fields(device)}
