@@ -123,3 +123,20 @@ def test_points_ignore_records_without_the_field(data_dir):
 def test_nice_buckets():
     assert [series._nice_bucket(s, 1000) for s in (600, 86_400, 2 * 86_400, 30 * 86_400, 365 * 86_400)] == \
         [1, 120, 300, 3600, 43200]
+
+
+def test_duplicate_readings_are_averaged_and_parts_added(data_dir):
+    relay, enphase = stores(data_dir)
+    with relay, enphase:
+        origin = Origin("alphaess", ALPHA, "c1", "up")
+        relay.append([Record("alphaess_realtime", T0, {"serial": ALPHA}, {**alpha_fields(0), "SOC": soc}, origin)
+                      for soc in (55.5, 55.6)])  # two frames in one second of the device's clock
+        add_envoy(enphase, T0, (100.0, 150.0), (30.0, 31.0))
+        add_envoy(enphase, T0, (100.0, 150.0), (30.0, 31.0))  # the same report sent again
+    doc = series.chart(readable_stores(data_dir), series.HourlyCache(), ns(T0), ns(T0 + timedelta(hours=1)))
+    got = by_key(doc)
+    assert got[(ALPHA, "soc_pct")] == [(T0.timestamp(), 55.55)]
+    assert got[(ENVOY, "pv_w")] == [(T0.timestamp(), 250.0)]  # not 500
+    week = series.chart(readable_stores(data_dir), series.HourlyCache(), ns(T0), ns(T0 + timedelta(days=7)))
+    assert by_key(week)[(ENVOY, "pv_w")] == [(T0.timestamp(), 250.0)]
+    assert by_key(week)[(ALPHA, "soc_pct")] == [(T0.timestamp(), 55.55)]

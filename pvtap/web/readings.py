@@ -145,7 +145,7 @@ def _newest_value(db: sqlite3.Connection, source: Source, device: str) -> dict[s
             values.append((json.loads(tags).get(source.part_tag, "") if source.part_tag else "", value))
     if not values:
         return None
-    found: dict[str, Any] = {"value": combine(source.combine, [v for _, v in values]),
+    found: dict[str, Any] = {"value": combine(source, values),
                              "unit": QUANTITIES[source.quantity], "time_ns": rows[0][0]}
     if source.part_tag:
         found["parts"] = [{"part": part, "value": value} for part, value in values]

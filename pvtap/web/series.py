@@ -9,7 +9,8 @@ gains records (a back-fill), loses some (pruning) or has them replaced (`pvtap r
 computed again; the rest is never read twice.
 
 An hour's average of a quantity is over the device's timestamps in it: the records of one
-device at one time are first combined (an Envoy's microinverters summed), then averaged.
+device at one time are first combined (quantities.combine: an Envoy's microinverters summed),
+then averaged.
 """
 
 from __future__ import annotations
@@ -44,14 +45,18 @@ def _by_measurement(quantities: Sequence[str]) -> dict[str, list[Source]]:
     return grouped
 
 
-def _columns(sources: list[Source]) -> str:
-    """One column per source (v0, v1, …): the device's records at one time combined, NULL when
-    none has it."""
-    out = []
-    for i, source in enumerate(sources):
-        value, present = source.sql()
-        out.append(f"{'MAX' if source.combine == 'max' else 'SUM'}(CASE WHEN {present} THEN {value} END) AS v{i}")
-    return ", ".join(out)
+def _per_time(sources: list[Source]) -> str:
+    """A query of one value per source (columns v0, v1, …; NULL when no record has it) per
+    protocol, device and time_ns of one measurement (parameters: measurement, since, until):
+    each part's readings averaged, then the parts combined (quantities.combine)."""
+    part = sources[0].part_sql()  # the sources of one measurement name their parts alike
+    averaged = ", ".join(f"AVG(CASE WHEN {present} THEN {value} END) AS v{i}"
+                         for i, (value, present) in enumerate(s.sql() for s in sources))
+    combined = ", ".join(f"{'MAX' if s.combine == 'max' else 'SUM'}(v{i}) AS v{i}" for i, s in enumerate(sources))
+    return (f"SELECT protocol, device, time_ns, {combined} FROM ("
+            f" SELECT protocol, device, time_ns, {averaged} FROM records"
+            f" WHERE measurement=? AND time_ns >= ? AND time_ns < ? GROUP BY time_ns, protocol, device, {part}"
+            ") GROUP BY time_ns, protocol, device")
 
 
 def points(db: sqlite3.Connection, since_ns: int, until_ns: int,
@@ -60,10 +65,7 @@ def points(db: sqlite3.Connection, since_ns: int, until_ns: int,
     per stored timestamp (records of several measurements at one time averaged)."""
     out: dict[Key, dict[int, list[float]]] = defaultdict(dict)
     for measurement, sources in _by_measurement(quantities).items():
-        rows = db.execute(
-            f"SELECT protocol, device, time_ns, {_columns(sources)} FROM records"
-            " WHERE measurement=? AND time_ns >= ? AND time_ns < ? GROUP BY time_ns, protocol, device",
-            (measurement, since_ns, until_ns))
+        rows = db.execute(_per_time(sources), (measurement, since_ns, until_ns))
         for protocol, device, time_ns, *values in rows:
             for source, value in zip(sources, values):
                 if value is not None:
@@ -80,12 +82,8 @@ def hourly(db: sqlite3.Connection, since_ns: int, until_ns: int,
     out: dict[int, dict[Key, list[float]]] = defaultdict(dict)
     for measurement, sources in _by_measurement(quantities).items():
         sums = ", ".join(f"SUM(v{i}), COUNT(v{i})" for i in range(len(sources)))
-        rows = db.execute(
-            f"SELECT protocol, device, t / {HOUR_NS}, {sums} FROM ("
-            f" SELECT protocol, device, time_ns AS t, {_columns(sources)} FROM records"
-            "  WHERE measurement=? AND time_ns >= ? AND time_ns < ? GROUP BY time_ns, protocol, device"
-            f") GROUP BY protocol, device, t / {HOUR_NS}",
-            (measurement, since_ns, until_ns))
+        rows = db.execute(f"SELECT protocol, device, time_ns / {HOUR_NS}, {sums} FROM ({_per_time(sources)})"
+                          f" GROUP BY protocol, device, time_ns / {HOUR_NS}", (measurement, since_ns, until_ns))
         for protocol, device, hour, *values in rows:
             for i, source in enumerate(sources):
                 total, n = values[2 * i], values[2 * i + 1]

@@ -8,7 +8,10 @@
     soc_pct: ["SoC", "%"], temperature_c: ["Temperature", "°C"],
   };
   const POWER = ["pv_w", "battery_w", "grid_w", "house_w"];
-  const COLOURS = ["#e6a100", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+  const COLOURS = { pv_w: "#e6a100", battery_w: "#1f77b4", grid_w: "#d62728", house_w: "#9467bd",
+                    soc_pct: "#2ca02c" };
+  const DASHES = [[], [6, 3], [2, 3], [10, 3, 2, 3]];  // one per device, in the order the server sends them
+  const SUMMED = ["pv_w", "house_w"];  // the power drawn summed over the devices too
   const tz = -new Date().getTimezoneOffset();  // minutes east of UTC
   const state = { live: null, charts: {}, chartSeries: {}, chartData: null, energy: null,
                   liveUpdates: 0, chartUpdates: 0, errors: [] };
@@ -41,7 +44,6 @@
     return `${value.toFixed(digits)} ${unit}`;
   }
   function when(seconds) { return new Date(seconds * 1000).toLocaleString(); }
-  function colour(i) { return COLOURS[i % COLOURS.length]; }
 
   // -- devices, now, health ------------------------------------------------------------------
 
@@ -69,14 +71,15 @@
       let parts = null;
       for (const [quantity, v] of Object.entries(d.now)) {
         values.append(el("span", {}, QUANTITY[quantity][0]),
-          el("span", { class: "value", "data-quantity": quantity, "data-value": v.value,
+          el("span", { class: "value", "data-quantity": quantity, "data-value": v.value, "data-time-ns": v.time_ns,
                        title: `at ${when(v.time_ns / 1e9)}` }, number(v.value, v.unit)));
         if (v.parts && v.parts.length > 1) {
           parts = parts || el("table", { class: "parts" });
           parts.append(el("tr", {}, el("td", { colspan: 2, class: "muted" }, `${QUANTITY[quantity][0]} per microinverter`)));
           for (const p of v.parts) {
             parts.append(el("tr", {}, el("td", {}, p.part),
-              el("td", { class: "num", "data-part": p.part, "data-quantity": quantity }, number(p.value, v.unit))));
+              el("td", { class: "num", "data-part": p.part, "data-quantity": quantity, "data-value": p.value },
+                 number(p.value, v.unit))));
           }
         }
       }
@@ -145,7 +148,7 @@
       width, height: 260,
       scales: { x: { time: true } },
       axes: [{}, { label: unit, size: 70 }],
-      series: [{}, ...series.map((s) => Object.assign({ spanGaps: true, width: 1.5 }, s))],
+      series: [{}, ...series.map((s) => Object.assign({ spanGaps: true, width: 1.5, points: { size: 4 } }, s))],
     }, extra || {});
     const chart = new uPlot(opts, data, node);
     chart._layout = layout;
@@ -160,15 +163,17 @@
       state.chartData = data;
       state.energy = energy;
       const powerSeries = [], powerData = [data.times], socSeries = [], socData = [data.times];
-      data.series.forEach((s, i) => {
+      const devices = [...new Set(data.series.map((s) => s.device))];
+      data.series.forEach((s) => {
         const label = `${s.device} ${QUANTITY[s.quantity][0]}`;
-        const meta = { label, stroke: colour(i), device: s.device, vendor: s.vendor, quantity: s.quantity };
+        const meta = { label, stroke: COLOURS[s.quantity], dash: DASHES[devices.indexOf(s.device) % DASHES.length],
+                       device: s.device, vendor: s.vendor, quantity: s.quantity };
         if (s.quantity === "soc_pct") { socSeries.push(meta); socData.push(s.values); }
         else { powerSeries.push(meta); powerData.push(s.values); }
       });
-      data.totals.forEach((t) => {
-        powerSeries.push({ label: `all devices ${QUANTITY[t.quantity][0]}`, stroke: "#000", dash: [6, 4],
-                           device: "", quantity: t.quantity, total: true });
+      data.totals.filter((t) => SUMMED.includes(t.quantity)).forEach((t) => {
+        powerSeries.push({ label: `${QUANTITY[t.quantity][0]} of all ${t.devices} devices`, stroke: COLOURS[t.quantity],
+                           width: 3, device: "", quantity: t.quantity, total: true });
         powerData.push(t.values);
       });
       state.chartSeries = { power: powerSeries, soc: socSeries };
@@ -180,7 +185,8 @@
         { label: "House kWh", fill: "#d6272899", stroke: "#d62728", paths: bars({ size: [0.4, 40], align: 1 }), points: { show: false } },
       ];
       const hasEnergy = energy.pv_kwh.some((v) => v !== null) || energy.house_kwh.some((v) => v !== null);
-      const pad = (u, min, max) => [min - 43200, max + 43200];  // whole bars at both ends
+      // whole bars at both ends (from the data: uPlot widens a single point's range by itself)
+      const pad = (u) => [u.data[0][0] - 43200, u.data[0][u.data[0].length - 1] + 43200];
       drawChart("energy", [energy.days, energy.pv_kwh, energy.house_kwh], hasEnergy ? energySeries : [], "kWh",
                 { scales: { x: { time: true, range: pad } } });
       const bucket = data.bucket_s ? `averaged over ${span(data.bucket_s)}` : "every stored point";
