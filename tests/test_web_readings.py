@@ -110,3 +110,15 @@ def test_as_json_has_every_field(data_dir):
         add_alpha(relay, T0, 1)
     (device,) = readings.devices(readable_stores(data_dir), Config(), 0, ns(T0))
     assert set(readings.as_json(device)) == {f.name for f in dataclasses.fields(device)}
+
+
+def test_the_device_index_reads_only_new_payloads(data_dir):
+    index = readings.DeviceIndex()
+    path = data_dir / "relay.sqlite"
+    with LocalStore.for_process(data_dir, "relay") as relay:
+        add_alpha(relay, T0, 1)
+        assert [d.serial for d in readings.devices([path], Config(), 0, ns(T0), index)] == [ALPHA]
+        add_alpha(relay, T0, 1, serial="ALSIM0000000002", first=1)
+        assert [d.serial for d in readings.devices([path], Config(), 0, ns(T0), index)] == [ALPHA, "ALSIM0000000002"]
+        relay._db.execute("DELETE FROM raw WHERE device = ?", (ALPHA,))  # pruned: no payload, no contact
+        assert [d.serial for d in readings.devices([path], Config(), 0, ns(T0), index)] == ["ALSIM0000000002"]

@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pvtap.cli.status import describe, describe_ingest
+from pvtap.cli.status import describe
 from pvtap.config import Config
 from pvtap.ingest_framing import MEASUREMENT as CONNECTION_MEASUREMENT
 from pvtap.store.delivery import read_status
@@ -50,17 +51,45 @@ class Device:
     now: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def devices(paths: Sequence[Path], config: Config, day_start_ns: int, now_ns: int | None = None) -> list[Device]:
-    """Every device with a payload in the stores, newest contact first within a vendor."""
+class DeviceIndex:
+    """The devices (protocol, label) of each store's raw archive, read as it grows: only payloads
+    above the highest id seen are looked at again, so a refresh does not scan years of payloads.
+    A store whose ids went back (another file) is read whole again."""
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, tuple[int, frozenset[tuple[str, str]]]] = {}
+        self._lock = threading.Lock()
+
+    def devices(self, path: Path, db: sqlite3.Connection) -> list[tuple[str, str]]:
+        with self._lock:
+            newest = db.execute("SELECT MAX(id) FROM raw").fetchone()[0] or 0
+            last, found = self._seen.get(path, (0, frozenset()))
+            if newest < last:
+                last, found = 0, frozenset()
+            if newest > last:
+                found = found | frozenset(db.execute(
+                    "SELECT DISTINCT protocol, device FROM raw WHERE id > ? AND id <= ? AND device != ''",
+                    (last, newest)).fetchall())
+            self._seen[path] = (newest, found)
+            return sorted(found)
+
+
+def devices(paths: Sequence[Path], config: Config, day_start_ns: int, now_ns: int | None = None,
+            index: DeviceIndex | None = None) -> list[Device]:
+    """Every device with a payload in the stores, by vendor and serial."""
     now_ns = now_ns or time.time_ns()
+    index = index or DeviceIndex()
     found: list[Device] = []
     for path in paths:
         with read_only(path) as db:
             today = dict(db.execute("SELECT device, COUNT(*) FROM records WHERE time_ns >= ? GROUP BY device",
                                     (day_start_ns,)).fetchall())
-            for protocol, serial in db.execute("SELECT DISTINCT protocol, device FROM raw WHERE device != ''"):
-                last = db.execute("SELECT received_ns FROM raw WHERE id = (SELECT MAX(id) FROM raw"
-                                  " WHERE protocol=? AND device=?)", (protocol, serial)).fetchone()[0]
+            for protocol, serial in index.devices(path, db):
+                row = db.execute("SELECT received_ns FROM raw WHERE id = (SELECT MAX(id) FROM raw"
+                                 " WHERE protocol=? AND device=?)", (protocol, serial)).fetchone()
+                if row is None:  # its payloads were pruned
+                    continue
+                last = row[0]
                 silent_for = max(0.0, (now_ns - last) / 1e9)
                 device = Device(protocol, serial, path.name, last, round(silent_for, 1),
                                 silent_for > config.web.silent_after_s, today.get(serial, 0))
@@ -186,4 +215,4 @@ def as_json(device: Device) -> dict[str, Any]:
     return dataclasses.asdict(device)
 
 
-__all__ = ["Device", "as_json", "current_values", "describe_ingest", "devices", "health"]
+__all__ = ["Device", "DeviceIndex", "as_json", "current_values", "devices", "health"]

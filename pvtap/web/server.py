@@ -60,6 +60,7 @@ class WebContext:
     config: Config
     data_dir: Path
     cache: series.HourlyCache = field(default_factory=series.HourlyCache)
+    index: readings.DeviceIndex = field(default_factory=readings.DeviceIndex)
 
     def stores(self) -> list[Path]:
         return readable_stores(self.data_dir)
@@ -142,7 +143,8 @@ async def _live(request: web.Request) -> web.Response:
                 "silent_after_s": ctx.config.web.silent_after_s,
                 "pseudonymized": ctx.config.privacy.pseudonymize_serials,
                 "influx": ctx.config.influx.url or None, "data_dir": str(ctx.data_dir),
-                "devices": [readings.as_json(d) for d in readings.devices(paths, ctx.config, day_start_ns, now_ns)],
+                "devices": [readings.as_json(d)
+                            for d in readings.devices(paths, ctx.config, day_start_ns, now_ns, ctx.index)],
                 "health": readings.health(paths, now_ns)}
     return _json(await asyncio.to_thread(read))
 
