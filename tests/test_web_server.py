@@ -182,3 +182,15 @@ def test_pvtap_web_serves_until_sigterm(filled):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     assert proc.returncode == 0
+
+
+async def test_a_download_that_fails_ends_as_a_failure_not_a_short_file(filled, monkeypatch):
+    def failing(stores, fmt, filters, out, advance=None):
+        out.write("x" * 200_000)
+        raise ValueError("the disk said no")
+    monkeypatch.setattr("pvtap.web.server.write_export", failing)
+    async with web_view(Config(), filled) as url, aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/export?format=csv") as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()

@@ -185,8 +185,10 @@ async def _export(request: web.Request) -> web.StreamResponse:
     try:
         while (chunk := await asyncio.to_thread(chunks.get)) is not None:
             if isinstance(chunk, BaseException):
-                log.error("export of %s failed: %s", request.query_string, chunk)
-                break  # the download ends short; the browser shows it failed
+                log.error("the download of %s failed: %s", request.query_string, chunk)
+                if request.transport is not None:
+                    request.transport.abort()  # no end of the chunked body: the browser shows it failed
+                return response
             await response.write(chunk)
     finally:
         stop.set()
