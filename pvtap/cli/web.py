@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     def ready() -> None:
         print(READY_LINE.format(host=shown, port=bound_port) + f" (read-only; stores in {config.data_dir})",
               flush=True)
+    os.nice(10)  # on a busy machine the proxies beside it get the CPU first
+
     def stop(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM (from `pvtap run`) stops as cleanly as Ctrl-C
     signal.signal(signal.SIGTERM, stop)
