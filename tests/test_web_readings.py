@@ -55,12 +55,12 @@ def test_local_answers_are_said(data_dir):
     assert found[ENVOY].cloud == "answered locally (local mode)"
 
 
-def test_an_open_relay_connection_names_the_configured_policy(data_dir):
+def test_a_first_relay_connection_still_open_is_said_so(data_dir):
     with LocalStore.for_process(data_dir, "relay") as relay:
         add_alpha(relay, T0, 1)
     (device,) = readings.devices(readable_stores(data_dir), Config(), 0, ns(T0))
-    assert (device.path, device.cloud) == (
-        "relay, policy auto", "connection open; whether the cloud answers is known when it ends")
+    assert (device.path, device.cloud) == ("relay (its first connection is still open)",
+                                           "known when the connection ends")
 
 
 def test_current_values_are_the_newest_stored_and_an_envoy_adds_its_micros(data_dir):

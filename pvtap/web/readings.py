@@ -131,12 +131,8 @@ def _path(db: sqlite3.Connection, device: Device, config: Config) -> tuple[str, 
             return mode, "answered locally (local mode)"
         return mode, f"cloud reached (last answer HTTP {meta.get('status_code', '?')})"
     row = _newest(db, CONNECTION_MEASUREMENT, device.serial)
-    if row is None:
-        policies = sorted({lst.policy for lst in config.relay.listeners if lst.protocol == device.vendor})
-        policy = policies[0] if len(policies) == 1 else "auto" if not config.relay.listeners else "/".join(policies)
-        cloud = ("answered locally (policy local)" if policy == "local" else
-                 "connection open; whether the cloud answers is known when it ends")
-        return f"relay, policy {policy}", cloud
+    if row is None:  # the relay records a connection's policy and outcome when it ends
+        return "relay (its first connection is still open)", "known when the connection ends"
     tags, fields = json.loads(row[0]), json.loads(row[1])
     path = f"relay, policy {tags.get('policy', '?')} (listener {tags.get('listener', '?')})"
     action = tags.get("action")

@@ -128,6 +128,18 @@
     return { since: until - seconds, until, seconds };
   }
 
+  function timeTicks(u, splits) {
+    // one short label per tick: the time of day, the day, or the month, as the span asks
+    const span = u.scales.x.max - u.scales.x.min;
+    const format = span <= 3600 ? { hour: "2-digit", minute: "2-digit", second: "2-digit" }
+      : span <= 2 * 86400 ? { hour: "2-digit", minute: "2-digit" }
+      : span <= 90 * 86400 ? { month: "short", day: "numeric" } : { year: "numeric", month: "short" };
+    return splits.map((s) => new Date(s * 1000).toLocaleString(undefined, format));
+  }
+  function dayTicks(u, splits) {
+    return splits.map((s) => new Date(s * 1000).toLocaleString(undefined, { month: "short", day: "numeric" }));
+  }
+
   function drawChart(name, data, series, unit, extra) {
     const node = $(`chart-${name}`);
     const width = Math.max(300, node.clientWidth - 10);
@@ -147,7 +159,7 @@
     const opts = Object.assign({
       width, height: 260,
       scales: { x: { time: true } },
-      axes: [{}, { label: unit, size: 70 }],
+      axes: [{ values: timeTicks, space: 100 }, { label: unit, size: 70 }],
       series: [{}, ...series.map((s) => Object.assign({ spanGaps: true, width: 1.5, points: { size: 4 } }, s))],
     }, extra || {});
     const chart = new uPlot(opts, data, node);
@@ -188,7 +200,7 @@
       // whole bars at both ends (from the data: uPlot widens a single point's range by itself)
       const pad = (u) => [u.data[0][0] - 43200, u.data[0][u.data[0].length - 1] + 43200];
       drawChart("energy", [energy.days, energy.pv_kwh, energy.house_kwh], hasEnergy ? energySeries : [], "kWh",
-                { scales: { x: { time: true, range: pad } } });
+                { scales: { x: { time: true, range: pad } }, axes: [{ values: dayTicks, splits: (u) => u.data[0] }, { label: "kWh", size: 70 }] });
       const bucket = data.bucket_s ? `averaged over ${span(data.bucket_s)}` : "every stored point";
       $("chart-note").textContent = `${when(data.since)} – ${when(data.until)}, ${bucket}`;
       $("export-csv").href = `/export?format=csv&${query}`;
