@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from datetime import UTC, datetime, timedelta
 
-from pvtap.cli.status import describe
-from pvtap.config import Config, EnphaseConfig, WebConfig
+from pvtap.cli.status import describe, describe_mqtt
+from pvtap.config import Config, Duration, EnphaseConfig, WebConfig
+from pvtap.mqtt.follow import Follower
+from pvtap.mqtt.follow import read_status as read_mqtt
 from pvtap.store.delivery import read_status
 from pvtap.store.local import IngestStatus, LocalStore
 from pvtap.web import readings
@@ -53,6 +56,16 @@ def test_local_answers_are_said(data_dir):
     assert found[ALPHA].cloud == "answered locally: cloud unreachable (connection refused)"
     assert found[ENVOY].path == "mitmproxy addon, reverse mode, local mode"
     assert found[ENVOY].cloud == "answered locally (local mode)"
+
+
+def test_an_envoy_answered_locally_because_the_cloud_is_gone(data_dir):
+    with LocalStore.for_process(data_dir, "enphase") as enphase:
+        add_envoy(enphase, T0, (1.0, 2.0), (3.0, 4.0), answered_locally=True,
+                  cloud_unreachable="no TLS handshake within 30 s")
+    config = Config(enphase=EnphaseConfig(fallback_after=Duration(900)))
+    (envoy,) = readings.devices(readable_stores(data_dir), config, 0, ns(T0))
+    assert envoy.path == "mitmproxy addon, transparent mode, local answers after 900 s without the cloud"
+    assert envoy.cloud == "answered locally: cloud unreachable (no TLS handshake within 30 s)"
 
 
 def test_a_first_relay_connection_still_open_is_said_so(data_dir):
@@ -102,7 +115,8 @@ def test_health_uses_the_words_of_pvtap_status(data_dir):
     assert rows["forwarder"] == "STUCK: no progress for 301 s"
     assert rows["backlog"] == "2 records (never forwarded)"  # the acks carry no record
     assert store["numbers"] == {"decode_backlog": 0, "dropped_copies": 17, "connections": 5, "decode_errors": 2,
-                                "influx_backlog": 2, "influx_forwarded": False, "influx_last_error": None}
+                                "influx_backlog": 2, "influx_forwarded": False, "influx_last_error": None,
+                                "mqtt_backlog": None, "mqtt_last_error": None}
 
 
 def test_as_json_has_every_field(data_dir):
@@ -122,3 +136,24 @@ def test_the_device_index_reads_only_new_payloads(data_dir):
         assert [d.serial for d in readings.devices([path], Config(), 0, ns(T0), index)] == [ALPHA, "ALSIM0000000002"]
         relay._db.execute("DELETE FROM raw WHERE device = ?", (ALPHA,))  # pruned: no payload, no contact
         assert [d.serial for d in readings.devices([path], Config(), 0, ns(T0), index)] == ["ALSIM0000000002"]
+
+
+def test_health_shows_the_mqtt_publisher_as_pvtap_status_does(data_dir):
+    with LocalStore.for_process(data_dir, "relay") as relay:
+        add_alpha(relay, T0, 3)
+    path = data_dir / "relay.sqlite"
+    follower = Follower(path)
+    try:
+        follower.write_status("pvtap-relay", "mqtt://192.0.2.5:1883", running=True, connected=False, published=7,
+                              devices=1, last_error="connection refused", last_error_ns=ns(T0))
+    finally:
+        follower.close()
+    now = time.time_ns()
+    (store,) = readings.health([path], now)
+    expected = describe_mqtt(read_mqtt(path), now)
+    assert len(expected) == 3 and store["rows"][-3:] == [(line[2:17].strip(), line[17:].strip()) for line in expected]
+    rows = dict(store["rows"])
+    assert rows["mqtt messages"] == "7 published, 1 devices, 3 records not read yet"
+    assert rows["mqtt error"].endswith(": connection refused")
+    assert rows["mqtt"].startswith("NOT CONNECTED to mqtt://192.0.2.5:1883")
+    assert (store["numbers"]["mqtt_backlog"], store["numbers"]["mqtt_last_error"]) == (3, "connection refused")

@@ -53,7 +53,7 @@ def add_connection(store: LocalStore, when: datetime, action: str, cloud_error: 
 
 
 def add_envoy(store: LocalStore, end: datetime, powers: tuple[float, float], temperatures: tuple[float, float],
-              answered_locally: bool = False) -> None:
+              answered_locally: bool = False, cloud_unreachable: str = "") -> None:
     """One performance report: an interval and a reading per microinverter ending at `end`, and the answer."""
     origin = Origin("enphase", ENVOY, "flow-1", UP)
     tags = {"envoy": ENVOY}
@@ -69,6 +69,8 @@ def add_envoy(store: LocalStore, end: datetime, powers: tuple[float, float], tem
     meta: dict[str, str | int | bool] = {"status_code": 200}
     if answered_locally:
         meta["answered_locally"] = True
+    if cloud_unreachable:
+        meta["cloud_unreachable"] = cloud_unreachable
     store.add_raw(RawPayload(Origin("enphase", ENVOY, "flow-1", DOWN), "performance_report_response", b"ok",
                              end, meta=meta))
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pvtap.cli.status import describe
+from pvtap.cli.status import describe, describe_mqtt
 from pvtap.config import Config
 from pvtap.ingest_framing import MEASUREMENT as CONNECTION_MEASUREMENT
+from pvtap.mqtt.follow import read_status as read_mqtt
 from pvtap.store.delivery import read_status
 from pvtap.store.local import LocalStore
 from pvtap.web.quantities import QUANTITIES, SOURCES, Source, combine
@@ -122,11 +123,15 @@ def _path(db: sqlite3.Connection, device: Device, config: Config) -> tuple[str, 
     """(how the device's traffic passes pvtap, whether the cloud is reached or answered here)."""
     if device.vendor == "enphase":
         mode = f"mitmproxy addon, {config.enphase.mode} mode" + (", local mode" if config.enphase.local_mode else "")
+        if config.enphase.fallback_after:
+            mode += f", local answers after {config.enphase.fallback_after:g} s without the cloud"
         row = db.execute("SELECT meta FROM raw WHERE protocol='enphase' AND device=? AND direction='down'"
                          " ORDER BY id DESC LIMIT 1", (device.serial,)).fetchone()
         if row is None:
             return mode, "no answer seen yet"
         meta = json.loads(row[0])
+        if meta.get("cloud_unreachable"):
+            return mode, f"answered locally: cloud unreachable ({meta['cloud_unreachable']})"
         if meta.get("answered_locally"):
             return mode, "answered locally (local mode)"
         return mode, f"cloud reached (last answer HTTP {meta.get('status_code', '?')})"
@@ -185,20 +190,17 @@ def health(paths: Sequence[Path], now_ns: int | None = None) -> list[dict[str, A
         delivery = read_status(path)
         with LocalStore(path, readonly=True) as store:
             backlog, row = store.decode_backlog(), store.status()
-        lines = describe(delivery, now_ns, ingest=(backlog, row))
+        mqtt = read_mqtt(path)
+        lines = describe(delivery, now_ns, ingest=(backlog, row)) + describe_mqtt(mqtt, now_ns)
         counts = row.counts if row else {}
-        extra = []
-        mqtt = {k: v for k, v in counts.items() if k.startswith("mqtt")}
-        if mqtt:
-            extra.append(f"  MQTT backlog   {mqtt.get('mqtt_backlog', '?')} records"
-                         + (f", last error: {mqtt['mqtt_error']}" if mqtt.get("mqtt_error") else ""))
-        rows = [_split(line) for line in lines[1:] + extra]
-        out.append({"store": path.name, "title": lines[0], "rows": rows,
+        out.append({"store": path.name, "title": lines[0], "rows": [_split(line) for line in lines[1:]],
                     "numbers": {"decode_backlog": backlog, "dropped_copies": row.dropped_copies if row else 0,
                                 "connections": counts.get("connections", 0),
                                 "decode_errors": counts.get("decode_errors", 0),
                                 "influx_backlog": delivery.backlog, "influx_forwarded": delivery.forwarded,
-                                "influx_last_error": delivery.last_error, **mqtt}})
+                                "influx_last_error": delivery.last_error,
+                                "mqtt_backlog": mqtt.backlog if mqtt else None,
+                                "mqtt_last_error": mqtt.last_error if mqtt else None}})
     return out
 
 

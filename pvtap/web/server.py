@@ -156,7 +156,8 @@ async def _live(request: web.Request) -> web.Response:
         return {"now": now_ns / NS, "refresh_s": ctx.config.web.refresh_s,
                 "silent_after_s": ctx.config.web.silent_after_s,
                 "pseudonymized": ctx.config.privacy.pseudonymize_serials,
-                "influx": ctx.config.influx.url or None, "data_dir": str(ctx.data_dir),
+                "influx": ctx.config.influx.url or None, "mqtt": ctx.config.mqtt.url or None,
+                "data_dir": str(ctx.data_dir),
                 "devices": [readings.as_json(d)
                             for d in readings.devices(paths, ctx.config, day_start_ns, now_ns, ctx.index)],
                 "health": ctx.health(paths, now_ns)}

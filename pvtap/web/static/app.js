@@ -89,8 +89,9 @@
   }
 
   function renderHealth(live) {
-    $("influx").textContent = live.influx ? `InfluxDB: ${live.influx}`
-      : "InfluxDB: not configured (influx.url is empty): records stay in the local stores";
+    $("influx").textContent = (live.influx ? `InfluxDB: ${live.influx}`
+      : "InfluxDB: not configured (influx.url is empty): records stay in the local stores")
+      + ` · MQTT: ${live.mqtt || "not configured (mqtt.url is empty)"}`;
     $("health").replaceChildren(...live.health.map((h) => {
       const rows = el("table", { class: "health-rows" });
       for (const [label, value] of h.rows) {
