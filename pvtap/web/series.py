@@ -3,10 +3,10 @@
 Ranges up to `FINE_RANGE_S` are read from the records themselves: every stored point when there
 are at most `MAX_POINTS` per series, else averages over equal buckets. Longer ranges are built
 from hourly averages kept by `HourlyCache`: a year of one-minute data is half a million records,
-which SQLite's JSON functions take seconds to read, but only 8,760 hours. The cache knows each
-hour's record count and highest record id (read from the time index alone), so an hour that
-gains records (a back-fill), loses some (pruning) or has them replaced (`pvtap replay`) is
-computed again; the rest is never read twice.
+which SQLite's JSON functions take tens of seconds to read, but only 8,760 hours. The cache
+reads an hour again only when it changed: when records arrive for it (new, back-filled, or
+re-decoded by `pvtap replay`), found by the ids above the highest one seen, or when the store was
+pruned or replaced (its lowest id moved, its highest went back).
 
 An hour's average of a quantity is over the device's timestamps in it: the records of one
 device at one time are first combined (quantities.combine: an Envoy's microinverters summed),
