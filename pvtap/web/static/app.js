@@ -168,49 +168,60 @@
     state.charts[name] = chart;
   }
 
+  function drawPowerAndSoc(data, query) {
+    state.chartData = data;
+    const powerSeries = [], powerData = [data.times], socSeries = [], socData = [data.times];
+    const devices = [...new Set(data.series.map((s) => s.device))];
+    data.series.forEach((s) => {
+      const label = `${s.device} ${QUANTITY[s.quantity][0]}`;
+      const meta = { label, stroke: COLOURS[s.quantity], dash: DASHES[devices.indexOf(s.device) % DASHES.length],
+                     device: s.device, vendor: s.vendor, quantity: s.quantity };
+      if (s.quantity === "soc_pct") { socSeries.push(meta); socData.push(s.values); }
+      else { powerSeries.push(meta); powerData.push(s.values); }
+    });
+    data.totals.filter((t) => SUMMED.includes(t.quantity)).forEach((t) => {
+      powerSeries.push({ label: `${QUANTITY[t.quantity][0]} of all ${t.devices} devices`, stroke: COLOURS[t.quantity],
+                         width: 3, device: "", quantity: t.quantity, total: true });
+      powerData.push(t.values);
+    });
+    state.chartSeries = { power: powerSeries, soc: socSeries };
+    drawChart("power", powerData, powerSeries, "W");
+    drawChart("soc", socData, socSeries, "%", { scales: { x: { time: true }, y: { range: [0, 100] } } });
+    const bucket = data.bucket_s ? `averaged over ${span(data.bucket_s)}` : "every stored point";
+    $("chart-note").textContent = `${when(data.since)} – ${when(data.until)}, ${bucket}`;
+    $("export-csv").href = `/export?format=csv&${query}`;
+    $("export-lp").href = `/export?format=lp&${query}`;
+  }
+
+  function drawEnergy(energy) {
+    state.energy = energy;
+    const bars = uPlot.paths.bars;
+    const series = [
+      { label: "PV kWh", fill: "#e6a10099", stroke: "#e6a100", paths: bars({ size: [0.4, 40], align: -1 }),
+        points: { show: false } },
+      { label: "House kWh", fill: "#d6272899", stroke: "#d62728", paths: bars({ size: [0.4, 40], align: 1 }),
+        points: { show: false } },
+    ];
+    const hasEnergy = energy.pv_kwh.some((v) => v !== null) || energy.house_kwh.some((v) => v !== null);
+    // whole bars at both ends (from the data: uPlot widens a single point's range by itself)
+    const pad = (u) => [u.data[0][0] - 43200, u.data[0][u.data[0].length - 1] + 43200];
+    drawChart("energy", [energy.days, energy.pv_kwh, energy.house_kwh], hasEnergy ? series : [], "kWh",
+              { scales: { x: { time: true, range: pad } },
+                axes: [{ values: dayTicks, splits: (u) => u.data[0] }, { label: "kWh", size: 70 }] });
+  }
+
   async function refreshCharts() {
+    // each chart is drawn as its data arrives: energy per day may wait for the hourly cache (at start)
     const r = range();
     const query = `since=${r.since.toFixed(3)}&until=${r.until.toFixed(3)}`;
-    try {
-      const [data, energy] = await Promise.all([getJSON(`/api/chart?${query}`), getJSON(`/api/energy?${query}&tz=${tz}`)]);
-      state.chartData = data;
-      state.energy = energy;
-      const powerSeries = [], powerData = [data.times], socSeries = [], socData = [data.times];
-      const devices = [...new Set(data.series.map((s) => s.device))];
-      data.series.forEach((s) => {
-        const label = `${s.device} ${QUANTITY[s.quantity][0]}`;
-        const meta = { label, stroke: COLOURS[s.quantity], dash: DASHES[devices.indexOf(s.device) % DASHES.length],
-                       device: s.device, vendor: s.vendor, quantity: s.quantity };
-        if (s.quantity === "soc_pct") { socSeries.push(meta); socData.push(s.values); }
-        else { powerSeries.push(meta); powerData.push(s.values); }
-      });
-      data.totals.filter((t) => SUMMED.includes(t.quantity)).forEach((t) => {
-        powerSeries.push({ label: `${QUANTITY[t.quantity][0]} of all ${t.devices} devices`, stroke: COLOURS[t.quantity],
-                           width: 3, device: "", quantity: t.quantity, total: true });
-        powerData.push(t.values);
-      });
-      state.chartSeries = { power: powerSeries, soc: socSeries };
-      drawChart("power", powerData, powerSeries, "W");
-      drawChart("soc", socData, socSeries, "%", { scales: { x: { time: true }, y: { range: [0, 100] } } });
-      const bars = uPlot.paths.bars;
-      const energySeries = [
-        { label: "PV kWh", fill: "#e6a10099", stroke: "#e6a100", paths: bars({ size: [0.4, 40], align: -1 }), points: { show: false } },
-        { label: "House kWh", fill: "#d6272899", stroke: "#d62728", paths: bars({ size: [0.4, 40], align: 1 }), points: { show: false } },
-      ];
-      const hasEnergy = energy.pv_kwh.some((v) => v !== null) || energy.house_kwh.some((v) => v !== null);
-      // whole bars at both ends (from the data: uPlot widens a single point's range by itself)
-      const pad = (u) => [u.data[0][0] - 43200, u.data[0][u.data[0].length - 1] + 43200];
-      drawChart("energy", [energy.days, energy.pv_kwh, energy.house_kwh], hasEnergy ? energySeries : [], "kWh",
-                { scales: { x: { time: true, range: pad } }, axes: [{ values: dayTicks, splits: (u) => u.data[0] }, { label: "kWh", size: 70 }] });
-      const bucket = data.bucket_s ? `averaged over ${span(data.bucket_s)}` : "every stored point";
-      $("chart-note").textContent = `${when(data.since)} – ${when(data.until)}, ${bucket}`;
-      $("export-csv").href = `/export?format=csv&${query}`;
-      $("export-lp").href = `/export?format=lp&${query}`;
-      state.chartUpdates += 1;
-    } catch (error) {
+    const failed = (error) => {
       state.errors.push(String(error));
       $("chart-note").textContent = `charts unavailable: ${error.message}`;
-    }
+    };
+    const energy = getJSON(`/api/energy?${query}&tz=${tz}`).then(drawEnergy).catch(failed);
+    await getJSON(`/api/chart?${query}`).then((data) => drawPowerAndSoc(data, query)).catch(failed);
+    await energy;
+    state.chartUpdates += 1;
   }
 
   function scheduleCharts() {
