@@ -10,6 +10,7 @@ from pvtap.cli.status import describe, describe_mqtt
 from pvtap.config import Config, Duration, EnphaseConfig, WebConfig
 from pvtap.mqtt.follow import Follower
 from pvtap.mqtt.follow import read_status as read_mqtt
+from pvtap.records import Origin, RawPayload, Record
 from pvtap.store.delivery import read_status
 from pvtap.store.local import IngestStatus, LocalStore
 from pvtap.web import readings
@@ -157,3 +158,18 @@ def test_health_shows_the_mqtt_publisher_as_pvtap_status_does(data_dir):
     assert rows["mqtt error"].endswith(": connection refused")
     assert rows["mqtt"].startswith("NOT CONNECTED to mqtt://192.0.2.5:1883")
     assert (store["numbers"]["mqtt_backlog"], store["numbers"]["mqtt_last_error"]) == (3, "connection refused")
+
+
+def test_foxess_m1_and_h1_values(data_dir):
+    with LocalStore.for_process(data_dir, "relay") as relay:
+        for serial, measurement, fields in (
+                ("SIMM1000000001", "foxess_telemetry",
+                 {"ac_power_w": 312.0, "temperature_c": 44.5, "pv1_power_w": 160.0}),
+                ("SIMH1000000001", "foxess_h1_realtime", {"pv1_power_w": 1500.0, "pv2_power_w": 700.0,
+                                                          "grid_power_w": -350.0})):
+            origin = Origin("foxess", serial, "c1", "up")
+            relay.add_raw(RawPayload(origin, "frame", b"\x7e\x7e", T0),
+                          records=[Record(measurement, T0, {"serial": serial}, fields, origin)])
+    found = {d.serial: d.now for d in readings.devices(readable_stores(data_dir), Config(), 0, ns(T0))}
+    assert {q: v["value"] for q, v in found["SIMM1000000001"].items()} == {"pv_w": 312.0, "temperature_c": 44.5}
+    assert {q: v["value"] for q, v in found["SIMH1000000001"].items()} == {"pv_w": 2200.0, "grid_w": -350.0}

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from pvtap.cli import main
-from pvtap.config import Config, WebConfig
+from pvtap.config import Config, PrivacyConfig, WebConfig
 from pvtap.web.server import STATIC, bind, serve
 
 from .conftest import REPO
@@ -71,6 +71,7 @@ async def test_page_json_and_headers(filled):
             live = await response.json()
             assert response.headers["Cache-Control"] == "no-store"
         assert [(d["vendor"], d["serial"]) for d in live["devices"]] == [("alphaess", ALPHA), ("enphase", ENVOY)]
+        assert live["pseudonymized"] is False
         assert [h["store"] for h in live["health"]] == ["enphase.sqlite", "relay.sqlite"]
         query = f"since={T0.timestamp()}&until={(T0 + timedelta(hours=1)).timestamp()}"
         async with http.get(f"{url}/api/chart?{query}") as response:
@@ -120,6 +121,14 @@ async def test_the_download_is_pvtap_export_of_the_shown_range(filled, fmt, caps
 
 def _basic(password: str, user: str = "anyone") -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+async def test_the_page_says_when_serials_are_pseudonyms(filled):
+    config = Config(privacy=PrivacyConfig(pseudonymize_serials=True))
+    async with web_view(config, filled) as url, aiohttp.ClientSession() as http:
+        async with http.get(url + "/api/live") as response:
+            assert (await response.json())["pseudonymized"] is True
+    assert "serials are pseudonyms (privacy.pseudonymize_serials)" in (STATIC / "app.js").read_text()
 
 
 async def test_with_a_password_every_request_needs_it(filled):
