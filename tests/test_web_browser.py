@@ -209,5 +209,5 @@ def check_page(browser, origin: str, data: Path, second: subprocess.Popen) -> No
 
 def test_ci_installs_chromium() -> None:
     """`make test` installs the Debian packages first: chromium must be one of them."""
-    makefile = (REPO / "Makefile").read_text()
+    makefile = (REPO / "Makefile").read_text().replace("\\\n", " ")  # continued lines joined
     assert "chromium" in makefile.split("DEBIAN_PACKAGES :=")[1].split("\n")[0].split()

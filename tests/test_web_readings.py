@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from pvtap.cli.status import describe, describe_mqtt
 from pvtap.config import Config, Duration, EnphaseConfig, WebConfig
+from pvtap.health import STATS_MEASUREMENT, STATS_ORIGIN
 from pvtap.mqtt.follow import Follower
 from pvtap.mqtt.follow import read_status as read_mqtt
 from pvtap.records import Origin, RawPayload, Record
@@ -173,3 +174,11 @@ def test_foxess_m1_and_h1_values(data_dir):
     found = {d.serial: d.now for d in readings.devices(readable_stores(data_dir), Config(), 0, ns(T0))}
     assert {q: v["value"] for q, v in found["SIMM1000000001"].items()} == {"pv_w": 312.0, "temperature_c": 44.5}
     assert {q: v["value"] for q, v in found["SIMH1000000001"].items()} == {"pv_w": 2200.0, "grid_w": -350.0}
+
+
+def test_pvtaps_own_stats_records_are_not_a_device(data_dir):
+    with LocalStore.for_process(data_dir, "relay") as relay:
+        add_alpha(relay, T0, 1)
+        relay.append([Record(STATS_MEASUREMENT, T0, {"process": "relay"}, {"connections_open": 1},
+                             Origin(STATS_ORIGIN))])
+    assert [d.serial for d in readings.devices(readable_stores(data_dir), Config(), 0, ns(T0))] == [ALPHA]
