@@ -279,9 +279,7 @@ class EnphaseTap:
                       "Fix: point enphase_data_dir (or data_dir in the pvtap config) at a writable directory.",
                       settings.data_dir, exc)
             return
-        config = settings.config
-        worker = WorkerSettings.of(store.path, privacy, config.influx, config.ingest.queue_mb * 2**20,
-                                   config.log_level, mqtt=config.mqtt)
+        worker = WorkerSettings.of_config(store.path, privacy, settings.config)
         self.channel = Channel.process(worker, name="enphase ingest").start()
         self.peers = PeerNames(privacy)
         self.store_path = store.path

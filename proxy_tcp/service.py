@@ -6,16 +6,22 @@ open connection still sends its record. `serve` adds the relay's ingest workers 
 frame, archive and decode the copies; the relay process does only I/O); `run` is the blocking
 entry point of `pvtap relay` and `python -m proxy_tcp`.
 
-Stopping, and how long it may take (each grace bounds one step; the steps add up):
+Stopping, and how long it may take. This is the one place the numbers are written down; each
+grace bounds one step and the steps add up:
 
-    connections close both sides at once      CLOSE_GRACE  5 s  (connection.py)
-    the listener waits for its connections    STOP_GRACE   8 s  (listeners.py; > CLOSE_GRACE)
-    the workers get the rest of the copies,   WORKER_STOP_GRACE_S   (ingest_worker.py: archiving
-      archive them, decode a little more,       5 s, decoding 2 s, the forwarder 4 s, 1 s spare)
-      stop their forwarders and exit
-    in all                                    RELAY_STOP_GRACE = STOP_GRACE + WORKER_STOP_GRACE_S
+    connections close both sides at once        CLOSE_GRACE           5 s  (connection.py)
+    the listener waits for its connections      STOP_GRACE            8 s  (listeners.py; > CLOSE_GRACE)
+    each ingest worker gets the rest of the copies and
+      archives them                             ARCHIVE_STOP_GRACE_S  5 s  (ingest_worker.py)
+      decodes on, leaving the rest archived     ingest.stop_decode_s  2 s  (0 to 10 s, config)
+      stops its forwarders, and a second spare                       4 + 1 s
+    in all: relay_stop_grace(config)                                20 s by default, 28 s at most
 
-`pvtap run` waits STOP_TIMEOUT (more than RELAY_STOP_GRACE) before it kills a service.
+A worker still running after its grace is killed; the copies it had not archived are counted as
+lost (`relay stopped: …` in the log, `lost at stop` in `pvtap status`). `pvtap run` gives each
+service STOP_TIMEOUT (30 s, more than the 28 s) before it kills it, and stops the relay before
+mitmdump, so a supervisor around `pvtap run` (Docker: compose's stop_grace_period) must allow
+30 s for the relay plus mitmdump's own stop (its worker: 5 + stop_decode_s + 4 + 1 s): 45 s.
 """
 
 from __future__ import annotations
@@ -28,12 +34,12 @@ import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
-from pvtap.config import Config, ConfigError, InfluxConfig, ListenerConfig
+from pvtap.config import MAX_STOP_DECODE_S, Config, ConfigError, InfluxConfig, ListenerConfig
 from pvtap.decode import Codec, StreamCodec, codec_for, stream_codec
 from pvtap.health import Health
 from pvtap.ingest_channel import Channel, IngestStartError
 from pvtap.ingest_pool import ChannelPool
-from pvtap.ingest_worker import WORKER_STOP_GRACE_S, WorkerSettings
+from pvtap.ingest_worker import WORKER_STOP_GRACE_S, WorkerSettings, worker_stop_grace
 from pvtap.metrics import WorkerStats
 from pvtap.peers import PeerNames
 from pvtap.privacy import Privacy
@@ -49,8 +55,16 @@ log = logging.getLogger("proxy_tcp")
 
 #: the line that tells a supervisor (`pvtap run`) the relay is listening
 READY = "relay ready:"
-#: the longest a relay takes to stop (see the module docstring)
+
+
+def relay_stop_grace(config: Config) -> float:
+    """The longest this relay takes to stop (see the module docstring)."""
+    return STOP_GRACE + worker_stop_grace(config.ingest.stop_decode_s)
+
+
+#: the longest a relay takes to stop with the default settings, and with any allowed setting
 RELAY_STOP_GRACE = STOP_GRACE + WORKER_STOP_GRACE_S
+RELAY_STOP_GRACE_MAX = STOP_GRACE + worker_stop_grace(MAX_STOP_DECODE_S)
 #: bytes of copies buffered for an in-process worker (relay_running without `copies`)
 TEST_QUEUE_BYTES = 32 * 2**20
 
@@ -147,7 +161,7 @@ async def relay_running(listeners: Sequence[ListenerConfig], *, copies: CopySink
             try:
                 await channel.idle(timeout=60)  # tests read the store next: all decoded
             finally:
-                channel.close(WORKER_STOP_GRACE_S)
+                channel.close(channel.settings.stop_grace)
 
 
 def listeners_of(config: Config) -> list[ListenerConfig]:
@@ -158,6 +172,16 @@ def listeners_of(config: Config) -> list[ListenerConfig]:
     return default_listeners()
 
 
+def warn_obsolete(listeners: Sequence[ListenerConfig], keys: Callable[[int, str], str], config: Config) -> None:
+    """Settings that are still accepted (so that an older config starts) but do nothing."""
+    for index, listener in enumerate(listeners):
+        if listener.decode_queue:
+            key = keys(index, "decode_queue")
+            log.warning("%s = %d is no longer used: the copies of every listener share ingest.queue_mb (%d MiB) "
+                        "on their way to the ingest worker. Fix: remove %s from the config", key,
+                        listener.decode_queue, config.ingest.queue_mb, key)
+
+
 async def serve(config: Config, listeners: Sequence[ListenerConfig] | None = None, *,
                 keys: Callable[[int, str], str] = config_key, stop: asyncio.Event | None = None) -> None:
     """Run the relay until `stop` is set or the task is cancelled: its listeners and its ingest
@@ -166,6 +190,7 @@ async def serve(config: Config, listeners: Sequence[ListenerConfig] | None = Non
     privacy = Privacy.from_config(config)
     chosen = [in_data_dir(listener, config.data_dir)
               for listener in (listeners if listeners is not None else listeners_of(config))]
+    warn_obsolete(chosen, keys, config)
     health = Health("relay", config.health).serve(config.health.relay_listen, "health.relay_listen")
     health.watch_loop(asyncio.get_running_loop())
     try:
@@ -187,7 +212,7 @@ async def serve(config: Config, listeners: Sequence[ListenerConfig] | None = Non
     finally:
         health.stop()  # its last pvtap_stats payload goes to the workers before they close
         stats = pool.stats()
-        finished = pool.close(WORKER_STOP_GRACE_S)
+        finished = pool.close(pool.stop_grace)
         log.info("relay stopped: %d copies sent to %d ingest worker(s), %d dropped (ingest busy or down)%s",
                  stats.get("copies_sent", 0), len(pool.channels), stats.get("copies_dropped", 0),
                  "" if finished else "; a worker had to be killed")

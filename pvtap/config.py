@@ -215,8 +215,9 @@ class ListenerConfig:
                                      "(auto then answers locally).", check=positive)
     idle_timeout: float = setting(3600.0, "Seconds without a byte either way before a connection is closed "
                                   "(devices hold connections for hours).", check=positive)
-    decode_queue: int = setting(256, "Not used any more: copies share the ingest.queue_mb budget. Accepted so that "
-                                "older configs still load.", check=positive)
+    decode_queue: int = setting(0, "Obsolete, ignored: the copies of every listener share ingest.queue_mb now. A "
+                                "value set here logs a warning when the relay starts; remove it.",
+                                check=lambda v: None if v >= 0 else "must be 0 or more (better: remove it)")
     max_connections: int = setting(64, "Connections open at once on this listener; more are refused as they are "
                                    "accepted (before any TLS handshake), counted and logged at most every 10 s.",
                                    check=positive)
@@ -378,6 +379,10 @@ class InfluxConfig:
                               "set verify_tls = true to use the CA file, or drop ca_file")
 
 
+#: the longest ingest.stop_decode_s, so that a relay's whole stop stays under `pvtap run`'s STOP_TIMEOUT
+MAX_STOP_DECODE_S = 10.0
+
+
 def _workers(value: int) -> str | None:
     return None if 0 <= value <= 64 else "must be between 0 (one per core beyond the first) and 64"
 
@@ -394,6 +399,11 @@ class IngestConfig:
         32, "MiB of copies a forwarding process holds for its ingest worker while the worker is busy (and the worker "
             "for its archive); beyond it copies are dropped and counted (pvtap status). Forwarding never waits.",
         check=lambda v: None if 1 <= v <= 4096 else "must be between 1 and 4096")
+    stop_decode_s: float = setting(
+        2.0, "Seconds a stopping ingest worker goes on decoding its backlog before it leaves the rest for the next "
+             "start (nothing is lost: the backlog stays in the raw archive). It bounds how long a stop takes, which "
+             "matters under a supervisor's stop grace (Docker: stop_grace_period); docs/relay.md, \"Stopping\".",
+        check=lambda v: None if 0 <= v <= MAX_STOP_DECODE_S else f"must be between 0 and {MAX_STOP_DECODE_S:g}")
 
 
 _MQTT_URL = re.compile(r"(mqtts?)://(\[[0-9a-fA-F:]+\]|[^/:\s@\[\]]+)(?::(\d{1,5}))?/?")

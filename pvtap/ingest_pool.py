@@ -72,9 +72,7 @@ class ChannelPool:
         try:
             for index in range(workers):
                 adopt = [path for k, path in orphans.items() if k % workers == index]
-                settings = WorkerSettings.of(store_path(data_dir, name, index), privacy, config.influx,
-                                             config.ingest.queue_mb * 2**20, config.log_level, adopt,
-                                             config.mqtt)
+                settings = WorkerSettings.of_config(store_path(data_dir, name, index), privacy, config, adopt)
                 channels.append(Channel.process(settings, name=f"{name} ingest {index}").start(wait_ready))
         except BaseException:
             for channel in channels:
@@ -118,6 +116,11 @@ class ChannelPool:
     async def idle(self, timeout: float = 30.0) -> None:
         for channel in self.channels:
             await channel.idle(timeout)
+
+    @property
+    def stop_grace(self) -> float:
+        """How long the workers may take to exit once their channels ended (ingest.stop_decode_s included)."""
+        return max(channel.settings.stop_grace for channel in self.channels)
 
     def close(self, timeout: float) -> bool:
         """End every channel and wait (up to `timeout` in all) for the workers to exit."""

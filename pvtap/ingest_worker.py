@@ -12,8 +12,8 @@ forwarding process's GIL.
 One worker per store file; a lock file (`<store>.writer.lock`) makes a second writer fail at
 start with a message instead of sharing the file. The worker ends by itself when its channel
 ends (EOF: the parent stopped or died; PR_SET_PDEATHSIG covers a parent killed before it could
-close the socket): it archives what it received, decodes for at most DECODE_STOP_GRACE_S more,
-and leaves the rest of the backlog in the archive for the next start.
+close the socket): it archives what it received, decodes for at most `ingest.stop_decode_s`
+more, and leaves the rest of the backlog in the archive for the next start.
 
 A full or failing disk: the archiver keeps its batch and retries with back-off; meanwhile new
 copies are dropped and counted once the archive queue is full. One error when it starts, a
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pvtap import ingest_wire as wire
-from pvtap.config import InfluxConfig, MqttConfig
+from pvtap.config import Config, InfluxConfig, MqttConfig
 from pvtap.decode import codec_for
 from pvtap.files import open_private
 from pvtap.ingest import Codecs, Ingest
@@ -60,17 +60,28 @@ if TYPE_CHECKING:
 log = logging.getLogger("pvtap.ingest")
 
 #: after its channel ended, how long the worker keeps decoding its backlog before leaving the rest
+#: (the default of ingest.stop_decode_s)
 DECODE_STOP_GRACE_S = 2.0
 #: after its channel ended, how long archiving what was received may take (a failing disk)
 ARCHIVE_STOP_GRACE_S = 5.0
+#: how long the worker's forwarders may take to stop (pvtap/store/forwarder.py STOP_TIMEOUT_S), and a second to spare
+FORWARDER_STOP_S = 4.0
+SPARE_S = 1.0
 #: how long a new worker waits for the previous writer of its store to finish
 WRITER_LOCK_WAIT_S = 15.0
 #: a group commit waits this long for more payloads after the first, unless GROUP_MAX are there
 GROUP_WAIT_S = 0.005
 GROUP_MAX = 2000
-#: the longest a worker takes to exit after its channel ended: archiving, decoding, the forwarder
-#: (pvtap/store/forwarder.py STOP_TIMEOUT_S = 4 s) and a second to spare; the relay waits this long
-WORKER_STOP_GRACE_S = ARCHIVE_STOP_GRACE_S + DECODE_STOP_GRACE_S + 4.0 + 1.0
+
+
+def worker_stop_grace(stop_decode_s: float = DECODE_STOP_GRACE_S) -> float:
+    """The longest a worker takes to exit after its channel ended: archiving, decoding for
+    `stop_decode_s` (ingest.stop_decode_s), its forwarders and a second to spare. Its parent waits
+    this long before it kills it."""
+    return ARCHIVE_STOP_GRACE_S + stop_decode_s + FORWARDER_STOP_S + SPARE_S
+
+
+WORKER_STOP_GRACE_S = worker_stop_grace()
 SNAPSHOT_EVERY_S = 1.0
 STATUS_EVERY_S = 5.0
 FAILURE_SUMMARY_EVERY_S = 60.0
@@ -89,18 +100,32 @@ class WorkerSettings:
     queue_bytes: int = 32 * 2**20
     log_level: str = "info"
     parent_pid: int = 0
+    stop_decode_s: float = DECODE_STOP_GRACE_S  # ingest.stop_decode_s
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def of(cls, store: Path, privacy: Privacy, influx: InfluxConfig, queue_bytes: int, log_level: str = "info",
-           adopt: list[Path] | None = None, mqtt: MqttConfig | None = None) -> WorkerSettings:
+           adopt: list[Path] | None = None, mqtt: MqttConfig | None = None,
+           stop_decode_s: float = DECODE_STOP_GRACE_S) -> WorkerSettings:
         fields = {f.name: getattr(privacy, f.name) for f in dataclasses.fields(privacy)}
         return cls(store=str(store), adopt=[str(p) for p in adopt or []],
                    privacy={k: v.hex() if isinstance(v, bytes) else v for k, v in fields.items()},
                    influx=dataclasses.asdict(influx), mqtt=dataclasses.asdict(mqtt) if mqtt else {},
-                   queue_bytes=queue_bytes, log_level=log_level, parent_pid=os.getpid())
+                   queue_bytes=queue_bytes, log_level=log_level, parent_pid=os.getpid(), stop_decode_s=stop_decode_s)
+
+    @classmethod
+    def of_config(cls, store: Path, privacy: Privacy, config: Config,
+                  adopt: list[Path] | None = None) -> WorkerSettings:
+        """The settings of a worker for `store` from the pvtap config ([ingest], [influx], [mqtt], log level)."""
+        return cls.of(store, privacy, config.influx, config.ingest.queue_mb * 2**20, config.log_level, adopt,
+                      config.mqtt, config.ingest.stop_decode_s)
+
+    @property
+    def stop_grace(self) -> float:
+        """How long the parent waits for this worker to exit after the channel ended."""
+        return worker_stop_grace(self.stop_decode_s)
 
     def make_privacy(self) -> Privacy:
         hints = {f.name: str(f.type) for f in dataclasses.fields(Privacy)}
@@ -324,7 +349,7 @@ class Worker:
         with self.queue.cond:
             self.queue.cond.notify_all()
         for thread in self._threads:
-            thread.join(ARCHIVE_STOP_GRACE_S + DECODE_STOP_GRACE_S + 5)
+            thread.join(ARCHIVE_STOP_GRACE_S + self.settings.stop_decode_s + 5)
         for forwarder in self.forwarders:
             forwarder.stop_soon()
         if self.mqtt is not None:
@@ -475,10 +500,10 @@ class Worker:
         stop_at: float | None = None
         delay = 0.1
         while True:
-            if self.stopping.is_set():
-                stop_at = stop_at or time.monotonic() + DECODE_STOP_GRACE_S
+            if self.stopping.is_set():  # decode for stop_decode_s more at most: the rest waits in the archive
+                stop_at = stop_at or time.monotonic() + self.settings.stop_decode_s
                 archiver_done = not self._threads[0].is_alive()  # started first
-                if archiver_done and (time.monotonic() > stop_at or not self._any_backlog(engines)):
+                if time.monotonic() >= stop_at or (archiver_done and not self._any_backlog(engines)):
                     return
             try:
                 decoded = sum(engine.decode_pending() for engine in engines)

@@ -88,7 +88,7 @@ def test_fixed_and_auto_without_upstream_name_the_key_and_the_fix(tmp_path, poli
     ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\nconnect_timeout = 0', "connect_timeout",
      "greater than 0"),
     ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\ndecode_queue = -1', "decode_queue",
-     "greater than 0"),
+     "must be 0 or more (better: remove it)"),
     ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\nidle_timout = 5', "idle_timout",
      "did you mean relay.listeners[0].idle_timeout"),
     ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\nfirst_byte_timeout = 0', "first_byte_timeout",
@@ -230,14 +230,32 @@ def test_a_config_file_error_exits_2(tmp_path):
 
 
 def test_the_stop_graces_add_up():
-    """`pvtap run` kills a service only after the relay's own stop could have finished."""
+    """`pvtap run` kills a service only after the relay's own stop could have finished, whatever
+    ingest.stop_decode_s says (it is bounded for that)."""
     from proxy_tcp.connection import CLOSE_GRACE
     from proxy_tcp.listeners import STOP_GRACE
-    from proxy_tcp.service import RELAY_STOP_GRACE
+    from proxy_tcp.service import RELAY_STOP_GRACE, RELAY_STOP_GRACE_MAX, relay_stop_grace
     from pvtap.cli.run import STOP_TIMEOUT
-    from pvtap.ingest_worker import ARCHIVE_STOP_GRACE_S, DECODE_STOP_GRACE_S, WORKER_STOP_GRACE_S
+    from pvtap.config import MAX_STOP_DECODE_S, Config, IngestConfig
+    from pvtap.ingest_worker import ARCHIVE_STOP_GRACE_S, WORKER_STOP_GRACE_S, worker_stop_grace
     from pvtap.store.forwarder import STOP_TIMEOUT_S
 
     assert CLOSE_GRACE < STOP_GRACE
-    assert WORKER_STOP_GRACE_S > ARCHIVE_STOP_GRACE_S + DECODE_STOP_GRACE_S + STOP_TIMEOUT_S
-    assert RELAY_STOP_GRACE == STOP_GRACE + WORKER_STOP_GRACE_S < STOP_TIMEOUT
+    assert worker_stop_grace(0.0) > ARCHIVE_STOP_GRACE_S + STOP_TIMEOUT_S
+    assert worker_stop_grace(3.0) == worker_stop_grace(0.0) + 3.0
+    assert RELAY_STOP_GRACE == STOP_GRACE + WORKER_STOP_GRACE_S == relay_stop_grace(Config()) == 20.0
+    slowest = Config(ingest=IngestConfig(stop_decode_s=MAX_STOP_DECODE_S))
+    assert relay_stop_grace(slowest) == RELAY_STOP_GRACE_MAX < STOP_TIMEOUT
+
+
+def test_an_obsolete_decode_queue_starts_with_a_warning_naming_its_replacement(tmp_path):
+    from tests.relay_support import RelayProcess
+
+    config = tmp_path / "pvtap.toml"
+    config.write_text('[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "127.0.0.1:0"\npolicy = "local"\n'
+                      'decode_queue = 256\n')
+    relay = RelayProcess(["--config", str(config)], tmp_path / "data").start()
+    assert relay.stop() == 0
+    assert ("relay.listeners[0].decode_queue = 256 is no longer used: the copies of every listener share "
+            "ingest.queue_mb (32 MiB) on their way to the ingest worker. Fix: remove relay.listeners[0].decode_queue"
+            " from the config") in relay.text
