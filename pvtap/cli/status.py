@@ -105,6 +105,10 @@ def describe_ingest(backlog: int, row: IngestStatus | None, now_ns: int) -> list
                                                           not (row.running and not stale) else ""),
              f"  dropped copies {row.dropped_copies}" + (" (ingest was busy or down; forwarding was not affected)"
                                                          if row.dropped_copies else "")]
+    lost, at_stop = int(row.counts.get("parent_copies_lost", 0)), int(row.counts.get("lost_at_stop", 0))
+    if lost:
+        lines.append(f"  LOST COPIES    {lost}" + (f", {at_stop} at the last stop" if at_stop else "")
+                     + " (the worker ended before archiving them: killed at a stop, or crashed)")
     counts = row.counts
     if counts.get("connections"):
         lines.append(f"  connections    {counts['connections']} relayed, {counts.get('connections_open', 0)} open")

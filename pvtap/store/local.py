@@ -235,6 +235,18 @@ class LocalStore:
                 (time.time_ns(), int(status.running), status.pid, status.dropped_copies, status.decode_backlog,
                  status.forwarder, status.forwarder_error, json.dumps(status.counts, sort_keys=True)))
 
+    def note_lost(self, at_stop: int, total: int) -> None:
+        """The forwarding process, after its worker ended: `at_stop` copies the worker got were
+        not archived (it had to be killed), `total` with those lost before (crashes). Noted in
+        the worker's last status row, which now says it is not running (pvtap status)."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO ingest_status (id, updated_ns, running, counts) VALUES (1, ?, 0,"
+                " json_object('lost_at_stop', ?, 'parent_copies_lost', ?)) ON CONFLICT (id) DO UPDATE SET running=0,"
+                " updated_ns=excluded.updated_ns,"
+                " counts=json_set(counts, '$.lost_at_stop', ?, '$.parent_copies_lost', ?)",
+                (time.time_ns(), at_stop, total, at_stop, total))
+
     def status(self) -> IngestStatus | None:
         """The ingest worker's last status row; None if no worker has written one."""
         if not has_table(self._db, "ingest_status"):
