@@ -118,7 +118,9 @@ def describe_ingest(backlog: int, row: IngestStatus | None, now_ns: int) -> list
                                                      if errors else ""))
     if row.forwarder != "off":
         loud = row.forwarder.upper() if row.forwarder in ("stuck", "failing", "restarting") else row.forwarder
-        lines.append(f"  forwarder      {loud}" + (f": {row.forwarder_error}" if row.forwarder_error else ""))
+        restarts = int(row.counts.get("forwarder_restarts", 0))
+        lines.append(f"  forwarder      {loud}" + (f": {row.forwarder_error}" if row.forwarder_error else "")
+                     + (f" (restarted {restarts} time{'s' * (restarts != 1)})" if restarts else ""))
     return lines
 
 

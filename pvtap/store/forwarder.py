@@ -268,6 +268,7 @@ class Forwarder:
         self.delivered = 0  # records accepted by this instance
         self.failed_attempts = 0  # failed write attempts by this instance (each is retried; for /metrics)
         self.dead_lettered = 0
+        self.died_of: str | None = None  # the error that ended the thread, if one did
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -321,7 +322,8 @@ class Forwarder:
                 if self._stop.wait(self.config.retry_max_s):
                     return
             self._loop()
-        except Exception:
+        except Exception as exc:
+            self.died_of = f"{type(exc).__name__}: {exc}"
             log.exception("%s: the forwarder stopped on an unexpected error; records stay in the store",
                           self.path.name)
         finally:
