@@ -53,7 +53,7 @@ async def battery(port: int) -> None:
     writer.close()
 
 
-def store_points(path) -> dict[int, float]:
+def store_points(path) -> dict[int, object]:
     """Ppv1 per millisecond timestamp."""
     with LocalStore(path, readonly=True) as store:
         records = [s.record for s in store.records(measurements=["alphaess_realtime"])]
@@ -63,7 +63,7 @@ def store_points(path) -> dict[int, float]:
     return points
 
 
-def vm_points(vm: VictoriaMetrics) -> dict[int, float]:
+def vm_points(vm: VictoriaMetrics) -> dict[int, object]:
     return {ts: value for (_name, _tags, ts), value in vm.samples("alphaess_realtime_Ppv1").items()}
 
 

@@ -141,10 +141,10 @@ async def test_two_workers_share_the_devices_and_one_adopts_the_other_when_the_s
         forwarded = {host: vm.count(f'alphaess_backfill_Ppv1{{serial="{serial(host)}"}}') for host in HOSTS}
     assert "adopted for decoding and forwarding: relay-1.sqlite" in relay.text
     for index, store in enumerate(stores):
-        mine = {serial(host): FRAMES * ROWS for host in HOSTS if worker_of(host, 2) == index}
+        expected = {serial(host): FRAMES * ROWS for host in HOSTS if worker_of(host, 2) == index}
         if index == 0:
-            mine[serial(late)] = ROWS  # the new connection: written by the one worker left
-        assert rows_by_serial(store) == mine
+            expected[serial(late)] = ROWS  # the new connection: written by the one worker left
+        assert rows_by_serial(store) == expected
     gone = [host for host in HOSTS if worker_of(host, 2) == 1]
     assert count(stores[1], "SELECT COUNT(*) FROM raw WHERE direction='up' AND kind='frame'") == len(gone) * FRAMES
     assert forwarded == {host: (FRAMES + (host == late)) * ROWS for host in HOSTS}
