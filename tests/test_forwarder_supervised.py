@@ -58,7 +58,7 @@ def store_points(path) -> dict[int, object]:
     with LocalStore(path, readonly=True) as store:
         records = [s.record for s in store.records(measurements=["alphaess_realtime"])]
     assert len(records) == FRAMES
-    points = {r.time_ns // 10**6: r.fields["Ppv1"] for r in records}
+    points: dict[int, object] = {r.time_ns // 10**6: r.fields["Ppv1"] for r in records}
     assert len(points) == FRAMES
     return points
 
