@@ -4,7 +4,8 @@
 # and for development:
 #   make lint       the static checks alone: ruff and mypy (configured in pyproject.toml)
 #   make test-fast  the tests not marked slow, without lint
-.PHONY: run test test-fast lint install debian-packages demo clean
+#   make bench      every benchmark, about 10 minutes; writes docs/benchmarks.md (run it on a quiet machine)
+.PHONY: run test test-fast lint install debian-packages demo clean bench
 
 PYTHON ?= $(shell scripts/find-python)
 VENV   ?= .venv
@@ -50,6 +51,9 @@ lint: install
 # pytest exits 5 when it collected no test: make fails on it, so an empty run never passes.
 test: install lint debian-packages
 	$(PY) -m pytest
+
+bench: install debian-packages
+	$(PY) bench/all.py --out docs/benchmarks.md
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -218,10 +219,31 @@ async def serve(config: Config, listeners: Sequence[ListenerConfig] | None = Non
                  "" if finished else "; a worker had to be killed")
 
 
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """relay.event_loop: uvloop (libuv) or the standard library's loop."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def raise_open_files_limit() -> None:
+    """Each relayed connection holds two sockets: lift the soft limit on open files (often 1024)
+    to the hard one, so a fleet is not refused at a few hundred devices."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.debug("open files limit raised from %d to %d", soft, hard)
+
+
 def run(config: Config, listeners: Sequence[ListenerConfig] | None = None, *,
         keys: Callable[[int, str], str] = config_key, prog: str = "pvtap relay") -> int:
     """Run the relay in the foreground until SIGINT or SIGTERM; 0 after a clean stop, 2 when
     the configuration or start-up failed (the message names the setting and the fix)."""
+    raise_open_files_limit()
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -230,7 +252,7 @@ def run(config: Config, listeners: Sequence[ListenerConfig] | None = None, *,
         await serve(config, listeners, keys=keys, stop=stop)
 
     try:
-        asyncio.run(main())
+        asyncio.run(main(), loop_factory=loop_factory(config.relay.event_loop))
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2

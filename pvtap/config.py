@@ -303,6 +303,9 @@ class RelayConfig:
     listeners: list[ListenerConfig] = setting(
         [], "The relay's listeners ([[relay.listeners]] tables); none: one per supported device on its usual "
             "port (see docs/relay.md).")
+    event_loop: str = setting(
+        "uvloop", "The relay's event loop: uvloop (libuv; measured faster, docs/benchmarks.md) or asyncio (the "
+                  "standard library's).", check=one_of("uvloop", "asyncio"))
 
     def __post_init__(self) -> None:
         seen: dict[tuple[str, str], int] = {}
