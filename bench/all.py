@@ -101,9 +101,11 @@ def fleet_rows(doc: dict[str, Any]) -> list[Row]:
                 continue
             loop = "uvloop" if path == "relay" else "asyncio"
             failed = f", {r['failed']} connections failed" if r.get("failed") else ""
+            cpu = (f"; relay process CPU {r['cpu_us_per_round_trip']:.0f} µs per round trip (socat "
+                   f"{socat['cpu_us_per_round_trip']:.0f})" if socat and "cpu_us_per_round_trip" in socat else "")
             rows.append(Row(f"{devices:,} devices × 1 frame/s ({loop}): added p50 / p99 round trip; decoded copies "
                             "dropped, lost", f"+{r['p50'] - direct['p50']:.2f} / +{r['p99'] - direct['p99']:.2f} ms; "
-                            f"dropped {r['dropped']}, lost {r['lost']} of {2 * r['frames']:,}{failed}", ref,
+                            f"dropped {r['dropped']}, lost {r['lost']} of {2 * r['frames']:,}{failed}{cpu}", ref,
                             f"direct p50 {direct['p50']:.2f} ms, p99 {direct['p99']:.2f} ms"))
     return rows
 

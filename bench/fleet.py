@@ -151,6 +151,13 @@ def start_relay(upstream: int, data_dir: Path, log: Path, loop: str = "uvloop") 
     return proc, port
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (and its reaped children: socat forks one per connection)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def stores(data_dir: Path) -> list[Path]:
     return sorted(data_dir.glob("*.sqlite"))
 
@@ -199,10 +206,16 @@ def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path
     elif path.startswith("relay"):
         proc, port = start_relay(cloud_port, data_dir, data_dir.parent / "relay.log",
                                  "asyncio" if path == "relay-asyncio" else "uvloop")
+    cpu_before = cpu_seconds(proc.pid) if proc is not None else 0.0
     try:
         times, failed = asyncio.run(fleet(port, devices, seconds))
+        if path == "socat":
+            time.sleep(1.0)  # its per-connection children end and are reaped: their CPU time is counted then
+        cpu = cpu_seconds(proc.pid) - cpu_before if proc is not None else 0.0  # the relay's worker not included
         row: dict[str, Any] = {"path": path, "devices": devices, "frames": len(times), "failed": failed,
-               "load": os.getloadavg()[0]}
+                               "load": os.getloadavg()[0]}
+        if proc is not None and times:  # the hop's own CPU per round trip: much less sensitive to load than latency
+            row["cpu_us_per_round_trip"] = cpu / len(times) * 1e6
         times.sort()
         if times:
             row.update(p50=statistics.median(times) * 1e3, p99=percentile(times, 0.99) * 1e3, max=times[-1] * 1e3)
@@ -248,7 +261,7 @@ def main() -> int:
     print(f"\n{FRAME_SIZE}-byte AlphaESS realtime frame answered by a {len(ACK)}-byte ack; round trip in ms; "
           f"added = minus the direct path of the same fleet size; {os.cpu_count()} CPUs\n")
     print(f"{'devices':>7} {'path':<14}{'frames':>8}{'p50':>8}{'p99':>8}{'max':>8}{'+p50':>8}{'+p99':>8}"
-          f"{'lost':>7}{'dropped':>8}{'archived':>9}{'records':>8}{'load':>6}")
+          f"{'lost':>7}{'dropped':>8}{'archived':>9}{'records':>8}{'load':>6}{'CPU µs/rt':>10}")
     direct = {r["devices"]: r for r in rows if r["path"] == "direct"}
     for r in rows:
         base = direct.get(r["devices"])
@@ -259,7 +272,8 @@ def main() -> int:
         failed = f"  ({r['failed']} connections failed)" if r["failed"] else ""
         backlog = f"  (decode backlog {r['backlog_at_stop']} at stop)" if r.get("backlog_at_stop") else ""
         print(f"{r['devices']:>7} {r['path']:<14}{r['frames']:>8}{r.get('p50', 0):>8.2f}{r.get('p99', 0):>8.2f}"
-              f"{r.get('max', 0):>8.1f}{added}{lost}{r['load']:>6.2f}{failed}{backlog}")
+              f"{r.get('max', 0):>8.1f}{added}{lost}{r['load']:>6.2f}{r.get('cpu_us_per_round_trip', 0):>10.0f}"
+              f"{failed}{backlog}")
     if args.json:
         args.json.write_text(json.dumps({"seconds": args.seconds, "frame_bytes": FRAME_SIZE, "rows": rows}, indent=1))
     return 0

@@ -19,9 +19,10 @@ grace bounds one step and the steps add up:
 
 A worker still running after its grace is killed; the copies it had not archived are counted as
 lost (`relay stopped: …` in the log, `lost at stop` in `pvtap status`). `pvtap run` gives each
-service STOP_TIMEOUT (30 s, more than the 28 s) before it kills it, and stops the relay before
-mitmdump, so a supervisor around `pvtap run` (Docker: compose's stop_grace_period) must allow
-30 s for the relay plus mitmdump's own stop (its worker: 5 + stop_decode_s + 4 + 1 s): 45 s.
+service STOP_TIMEOUT (30 s, more than the 28 s) before it kills it, the relay first, then
+mitmdump (whose addon hands its worker the last payloads within 10 s and waits for it to exit:
+5 + stop_decode_s + 4 + 1 s). So a supervisor around `pvtap run` (Docker: compose's
+stop_grace_period) must allow 2 × STOP_TIMEOUT = 60 s.
 """
 
 from __future__ import annotations
@@ -212,11 +213,13 @@ async def serve(config: Config, listeners: Sequence[ListenerConfig] | None = Non
             log.info("relay stopping")
     finally:
         health.stop()  # its last pvtap_stats payload goes to the workers before they close
-        stats = pool.stats()
         finished = pool.close(pool.stop_grace)
-        log.info("relay stopped: %d copies sent to %d ingest worker(s), %d dropped (ingest busy or down)%s",
-                 stats.get("copies_sent", 0), len(pool.channels), stats.get("copies_dropped", 0),
-                 "" if finished else "; a worker had to be killed")
+        stats = pool.stats()  # after the close: copies not taken in time, and lost at the stop, are counted
+        lost = stats.get("copies_lost", 0)
+        log.log(logging.ERROR if lost else logging.INFO,
+                "relay stopped: %d copies sent to %d ingest worker(s), %d dropped (ingest busy or down), %d lost%s",
+                stats.get("copies_sent", 0), len(pool.channels), stats.get("copies_dropped", 0), lost,
+                "" if finished else " (a worker had to be killed before it archived them)")
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
