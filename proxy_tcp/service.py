@@ -14,14 +14,14 @@ grace bounds one step and the steps add up:
     each ingest worker gets the rest of the copies and
       archives them                             ARCHIVE_STOP_GRACE_S  5 s  (ingest_worker.py)
       decodes on, leaving the rest archived     ingest.stop_decode_s  2 s  (0 to 10 s, config)
-      stops its forwarders, and a second spare                       4 + 1 s
-    in all: relay_stop_grace(config)                                20 s by default, 28 s at most
+      stops its forwarders and MQTT publisher together, a second spare  5 + 1 s
+    in all: relay_stop_grace(config)                                21 s by default, 29 s at most
 
 A worker still running after its grace is killed; the copies it had not archived are counted as
 lost (`relay stopped: …` in the log, `lost at stop` in `pvtap status`). `pvtap run` gives each
-service STOP_TIMEOUT (30 s, more than the 28 s) before it kills it, the relay first, then
+service STOP_TIMEOUT (30 s, more than the 29 s) before it kills it, the relay first, then
 mitmdump (whose addon hands its worker the last payloads within 10 s and waits for it to exit:
-5 + stop_decode_s + 4 + 1 s). So a supervisor around `pvtap run` (Docker: compose's
+5 + stop_decode_s + 5 + 1 s). So a supervisor around `pvtap run` (Docker: compose's
 stop_grace_period) must allow 2 × STOP_TIMEOUT = 60 s.
 """
 

@@ -65,8 +65,9 @@ log = logging.getLogger("pvtap.ingest")
 DECODE_STOP_GRACE_S = 2.0
 #: after its channel ended, how long archiving what was received may take (a failing disk)
 ARCHIVE_STOP_GRACE_S = 5.0
-#: how long the worker's forwarders may take to stop (pvtap/store/forwarder.py STOP_TIMEOUT_S), and a second to spare
-FORWARDER_STOP_S = 4.0
+#: how long the worker's outputs may take to stop, together: its forwarders (pvtap/store/forwarder.py
+#: STOP_TIMEOUT_S, 4 s) and its MQTT publisher (pvtap/mqtt/thread.py STOP_TIMEOUT_S, 5 s); and a second to spare
+OUTPUTS_STOP_S = 5.0
 SPARE_S = 1.0
 #: how long a new worker waits for the previous writer of its store to finish
 WRITER_LOCK_WAIT_S = 15.0
@@ -79,7 +80,7 @@ def worker_stop_grace(stop_decode_s: float = DECODE_STOP_GRACE_S) -> float:
     """The longest a worker takes to exit after its channel ended: archiving, decoding for
     `stop_decode_s` (ingest.stop_decode_s), its forwarders and a second to spare. Its parent waits
     this long before it kills it."""
-    return ARCHIVE_STOP_GRACE_S + stop_decode_s + FORWARDER_STOP_S + SPARE_S
+    return ARCHIVE_STOP_GRACE_S + stop_decode_s + OUTPUTS_STOP_S + SPARE_S
 
 
 WORKER_STOP_GRACE_S = worker_stop_grace()
@@ -379,9 +380,10 @@ class Worker:
             forwarder.stop_soon()
         if self.mqtt is not None:
             self.mqtt.publisher.stop()
+        outputs_deadline = time.monotonic() + OUTPUTS_STOP_S  # they were all told above: they stop together
         for forwarder in self.forwarders:
-            forwarder.stop()
-        if self.mqtt is not None and not self.mqtt.stop():
+            forwarder.stop(max(0.0, outputs_deadline - time.monotonic()))
+        if self.mqtt is not None and not self.mqtt.stop(max(0.0, outputs_deadline - time.monotonic())):
             log.warning("ingest worker: the MQTT publisher did not stop in time")
         self._write_status(running=False)
         self._locks.close()

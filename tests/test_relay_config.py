@@ -237,13 +237,15 @@ def test_the_stop_graces_add_up():
     from proxy_tcp.service import RELAY_STOP_GRACE, RELAY_STOP_GRACE_MAX, relay_stop_grace
     from pvtap.cli.run import STOP_TIMEOUT
     from pvtap.config import MAX_STOP_DECODE_S, Config, IngestConfig
-    from pvtap.ingest_worker import ARCHIVE_STOP_GRACE_S, WORKER_STOP_GRACE_S, worker_stop_grace
-    from pvtap.store.forwarder import STOP_TIMEOUT_S
+    from pvtap.ingest_worker import ARCHIVE_STOP_GRACE_S, OUTPUTS_STOP_S, WORKER_STOP_GRACE_S, worker_stop_grace
+    from pvtap.mqtt.thread import STOP_TIMEOUT_S as MQTT_STOP_S
+    from pvtap.store.forwarder import STOP_TIMEOUT_S as FORWARDER_STOP_S
 
     assert CLOSE_GRACE < STOP_GRACE
-    assert worker_stop_grace(0.0) > ARCHIVE_STOP_GRACE_S + STOP_TIMEOUT_S
+    assert max(FORWARDER_STOP_S, MQTT_STOP_S) <= OUTPUTS_STOP_S  # they stop together
+    assert worker_stop_grace(0.0) > ARCHIVE_STOP_GRACE_S + OUTPUTS_STOP_S
     assert worker_stop_grace(3.0) == worker_stop_grace(0.0) + 3.0
-    assert RELAY_STOP_GRACE == STOP_GRACE + WORKER_STOP_GRACE_S == relay_stop_grace(Config()) == 20.0
+    assert RELAY_STOP_GRACE == STOP_GRACE + WORKER_STOP_GRACE_S == relay_stop_grace(Config()) == 21.0
     slowest = Config(ingest=IngestConfig(stop_decode_s=MAX_STOP_DECODE_S))
     assert relay_stop_grace(slowest) == RELAY_STOP_GRACE_MAX < STOP_TIMEOUT
 
