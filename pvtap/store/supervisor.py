@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pvtap.config import InfluxConfig
 from pvtap.store.delivery import read_status
-from pvtap.store.forwarder import Forwarder
+from pvtap.store.forwarder import STOP_TIMEOUT_S, Forwarder
 
 log = logging.getLogger("pvtap.forward")
 
@@ -107,6 +107,6 @@ class SupervisedForwarder:
         if self.forwarder is not None:
             self.forwarder.stop_soon()
 
-    def stop(self) -> bool:
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> bool:
         self._stopping = True
-        return self.forwarder.stop() if self.forwarder is not None else True
+        return self.forwarder.stop(timeout) if self.forwarder is not None else True
