@@ -95,11 +95,11 @@ def fleet_rows(doc: dict[str, Any]) -> list[Row]:
             continue
         ref = (f"socat +{socat['p50'] - direct['p50']:.2f} / +{socat['p99'] - direct['p99']:.2f} ms"
                if socat and "p50" in socat else "-")
-        for path in ("relay", "relay-asyncio"):
+        for path in ("relay", "relay-uvloop"):
             r = by.get((devices, path))
             if r is None or "p50" not in r:
                 continue
-            loop = "uvloop" if path == "relay" else "asyncio"
+            loop = "uvloop" if path == "relay-uvloop" else "asyncio"
             failed = f", {r['failed']} connections failed" if r.get("failed") else ""
             cpu = (f"; relay process CPU {r['cpu_us_per_round_trip']:.0f} µs per round trip (socat "
                    f"{socat['cpu_us_per_round_trip']:.0f})" if socat and "cpu_us_per_round_trip" in socat else "")
@@ -152,10 +152,10 @@ def enphase_rows(doc: dict[str, Any]) -> list[Row]:
 
 
 BENCHES = [
-    Bench("relay", "relay.py", ["--megabytes", "256", "--runs", "2", "--round-trips", "2000", "--repeat", "2"],
-          ["--megabytes", "4", "--runs", "1", "--round-trips", "50", "--repeat", "1", "--loops", "uvloop"], 600,
+    Bench("relay", "relay.py", ["--megabytes", "128", "--runs", "2", "--round-trips", "2000", "--repeat", "2"],
+          ["--megabytes", "4", "--runs", "1", "--round-trips", "50", "--repeat", "1", "--loops", "asyncio"], 600,
           rows=relay_rows),
-    Bench("fleet", "fleet.py", ["--devices", "1", "100", "1000", "5000", "--seconds", "15", "--drain", "30"],
+    Bench("fleet", "fleet.py", ["--devices", "1", "100", "1000", "5000", "--seconds", "10", "--drain", "30"],
           ["--devices", "5", "--seconds", "2", "--drain", "10", "--paths", "direct", "socat", "relay"], 900,
           rows=fleet_rows),
     Bench("idle", "idle.py", ["--connections", "10000"], ["--connections", "200", "--settle", "0.5"], 300,

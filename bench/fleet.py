@@ -1,13 +1,13 @@
 """Bench: many devices behind one relay, each sending one AlphaESS realtime frame a second.
 
-    .venv/bin/python bench/fleet.py [--devices 100 1000] [--seconds 20] [--paths direct socat relay relay-asyncio]
+    .venv/bin/python bench/fleet.py [--devices 100 1000] [--seconds 20] [--paths direct socat relay relay-uvloop]
 
 Three processes on 127.0.0.1: a stand-in cloud that answers every frame with the cloud's ack
 (`01 02 <type> … {"Status":"Success"}`), the hop under test (nothing, socat, or `python -m
 proxy_tcp` with one fixed alphaess listener), and this client, which opens one connection per
 device and, per device, sends a realtime frame once a second (devices spread evenly over the
-second) and times the round trip until the ack is back. `relay` runs on uvloop, `relay-asyncio`
-on the standard library's loop (relay.event_loop).
+second) and times the round trip until the ack is back. `relay` runs on the standard library's loop
+(the default), `relay-uvloop` on uvloop (relay.event_loop).
 
 Per path it prints the round trip's median / p99 / max, what the hop adds over the direct path
 (same run), and for the relay how many decoded copies were lost: every frame sent up and every
@@ -139,7 +139,7 @@ def start_socat(upstream: int) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def start_relay(upstream: int, data_dir: Path, log: Path, loop: str = "uvloop") -> tuple[subprocess.Popen, int]:
+def start_relay(upstream: int, data_dir: Path, log: Path, loop: str = "asyncio") -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = data_dir.parent / "fleet.toml"
     config.write_text(f'[relay]\nevent_loop = "{loop}"\n[[relay.listeners]]\nprotocol = "alphaess"\n'
@@ -205,7 +205,7 @@ def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path
         proc, port = start_socat(cloud_port)
     elif path.startswith("relay"):
         proc, port = start_relay(cloud_port, data_dir, data_dir.parent / "relay.log",
-                                 "asyncio" if path == "relay-asyncio" else "uvloop")
+                                 "uvloop" if path == "relay-uvloop" else "asyncio")
     cpu_before = cpu_seconds(proc.pid) if proc is not None else 0.0
     try:
         times, failed = asyncio.run(fleet(port, devices, seconds))
@@ -238,8 +238,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, nargs="+", default=[100, 1000], help="fleet sizes (default 100 1000)")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds each fleet sends (default 20)")
-    parser.add_argument("--paths", nargs="+", default=["direct", "socat", "relay", "relay-asyncio"],
-                        choices=["direct", "socat", "relay", "relay-asyncio"], help="hops to measure, in this order")
+    parser.add_argument("--paths", nargs="+", default=["direct", "socat", "relay", "relay-uvloop"],
+                        choices=["direct", "socat", "relay", "relay-uvloop"], help="hops to measure, in this order")
     parser.add_argument("--json", type=Path, help="also write the rows to this file (bench/all.py reads it)")
     parser.add_argument("--drain", type=float, default=60.0,
                         help="seconds to wait for the relay's decode backlog before stopping it (default 60)")

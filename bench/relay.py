@@ -116,7 +116,7 @@ class Socat(Hop):
 class Relay(Hop):
     READY = re.compile(r"relay listening: \S+ on 127\.0\.0\.1:(\d+) ")
 
-    def __init__(self, name: str, data_dir: Path, loop: str = "uvloop") -> None:
+    def __init__(self, name: str, data_dir: Path, loop: str = "asyncio") -> None:
         super().__init__(name)
         self.data_dir = data_dir
         self.loop = loop
@@ -197,7 +197,7 @@ def main() -> int:
     parser.add_argument("--round-trips", type=int, default=2000, help="echoed frames per path (default 2000)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="repeat everything, paths interleaved; the best figures count (default 3)")
-    parser.add_argument("--loops", nargs="+", default=["uvloop", "asyncio"], choices=["uvloop", "asyncio"],
+    parser.add_argument("--loops", nargs="+", default=["asyncio", "uvloop"], choices=["asyncio", "uvloop"],
                         help="the relay's event loops to measure (default both)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file (bench/all.py reads it)")
     args = parser.parse_args()

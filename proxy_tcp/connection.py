@@ -52,7 +52,7 @@ class Connection:
             started=now_utc(), peer=relay.peers.endpoint(self.peer.host, self.peer.port))
         self.label = f"{config.protocol} {self.record.id} {self.record.peer}"
         initial_device = str(self.peer.host) if relay.privacy.keep_network_identity else ""
-        self.copies = relay.copies.open(self.record, initial_device)
+        self.copies = relay.copies.open(self.record, initial_device, spread_by=str(self.peer.host))
         self.activity = Activity(asyncio.get_running_loop().time())
         #: loop time by which the device must have sent a byte (first_byte_timeout)
         self.first_byte_by = self.activity.last + config.first_byte_timeout

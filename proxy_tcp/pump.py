@@ -37,7 +37,10 @@ class CopyStream(Protocol):
 class CopySink(Protocol):
     """Where the relay sends copies (pvtap.ingest_channel.Channel, pvtap.ingest_pool.ChannelPool)."""
 
-    def open(self, record: ConnectionRecord, device: str = "") -> CopyStream: ...
+    def open(self, record: ConnectionRecord, device: str = "", spread_by: str = "") -> CopyStream:
+        """The copies of a new connection; `spread_by` (the device's address, never sent on)
+        keeps one device's connections on one ingest worker."""
+        ...
     def payload(self, raw: RawPayload) -> bool: ...
 
 

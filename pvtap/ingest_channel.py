@@ -293,7 +293,7 @@ class Channel:
 
     # -- what the relay and the addon call -------------------------------------------------------
 
-    def open(self, record: ConnectionRecord, device: str = "") -> CopyStream:
+    def open(self, record: ConnectionRecord, device: str = "", spread_by: str = "") -> CopyStream:
         conn = next(self._numbers)
         doc = {"record": record.to_wire(), "device": device}
         stream = CopyStream(self, conn, doc)
@@ -565,13 +565,13 @@ class Channel:
                     self._loop.remove_writer(sock.fileno())
             self._writing = False
             sock.close()
+        if self._offset and self._out and not self._closed:  # half sent: the new worker cannot read the rest
+            self._account_sent(self._out.popleft())  # sent to the worker that is gone: counted as lost below
+            self._offset = 0
         self._count_lost()
         if self._closed:
             return
         self.counts.worker_exits += 1
-        if self._offset and self._out:  # half sent: the new worker cannot read the rest
-            self._account_sent(self._out.popleft())
-            self._offset = 0
         kept: deque[_Message] = deque()
         for message in self._out:  # OPENs are sent again for the connections still open
             if message.control and message.kind not in (Kind.OPEN, Kind.SETTINGS):

@@ -92,9 +92,10 @@ class ChannelPool:
             return self.channels[0]
         return self.channels[zlib.crc32(key.encode()) % len(self.channels)]
 
-    def open(self, record: ConnectionRecord, device: str = "") -> CopyStream:
-        host = record.peer.rpartition(":")[0] or record.peer
-        return self._for(host).open(record, device)
+    def open(self, record: ConnectionRecord, device: str = "", spread_by: str = "") -> CopyStream:
+        """`spread_by`: the device's address (the record's peer is only a name for it when the
+        privacy settings do not keep addresses, and numbered per process)."""
+        return self._for(spread_by or record.peer.rpartition(":")[0] or record.peer).open(record, device)
 
     def payload(self, raw: RawPayload) -> bool:
         return self._for(raw.origin.connection).payload(raw)

@@ -22,7 +22,7 @@ def test_every_benchmark_runs_in_its_short_mode(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     text = page.read_text()
     assert "in SHORT mode" in text and "Machine: " in text
-    for words in ("bulk 4 MiB one way: relay (uvloop), AlphaESS frames", "5 devices × 1 frame/s (uvloop)",
+    for words in ("bulk 4 MiB one way: relay (asyncio), AlphaESS frames", "5 devices × 1 frame/s (asyncio)",
                   "200 idle device connections: RSS per connection", "store append, 500 records per commit",
                   "InfluxDB drain: the forwarder", "Enphase reports through mitmdump",
                   "Enphase: every report and answer in the raw archive when the run ends | 40 of 40"):

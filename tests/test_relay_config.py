@@ -261,3 +261,23 @@ def test_an_obsolete_decode_queue_starts_with_a_warning_naming_its_replacement(t
     assert ("relay.listeners[0].decode_queue = 256 is no longer used: the copies of every listener share "
             "ingest.queue_mb (32 MiB) on their way to the ingest worker. Fix: remove relay.listeners[0].decode_queue"
             " from the config") in relay.text
+
+
+def test_uvloop_with_a_tls_listener_is_refused_naming_the_fix(tmp_path):
+    error = error_of(tmp_path, """
+        [relay]
+        event_loop = "uvloop"
+        [[relay.listeners]]
+        protocol = "foxess"
+        listen = "0.0.0.0:14431"
+        policy = "local"
+        tls_cert = "certs/a.crt"
+        tls_key = "certs/a.key"
+    """)
+    assert error.key == "relay.event_loop" and "relay.listeners[0] terminates TLS" in error.problem
+    assert error.fix == 'set relay.event_loop = "asyncio", or use uvloop in a relay without TLS listeners'
+    # the default listeners include the M1's TLS one: refused when the relay starts
+    config = tmp_path / "uvloop.toml"
+    config.write_text('[relay]\nevent_loop = "uvloop"\n')
+    result = run_relay("--config", str(config), tmp_path=tmp_path)
+    assert result.returncode == 2 and "relay.event_loop = 'uvloop'" in result.stderr
