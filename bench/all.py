@@ -155,7 +155,7 @@ BENCHES = [
     Bench("relay", "relay.py", ["--megabytes", "128", "--runs", "2", "--round-trips", "2000", "--repeat", "2"],
           ["--megabytes", "4", "--runs", "1", "--round-trips", "50", "--repeat", "1", "--loops", "asyncio"], 600,
           rows=relay_rows),
-    Bench("fleet", "fleet.py", ["--devices", "1", "100", "1000", "5000", "--seconds", "10", "--drain", "30"],
+    Bench("fleet", "fleet.py", ["--devices", "1", "100", "1000", "5000", "--seconds", "8", "--drain", "20"],
           ["--devices", "5", "--seconds", "2", "--drain", "10", "--paths", "direct", "socat", "relay"], 900,
           rows=fleet_rows),
     Bench("idle", "idle.py", ["--connections", "10000"], ["--connections", "200", "--settle", "0.5"], 300,
