@@ -7,8 +7,9 @@ and it only reads what the pieces keep anyway (pvtap/metrics.py):
 - `/healthz`: the process is alive and its event loop turns (a loop that stopped turning
   forwards nothing).
 - `/readyz`: the listeners are up (`listening()`), the store directory takes a write, the ingest
-  workers run and archive, and the InfluxDB forwarder is not stuck (pvtap/store/supervisor.py).
-  200 or 503, one line per check saying why.
+  workers run and archive, the InfluxDB forwarder is not stuck (pvtap/store/supervisor.py), and
+  the MQTT publisher, when there is one, reaches its broker. 200 or 503, one line per check
+  saying why.
 - `/metrics`: Prometheus text format.
 
 Every `stats_every_s` it also hands its counts to the ingest worker as a `pvtap_stats` record,
@@ -34,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from pvtap.config import ConfigError, HealthConfig, split_host_port
-from pvtap.metrics import MAX_DEVICES, Collector, Contact, Providers, WorkerStats, severity
+from pvtap.metrics import MAX_DEVICES, Collector, Contact, Providers, WorkerStats, mqtt_severity, severity
 from pvtap.records import DOWN, UP, Origin, Record, now_utc
 
 log = logging.getLogger("pvtap.health")
@@ -114,6 +115,7 @@ class Health:
         self.providers.workers[:] = [workers] if workers is not None else []
         self.checks["ingest"] = self._ingest
         self.checks["forwarder"] = self._forwarder
+        self.checks["mqtt"] = self._mqtt
 
     def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Let /healthz notice an event loop that stopped turning (a tick a second on it)."""
@@ -198,6 +200,27 @@ class Health:
         if worst == "off":
             return Verdict(True, "off ([influx] url is not set)")
         return Verdict(True, f"{worst}, {waiting} records waiting")
+
+    def _mqtt(self) -> Verdict:
+        """Not ready while the publisher cannot reach its broker or has died: what Home Assistant
+        shows is going stale (nothing is lost; the records wait in the store)."""
+        stats = self.providers.read_workers()
+        worst = max((w.mqtt for w in stats), key=mqtt_severity, default="off")
+        unread = sum(w.mqtt_backlog for w in stats)
+        if worst == "off":
+            return Verdict(True, "off ([mqtt] url is not set)")
+        if worst == "connected":
+            return Verdict(True, f"connected, {sum(w.mqtt_devices for w in stats)} device(s), "
+                                 f"{sum(w.mqtt_published for w in stats)} message(s) published, {unread} record(s) "
+                                 "not read yet")
+        if worst == "connecting":
+            return Verdict(True, "connecting to the broker")
+        failing = next(w for w in stats if w.mqtt == worst)
+        reason = {"failing": f"cannot publish to {failing.mqtt_broker or 'the broker'}",
+                  "dead": "the publisher stopped on an unexpected error (see the log)",
+                  "stopped": "stopped (pvtap is shutting down)"}.get(worst, worst)
+        return Verdict(False, reason + (f": {failing.mqtt_error}" if failing.mqtt_error else "")
+                       + f"; {unread} record(s) wait in the store for it; see `pvtap status`")
 
     # -- stats records ----------------------------------------------------------------------
 

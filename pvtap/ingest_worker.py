@@ -673,7 +673,8 @@ def mqtt_state(publisher: PublisherThread | None) -> dict[str, Any]:
     if publisher is None:
         return {"mqtt": "off"}
     snap = publisher.snapshot()
-    return {"mqtt": snap.state if publisher.running else "dead", "mqtt_published": snap.published,
+    return {"mqtt": snap.state if publisher.running else "dead", "mqtt_broker": snap.broker,
+            "mqtt_published": snap.published,
             "mqtt_backlog": snap.backlog, "mqtt_devices": snap.devices, "mqtt_error": snap.last_error,
             "mqtt_refused": snap.refused}
 

@@ -84,6 +84,9 @@ class FlowTraffic:
 
 #: the forwarder states of pvtap/store/supervisor.py, least to most severe
 FORWARDER_STATES = ("off", "idle", "delivering", "restarting", "failing", "stuck")
+#: the MQTT publisher states of the worker snapshot (pvtap/ingest_worker.py `mqtt_state`), least to
+#: most severe: "stopped" only while pvtap shuts down, "dead" when its thread ended on an error
+MQTT_STATES = ("off", "connected", "connecting", "stopped", "failing", "dead")
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,13 @@ class WorkerStats:
     delivered: int  # since the workers started
     delivery_failures: int  # failed write attempts since the workers started
     forwarder_restarts: int
+    mqtt: str = "off"  # the worst MQTT publisher state (MQTT_STATES)
+    mqtt_error: str | None = None  # its last error while not connected
+    mqtt_broker: str = ""  # "<url> as <client id>" of that publisher
+    mqtt_published: int = 0  # messages since the publishers started
+    mqtt_backlog: int = 0  # records in the stores the publishers have not read yet
+    mqtt_devices: int = 0  # devices with state to publish
+    mqtt_refused: int = 0  # energy counter values held back (lower than the last, or implausible)
 
     @classmethod
     def of(cls, stats: dict[str, Any]) -> WorkerStats:
@@ -118,6 +128,8 @@ class WorkerStats:
         each = stats.get("workers") or [stats]
         worst = max((w.get("forwarder", "off") for w in each), key=severity, default="off")
         error = next((w.get("forwarder_error") for w in each if w.get("forwarder") == worst), None)
+        mqtt = max((w.get("mqtt", "off") for w in each), key=mqtt_severity, default="off")
+        mqtt_worst: dict[str, Any] = next((w for w in each if w.get("mqtt") == mqtt), {})
 
         def n(key: str) -> int:
             return int(stats.get(key, 0) or 0)
@@ -129,12 +141,20 @@ class WorkerStats:
                    channel_dropped=n("copies_dropped"), archive_dropped=n("dropped_copies"),
                    archive_failing=any(w.get("archive_failing") for w in each), forwarder=worst, forwarder_error=error,
                    backlog=n("forwarder_backlog"), delivered=n("forwarder_delivered"),
-                   delivery_failures=n("forwarder_failures"), forwarder_restarts=n("forwarder_restarts"))
+                   delivery_failures=n("forwarder_failures"), forwarder_restarts=n("forwarder_restarts"),
+                   mqtt=mqtt, mqtt_error=mqtt_worst.get("mqtt_error"), mqtt_broker=mqtt_worst.get("mqtt_broker", ""),
+                   mqtt_published=n("mqtt_published"),
+                   mqtt_backlog=n("mqtt_backlog"), mqtt_devices=n("mqtt_devices"), mqtt_refused=n("mqtt_refused"))
 
 
 def severity(state: str) -> int:
     """Order of FORWARDER_STATES; an unknown state counts as the worst."""
     return FORWARDER_STATES.index(state) if state in FORWARDER_STATES else len(FORWARDER_STATES)
+
+
+def mqtt_severity(state: str) -> int:
+    """Order of MQTT_STATES; an unknown state counts as the worst."""
+    return MQTT_STATES.index(state) if state in MQTT_STATES else len(MQTT_STATES)
 
 
 @dataclass(frozen=True, order=True)
@@ -243,6 +263,22 @@ class Collector(PrometheusCollector):
                      "of the workers')", ["state"], {(state,): float(state == worst) for state in FORWARDER_STATES})
         yield _counter("pvtap_forwarder_restarts", "Forwarder threads restarted after they died", [],
                        {(): sum(w.forwarder_restarts for w in stats)})
+        yield from self._mqtt(stats)
+
+    def _mqtt(self, stats: list[WorkerStats]) -> Iterator[Metric]:
+        worst = max((w.mqtt for w in stats), key=mqtt_severity)
+        yield _gauge("pvtap_mqtt_state", "The MQTT publisher's state (1 for the current one; the worst of the "
+                     "workers'); off when [mqtt] url is not set", ["state"],
+                     {(state,): float(state == worst) for state in MQTT_STATES})
+        yield _counter("pvtap_mqtt_published_messages", "MQTT messages published (state, availability, discovery)",
+                       [], {(): sum(w.mqtt_published for w in stats)})
+        yield _gauge("pvtap_mqtt_backlog_records", "Records in the local store the MQTT publisher has not read yet",
+                     [], {(): sum(w.mqtt_backlog for w in stats)})
+        yield _gauge("pvtap_mqtt_devices", "Devices the MQTT publisher holds a state for", [],
+                     {(): sum(w.mqtt_devices for w in stats)})
+        yield _counter("pvtap_mqtt_refused_values", "Energy counter values not published: lower than the last one, "
+                       "or more than the device could have made since (docs/mqtt.md)", [],
+                       {(): sum(w.mqtt_refused for w in stats)})
 
     def _contacts(self) -> Iterator[Metric]:
         if not self.providers.contacts:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pvtap.config import ConfigError, HealthConfig
 from pvtap.health import STATS_MEASUREMENT, STATS_ORIGIN, Health, StoreContacts
-from pvtap.metrics import FORWARDER_STATES, MAX_DEVICES, Contact, Traffic, WorkerStats
+from pvtap.metrics import FORWARDER_STATES, MAX_DEVICES, MQTT_STATES, Contact, Traffic, WorkerStats
 from pvtap.records import UP, Origin, RawPayload, Record
 from pvtap.store.local import LocalStore
 from tests.health_support import get, url_of
@@ -57,11 +57,14 @@ def test_the_exposition_carries_every_snapshot_with_few_labels(health: Health) -
                                                     payloads=18, records=40, decode_backlog=4, buffered_bytes=512,
                                                     channel_dropped=5, archive_dropped=6, forwarder="failing",
                                                     backlog=7, delivered=33, delivery_failures=2,
-                                                    forwarder_restarts=1, restarts=1))
+                                                    forwarder_restarts=1, restarts=1, mqtt="connected",
+                                                    mqtt_published=120, mqtt_backlog=3, mqtt_devices=2,
+                                                    mqtt_refused=1))
     health.providers.contacts.append(lambda: [Contact("alphaess", "ALSIM0000000001", 1_700_000_001.0)])
     got = samples(health)
     states: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {
         ("pvtap_forwarder_state", (("state", s),)): float(s == "failing") for s in FORWARDER_STATES}
+    states.update({("pvtap_mqtt_state", (("state", s),)): float(s == "connected") for s in MQTT_STATES})
     assert got == {
         ("pvtap_info", (("process", "relay"),)): 1,
         ("pvtap_connections_open", (("protocol", "alphaess"),)): 2,
@@ -86,6 +89,10 @@ def test_the_exposition_carries_every_snapshot_with_few_labels(health: Health) -
         ("pvtap_delivered_records_total", ()): 33,
         ("pvtap_delivery_failures_total", ()): 2,
         ("pvtap_forwarder_restarts_total", ()): 1,
+        ("pvtap_mqtt_published_messages_total", ()): 120,
+        ("pvtap_mqtt_backlog_records", ()): 3,
+        ("pvtap_mqtt_devices", ()): 2,
+        ("pvtap_mqtt_refused_values_total", ()): 1,
         **states,
         ("pvtap_device_last_contact_timestamp_seconds", (("device", "ALSIM0000000001"), ("protocol", "alphaess"))):
             1_700_000_001.0,
@@ -103,6 +110,20 @@ def test_worker_stats_read_a_pool_snapshot() -> None:
     assert (stats.forwarder, stats.forwarder_error, stats.archive_failing, stats.decode_backlog) == \
         ("stuck", "503 unavailable", True, 0)  # -1: the worker could not read its backlog
     assert WorkerStats.of({"worker_alive": True, "forwarder": "idle"}).forwarder == "idle"  # one channel's
+
+
+def test_worker_stats_read_the_mqtt_publishers_of_a_pool() -> None:
+    one = {"mqtt": "connected", "mqtt_published": 10, "mqtt_backlog": 0, "mqtt_devices": 2, "mqtt_error": None,
+           "mqtt_broker": "mqtt://broker as pvtap-relay-1"}
+    two = {"mqtt": "failing", "mqtt_published": 4, "mqtt_backlog": 6, "mqtt_devices": 1, "mqtt_refused": 1,
+           "mqtt_error": "[Errno 111] Connection refused", "mqtt_broker": "mqtt://broker as pvtap-relay-2"}
+    pool = {"mqtt_published": 14, "mqtt_backlog": 6, "mqtt_devices": 3, "mqtt_refused": 1, "workers": [one, two]}
+    stats = WorkerStats.of(pool)
+    assert (stats.mqtt, stats.mqtt_error, stats.mqtt_published, stats.mqtt_backlog, stats.mqtt_devices,
+            stats.mqtt_refused) == ("failing", "[Errno 111] Connection refused", 14, 6, 3, 1)
+    assert stats.mqtt_broker == "mqtt://broker as pvtap-relay-2"  # the failing one's
+    assert WorkerStats.of({"mqtt": "dead", "workers": [one, {"mqtt": "dead"}]}).mqtt == "dead"
+    assert WorkerStats.of({"worker_alive": True}).mqtt == "off"  # before the worker's first snapshot
 
 
 def test_a_failing_provider_costs_its_own_metrics_only(health: Health, caplog) -> None:
@@ -169,7 +190,8 @@ def test_readyz_waits_for_the_listeners_and_says_why(health: Health, data_dir: P
     assert body.splitlines() == ["relay ready", "ok listeners: 2 listener(s) up",
                                  f"ok store: {data_dir / 'relay.sqlite'} writable",
                                  "ok ingest: 1 worker(s), 3 payload(s) left to decode",
-                                 "ok forwarder: off ([influx] url is not set)"]
+                                 "ok forwarder: off ([influx] url is not set)",
+                                 "ok mqtt: off ([mqtt] url is not set)"]
     assert get(url_of(health.address, "/nothing"))[0] == 404
 
 
@@ -181,6 +203,13 @@ def test_readyz_waits_for_the_listeners_and_says_why(health: Health, data_dir: P
     (workers(workers=2, alive=1), "FAIL ingest: 1 of 2 ingest worker(s) down (restarted by pvtap)"),
     (workers(archive_failing=True), "FAIL ingest: the store does not take the archived copies"),
     (None, "FAIL ingest: no ingest worker: the store could not be opened"),
+    (workers(mqtt="connecting"), ""),  # the first attempt is under way
+    (workers(mqtt="connected", mqtt_devices=2, mqtt_published=40), ""),
+    (workers(mqtt="failing", mqtt_backlog=12, mqtt_error="[Errno 111] Connection refused",
+             mqtt_broker="mqtt://127.0.0.1:1883 as pvtap-relay"),
+     "FAIL mqtt: cannot publish to mqtt://127.0.0.1:1883 as pvtap-relay: [Errno 111] Connection refused; 12 "
+     "record(s) wait in the store for it; see `pvtap status`"),
+    (workers(mqtt="dead"), "FAIL mqtt: the publisher stopped on an unexpected error (see the log); 0 record(s)"),
 ])
 def test_readyz_fails_on_the_workers_and_the_forwarder(health: Health, data_dir: Path, stats, failing: str) -> None:
     health.attach([data_dir / "relay.sqlite"], (lambda: stats) if stats is not None else None)

@@ -7,7 +7,10 @@ full file system.
   for the relay), and 200 again once there is room;
 - Debian's Prometheus scrapes a relay (an AlphaESS battery simulator through it to a stand-in
   cloud) and mitmdump with the addon (Envoy reports through it to a stand-in cloud), and its
-  query API returns exactly the connections, frames and bytes the test sent.
+  query API returns exactly the connections, frames and bytes the test sent;
+- a relay publishing to Debian's mosquitto counts in /metrics exactly the messages a subscriber
+  received, and its /readyz turns 503 naming the reason while the broker is down, 200 once it is
+  back.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pvtap.simulate.alphaess import PLACEHOLDER_SERIAL, run_simulator
 from pvtap.simulate.alphaess_cloud import AlphaCloud
@@ -30,6 +34,7 @@ from pvtap.store.local import LocalStore
 from tests.conftest import REPO
 from tests.health_support import HEALTH_LINE, HeldDNS, LoggedProcess, Prometheus, get, url_of, wait_until
 from tests.mitm_support import ADDON, MITMDUMP, Mitmdump
+from tests.mqtt_support import Mosquitto, Watcher
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -163,3 +168,56 @@ def test_mitmdump_stops_at_start_up_when_its_health_port_is_taken(tmp_path: Path
         assert mitmdump.proc.wait(30) == 1  # before it forwarded anything, like a busy listen port
     assert f"health.enphase_listen = '{address}': cannot serve the health endpoints there" in line
     assert 'set health.enphase_listen = "" to turn them off' in line
+
+
+def scrape(address: str) -> dict[str, float]:
+    """{sample with its labels, as Prometheus writes it: value} of one /metrics."""
+    status, body = get(url_of(address, "/metrics"))
+    assert status == 200, body
+    return {s.name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items())) + "}" if s.labels else ""):
+            s.value for family in text_string_to_metric_families(body) for s in family.samples}
+
+
+async def test_readyz_and_metrics_follow_the_mqtt_publisher_with_a_real_broker(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    broker = Mosquitto(tmp_path).start()
+    env = {**HEALTH_ANY_PORT, "PVTAP_MQTT_URL": broker.url, "PVTAP_MQTT_MIN_INTERVAL_S": "0",
+           "PVTAP_MQTT_RETRY_MAX_S": "1"}
+    relay: LoggedProcess | None = None
+    try:
+        async with AlphaCloud() as cloud:
+            with Watcher(broker) as watch:  # before pvtap connects: it sees every message pvtap publishes
+                relay = LoggedProcess([*RELAY, "--data-dir", str(data), "--protocol", "alphaess", "--listen",
+                                       "127.0.0.1:0", "--upstream", f"127.0.0.1:{cloud.port}"], env=env, cwd=REPO)
+                address = (await asyncio.to_thread(relay.expect, HEALTH_LINE))["address"]
+                port = int((await asyncio.to_thread(
+                    relay.expect, r"relay listening: alphaess on 127\.0\.0\.1:(\d+)"))[1])
+                await run_simulator("127.0.0.1", port, interval=0.05, extended_every=0.2, count=4)
+                state = f"pvtap/alphaess/{PLACEHOLDER_SERIAL}/state"
+                await asyncio.to_thread(watch.wait_for, lambda: state in watch.last, 30, "the state")
+
+                def settled() -> dict[str, float] | None:
+                    got = scrape(address)
+                    return got if got["pvtap_mqtt_published_messages_total"] == len(watch.messages) \
+                        and got["pvtap_mqtt_backlog_records"] == 0 else None
+                metrics = await asyncio.to_thread(wait_until, settled, 30, "the published count")
+            assert metrics['pvtap_mqtt_state{state="connected"}'] == 1
+            assert sum(v for k, v in metrics.items() if k.startswith("pvtap_mqtt_state{")) == 1
+            assert metrics["pvtap_mqtt_devices"] == 1 and metrics["pvtap_mqtt_refused_values_total"] == 0
+            status, body = get(url_of(address, "/readyz"))
+            assert status == 200 and "ok mqtt: connected, 1 device(s), " in body, body
+            # the broker goes away: not ready, saying why (forwarding goes on: test_mqtt_e2e)
+            broker.stop()
+            _, body = await asyncio.to_thread(
+                wait_until, lambda: (r := get(url_of(address, "/readyz")))[0] == 503 and r, 30, "not ready")
+            assert f"FAIL mqtt: cannot publish to {broker.url} as pvtap-relay: " in body, body
+            assert "ok listeners" in body, body
+            assert scrape(address)['pvtap_mqtt_state{state="failing"}'] == 1
+            await asyncio.to_thread(broker.start)
+            _, body = await asyncio.to_thread(
+                wait_until, lambda: (r := get(url_of(address, "/readyz")))[0] == 200 and r, 30, "ready again")
+            assert "ok mqtt: connected" in body, body
+    finally:
+        if relay is not None:
+            assert relay.stop() == 0, relay.output
+        broker.stop()

@@ -33,9 +33,9 @@ def read_env(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
 
 
-def compose_config(directory: Path) -> subprocess.CompletedProcess:
+def compose_config(directory: Path, *options: str) -> subprocess.CompletedProcess:
     return subprocess.run(["docker-compose", "--project-directory", str(directory),
-                           "-f", str(directory / "compose.yaml"), "config"],
+                           "-f", str(directory / "compose.yaml"), *options, "config"],
                           capture_output=True, text=True, cwd=directory, check=False, timeout=60)
 
 
@@ -85,7 +85,10 @@ def test_every_image_is_pinned_to_a_version() -> None:
         image = service["image"]
         repository, _, tag = image.rpartition(":")
         assert repository and re.fullmatch(r"\d+\.\d+\.\d+", tag), f"{name}: {image} is not pinned to x.y.z"
-    assert services["influxdb"]["image"].startswith("influxdb:2.")  # not latest: that is InfluxDB 3
+    # not latest (InfluxDB 3): the 2.x line whose tokens are hashed, so the admin token is set, not read back
+    assert services["influxdb"]["image"].startswith("influxdb:2.9.")
+    token = services["influxdb"]["environment"]["DOCKER_INFLUXDB_INIT_ADMIN_TOKEN"]
+    assert token.startswith("${INFLUXDB_ADMIN_TOKEN:?")
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert services["pvtap"]["image"] == f"pvtap:{version}" and services["pvtap"]["build"] == "."
     base = re.search(r"^FROM (\S+)$", (REPO / "Dockerfile").read_text(), re.MULTILINE)
@@ -106,7 +109,12 @@ def test_the_stack_is_shaped_as_promised() -> None:
         assert service["healthcheck"]["test"], name
     assert pvtap["healthcheck"]["test"] == ["CMD", "pvtap", "health"]
     assert services["influxdb"]["environment"]["DOCKER_INFLUXDB_INIT_MODE"] == "setup"
-    assert set(compose["volumes"]) == {"pvtap-data", "pvtap-certs", "influxdb-data", "influxdb-config", "grafana-data"}
+    assert set(compose["volumes"]) == {"pvtap-data", "pvtap-certs", "influxdb-data", "influxdb-config", "grafana-data",
+                                       "mosquitto-data"}
+    # the broker is optional: behind its profile; everything else always runs
+    assert {name: service.get("profiles") for name, service in services.items()} == \
+        {"pvtap": None, "influxdb": None, "grafana": None, "mosquitto": ["mqtt"]}
+    assert "mosquitto-data:/mosquitto/data" in services["mosquitto"]["volumes"]
     mounts = {m.split(":")[1]: m.split(":")[0] for m in pvtap["volumes"] if not m.startswith("#")}
     assert mounts == {"/var/lib/pvtap/data": "pvtap-data", "/var/lib/pvtap/data/certs": "pvtap-certs"}
     assert "confdir=/var/lib/pvtap/data/certs/mitmproxy" in pvtap["command"]  # mitmproxy's CA on the certs volume
@@ -157,19 +165,38 @@ def test_init_refuses_values_compose_would_misread(tmp_path: Path, capsys) -> No
 def test_init_mqtt_adds_the_broker_and_its_password_file(stack_dir: Path, capsys) -> None:
     from pvtap.mqtt.broker import ITERATIONS, MQTT_USER, password_line
 
-    shutil.copy(REPO / "compose.mqtt.yaml", stack_dir / "compose.mqtt.yaml")
     assert main(["init", "--dir", str(stack_dir), "--mqtt"]) == 0
     env = read_env(stack_dir / ".env")
     assert (env["COMPOSE_PROFILES"], env["PVTAP_MQTT_URL"]) == ("mqtt", "mqtt://127.0.0.1:1883")
+    assert "next: docker compose up -d" in capsys.readouterr().out  # one file: the profile is in .env
     passwd = stack_dir / "mosquitto" / "passwd"
     assert passwd.stat().st_mode & 0o777 == 0o600
     user, _, line = passwd.read_text().strip().partition(":")
     salt = base64.b64decode(line.split("$")[3])
     assert user == MQTT_USER and f"{user}:{line}" == password_line(MQTT_USER, env["MQTT_PASSWORD"], salt)
     assert f"$7${ITERATIONS}$" in line
-    result = subprocess.run(["docker-compose", "--project-directory", str(stack_dir), "-f",
-                             str(stack_dir / "compose.yaml"), "-f", str(stack_dir / "compose.mqtt.yaml"), "config"],
-                            capture_output=True, text=True, cwd=stack_dir, check=False, timeout=60)
-    assert result.returncode == 0, result.stderr
+    for profile in ([], ["--profile", "mqtt"]):  # from .env's COMPOSE_PROFILES, and named
+        result = compose_config(stack_dir, *profile)
+        assert result.returncode == 0, result.stderr
+        services = yaml.safe_load(result.stdout)["services"]
+        pvtap = services["pvtap"]["environment"]
+        assert (pvtap["PVTAP_MQTT_URL"], pvtap["PVTAP_MQTT_USERNAME"], pvtap["PVTAP_MQTT_PASSWORD"]) == \
+            ("mqtt://127.0.0.1:1883", MQTT_USER, env["MQTT_PASSWORD"])
+        assert services["mosquitto"]["environment"]["MQTT_PASSWORD"] == env["MQTT_PASSWORD"]
+        assert services["mosquitto"]["profiles"] == ["mqtt"] and pvtap["PVTAP_INFLUX_TOKEN"]
+    mqtt = load_config(env={k: str(v) for k, v in pvtap.items() if k.startswith("PVTAP_")}).mqtt
+    assert (mqtt.url, mqtt.username, mqtt.password) == ("mqtt://127.0.0.1:1883", MQTT_USER, env["MQTT_PASSWORD"])
+
+
+@compose_needed
+def test_without_the_profile_mqtt_is_off_and_needs_nothing(stack_dir: Path, capsys) -> None:
+    assert main(["init", "--dir", str(stack_dir)]) == 0
+    env = read_env(stack_dir / ".env")
+    assert not {"COMPOSE_PROFILES", "PVTAP_MQTT_URL", "MQTT_PASSWORD"} & set(env)
+    assert not (stack_dir / "mosquitto").exists()
+    for profile in ([], ["--profile", "mqtt"]):  # the broker's service needs no variable of its own to parse
+        result = compose_config(stack_dir, *profile)
+        assert result.returncode == 0, result.stderr
     pvtap = yaml.safe_load(result.stdout)["services"]["pvtap"]["environment"]
-    assert pvtap["PVTAP_MQTT_PASSWORD"] == env["MQTT_PASSWORD"] and pvtap["PVTAP_INFLUX_TOKEN"]
+    assert (pvtap["PVTAP_MQTT_URL"], pvtap["PVTAP_MQTT_PASSWORD"]) == ("", "")
+    assert load_config(env={k: str(v) for k, v in pvtap.items() if k.startswith("PVTAP_")}).mqtt.url == ""

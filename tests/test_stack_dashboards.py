@@ -2,7 +2,8 @@
 
 Every simulator sends through the real proxies, each as a process of its own, to stand-in clouds:
 the Envoy through mitmdump with the addon, an AlphaESS battery, a FoxESS M1 (TLS, its UDP
-broadcasts) and an H-series dongle through the relay. What they stored is exported as line
+broadcasts) and an H-series dongle through the relay, and a T-series' RS485-to-TCP bridge into a
+local relay listener. What they stored is exported as line
 protocol into Debian's InfluxDB (1.6, InfluxQL; InfluxDB 2.x answers the same InfluxQL through a
 bucket's virtual DBRP mapping). Then every query of every panel runs there after Grafana's
 template expansion ($timeFilter, $__interval, the device variables, themselves queried first),
@@ -113,7 +114,8 @@ class Stack:
 
 
 def relay_config(path: Path, ports: list[int], alpha_cloud: int, m1_cloud: int, m1_pin: str, h1_cloud: int) -> Path:
-    """AlphaESS, FoxESS M1 (TLS both ways, the stand-in pinned), FoxESS H-series, two UDP listeners."""
+    """AlphaESS, FoxESS M1 (TLS both ways, the stand-in pinned), FoxESS H-series, two UDP listeners, and a
+    local listener for a FoxESS T-series bridge."""
     path.write_text(f"""
 [[relay.listeners]]
 protocol = "alphaess"
@@ -144,6 +146,11 @@ policy = "local"
 protocol = "foxess"
 listen = "127.0.0.1:{ports[4]}"
 transport = "udp"
+policy = "local"
+
+[[relay.listeners]]
+protocol = "foxess"
+listen = "127.0.0.1:{ports[5]}"
 policy = "local"
 """)
     return path
@@ -179,12 +186,12 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         _, h1 = start([sys.executable, "-m", "pvtap.simulate.foxess_cloud", "--port", "0", "--plain"],
                       r"listening \S+:(\d+)")
         assert m1[2] == sha256_fingerprint((tmp / "m1-cloud" / "foxess-cloud.crt").read_bytes())
-        ports = [free_port() for _ in range(5)]
+        ports = [free_port() for _ in range(6)]
         config = relay_config(tmp / "relay.toml", ports, int(alpha[1]), int(m1[1]), m1[2], int(h1[1]))
         relay = LoggedProcess([sys.executable, "-m", "proxy_tcp", "--config", str(config), "--data-dir", str(data)],
                               env=env, cwd=REPO)
         processes.append(relay)
-        relay.expect("relay ready: 5 listener")
+        relay.expect("relay ready: 6 listener")
         with EnphaseCloud(cert_dir=tmp / "enphase-cloud") as enphase_cloud, pytest.MonkeyPatch.context() as patch:
             for key, value in env.items():  # mitmdump takes this process's environment
                 patch.setenv(key, value)
@@ -200,6 +207,10 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
                 "--count", "4")
             run("simulate", "foxess-h1", "--cloud", f"127.0.0.1:{ports[2]}", "--interval", "0.05", "--count", "4")
             relay.expect(r"foxess .* device_closed .*frames", timeout=30)
+            for version in ("0", "1"):  # both payload versions, one bridge connection each
+                run("simulate", "foxess-t", "--connect", f"127.0.0.1:{ports[5]}", "--interval", "0.05", "--count",
+                    "4", "--payload-version", version)
+                relay.expect(r"foxess .*\[local: local\] device_closed .*frames 4,", timeout=30)
             assert mitm.stop() == 0, mitm.output()
         assert relay.stop() == 0, relay.output
         lines = run("--data-dir", str(data), "export", "--format", "lp")

@@ -24,11 +24,13 @@ what it writes (mode 0600; .env is git-ignored):
   INFLUXDB_ADMIN_PASSWORD, INFLUXDB_ADMIN_TOKEN   generated; InfluxDB's first start sets them up,
                                                    pvtap writes and Grafana reads with the token
   GRAFANA_ADMIN_PASSWORD                           generated; log in to Grafana as admin with it
-  with --mqtt: COMPOSE_PROFILES=mqtt, PVTAP_MQTT_URL, MQTT_PASSWORD (generated), and mosquitto/passwd
+  with --mqtt: COMPOSE_PROFILES=mqtt (the broker), PVTAP_MQTT_URL, MQTT_PASSWORD (generated),
+               and mosquitto/passwd (mode 0600), the broker's password file
   INFLUXDB_ORG, INFLUXDB_BUCKET, TZ, ...           the other values compose.yaml reads
 
 then:
   docker compose up -d            the stack: pvtap, InfluxDB 2, Grafana on http://<this host>:3000
+                                  (and Mosquitto on port 1883 with --mqtt)
   pvtap firewall --help           the rules that send your devices' traffic to pvtap
 
 InfluxDB takes its admin password and token only on its first start. After that, a new .env
@@ -50,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--bucket", default="pvtap", help="InfluxDB bucket (default: pvtap)")
     parser.add_argument("--tz", help="time zone of the house, e.g. Europe/Berlin (default: this host's)")
     parser.add_argument("--mqtt", action="store_true",
-                        help="also the Mosquitto broker of compose.mqtt.yaml (Home Assistant): its profile and a "
+                        help="also the Mosquitto broker of compose.yaml (for Home Assistant): its profile and a "
                              "generated password in .env, the broker's password file in mosquitto/passwd")
     parser.set_defaults(func=run)
 
@@ -126,7 +128,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if args.mqtt:
         print(f"  and the MQTT broker: user {MQTT_USER}, MQTT_PASSWORD in .env; {directory / 'mosquitto' / 'passwd'} "
               "(mode 0600) for mosquitto")
-        print("next: docker compose -f compose.yaml -f compose.mqtt.yaml up -d")
+        print("next: docker compose up -d  (.env turns on the profile mqtt: the broker on port 1883 as well; Home "
+              "Assistant's MQTT integration connects to it as user pvtap with MQTT_PASSWORD)")
     else:
         print("next: docker compose up -d  (then Grafana on http://<this host>:3000, user admin, password in .env)")
     return 0

@@ -21,6 +21,11 @@ REFRESH = "1m"
 PanelBuilder = (timeseries.Panel | stat.Panel | gauge.Panel | table.Panel | statushistory.Panel)
 
 ENVOY, ALPHA, FOX = matches("envoy", "envoy"), matches("serial", "alphaess"), matches("serial", "foxess")
+#: A T-series behind an RS485-to-TCP bridge sends no serial (only its realtime broadcast): its
+#: records have no serial tag, so they are shown whichever inverters are selected.
+FOX_T = f"({FOX} OR \"serial\" = '')"
+#: the FoxESS measurements that name an inverter, for the variable listing them
+FOX_SERIALS = 'SHOW TAG VALUES FROM /^foxess_(telemetry|h1_realtime|t_realtime)$/ WITH KEY = "serial"'
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -93,11 +98,11 @@ def overview() -> dm.Dashboard:
               "PV, battery, grid and house power now and over time, battery state of charge, energy today.")
     b.variable("envoy", "Envoy", 'SHOW TAG VALUES FROM "enphase_envoy" WITH KEY = "envoy"')
     b.variable("alphaess", "AlphaESS", 'SHOW TAG VALUES FROM "alphaess_realtime" WITH KEY = "serial"')
-    b.variable("foxess", "FoxESS", 'SHOW TAG VALUES FROM /^foxess_(telemetry|h1_realtime)$/ WITH KEY = "serial"')
+    b.variable("foxess", "FoxESS", FOX_SERIALS)
     b.row("Now")
     b.panel(now_stat(), "PV power", *pv_now(), width=6, height=5, unit="watt",
             description="Latest value per source: Enphase microinverters (last 5-minute interval, summed), "
-                        "AlphaESS PV strings, FoxESS M1 AC output and H-series PV strings.")
+                        "AlphaESS PV strings, FoxESS M1 AC output, H-series PV strings and T-series generation.")
     b.panel(now_stat(), "Battery power", InfluxQL(latest_sum("alphaess_realtime", 'last("Pbat")', ALPHA, "serial"))
             .alias("AlphaESS"), width=6, height=5, unit="watt", description="> 0 discharging, < 0 charging.")
     b.panel(now_stat(), "Grid power", *grid_now(), width=6, height=5, unit="watt",
@@ -130,6 +135,8 @@ def pv_now() -> list[InfluxQL]:
         InfluxQL(latest_sum("foxess_telemetry", 'last("ac_power_w")', FOX, "serial")).alias("FoxESS M1"),
         InfluxQL(latest_sum("foxess_h1_realtime", 'last("pv1_power_w") + last("pv2_power_w")', FOX, "serial"))
         .alias("FoxESS H-series"),
+        InfluxQL(latest_sum("foxess_t_realtime", 'last("generation_power_w")', FOX_T, "serial"))
+        .alias("FoxESS T-series"),
     ]
 
 
@@ -151,6 +158,8 @@ def power_series() -> list[InfluxQL]:
         InfluxQL(summed_series("foxess_telemetry", 'mean("ac_power_w")', FOX, "serial")).alias("PV FoxESS M1"),
         InfluxQL(summed_series("foxess_h1_realtime", 'mean("pv1_power_w") + mean("pv2_power_w")', FOX, "serial"))
         .alias("PV FoxESS H-series"),
+        InfluxQL(summed_series("foxess_t_realtime", 'mean("generation_power_w")', FOX_T, "serial"))
+        .alias("PV FoxESS T-series"),
     ]
 
 
@@ -163,6 +172,8 @@ def energy_today() -> list[InfluxQL]:
                                                   "Battery discharged": "EDischarge"}, ALPHA, "serial"))
         .alias("$col"),
         InfluxQL(spread_sum("foxess_telemetry", {"PV FoxESS M1": "generation_total_kwh"}, FOX, "serial"))
+        .alias("$col"),
+        InfluxQL(spread_sum("foxess_t_realtime", {"PV FoxESS T-series": "total_yield_kwh"}, FOX_T, "serial"))
         .alias("$col"),
     ]
 
@@ -235,9 +246,10 @@ def alphaess() -> dm.Dashboard:
 # -- FoxESS --------------------------------------------------------------------------------------
 
 def foxess() -> dm.Dashboard:
-    b = Board("pvtap-foxess", "pvtap FoxESS", "FoxESS M1/Q1 microinverters (TLS 14431) and H-series dongles "
-              "(10001): power, PV strings, temperature, lifetime energy, presence broadcasts.")
-    b.variable("foxess", "Inverter", 'SHOW TAG VALUES FROM /^foxess_(telemetry|h1_realtime)$/ WITH KEY = "serial"')
+    b = Board("pvtap-foxess", "pvtap FoxESS", "FoxESS M1/Q1 microinverters (TLS 14431), H-series dongles "
+              "(10001) and T-series inverters (RS485 through a TCP bridge): power, PV strings, temperature, "
+              "lifetime energy, presence broadcasts.")
+    b.variable("foxess", "Inverter", FOX_SERIALS)
     pv_m1 = ", ".join(f'mean("pv{i}_power_w") AS "PV{i}"' for i in range(1, 5))
     b.panel(lines(), "AC power", InfluxQL(series("foxess_telemetry", 'mean("ac_power_w")', FOX, '"serial"'))
             .alias("M1 $tag_serial"), InfluxQL(series("foxess_h1_realtime", 'mean("grid_power_w")', FOX, '"serial"'))
@@ -266,7 +278,46 @@ def foxess() -> dm.Dashboard:
         "foxess_presence", 'count("seq") AS "mesh join_me_req", count("device_clock") AS "heartbeat"', "",
         fill="0")).alias("$col"),
             width=24, description="ESP-MESH join_me_req (UDP 6364) and heartbeats (UDP 3334) heard on the LAN.")
+    t_series(b)
     return b.builder.build()
+
+
+def t_series(b: Board) -> None:
+    """The T-series section: its broadcast realtime block (docs/foxess.md, foxess_t_realtime)."""
+    b.row("T-series (three-phase, RS485 bridge)")
+    b.panel(lines(), "T-series power", InfluxQL(series(
+        "foxess_t_realtime", 'mean("generation_power_w") AS "generation", mean("grid_power_w") AS "grid", '
+        'mean("load_power_w") AS "load"', FOX_T, '"serial"')).alias("$col $tag_serial"), width=24, unit="watt",
+        description="As the inverter broadcasts them (the sign of grid power is not publicly documented). A "
+                    "T-series behind an RS485 bridge sends no serial: shown whichever inverters are selected.")
+    strings = range(1, 5)
+    b.panel(lines(), "T-series PV strings", InfluxQL(series(
+        "foxess_t_realtime", ", ".join(f'mean("pv{i}_power_w") AS "PV{i}"' for i in strings), FOX_T, '"serial"'))
+        .alias("$col $tag_serial"), unit="watt", description="Voltage × current: the wire's power words read 0.")
+    b.panel(lines(), "T-series PV string voltage", InfluxQL(series(
+        "foxess_t_realtime", ", ".join(f'mean("pv{i}_voltage_v") AS "PV{i}"' for i in strings), FOX_T, '"serial"'))
+        .alias("$col $tag_serial"), unit="volt")
+    phases = ("r", "s", "t")
+    b.panel(lines(), "T-series phase voltage", InfluxQL(series(
+        "foxess_t_realtime", ", ".join(f'mean("phase_{p}_voltage_v") AS "{p.upper()}"' for p in phases), FOX_T,
+        '"serial"')).alias("$col $tag_serial"), width=8, unit="volt")
+    b.panel(lines(), "T-series phase power", InfluxQL(series(
+        "foxess_t_realtime", ", ".join(f'mean("phase_{p}_power_w") AS "{p.upper()}"' for p in phases), FOX_T,
+        '"serial"')).alias("$col $tag_serial"), width=8, unit="watt")
+    b.panel(lines(), "T-series frequency", InfluxQL(series(
+        "foxess_t_realtime", ", ".join(f'mean("phase_{p}_frequency_hz") AS "{p.upper()}"' for p in phases), FOX_T,
+        '"serial"')).alias("$col $tag_serial"), width=8, unit="hertz")
+    b.panel(lines(), "T-series temperatures", InfluxQL(series(
+        "foxess_t_realtime", 'mean("boost_temperature_c") AS "boost", mean("inverter_temperature_c") AS "inverter", '
+        'mean("ambient_temperature_c") AS "ambient"', FOX_T, '"serial"')).alias("$col $tag_serial"), unit="celsius")
+    b.panel(now_stat(), "T-series energy", InfluxQL(
+        'SELECT last("today_yield_kwh") AS "today", last("total_yield_kwh") AS "lifetime" '
+        f'FROM "foxess_t_realtime" WHERE $timeFilter AND {FOX_T} GROUP BY "serial"').alias("$col $tag_serial"),
+        width=6, unit="kwatth", description="The inverter's own counters (0.1 kWh).")
+    b.panel(table.Panel(), "T-series fault words", InfluxQL(
+        "SELECT " + ", ".join(f'last("fault_word_{i}") AS "fault {i}"' for i in range(1, 9))
+        + f' FROM "foxess_t_realtime" WHERE $timeFilter AND {FOX_T} GROUP BY "serial"').table(), width=6,
+        description="The latest of the eight 32-bit fault words; 0: no fault.")
 
 
 # -- pvtap health --------------------------------------------------------------------------------
@@ -275,7 +326,8 @@ def foxess() -> dm.Dashboard:
 REPORTERS = (("Envoy", "enphase_envoy", "report_timestamp", "envoy"),
              ("AlphaESS", "alphaess_realtime", "SOC", "serial"),
              ("FoxESS M1", "foxess_telemetry", "ac_power_w", "serial"),
-             ("FoxESS H-series", "foxess_h1_realtime", "grid_power_w", "serial"))
+             ("FoxESS H-series", "foxess_h1_realtime", "grid_power_w", "serial"),
+             ("FoxESS T-series", "foxess_t_realtime", "generation_power_w", "serial"))
 
 
 def health() -> dm.Dashboard:
