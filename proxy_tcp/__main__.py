@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pvtap.cli import relay as relay_cli
 from pvtap.cli import setup_logging
-from pvtap.config import ConfigError, load_config
+from pvtap.config import ConfigError, env_warnings, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     relay_cli.add_arguments(parser)
     args = parser.parse_args(argv)
+    for warning in env_warnings():
+        print(f"{parser.prog}: {warning}", file=sys.stderr)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
