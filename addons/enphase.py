@@ -16,13 +16,13 @@ PVTAP_* variables, else the built-in defaults). See docs/enphase.md.
 import asyncio
 import dataclasses
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 
-from pvtap.config import Config, ConfigError, load_config
+from pvtap import datadir
+from pvtap.config import Config, ConfigError, env_warnings, load_config
 from pvtap.decode.enphase import build_response, event_ids, report_kind
 from pvtap.ingest import Ingest
 from pvtap.privacy import Privacy
@@ -81,6 +81,9 @@ class EnphaseTap:
         if not updated & OPTIONS:
             return
         settings, old = self._settings(), self.settings
+        if old is None:  # once: pvtap run's children get an environment without the unknown variables
+            for warning in env_warnings():
+                log.warning("enphase: %s", warning)
         reopen = self.ingest is not None and old is not None and \
             (settings.data_dir, settings.config.privacy) != (old.data_dir, old.config.privacy)
         self.settings = settings
@@ -197,19 +200,11 @@ class EnphaseTap:
 
 
 def _check_data_dir(path: Path, name: str) -> None:
-    """The directory exists and is writable, or can be created: its nearest existing ancestor is
-    a writable directory."""
-    existing = path.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        problem = f"{existing} is not a directory"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = f"{existing} is not writable" if existing == path.absolute() else f"cannot create it in {existing}"
-    else:
-        return
-    raise exceptions.OptionsError(
-        f"{name} = {str(path)!r}: {problem}. Fix: set {name} to a directory pvtap may write to.")
+    """The directory is writable, or can be created (nothing is touched: see configure)."""
+    problem = datadir.problem(path)
+    if problem is not None:
+        raise exceptions.OptionsError(
+            f"{name} = {str(path)!r}: {problem}. Fix: set {name} to a directory pvtap may write to.")
 
 
 def _payload(flow: http.HTTPFlow, message: http.Message, direction: str, kind: str) -> RawPayload:

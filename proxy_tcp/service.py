@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
+from pvtap import datadir
 from pvtap.config import Config, ConfigError, ListenerConfig
 from pvtap.decode import codec_for
 from pvtap.ingest import Ingest
@@ -123,8 +125,12 @@ async def serve(config: Config, listeners: Sequence[ListenerConfig] | None = Non
     """Run the relay until `stop` is set or the task is cancelled: its listeners, its store
     (`<data_dir>/relay.sqlite`) and its ingest worker, which stores what is queued before
     returning."""
+    data_dir = datadir.prepare(config.data_dir)  # ConfigError: one line naming the directory and the fix
+    try:
+        store = LocalStore.for_process(data_dir, "relay")
+    except (OSError, sqlite3.Error) as exc:
+        raise datadir.store_error(data_dir / "relay.sqlite", exc) from None
     privacy = Privacy.from_config(config)
-    store = LocalStore.for_process(config.data_dir, "relay")
     ingest = Ingest(store, privacy).start()
     forwarder = start_forwarder(store.path, config.influx)  # None unless [influx] url is set
     chosen = [in_data_dir(listener, config.data_dir)

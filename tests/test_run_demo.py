@@ -87,14 +87,16 @@ def _pid_alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("env, expected", [
     ({}, ["--mode", "transparent", "--listen-host", "0.0.0.0", "--listen-port", "8443", "-s", ADDON,
-          "--set", "enphase_data_dir={data}", "--set", "termlog_verbosity=info"]),
+          "--set", "confdir={data}/mitmproxy", "--set", "enphase_data_dir={data}",
+          "--set", "termlog_verbosity=info"]),
     ({"PVTAP_ENPHASE_MODE": "reverse", "PVTAP_ENPHASE_LISTEN": "127.0.0.1:9443"},
      ["--mode", "reverse:https://reports.enphaseenergy.com:443", "--listen-host", "127.0.0.1", "--listen-port", "9443",
-      "-s", ADDON, "--set", "enphase_data_dir={data}", "--set", "termlog_verbosity=info",
+      "-s", ADDON, "--set", "confdir={data}/mitmproxy", "--set", "enphase_data_dir={data}",
+      "--set", "termlog_verbosity=info",
       "--set", "keep_host_header=true"]),
     ({"PVTAP_ENPHASE_LOCAL_MODE": "true", "PVTAP_LOG_LEVEL": "warning"},
      ["--mode", "transparent", "--listen-host", "0.0.0.0", "--listen-port", "8443", "-s", ADDON,
-      "--set", "enphase_data_dir={data}", "--set", "termlog_verbosity=warn",
+      "--set", "confdir={data}/mitmproxy", "--set", "enphase_data_dir={data}", "--set", "termlog_verbosity=warn",
       "--set", "enphase_local_mode=true", "--set", "connection_strategy=lazy"]),
 ])
 def test_run_dry_run_prints_the_mitmdump_command(monkeypatch, capsys, data_dir: Path, env: dict,

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from pvtap.config import Config, split_host_port
+from pvtap import datadir
+from pvtap.config import Config, ConfigError, split_host_port, unknown_env
 
 ADDON = Path(__file__).resolve().parents[2] / "addons" / "enphase.py"
 #: mitmdump's start-up line, e.g. "Transparent Proxy listening at *:8443."
@@ -87,6 +88,13 @@ class Service:
         return shlex.join(self.argv)
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment without the `PVTAP_*` variables that name no setting: pvtap
+    warned about them once; its services need not repeat it."""
+    unknown = set(unknown_env())
+    return {name: value for name, value in os.environ.items() if name not in unknown}
+
+
 class StopRequested(Exception):
     """A signal arrived while services were starting."""
 
@@ -130,7 +138,7 @@ class Supervisor:
         ready = threading.Event()
         service.proc = subprocess.Popen(
             service.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **service.env}, text=True, errors="replace", bufsize=1,
+            env={**child_environment(), "PYTHONUNBUFFERED": "1", **service.env}, text=True, errors="replace", bufsize=1,
             process_group=0,  # Ctrl-C reaches pvtap only; pvtap forwards it once, in order
         )
         self.services.append(service)
@@ -220,6 +228,7 @@ def mitmdump_command(config: Config, *, config_path: Path | None = None,
     mode = f"reverse:{e.upstream}" if e.mode == "reverse" else e.mode
     argv = [find_mitmdump(), "--mode", mode, "--listen-host", host, "--listen-port", str(port),
             "-s", str(find_addon()),
+            "--set", f"confdir={mitmproxy_confdir(config)}",
             "--set", f"enphase_data_dir={Path(config.data_dir).resolve()}",
             "--set", f"termlog_verbosity={'warn' if config.log_level == 'warning' else config.log_level}"]
     if config_path is not None:
@@ -231,6 +240,12 @@ def mitmdump_command(config: Config, *, config_path: Path | None = None,
     for item in extra_sets:
         argv += ["--set", item]
     return argv
+
+
+def mitmproxy_confdir(config: Config) -> Path:
+    """Where mitmproxy keeps its CA (whose key signs every certificate the Envoy sees): in the
+    data directory, so that one directory (one volume) holds all of pvtap's state."""
+    return Path(config.data_dir).resolve() / "mitmproxy"
 
 
 def enphase_next_steps(config: Config, ready: re.Match[str] | None) -> list[str]:
@@ -303,7 +318,12 @@ def run(args: argparse.Namespace, config: Config) -> int:
         for service in planned:
             print(f"{service.name}: {service.command}")
         return 0
-    data_dir = Path(config.data_dir).resolve()
+    try:
+        data_dir = datadir.prepare(config.data_dir)
+    except ConfigError as exc:
+        print(f"pvtap run: {exc}", file=sys.stderr)
+        return 2
+    mitmproxy_confdir(config).mkdir(mode=0o700, exist_ok=True)
     supervisor = Supervisor()
     restore = supervisor.handle_signals()
     try:
