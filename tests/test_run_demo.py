@@ -197,16 +197,40 @@ def test_run_exits_non_zero_when_a_service_dies(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_run_reports_a_service_that_cannot_start(tmp_path: Path) -> None:
+def test_run_names_the_pvtap_setting_when_mitmproxy_cannot_listen(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         run = _run(tmp_path, {"PVTAP_ENPHASE_LISTEN": f"127.0.0.1:{port}"})
-        assert run.proc.wait(60) == 1
+        assert run.proc.wait(60) == 2
         run.stop()
-    assert "mitmproxy exited with status" in run.output and "before it was ready" in run.output
-    assert "address already in use" in run.output.lower()  # mitmdump's own reason, passed on
+    assert run.lines[-1] == (
+        f"pvtap run: config error: enphase.listen = '127.0.0.1:{port}' (from PVTAP_ENPHASE_LISTEN): mitmproxy cannot "
+        "listen there (address already in use). Fix: stop what listens there, or set enphase.listen "
+        "(PVTAP_ENPHASE_LISTEN) to a free port")
+    assert "--mode" not in run.output.replace(run.lines[1], "")  # mitmproxy's own hint is not passed on
+    assert "relay" not in run.output.replace(run.lines[1], "")  # nothing after it was started
+
+
+@pytest.mark.slow
+def test_run_passes_on_the_relays_config_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "busy.toml"
+        config.write_text(f'[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "127.0.0.1:{port}"\n'
+                          'policy = "local"\n')
+        run = Pvtap(["--config", str(config), "--data-dir", str(tmp_path / "data"), "run",
+                     "--mitmproxy-set", f"confdir={tmp_path / 'conf'}"], {"PVTAP_ENPHASE_LISTEN": "127.0.0.1:0"},
+                    tmp_path)
+        assert run.proc.wait(60) == 2
+        run.stop()
+    assert run.lines[-1] == (
+        f"pvtap run: config error: relay.listeners[0].listen = '127.0.0.1:{port}': cannot listen there: error while "
+        f"attempting to bind on address ('127.0.0.1', {port}): address already in use. Fix: use a free port on an "
+        "address of this host")
 
 
 # -- pvtap demo --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ when one dies and then exits non-zero.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shlex
@@ -32,6 +33,7 @@ from pvtap.config import Config, ConfigError, split_host_port, unknown_env
 ADDON = Path(__file__).resolve().parents[2] / "addons" / "enphase.py"
 #: mitmdump's start-up line, e.g. "Transparent Proxy listening at *:8443."
 MITM_READY = re.compile(r"listening at (?P<host>\S+):(?P<port>\d+)\.\s*$")
+RELAY_PROG = "python -m proxy_tcp"
 #: the relay's start-up line, once every listener is up
 RELAY_READY = re.compile(r"relay ready: (?P<count>\d+) listener")
 READY_TIMEOUT = 30.0
@@ -78,6 +80,8 @@ class Service:
     next_steps: Callable[[re.Match[str] | None], list[str]] = lambda ready: []
     #: which of its output lines to pass on (all by default)
     show: Callable[[str], bool] = lambda line: True
+    #: given its last output after it exited before it was ready, the config error to report (None: unknown)
+    explain: Callable[[list[str]], str | None] = lambda tail: None
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     ready_match: re.Match[str] | None = None
@@ -93,6 +97,10 @@ def child_environment() -> dict[str, str]:
     warned about them once; its services need not repeat it."""
     unknown = set(unknown_env())
     return {name: value for name, value in os.environ.items() if name not in unknown}
+
+
+class ConfigMistake(SetupError):
+    """A service could not start because of a setting; the message names it and the fix."""
 
 
 class StopRequested(Exception):
@@ -134,7 +142,8 @@ class Supervisor:
 
     def start(self, service: Service, timeout: float = READY_TIMEOUT) -> re.Match[str] | None:
         """Start a service and wait until it says it is ready. Raises SetupError if it exits
-        first or takes longer than `timeout`, StopRequested on a signal."""
+        first (ConfigMistake when its `explain` names the setting at fault) or takes longer than
+        `timeout`, StopRequested on a signal."""
         ready = threading.Event()
         service.proc = subprocess.Popen(
             service.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -153,6 +162,8 @@ class Supervisor:
                 raise StopRequested()
             if service.proc.poll() is not None:
                 pump.join(2)
+                if (mistake := service.explain(list(service.tail))) is not None:
+                    raise ConfigMistake(mistake)
                 raise SetupError(f"{service.name} exited with status {service.proc.returncode} before it was ready. "
                                  f"Its last output:\n  " + "\n  ".join(service.tail))
             if time.monotonic() > deadline:
@@ -227,10 +238,11 @@ def mitmdump_command(config: Config, *, config_path: Path | None = None,
     host, port = split_host_port(e.listen)
     mode = f"reverse:{e.upstream}" if e.mode == "reverse" else e.mode
     argv = [find_mitmdump(), "--mode", mode, "--listen-host", host, "--listen-port", str(port),
-            "-s", str(find_addon()),
-            "--set", f"confdir={mitmproxy_confdir(config)}",
-            "--set", f"enphase_data_dir={Path(config.data_dir).resolve()}",
-            "--set", f"termlog_verbosity={'warn' if config.log_level == 'warning' else config.log_level}"]
+            "-s", str(find_addon())]
+    if not any(item.startswith("confdir=") for item in extra_sets):  # mitmdump refuses an option set twice
+        argv += ["--set", f"confdir={mitmproxy_confdir(config)}"]
+    argv += ["--set", f"enphase_data_dir={Path(config.data_dir).resolve()}",
+             "--set", f"termlog_verbosity={'warn' if config.log_level == 'warning' else config.log_level}"]
     if config_path is not None:
         argv += ["--set", f"pvtap_config={config_path.resolve()}"]
     if e.mode == "reverse":
@@ -240,6 +252,41 @@ def mitmdump_command(config: Config, *, config_path: Path | None = None,
     for item in extra_sets:
         argv += ["--set", item]
     return argv
+
+
+#: mitmproxy's lines when it cannot listen: "… failed to listen on 0.0.0.0:8443 with [Errno 98] …: address
+#: already in use", then its own hint (`--mode transparent@8445`), which names no pvtap setting
+MITM_LISTEN_FAILED = re.compile(r"failed to listen on \S+ with \[Errno (?P<errno>\d+)\].*?(?P<reason>[^:]+)$")
+MITM_PORT_HINT = re.compile(r"^Try specifying a different port by using `--mode")
+LISTEN_FIXES = {
+    errno.EADDRINUSE: "stop what listens there, or set {key} ({env}) to a free port",
+    errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE: listen on a higher port (8443) and let the "
+                  "firewall REDIRECT 443 to it, or grant the capability",
+    errno.EADDRNOTAVAIL: "use an address of this host, or 0.0.0.0 for all of them",
+}
+
+
+def mitmproxy_listen_error(config: Config, tail: list[str]) -> str | None:
+    """mitmproxy could not listen: say so in terms of enphase.listen, not of mitmproxy's options."""
+    for line in tail:
+        if match := MITM_LISTEN_FAILED.search(line):
+            key, env = "enphase.listen", "PVTAP_ENPHASE_LISTEN"
+            fix = LISTEN_FIXES.get(int(match["errno"]), "set {key} ({env}) to an address and port of this host")
+            return str(ConfigError(key, config.enphase.listen,
+                                   f"mitmproxy cannot listen there ({match['reason'].strip()})",
+                                   fix.format(key=key, env=env), env if env in os.environ else ""))
+    return None
+
+
+def relay_config_error(tail: list[str]) -> str | None:
+    """The relay's own one-line config error (it exits 2 after printing it)."""
+    prefix = f"{RELAY_PROG}: "
+    return next((line.removeprefix(prefix) for line in tail if line.startswith(prefix + "config error:")), None)
+
+
+def mitmproxy_shows(line: str) -> bool:
+    """mitmproxy's own listen failure and port hint are replaced by pvtap's line."""
+    return not (MITM_LISTEN_FAILED.search(line) or MITM_PORT_HINT.search(line))
 
 
 def mitmproxy_confdir(config: Config) -> Path:
@@ -288,9 +335,10 @@ def services(config: Config, args: argparse.Namespace) -> list[Service]:
     return [
         Service("mitmproxy",
                 mitmdump_command(config, config_path=args.config, extra_sets=args.mitmproxy_set),
-                ready=MITM_READY, next_steps=lambda ready: enphase_next_steps(config, ready)),
+                ready=MITM_READY, next_steps=lambda ready: enphase_next_steps(config, ready),
+                show=mitmproxy_shows, explain=lambda tail: mitmproxy_listen_error(config, tail)),
         Service("relay", relay_command(config, args.config), ready=RELAY_READY,
-                next_steps=lambda ready: relay_next_steps(config)),
+                next_steps=lambda ready: relay_next_steps(config), explain=relay_config_error),
     ]
 
 
@@ -341,10 +389,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
     except StopRequested:
         died = None
     except SetupError as exc:
-        print(f"pvtap run: {exc}", file=sys.stderr)
-        supervisor.stop()
+        supervisor.stop()  # first, so that the reason is the last line
         restore()
-        return 1
+        print(f"pvtap run: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigMistake) else 1
     if died is not None:
         assert died.proc is not None  # wait() returns only a service that ran and exited
         supervisor.say(f"pvtap run: {died.name} exited with status {died.proc.returncode}; stopping the others")
