@@ -14,7 +14,7 @@ from pvtap.config import ConfigError, env_warnings, load_config
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proxy_tcp", description=relay_cli.DESCRIPTION,
-                                     epilog=relay_cli.EPILOG.replace("pvtap relay", "python -m proxy_tcp"),
+                                     epilog=relay_cli.epilog("python -m proxy_tcp"),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="TOML config file (default: $PVTAP_CONFIG, else built-in defaults)")
     parser.add_argument("--data-dir", type=Path, help="directory of the local stores (overrides data_dir)")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pvtap import datadir
+from pvtap.cli.relay import default_listener_lines
 from pvtap.config import Config, ConfigError, split_host_port, unknown_env
 
 ADDON = Path(__file__).resolve().parents[2] / "addons" / "enphase.py"
@@ -48,20 +49,23 @@ what it starts:
                  enphase.upstream (this host must resolve the real name)
     regular      the device is configured to use this host as its HTTP proxy
   the TCP relay (python -m proxy_tcp) with the [[relay.listeners]] of the config, else one
-    listener per supported device on its usual port (AlphaESS 7777; FoxESS 10001, 14431, 6666,
-    UDP 6364/3334), policy auto: forward to the cloud, answer locally when it is unreachable.
+    listener per supported device on its usual port (see `pvtap relay --help`):
+    {relay_defaults}
   Records go to <data_dir>/enphase.sqlite and <data_dir>/relay.sqlite; watch them with
   `pvtap tail --follow`. With [influx] url set, each service also delivers them to InfluxDB.
+  All state lives in data_dir, mitmproxy's CA included (<data_dir>/mitmproxy).
 
 examples:
   pvtap run                                   transparent proxy on 0.0.0.0:8443, store in ./data
   pvtap --config pvtap.toml run
   PVTAP_ENPHASE_MODE=reverse pvtap run
   pvtap run --mitmproxy-set tls_version_client_min=TLS1     an old Envoy that speaks TLS 1.0
+                                              (mitmproxy then allows the old ciphers itself)
   pvtap run --dry-run                         print the command lines and exit
 
 Ctrl-C (SIGINT) or SIGTERM stops every service cleanly; if one service dies, the others are
-stopped and pvtap exits with status 1. See docs/enphase.md."""
+stopped and pvtap exits with status 1; a setting that keeps a service from starting is named in
+one line, with the fix (status 2). See docs/enphase.md."""
 
 
 class SetupError(Exception):
@@ -349,7 +353,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run", help="run the proxy services (mitmproxy with the Enphase addon, the TCP relay) until stopped",
         description="Start pvtap's proxy services, forward every byte to the vendor clouds and store "
                     "a decoded copy in the local store, until Ctrl-C or SIGTERM.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG.format(relay_defaults="\n    ".join(default_listener_lines())),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mitmproxy-set", action="append", default=[], metavar="OPTION=VALUE",
                         help="pass an extra --set to mitmdump (repeatable), e.g. tls_version_client_min=TLS1")
     parser.add_argument("--dry-run", action="store_true", help="print each service's command line and exit")
