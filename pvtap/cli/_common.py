@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypedDict
 
 from pvtap.records import FieldValue, now_utc
 from pvtap.store.local import SUFFIX, LocalStore, store_paths
@@ -33,15 +33,30 @@ def add_record_filters(parser: argparse.ArgumentParser) -> None:
                         help="only records of this vendor: alphaess, enphase, foxess (repeat for several)")
 
 
-def record_filters(args: argparse.Namespace) -> dict[str, list[str]]:
-    """The filters of add_record_filters as keyword arguments of LocalStore.records()."""
+class RecordFilters(TypedDict):
+    """Keyword arguments of LocalStore.records(), count_records() and keys()."""
+
+    measurements: list[str]
+    devices: list[str]
+    vendors: list[str]
+
+
+class TimedFilters(RecordFilters):
+    since_ns: int | None
+    until_ns: int | None
+
+
+def record_filters(args: argparse.Namespace) -> RecordFilters:
+    """The filters of add_record_filters."""
     return {"measurements": args.measurement, "devices": args.device, "vendors": args.vendor}
 
 
-def unknown_names(stores: Iterable[LocalStore], filters: dict[str, list[str]]) -> str | None:
+def unknown_names(stores: Iterable[LocalStore], filters: RecordFilters) -> str | None:
     """When a filter names something no store holds: which, and what there is instead (a typo
     must not look like "no data")."""
-    wanted = {key: values for key, values in filters.items() if values}
+    wanted = {key: values for key, values in (("measurements", filters["measurements"]),
+                                              ("devices", filters["devices"]), ("vendors", filters["vendors"]))
+              if values}
     if not wanted:
         return None
     known: dict[str, set[str]] = {"measurements": set(), "devices": set(), "vendors": set()}

@@ -20,6 +20,7 @@ from typing import TextIO
 from pvtap.cli._common import (
     NoStores,
     Progress,
+    TimedFilters,
     add_record_filters,
     find_stores,
     iso_utc,
@@ -84,8 +85,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"pvtap export: --since {iso_utc(args.since)} is not before --until {iso_utc(args.until)}",
               file=sys.stderr)
         return 2
-    filters = {"since_ns": to_ns(args.since) if args.since else None,
-               "until_ns": to_ns(args.until) if args.until else None, **record_filters(args)}
+    filters: TimedFilters = {"since_ns": to_ns(args.since) if args.since else None,
+                             "until_ns": to_ns(args.until) if args.until else None, **record_filters(args)}
     with ExitStack() as stack:
         stores = [stack.enter_context(LocalStore(p, readonly=True)) for p in paths]
         total = sum(store.count_records(**filters) for store in stores)
@@ -132,7 +133,7 @@ def _write_json(out: TextIO, records: Iterator[Record], advance: Callable[[], No
 _WRITERS: dict[str, Writer] = {"lp": _write_lp, "json": _write_json}
 
 
-def _write_csv(stores: list[LocalStore], filters: dict) -> Writer:
+def _write_csv(stores: list[LocalStore], filters: TimedFilters) -> Writer:
     """A CSV writer whose columns are every tag and field key the export will contain."""
     tag_keys: set[str] = set()
     field_keys: set[str] = set()

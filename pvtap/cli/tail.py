@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pvtap.cli._common import (
     NoStores,
+    RecordFilters,
     add_record_filters,
     find_stores,
     iso_utc,
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 
 def _show_latest(stores: dict[Path, LocalStore], lines: int,
-                 filters: dict[str, list[str]]) -> tuple[dict[Path, int], set[tuple[Path, int]], int]:
+                 filters: RecordFilters) -> tuple[dict[Path, int], set[tuple[Path, int]], int]:
     """Print the `lines` latest records by record time over all stores. Returns each store's
     cursor (its last record id before the query), the records shown that lie beyond it,
     which arrived while querying (--follow must not print those again), and how many it printed."""
@@ -105,7 +106,7 @@ def _show_latest(stores: dict[Path, LocalStore], lines: int,
 
 
 def _follow(data_dir: Path, stores: dict[Path, LocalStore], cursors: dict[Path, int],
-            shown: set[tuple[Path, int]], filters: dict[str, list[str]], interval: float) -> None:
+            shown: set[tuple[Path, int]], filters: RecordFilters, interval: float) -> None:
     while True:
         time.sleep(interval)
         for path in store_paths(data_dir):  # a producer started since: all its records are new
