@@ -16,10 +16,11 @@ PVTAP_* variables, else the built-in defaults). See docs/enphase.md.
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, exceptions, http, platform
 
 from pvtap import datadir
 from pvtap.config import Config, ConfigError, env_warnings, load_config
@@ -53,6 +54,7 @@ class EnphaseTap:
         self.forwarder: Forwarder | None = None  # only when [influx] url is configured
 
     def load(self, loader) -> None:
+        _not_redirected.install()
         loader.add_option(
             "pvtap_config", str | None, None,
             "Path to the pvtap TOML config. Unset: $PVTAP_CONFIG, else the built-in defaults.",
@@ -131,6 +133,7 @@ class EnphaseTap:
 
     def done(self) -> None:
         self._stop_ingest()
+        _not_redirected.uninstall()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -243,4 +246,71 @@ def _peer(flow: http.HTTPFlow) -> str:
     return str(peer[0]) if peer else "?"
 
 
+class NotRedirected(Exception):
+    """A connection reached the transparent listener without a REDIRECT on this host, so it has no
+    original destination. Its repr is what mitmproxy logs ("Transparent mode failure: {e!r}")."""
+
+    def __init__(self, peer: str, detail: str) -> None:
+        super().__init__(peer, detail)
+        self.text = (f"connection from {peer} was not redirected here by a firewall rule on this host, so its "
+                     f"destination is unknown ({detail}); closed it. Fix: REDIRECT the Envoy's port 443 to this "
+                     "listener on this host (docs/enphase.md, firewall/README.md); if a DNS override or a DNAT on "
+                     'the router sends it here, set enphase.mode = "reverse"')
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class NotRedirectedLine(logging.Filter):
+    """mitmproxy's transparent mode asks the kernel for each connection's original destination
+    (`mitmproxy.platform.original_addr`) and logs a failure as `Transparent mode failure:
+    FileNotFoundError(2, ...)`. While installed, the lookup names the peer and the fix instead,
+    also refuses a destination that is the listener itself (a connection to it would loop), and
+    the line is a warning from the addon rather than an error."""
+
+    LOGGER = "mitmproxy.proxy.mode_servers"
+    PREFIX = "Transparent mode failure: "
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lookup: Callable[[socket.socket], tuple[str, int]] | None = None
+
+    def install(self) -> None:
+        if self._lookup is not None or platform.original_addr is None:
+            return
+        self._lookup = lookup = platform.original_addr
+
+        def original_addr(sock: socket.socket) -> tuple[str, int]:
+            peer = _address(sock.getpeername())
+            try:
+                dest = lookup(sock)
+            except OSError as exc:
+                raise NotRedirected(peer, f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+            if _address(dest) == _address(sock.getsockname()):
+                raise NotRedirected(peer, "its original destination is this listener")
+            return dest
+
+        platform.original_addr = original_addr
+        logging.getLogger(self.LOGGER).addFilter(self)
+
+    def uninstall(self) -> None:
+        if self._lookup is not None:
+            platform.original_addr = self._lookup
+            self._lookup = None
+            logging.getLogger(self.LOGGER).removeFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX) and "was not redirected" in message:
+            record.msg, record.args = f"enphase: {message.removeprefix(self.PREFIX)}", ()
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
+
+
+def _address(sockname: tuple) -> str:
+    host, port = str(sockname[0]).removeprefix("::ffff:"), sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_not_redirected = NotRedirectedLine()
 addons = [EnphaseTap()]

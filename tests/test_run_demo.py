@@ -181,10 +181,22 @@ def test_run_forwards_and_stores_and_stops_cleanly_on_a_signal(tmp_path: Path, s
 @pytest.mark.slow
 def test_run_in_transparent_mode_starts_and_stops(tmp_path: Path) -> None:
     run = _run(tmp_path, {"PVTAP_ENPHASE_LISTEN": "127.0.0.1:0"})
-    port = run.expect(r"mitmproxy is up on 127\.0\.0\.1:(\d+)").group(1)
+    port = int(run.expect(r"mitmproxy is up on 127\.0\.0\.1:(\d+)").group(1))
     run.expect(rf"iptables -t nat -A PREROUTING -s 192\.0\.2\.10 -p tcp --dport 443 -j REDIRECT --to-port {port}$")
+    run.expect(r"pvtap tail --follow")
+    # a connection straight to the listener, not REDIRECTed: mitmproxy cannot learn where it was going
+    with socket.create_connection(("127.0.0.1", port)) as direct:
+        peer = "{}:{}".format(*direct.getsockname())
+        direct.sendall(b"\x16\x03\x01\x00\x05hello")  # the start of a ClientHello
+        line = run.expect(r"was not redirected").string
+    assert line.split("] ", 1)[1] == (
+        f"enphase: connection from {peer} was not redirected here by a firewall rule on this host, so its destination "
+        "is unknown (FileNotFoundError: No such file or directory); closed it. Fix: REDIRECT the Envoy's port 443 "
+        "to this listener on this host (docs/enphase.md, firewall/README.md); if a DNS override or a DNAT on the "
+        'router sends it here, set enphase.mode = "reverse"')
     assert run.stop(signal.SIGINT) == 0
     assert "Transparent Proxy listening at 127.0.0.1" in run.output
+    assert "Transparent mode failure" not in run.output
 
 
 @pytest.mark.slow
