@@ -380,9 +380,11 @@ class Connection:
         r.device = relay.privacy.serial(device) if device and device != self.initial_device else ""
         log.log(logging.WARNING if r.outcome in WARN_OUTCOMES else logging.INFO, "%s", r.log_line())
         if relay.store is not None:
-            record = r.to_record(store_peer=relay.privacy.keep_network_identity)
+            records = [r.to_record(store_peer=relay.privacy.keep_network_identity)]
+            if self.listener.upstream_tls is not None:  # a pin mismatch is stored as an alert (proxy_tcp.alerts)
+                records += self.listener.upstream_tls.alerts()
             try:
-                await asyncio.get_running_loop().run_in_executor(None, relay.store.append, [record])
+                await asyncio.get_running_loop().run_in_executor(None, relay.store.append, records)
             except Exception:
                 log.exception("%s: could not store the connection record", self.label)
 
