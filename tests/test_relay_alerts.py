@@ -28,9 +28,9 @@ CLOUD = "127.0.0.1:14431"
 
 
 def _listener(upstream: str = CLOUD, certs: tuple[Path, Path] | None = None, policy: str = "auto") -> ListenerConfig:
-    tls = {"tls_cert": str(certs[0]), "tls_key": str(certs[1])} if certs else {}
+    cert, key = (str(certs[0]), str(certs[1])) if certs else ("", "")
     return ListenerConfig(protocol="foxess", listen="127.0.0.1:0", policy=policy, upstream=upstream,
-                          upstream_tls=True, upstream_pin_sha256=WRONG_PIN, **tls)
+                          upstream_tls=True, upstream_pin_sha256=WRONG_PIN, tls_cert=cert, tls_key=key)
 
 
 def _expected(endpoint: str, seen: str, tail: str = "") -> str:
