@@ -249,6 +249,8 @@ class RelayConfig:
 
             check_listener(listener, key)
             where = (listener.transport, listener.listen)  # UDP and TCP may share a port
+            if listener.listen.endswith(":0"):  # any free port: each gets its own
+                continue
             if where in seen:
                 raise ConfigError(f"relay.listeners[{i}].listen", listener.listen,
                                   f"relay.listeners[{seen[where]}] already listens there",

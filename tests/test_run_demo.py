@@ -259,15 +259,47 @@ def test_demo_shows_records_within_seconds_and_stops_on_ctrl_c(tmp_path: Path) -
     demo.expect(r"record \| \S+Z  enphase_interval  envoy=999900000000,eqid=999900000001\.1  id=1000001 ")
     assert time.monotonic() - started < 20
     demo.expect(r"envoy \| report 3: 200 OK")  # it keeps posting
-    demo.expect(r"record \| \S+Z  alphaess_realtime  serial=ALSIM0000000001 ")  # the battery, through the relay
+    # the relay devices, each through one relay in front of its stand-in cloud
+    # (seven more processes start one after another: generous timeouts on a loaded machine)
+    demo.expect(r"record \| \S+Z  alphaess_realtime  serial=ALSIM0000000001 ", timeout=90)
+    demo.expect(r"record \| \S+Z  foxess_telemetry  layout=m1,serial=60MSIMULATED001  ac_power_w=", timeout=90)
+    demo.expect(r"record \| \S+Z  foxess_h1_realtime  serial=H1SIMULATED0001  pv1_voltage_v=", timeout=90)
     assert demo.stop(signal.SIGINT) == 0
+    stopped_at = time.time()
     stopped = re.search(r"stopped; (\d+) records shown", demo.lines[-1])
     assert stopped
     shown = int(stopped.group(1))
+    summary = [line for line in demo.lines if "reports posted" in line]
+    assert len(summary) == 1 and re.search(r"envoy \| (\d+) reports posted, \1 answered 2xx, 0 failed", summary[0])
     with LocalStore(tmp_path / "data" / "demo" / "enphase.sqlite", readonly=True) as enphase, \
             LocalStore(tmp_path / "data" / "demo" / "relay.sqlite", readonly=True) as relay:
         assert enphase.count_records() + relay.count_records() == shown  # every stored record was shown, none twice
         assert enphase.count_records(measurements=["enphase_interval"]) >= 6
+        # the simulated Envoy never runs ahead of the clock: `tail` shows the newest records last
+        assert all(s.record.time.timestamp() <= stopped_at for s in enphase.records())
         assert relay.count_records(measurements=["alphaess_realtime"]) >= 1
+        assert {d.device for d in relay.devices()} == {"ALSIM0000000001", "60MSIMULATED001", "H1SIMULATED0001"}
     assert not (tmp_path / "data" / "enphase.sqlite").exists()  # the real store is not touched
     assert not _pid_alive(mitmdump_pid)
+
+
+def test_the_demo_relay_config_keeps_the_users_settings_and_holds_the_demo_listeners(tmp_path: Path) -> None:
+    from pvtap.cli.demo import relay_config
+    from pvtap.config import load_config
+
+    user = tmp_path / "user.toml"
+    user.write_text('log_level = "debug"\n[privacy]\npseudonymize_serials = true\n[enphase]\nhosts = ["a", "b"]\n'
+                    '[influx]\nurl = "http://127.0.0.1:8086"\norg = "-"\ntimeout_s = 2.5\n'
+                    '[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "0.0.0.0:7777"\npolicy = "local"\n')
+    config = load_config(user, env={})
+    listeners: list[dict[str, object]] = [
+        {"protocol": "alphaess", "listen": "127.0.0.1:0", "upstream": "127.0.0.1:1"},
+        {"protocol": "foxess", "listen": "127.0.0.1:0", "upstream": "127.0.0.1:2", "upstream_tls": True,
+         "upstream_pin_sha256": "ab" * 32}]
+    path = tmp_path / "relay.toml"
+    path.write_text(relay_config(config, listeners))
+    demo = load_config(path, env={})
+    assert (demo.log_level, demo.privacy, demo.enphase, demo.influx) == (
+        config.log_level, config.privacy, config.enphase, config.influx)
+    assert [(x.protocol, x.listen, x.upstream, x.upstream_tls) for x in demo.relay.listeners] == [
+        ("alphaess", "127.0.0.1:0", "127.0.0.1:1", False), ("foxess", "127.0.0.1:0", "127.0.0.1:2", True)]
