@@ -15,12 +15,15 @@ PVTAP_* variables, else the built-in defaults). See docs/enphase.md.
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http, platform
+from mitmproxy.net import tls as net_tls
+from OpenSSL import SSL
 
 from pvtap import datadir
 from pvtap.config import Config, ConfigError, env_warnings, load_config
@@ -33,7 +36,10 @@ from pvtap.store.local import LocalStore
 
 log = logging.getLogger("pvtap.enphase")
 
-OPTIONS = {"pvtap_config", "enphase_data_dir", "enphase_local_mode", "enphase_hosts", "connection_strategy"}
+OPTIONS = {"pvtap_config", "enphase_data_dir", "enphase_local_mode", "enphase_hosts", "enphase_tls_min_version",
+           "connection_strategy"}
+TLS_VERSIONS = ("TLS1", "TLS1_1", "TLS1_2", "TLS1_3")
+DEFAULT_TLS_MIN = "TLS1_2"  # mitmproxy's own default
 LOCAL_RESPONSE_HEADERS = {"Content-Type": "application/x-deflate; charset=utf-8", "Connection": "close"}
 
 
@@ -44,6 +50,7 @@ class Settings:
     data_dir: Path
     local_mode: bool
     hosts: frozenset[str]
+    tls_min_version: str
     config: Config  # with data_dir as above; privacy is built from it when the store opens
 
 
@@ -71,6 +78,11 @@ class EnphaseTap:
             """,
         )
         loader.add_option(
+            "enphase_tls_min_version", str | None, None,
+            "Oldest TLS version accepted from the Envoy (TLS1, TLS1_1, TLS1_2, TLS1_3); sets tls_version_client_min "
+            "safely. Unset: enphase.tls_min_version from the pvtap config (TLS1_2).",
+        )
+        loader.add_option(
             "enphase_hosts", Sequence[str], list(Config().enphase.hosts),
             "Hosts (Host header) whose /emu_reports/ posts are copied and decoded. "
             "Unset: enphase.hosts from the pvtap config.",
@@ -95,6 +107,7 @@ class EnphaseTap:
         if reopen:
             self._stop_ingest()
             self._start_ingest()
+        _tls_minimum.apply(settings.tls_min_version)
 
     def running(self) -> None:
         """Open the store and start the ingest thread: before the first request can complete
@@ -164,8 +177,12 @@ class EnphaseTap:
             raise exceptions.OptionsError(
                 f"connection_strategy = {opts.connection_strategy!r}: local mode must not connect to the cloud, "
                 "but the eager strategy connects before the addon can answer. Fix: --set connection_strategy=lazy.")
+        tls_min = opts.enphase_tls_min_version or config.enphase.tls_min_version
+        if tls_min not in TLS_VERSIONS:
+            raise exceptions.OptionsError(f"enphase_tls_min_version = {tls_min!r}: not a TLS version. Fix: one of "
+                                          f"{', '.join(TLS_VERSIONS)}.")
         return Settings(data_dir=data_dir, local_mode=local_mode, hosts=frozenset(h.strip().lower() for h in hosts),
-                        config=dataclasses.replace(config, data_dir=data_dir))
+                        tls_min_version=tls_min, config=dataclasses.replace(config, data_dir=data_dir))
 
     def _submit(self, raw: RawPayload) -> None:
         if self.ingest is not None:  # None only if the store could not be opened: forwarding goes on
@@ -244,6 +261,38 @@ async def _local_answer(flow: http.HTTPFlow, kind: str) -> http.Response:
 def _peer(flow: http.HTTPFlow) -> str:
     peer = flow.client_conn.peername
     return str(peer[0]) if peer else "?"
+
+
+class TlsMinimum:
+    """Sets mitmproxy's tls_version_client_min (for an old Envoy) once its version probe is safe:
+    mitmproxy 12.2 probes every TLS version when that option changes, and its probe raises for SSL 3
+    on an OpenSSL without it (cryptography 48 bundles OpenSSL 4), which ends mitmdump. Below TLS 1.2
+    mitmproxy then adds @SECLEVEL=0 and the old suites to its cipher list itself."""
+
+    def __init__(self) -> None:
+        self.names = {"TLS1": "1.0", "TLS1_1": "1.1", "TLS1_2": "1.2", "TLS1_3": "1.3"}
+        self.probe_patched = False
+
+    def apply(self, version: str) -> None:
+        if version == ctx.options.tls_version_client_min or (version == DEFAULT_TLS_MIN and not self.probe_patched):
+            return  # nothing asked for, or already so (a --set tls_version_client_min is left alone)
+        if not self.probe_patched:
+            probe = net_tls.is_supported_version
+
+            @functools.cache
+            def is_supported_version(v: net_tls.Version) -> bool:
+                try:
+                    return probe(v)
+                except SSL.Error:  # this OpenSSL cannot even be asked about it
+                    return False
+
+            net_tls.is_supported_version = is_supported_version
+            self.probe_patched = True
+        ctx.options.update(tls_version_client_min=version)
+        log.info("enphase: accepting TLS %s and newer from the Envoy (enphase.tls_min_version)", self.names[version])
+
+
+_tls_minimum = TlsMinimum()
 
 
 class NotRedirected(Exception):

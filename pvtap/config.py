@@ -99,6 +99,10 @@ class EnphaseConfig:
         "How the Envoy's traffic reaches mitmproxy: transparent (a firewall REDIRECT on this host), reverse (a DNS "
         "override or DNAT to this host; forwarded to enphase.upstream) or regular (the device uses it as HTTP proxy).",
         check=one_of("transparent", "reverse", "regular"))
+    tls_min_version: str = setting(
+        "TLS1_2", "Oldest TLS version mitmproxy accepts from the Envoy: TLS1_2 (mitmproxy's default), or TLS1 / TLS1_1 "
+        "for an old Envoy that speaks nothing newer (the old cipher suites it needs are then allowed too).",
+        check=one_of("TLS1", "TLS1_1", "TLS1_2", "TLS1_3"))
     upstream: str = setting(
         "https://reports.enphaseenergy.com:443", "The cloud reverse mode forwards to, https://host[:port].",
         check=lambda v: None if re.fullmatch(r"https?://[^/:\s]+(:\d{1,5})?/?", v) else "expected https://host[:port]")

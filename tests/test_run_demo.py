@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import queue
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -303,3 +306,63 @@ def test_the_demo_relay_config_keeps_the_users_settings_and_holds_the_demo_liste
         config.log_level, config.privacy, config.enphase, config.influx)
     assert [(x.protocol, x.listen, x.upstream, x.upstream_tls) for x in demo.relay.listeners] == [
         ("alphaess", "127.0.0.1:0", "127.0.0.1:1", False), ("foxess", "127.0.0.1:0", "127.0.0.1:2", True)]
+
+
+def _post_with_tls_1_0(port: int, body: bytes) -> int:
+    """POST a report as a 2012-era Envoy might: TLS 1.0 only, one plain-RSA CBC suite (what an
+    OpenSSL 0.9.8 client offers), no certificate check. Returns the HTTP status."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with warnings.catch_warnings():  # Python deprecates TLS 1.0; the test needs it on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1
+    context.set_ciphers("@SECLEVEL=0:AES128-SHA")
+    conn = http.client.HTTPSConnection("reports.enphaseenergy.com", 443, context=context, timeout=30)
+    sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port)),
+                               server_hostname="reports.enphaseenergy.com")
+    assert sock.version() == "TLSv1" and (sock.cipher() or ("",))[0] == "AES128-SHA"
+    conn.sock = sock
+    try:
+        conn.request("POST", "/emu_reports/performance_report?webcomm_version=3.0", body,
+                     {"Content-Type": "application/x-deflate", "Host": "reports.enphaseenergy.com:443"})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tls_min_version, accepted", [(None, False), ("TLS1", True)])
+def test_an_old_tls_envoy_gets_through_with_the_documented_setting(tmp_path: Path, tls_min_version: str | None,
+                                                                   accepted: bool) -> None:
+    """README and docs/enphase.md: `enphase.tls_min_version = "TLS1"` (PVTAP_ENPHASE_TLS_MIN_VERSION), and
+    nothing else: mitmproxy then adds @SECLEVEL=0 and the old suites to its own cipher list."""
+    body = encode_body(Simulator(micros=1, start=1699956000).next_report().xml)
+    env = {"PVTAP_ENPHASE_MODE": "reverse", "PVTAP_ENPHASE_LISTEN": "127.0.0.1:0"}
+    if tls_min_version:
+        env["PVTAP_ENPHASE_TLS_MIN_VERSION"] = tls_min_version
+    with EnphaseCloud(cert_dir=tmp_path / "cloud") as cloud:
+        run = _run(tmp_path, {**env, "PVTAP_ENPHASE_UPSTREAM": cloud.url},
+                   "--mitmproxy-set", f"ssl_verify_upstream_trusted_ca={cloud.cafile}")
+        port = int(run.expect(r"mitmproxy is up on 127\.0\.0\.1:(\d+)").group(1))
+        run.expect(r"pvtap tail --follow")
+        if accepted:
+            assert _post_with_tls_1_0(port, body) == 200
+            assert [r.body for r in cloud.received()] == [body]
+        else:
+            with pytest.raises(ssl.SSLError):
+                _post_with_tls_1_0(port, body)
+            assert cloud.received() == []
+        assert run.stop(signal.SIGINT) == 0
+    if accepted:
+        assert "enphase: accepting TLS 1.0 and newer from the Envoy (enphase.tls_min_version)" in run.output
+
+
+@pytest.mark.slow
+def test_mitmproxys_own_tls_option_that_crashes_it_points_to_the_pvtap_setting(tmp_path: Path) -> None:
+    run = _run(tmp_path, {"PVTAP_ENPHASE_LISTEN": "127.0.0.1:0"}, "--mitmproxy-set", "tls_version_client_min=TLS1")
+    assert run.proc.wait(60) == 2
+    run.stop()
+    assert run.lines[-1] == (
+        "pvtap run: config error: --mitmproxy-set = 'tls_version_client_min=TLS1': mitmproxy fails on this option "
+        "with this OpenSSL build. Fix: use the pvtap setting instead: enphase.tls_min_version = \"TLS1\" "
+        "(PVTAP_ENPHASE_TLS_MIN_VERSION=TLS1)")

@@ -59,8 +59,8 @@ examples:
   pvtap run                                   transparent proxy on 0.0.0.0:8443, store in ./data
   pvtap --config pvtap.toml run
   PVTAP_ENPHASE_MODE=reverse pvtap run
-  pvtap run --mitmproxy-set tls_version_client_min=TLS1     an old Envoy that speaks TLS 1.0
-                                              (mitmproxy then allows the old ciphers itself)
+  PVTAP_ENPHASE_TLS_MIN_VERSION=TLS1 pvtap run   an old Envoy that speaks TLS 1.0 (the old
+                                              cipher suites it needs are then allowed too)
   pvtap run --dry-run                         print the command lines and exit
 
 Ctrl-C (SIGINT) or SIGTERM stops every service cleanly; if one service dies, the others are
@@ -282,6 +282,18 @@ def mitmproxy_listen_error(config: Config, tail: list[str]) -> str | None:
     return None
 
 
+def mitmproxy_tls_option_error(extra_sets: Sequence[str], tail: list[str]) -> str | None:
+    """mitmproxy 12.2 dies when tls_version_client_min changes on an OpenSSL without SSL 3; the
+    addon's enphase.tls_min_version sets it safely."""
+    given = next((item for item in extra_sets if item.startswith("tls_version_client_min=")), None)
+    if given is None or not any("_warn_unsupported_version" in line for line in tail):
+        return None
+    version = given.partition("=")[2]
+    return str(ConfigError("--mitmproxy-set", given, "mitmproxy fails on this option with this OpenSSL build",
+                           f'use the pvtap setting instead: enphase.tls_min_version = "{version}" '
+                           f"(PVTAP_ENPHASE_TLS_MIN_VERSION={version})"))
+
+
 def relay_config_error(tail: list[str]) -> str | None:
     """The relay's own one-line config error (it exits 2 after printing it)."""
     prefix = f"{RELAY_PROG}: "
@@ -340,7 +352,8 @@ def services(config: Config, args: argparse.Namespace) -> list[Service]:
         Service("mitmproxy",
                 mitmdump_command(config, config_path=args.config, extra_sets=args.mitmproxy_set),
                 ready=MITM_READY, next_steps=lambda ready: enphase_next_steps(config, ready),
-                show=mitmproxy_shows, explain=lambda tail: mitmproxy_listen_error(config, tail)),
+                show=mitmproxy_shows, explain=lambda tail: mitmproxy_listen_error(config, tail)
+                or mitmproxy_tls_option_error(args.mitmproxy_set, tail)),
         Service("relay", relay_command(config, args.config), ready=RELAY_READY,
                 next_steps=lambda ready: relay_next_steps(config), explain=relay_config_error),
     ]
@@ -356,7 +369,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG.format(relay_defaults="\n    ".join(default_listener_lines())),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mitmproxy-set", action="append", default=[], metavar="OPTION=VALUE",
-                        help="pass an extra --set to mitmdump (repeatable), e.g. tls_version_client_min=TLS1")
+                        help="pass an extra --set to mitmdump (repeatable), e.g. ignore_hosts=REGEX")
     parser.add_argument("--dry-run", action="store_true", help="print each service's command line and exit")
     parser.set_defaults(func=run)
 
