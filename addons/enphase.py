@@ -4,10 +4,13 @@
 
 The Envoy POSTs zlib-compressed XML to reports.enphaseenergy.com/emu_reports/performance_report.
 For every POST to an `/emu_reports/` path on one of `enphase_hosts`, the request and response
-hooks hand the raw bytes to pvtap's ingest worker, which redacts, stores and decodes them on a
-background thread. The hooks only read `raw_content` and never change a request or a response,
-so the cloud and the Envoy see exactly the bytes that were sent. With `enphase_local_mode` the
-addon answers the reports itself, as the cloud would, and no connection to the cloud is made.
+hooks hand the raw bytes to pvtap's ingest worker, a process of its own (started in `running`)
+that redacts and archives them at once and decodes them after: the hooks only queue the bytes
+on a socket (never waiting), read `raw_content` and never change a request or a response, so
+the cloud and the Envoy see exactly the bytes that were sent. No hook blocks: a changed store
+or privacy setting hands the old worker its last payloads and starts a new one. With
+`enphase_local_mode` the addon answers the reports itself, as the cloud would, and no
+connection to the cloud is made.
 
 Unset options take their value from the pvtap config (`pvtap_config`, else $PVTAP_CONFIG and
 PVTAP_* variables, else the built-in defaults). See docs/enphase.md.
@@ -28,10 +31,10 @@ from OpenSSL import SSL
 from pvtap import datadir
 from pvtap.config import Config, ConfigError, env_warnings, load_config
 from pvtap.decode.enphase import build_response, event_ids, report_kind
-from pvtap.ingest import Ingest
+from pvtap.ingest_channel import Channel
+from pvtap.ingest_worker import WorkerSettings
 from pvtap.privacy import Privacy
 from pvtap.records import DOWN, UP, Origin, RawPayload, now_utc
-from pvtap.store.forwarder import Forwarder, start_forwarder
 from pvtap.store.local import LocalStore
 
 log = logging.getLogger("pvtap.enphase")
@@ -57,8 +60,8 @@ class Settings:
 class EnphaseTap:
     def __init__(self) -> None:
         self.settings: Settings | None = None
-        self.ingest: Ingest | None = None
-        self.forwarder: Forwarder | None = None  # only when [influx] url is configured
+        self.channel: Channel | None = None  # to the ingest worker; None while the store cannot be opened
+        self.store_path: Path | None = None
 
     def load(self, loader) -> None:
         _not_redirected.install()
@@ -98,7 +101,7 @@ class EnphaseTap:
         if old is None:  # once: pvtap run's children get an environment without the unknown variables
             for warning in env_warnings():
                 log.warning("enphase: %s", warning)
-        reopen = self.ingest is not None and old is not None and \
+        reopen = self.channel is not None and old is not None and \
             (settings.data_dir, settings.config.privacy) != (old.data_dir, old.config.privacy)
         self.settings = settings
         log.info("enphase: decoding /emu_reports/ posts to %s into %s%s", ", ".join(sorted(settings.hosts)),
@@ -110,9 +113,9 @@ class EnphaseTap:
         _tls_minimum.apply(settings.tls_min_version)
 
     def running(self) -> None:
-        """Open the store and start the ingest thread: before the first request can complete
+        """Open the store and start the ingest worker: before the first request can complete
         (mitmproxy runs this right after its servers start listening)."""
-        if self.ingest is None:
+        if self.channel is None:
             self._start_ingest()
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -185,38 +188,39 @@ class EnphaseTap:
                         tls_min_version=tls_min, config=dataclasses.replace(config, data_dir=data_dir))
 
     def _submit(self, raw: RawPayload) -> None:
-        if self.ingest is not None:  # None only if the store could not be opened: forwarding goes on
-            self.ingest.submit(raw)
+        if self.channel is not None:  # None only if the store could not be opened: forwarding goes on
+            self.channel.payload(raw)
 
     def _start_ingest(self) -> None:
+        """Check that the store opens (a clear error now rather than in the worker's log), then
+        start the worker that writes it, and its InfluxDB forwarder when [influx] url is set."""
         settings = self.settings
         assert settings is not None  # configure() runs before running() and before a reopen
         try:
             store = LocalStore.for_process(settings.data_dir, "enphase")
+            store.close()
             privacy = Privacy.from_config(settings.config)
         except Exception as exc:
             log.error("enphase: cannot open the store in %s (%s): reports are forwarded but NOT stored. "
                       "Fix: point enphase_data_dir (or data_dir in the pvtap config) at a writable directory.",
                       settings.data_dir, exc)
             return
-        self.ingest = Ingest(store, privacy).start()
-        self.forwarder = start_forwarder(store.path, settings.config.influx)
+        config = settings.config
+        worker = WorkerSettings.of(store.path, privacy, config.influx, config.ingest.queue_mb * 2**20,
+                                   config.log_level)
+        self.channel = Channel.process(worker, name="enphase ingest").start()
+        self.store_path = store.path
 
     def _stop_ingest(self) -> None:
-        if self.forwarder is not None:
-            self.forwarder.stop_soon()  # what it has not delivered stays in the store for next time
-        if self.ingest is None:
+        """Hand the worker its last payloads and let it finish by itself (it archives them and
+        exits; what it has not decoded is decoded at the next start). Never waits here."""
+        if self.channel is None:
             return
-        finished = self.ingest.stop()
-        if self.forwarder is not None:
-            self.forwarder.stop()
-            self.forwarder = None
-        if finished:  # else the worker still writes to it; the process is ending anyway
-            self.ingest.store.close()
-        c = self.ingest.counts
-        log.info("enphase: %d payloads stored, %d records, %d decode errors, %d dropped (queue full) in %s",
-                 c.stored_raw, c.records, c.decode_errors, c.dropped, self.ingest.store.path)
-        self.ingest = None
+        stats = self.channel.stats()
+        self.channel.close_soon()
+        log.info("enphase: %d payloads handed to the ingest worker for %s, %d dropped (worker busy or down)",
+                 stats["copies_sent"], self.store_path, stats["copies_dropped"])
+        self.channel = None
 
 
 def _check_data_dir(path: Path, name: str) -> None:

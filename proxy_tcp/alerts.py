@@ -1,6 +1,7 @@
 """Conditions a person must act on, made loud without flooding: an ERROR line when one starts and
 again every `repeat` seconds while it lasts (with the count since), an INFO line when it ends, and
-a `pvtap_alert` record each time, which `pvtap status` shows.
+a `pvtap_alert` record each time. The relay stores no record itself: the records go to its ingest
+worker over the channel (`CopySink.records`), which stores them; `pvtap status` shows them.
 
 The one condition today: the upstream of a listener pinned with `upstream_pin_sha256` presents
 another certificate. The relay then never sends it a byte — the device is answered locally
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pvtap.config import ListenerConfig
 from pvtap.records import Origin, Record, now_utc
@@ -28,15 +29,15 @@ REPEAT = 600.0
 class PinMismatch:
     """The pin check of one listener's upstream, as an alert."""
 
-    def __init__(self, listener: ListenerConfig, *, repeat: float = REPEAT,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, listener: ListenerConfig, emit: Callable[[Sequence[Record]], None], *,
+                 repeat: float = REPEAT, clock: Callable[[], float] = time.monotonic) -> None:
         self.listener = listener
+        self.emit = emit  # where its records go to be stored (the relay's CopySink.records); never blocks
         self.repeat = repeat
         self.clock = clock
         self.active = False
         self.count = 0  # connections that met the wrong certificate since the alert was last logged
         self._last_logged = 0.0
-        self._records: list[Record] = []
         self._lock = threading.Lock()
 
     def mismatch(self, endpoint: str, seen: str) -> None:
@@ -50,8 +51,8 @@ class PinMismatch:
             self.active, self._last_logged = True, now
             message = self.message(endpoint, seen, since)
             log.error("%s", message)
-            self._records.append(self._record(True, message, {"endpoint": endpoint, "seen_sha256": seen,
-                                                              "connections": self.count}))
+            self.emit([self._record(True, message, {"endpoint": endpoint, "seen_sha256": seen,
+                                                    "connections": self.count})])
             self.count = 0
 
     def passed(self) -> None:
@@ -63,13 +64,7 @@ class PinMismatch:
             message = (f"{self._name()}: the upstream {self.listener.upstream} presents the pinned certificate "
                        "again; forwarding to it")
             log.info("%s", message)
-            self._records.append(self._record(False, message, {}))
-
-    def take_records(self) -> list[Record]:
-        """The alert records not stored yet (the caller stores them)."""
-        with self._lock:
-            records, self._records = self._records, []
-        return records
+            self.emit([self._record(False, message, {})])
 
     def message(self, endpoint: str, seen: str, since: float | None = None) -> str:
         """The alert's line; `since`: seconds since it was last logged (None: it just started)."""

@@ -3,7 +3,9 @@
 The listener's policy decides where the connection goes: forwarded to the cloud (fixed, auto,
 transparent), answered locally as the cloud would (local, and auto while the cloud cannot be
 reached), or refused (no such cloud, a destination that leads back to the relay, too many
-connections). Whatever happens, the end is one log line and one `pvtap_connection` record.
+connections). Whatever happens, the end is one `pvtap_connection` record and one log line:
+the relay sends what it knows (bytes, outcome, upstream) with its copies' CLOSE, and the ingest
+worker, where the connection's Tap runs, adds frames and device, logs the line and stores it.
 """
 
 from __future__ import annotations
@@ -15,13 +17,12 @@ import secrets
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING
 
-from pvtap.records import DOWN, UP, Origin, Record, now_utc
+from pvtap.ingest_framing import ConnectionRecord
+from pvtap.records import DOWN, UP, now_utc
 
-from .pump import CHUNK, Activity, Copies, PumpEnd, pump
+from .pump import CHUNK, Activity, PumpEnd, pump
 from .tls import DEVICE_HANDSHAKE_TIMEOUT
 from .upstream import Endpoint, RefusedDestination, UpstreamError, open_upstream, original_destination
 
@@ -32,68 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proxy_tcp.connection")
 
-MEASUREMENT = "pvtap_connection"
-#: how long closing a side may wait for its unsent bytes to leave
+#: how long closing a side may wait for its unsent bytes to leave (the graces add up: service.py)
 CLOSE_GRACE = 5.0
-#: how long the decode side may take to finish what was queued when a connection ends
-DECODE_GRACE = 10.0
-
-
-@dataclass
-class ConnectionRecord:
-    """What the relay knows about a connection when it ends."""
-
-    id: str
-    protocol: str
-    listener: str
-    policy: str
-    started: datetime
-    peer: Endpoint
-    upstream: str = ""  # where it was forwarded, or the cloud it could not reach
-    action: str = ""  # forward, local or refused
-    outcome: str = ""  # device_closed, cloud_closed, device_reset, cloud_reset, idle_timeout, ...
-    detail: str = ""
-    cloud_error: str = ""  # why auto answered locally
-    bytes: dict[str, int] = field(default_factory=lambda: {UP: 0, DOWN: 0})
-    frames: int = 0
-    rejected: int = 0
-    dropped_copies: int = 0
-    decode_errors: int = 0
-    answer_errors: int = 0
-    opaque: bool = False
-    device: str = ""  # the serial (or its pseudonym) once a frame revealed it
-    duration: float = 0.0
-
-    def log_line(self) -> str:
-        where = f" → {self.upstream}" if self.upstream else ""
-        device = f" device {self.device}," if self.device else ""
-        opaque = " OPAQUE (not this protocol; forwarded untouched)," if self.opaque else ""
-        detail = f" ({self.detail})" if self.detail else ""
-        if self.cloud_error:
-            detail += f" [cloud unreachable: {self.cloud_error}]"
-        return (f"{self.protocol} {self.id} {self.peer}{where} [{self.policy}: {self.action}] {self.outcome}{detail}"
-                f" after {self.duration:.1f} s;{device}{opaque} up {self.bytes[UP]} B, down {self.bytes[DOWN]} B,"
-                f" frames {self.frames}, rejected {self.rejected}, dropped copies {self.dropped_copies},"
-                f" decode errors {self.decode_errors}")
-
-    def to_record(self, store_peer: bool) -> Record:
-        fields: dict[str, int | float | str | bool] = {
-            "bytes_up": self.bytes[UP], "bytes_down": self.bytes[DOWN], "frames": self.frames,
-            "rejected": self.rejected, "dropped_copies": self.dropped_copies, "decode_errors": self.decode_errors,
-            "answer_errors": self.answer_errors, "opaque": self.opaque, "duration_s": round(self.duration, 3),
-        }
-        if self.upstream:
-            fields["upstream"] = self.upstream
-        if self.detail:
-            fields["detail"] = self.detail
-        if self.cloud_error:
-            fields["cloud_error"] = self.cloud_error
-        if store_peer:
-            fields["peer"] = str(self.peer)
-        tags = {"protocol": self.protocol, "listener": self.listener, "policy": self.policy,
-                "action": self.action, "outcome": self.outcome}
-        return Record(MEASUREMENT, self.started, tags, fields,
-                      Origin(protocol=self.protocol, device=self.device, connection=self.id))
 
 
 class Connection:
@@ -107,17 +48,11 @@ class Connection:
         self.peer = Endpoint.of(writer.get_extra_info("peername"))
         self.record = ConnectionRecord(
             id="c-" + secrets.token_hex(4), protocol=config.protocol, listener=config.listen, policy=config.policy,
-            started=now_utc(), peer=self.peer)
+            started=now_utc(), peer=str(self.peer))
         self.label = f"{config.protocol} {self.record.id} {self.peer}"
         relay = listener.relay
-        self.initial_device = str(self.peer.host) if relay.privacy.keep_network_identity else ""
-        try:
-            self.tap = listener.codec.Tap(Origin(protocol=config.protocol, device=self.initial_device,
-                                                 connection=self.record.id))
-        except Exception:
-            log.exception("%s: the decoder could not start; forwarding without decoding", self.label)
-            self.tap = None
-        self.copies = Copies(self.tap, relay.sink, config.decode_queue, relay.executor, self.label)
+        initial_device = str(self.peer.host) if relay.privacy.keep_network_identity else ""
+        self.copies = relay.copies.open(self.record, initial_device)
         self.activity = Activity(asyncio.get_running_loop().time())
         self._t0 = time.monotonic()
         self._serving: asyncio.Task[None] | None = None
@@ -132,7 +67,6 @@ class Connection:
         """Serve, then close both sides and report. `stop()` ends the serving only, so that a
         stopping relay still closes and records every connection."""
         log.debug("%s: accepted on %s (%s)", self.label, self.listener.config.listen, self.listener.config.policy)
-        self.copies.start()
         self._serving = asyncio.create_task(self._serve(), name=f"serve {self.label}")
         if self._stopping:  # stopped before it ran
             self._serving.cancel()
@@ -149,14 +83,13 @@ class Connection:
             self.end("error", f"{type(exc).__name__}: {exc}")
         finally:
             await self._close()
-            await self._report()
+            self._report()
 
     def stop(self) -> None:
         """End the serving (the relay is stopping); closing and the record follow in `run`."""
         self._stopping = True
         if self._serving is not None:
             self._serving.cancel()
-        self.copies.abandon()
 
     # -- policies ---------------------------------------------------------------------------
 
@@ -279,7 +212,7 @@ class Connection:
                 return PumpEnd("eof", "device")
             self.record.bytes[UP] += len(data)
             self.activity.last = loop.time()
-            self.copies.offer(UP, data)
+            self.copies.chunk(UP, data)
             try:
                 reply = answerer.feed(data)
             except Exception:
@@ -305,7 +238,7 @@ class Connection:
         self.device_writer.write(data)
         self.record.bytes[DOWN] += len(data)
         self.activity.last = asyncio.get_running_loop().time()
-        self.copies.offer(DOWN, data)
+        self.copies.chunk(DOWN, data)
         try:
             await self.device_writer.drain()
         except OSError:
@@ -345,13 +278,14 @@ class Connection:
                 await self._discard_unread()
             for writer in writers:
                 writer.close()
-        for writer in writers:
-            try:
-                async with asyncio.timeout(CLOSE_GRACE):
-                    await writer.wait_closed()
-            except (OSError, TimeoutError):
+        # both sides at once, so that a connection ends within one CLOSE_GRACE (< STOP_GRACE)
+        waits = [asyncio.ensure_future(_wait_closed(writer)) for writer in writers]
+        _, late = await asyncio.wait(waits, timeout=CLOSE_GRACE)
+        for wait, writer in zip(waits, writers):
+            if wait in late:
+                wait.cancel()
                 writer.transport.abort()
-        await self.copies.close(timeout=DECODE_GRACE)
+        await asyncio.gather(*waits, return_exceptions=True)
 
     async def _discard_unread(self) -> None:
         """Half-close towards the device and read what it already sent, so that closing sends
@@ -367,30 +301,16 @@ class Connection:
         except (OSError, TimeoutError):
             pass
 
-    async def _report(self) -> None:
-        r = self.record
-        r.duration = time.monotonic() - self._t0
-        r.frames = int(getattr(self.tap, "frames", 0))
-        r.rejected = int(getattr(self.tap, "rejected", 0))
-        r.dropped_copies = self.copies.dropped
-        r.decode_errors = self.copies.tap_errors
-        r.opaque = self.copies.opaque
-        relay = self.listener.relay
-        device = getattr(getattr(self.tap, "origin", None), "device", "")
-        r.device = relay.privacy.serial(device) if device and device != self.initial_device else ""
-        log.log(logging.WARNING if r.outcome in WARN_OUTCOMES else logging.INFO, "%s", r.log_line())
-        if relay.store is not None:
-            records = [r.to_record(store_peer=relay.privacy.keep_network_identity)]
-            if self.listener.upstream_tls is not None:  # a pin mismatch is stored as an alert (proxy_tcp.alerts)
-                records += self.listener.upstream_tls.alerts()
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, relay.store.append, records)
-            except Exception:
-                log.exception("%s: could not store the connection record", self.label)
+    def _report(self) -> None:
+        """Hand the record to the ingest worker, which completes it (frames, device), logs it and
+        stores it after the connection's last copies."""
+        self.record.duration = time.monotonic() - self._t0
+        self.copies.close(self.record)
 
 
-WARN_OUTCOMES = {"upstream_failed", "refused_not_redirected", "refused_self", "refused_limit", "device_tls_failed",
-                 "error"}
+async def _wait_closed(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -401,8 +321,8 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 async def _cancel(tasks: set[asyncio.Task]) -> None:
+    """Cancel the tasks and wait for them. Their CancelledErrors are theirs and end here; if the
+    task awaiting this is cancelled itself, its CancelledError goes on (gather re-raises it)."""
     for task in tasks:
         task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proxy_tcp.listener")
 
-#: how long stopping waits for the open connections to close and write their records
+#: how long stopping waits for the open connections to close (more than CLOSE_GRACE; service.py adds up the graces)
 STOP_GRACE = 8.0
 
 #: One listener per supported device on the port it dials, for a relay configured with none:
@@ -68,7 +68,7 @@ class Listener:
         self.resolver = (UpstreamResolver(config.upstream, config.resolver, config.connect_timeout)
                          if config.policy in ("fixed", "auto") else None)
         self.device_tls: ssl.SSLContext | None = None  # set by start() when tls_cert is configured
-        self.upstream_tls = UpstreamTLS.of(config)
+        self.upstream_tls = UpstreamTLS.of(config, alerts=relay.copies.records)  # pin alerts: stored by ingest
         self.endpoints: list[Endpoint] = []
         self.connections: dict[asyncio.Task, Connection] = {}
         self._server: asyncio.Server | None = None
@@ -90,7 +90,7 @@ class Listener:
             self.device_tls = await asyncio.to_thread(device_context, self.config, self.key)
         try:
             if self.config.transport == "udp":
-                self.datagrams = datagrams = Datagrams(self.config, self.relay.sink, self.relay.privacy)
+                self.datagrams = datagrams = Datagrams(self.config, self.relay.copies, self.relay.privacy)
                 self._udp, _ = await asyncio.get_running_loop().create_datagram_endpoint(
                     lambda: datagrams, local_addr=("0.0.0.0" if host == "*" else host, port))
                 self.endpoints = [Endpoint.of(self._udp.get_extra_info("sockname"))]

@@ -2,8 +2,20 @@
 
 Modelled on aiohttp's `background_tasks.py`: everything starts inside one async context manager
 (`relay_running`) and, on the way out, every connection task is cancelled and awaited, so each
-open connection still writes its record. `serve` adds the relay's own store and ingest worker;
-`run` is the blocking entry point of `pvtap relay` and `python -m proxy_tcp`.
+open connection still sends its record. `serve` adds the relay's ingest workers (processes that
+frame, archive and decode the copies; the relay process does only I/O); `run` is the blocking
+entry point of `pvtap relay` and `python -m proxy_tcp`.
+
+Stopping, and how long it may take (each grace bounds one step; the steps add up):
+
+    connections close both sides at once      CLOSE_GRACE  5 s  (connection.py)
+    the listener waits for its connections    STOP_GRACE   8 s  (listeners.py; > CLOSE_GRACE)
+    the workers get the rest of the copies,   WORKER_STOP_GRACE_S   (ingest_worker.py: archiving
+      archive them, decode a little more,       5 s, decoding 2 s, the forwarder 4 s, 1 s spare)
+      stop their forwarders and exit
+    in all                                    RELAY_STOP_GRACE = STOP_GRACE + WORKER_STOP_GRACE_S
+
+`pvtap run` waits STOP_TIMEOUT (more than RELAY_STOP_GRACE) before it kills a service.
 """
 
 from __future__ import annotations
@@ -12,22 +24,22 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import ModuleType
 
 from pvtap import datadir
-from pvtap.config import Config, ConfigError, ListenerConfig
+from pvtap.config import Config, ConfigError, InfluxConfig, ListenerConfig
 from pvtap.decode import codec_for
-from pvtap.ingest import Ingest
+from pvtap.ingest_channel import Channel, IngestStartError
+from pvtap.ingest_pool import ChannelPool
+from pvtap.ingest_worker import WORKER_STOP_GRACE_S, WorkerSettings
 from pvtap.privacy import Privacy
-from pvtap.store.forwarder import start_forwarder
 from pvtap.store.local import LocalStore
 
-from .listeners import Listener, default_listeners
-from .pump import Sink
+from .listeners import STOP_GRACE, Listener, default_listeners
+from .pump import CopySink
 from .tls import in_data_dir
 from .upstream import SelfGuard
 
@@ -35,6 +47,10 @@ log = logging.getLogger("proxy_tcp")
 
 #: the line that tells a supervisor (`pvtap run`) the relay is listening
 READY = "relay ready:"
+#: the longest a relay takes to stop (see the module docstring)
+RELAY_STOP_GRACE = STOP_GRACE + WORKER_STOP_GRACE_S
+#: bytes of copies buffered for an in-process worker (relay_running without `copies`)
+TEST_QUEUE_BYTES = 32 * 2**20
 
 
 def config_key(index: int, name: str) -> str:
@@ -42,22 +58,19 @@ def config_key(index: int, name: str) -> str:
 
 
 class Relay:
-    """The listeners of one process and what they share: the sink for decoded payloads, the
-    store for connection records, the privacy settings, the decode threads and the guard
-    against connecting back to itself."""
+    """The listeners of one process and what they share: where copies go, the privacy settings,
+    the protocols and the guard against connecting back to itself."""
 
-    def __init__(self, listeners: Sequence[ListenerConfig], *, sink: Sink, store: LocalStore | None = None,
-                 privacy: Privacy | None = None, codecs: Callable[[str], ModuleType] = codec_for,
+    def __init__(self, listeners: Sequence[ListenerConfig], *, copies: CopySink, privacy: Privacy | None = None,
+                 codecs: Callable[[str], ModuleType] = codec_for,
                  keys: Callable[[int, str], str] = config_key) -> None:
         self.configs = list(listeners)
-        self.sink = sink
-        self.store = store
+        self.copies = copies
         self.privacy = privacy or Privacy()
         self.codecs = codecs
         self.keys = keys
         self.guard = SelfGuard()
         self.listeners: list[Listener] = []
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pvtap-tap")
 
     async def start(self) -> None:
         """Listen on every address, then check the upstreams against them. Raises ConfigError
@@ -97,19 +110,39 @@ class Relay:
         for listener in self.listeners:
             await listener.close()
         self.listeners.clear()
-        self.executor.shutdown(wait=False)
 
 
 @contextlib.asynccontextmanager
-async def relay_running(listeners: Sequence[ListenerConfig], **kwargs) -> AsyncIterator[Relay]:
-    """A started Relay for the duration of the block; stopped (connections ended and
-    recorded) on the way out, whatever happened."""
-    relay = Relay(listeners, **kwargs)
-    await relay.start()
+async def relay_running(listeners: Sequence[ListenerConfig], *, copies: CopySink | None = None,
+                        store: LocalStore | Path | None = None, privacy: Privacy | None = None,
+                        codecs: Callable[[str], ModuleType] = codec_for, queue_bytes: int = TEST_QUEUE_BYTES,
+                        keys: Callable[[int, str], str] = config_key) -> AsyncIterator[Relay]:
+    """A started Relay for the duration of the block; stopped (connections ended and recorded)
+    on the way out, whatever happened. Copies go to `copies`; without it, to an ingest worker
+    in a thread of this process writing `store` (tests inject their `codecs` there), which is
+    stopped after the relay, once everything is archived and decoded."""
+    channel: Channel | None = None
+    if copies is None:
+        if store is None:
+            raise ValueError("relay_running needs copies= or store=")
+        path = store.path if isinstance(store, LocalStore) else Path(store)
+        settings = WorkerSettings.of(path, privacy or Privacy(), InfluxConfig(), queue_bytes)
+        channel = Channel.thread(settings, codecs=codecs, privacy=privacy or Privacy(), name="relay ingest")
+        copies = channel.start(wait_ready=30)
+        channel.attach()
+    relay = Relay(listeners, copies=copies, privacy=privacy, codecs=codecs, keys=keys)
     try:
-        yield relay
+        await relay.start()
+        try:
+            yield relay
+        finally:
+            await relay.stop()
     finally:
-        await relay.stop()
+        if channel is not None:
+            try:
+                await channel.idle(timeout=60)  # tests read the store next: all decoded
+            finally:
+                channel.close(WORKER_STOP_GRACE_S)
 
 
 def listeners_of(config: Config) -> list[ListenerConfig]:
@@ -122,34 +155,29 @@ def listeners_of(config: Config) -> list[ListenerConfig]:
 
 async def serve(config: Config, listeners: Sequence[ListenerConfig] | None = None, *,
                 keys: Callable[[int, str], str] = config_key, stop: asyncio.Event | None = None) -> None:
-    """Run the relay until `stop` is set or the task is cancelled: its listeners, its store
-    (`<data_dir>/relay.sqlite`) and its ingest worker, which stores what is queued before
-    returning."""
+    """Run the relay until `stop` is set or the task is cancelled: its listeners and its ingest
+    workers (`ingest.workers` processes, each writing `<data_dir>/relay*.sqlite` and forwarding
+    it when [influx] url is set), which archive everything they got before this returns."""
     data_dir = datadir.prepare(config.data_dir)  # ConfigError: one line naming the directory and the fix
-    try:
-        store = LocalStore.for_process(data_dir, "relay")
-    except (OSError, sqlite3.Error) as exc:
-        raise datadir.store_error(data_dir / "relay.sqlite", exc) from None
+    datadir.check_stores(data_dir, "relay")
     privacy = Privacy.from_config(config)
-    ingest = Ingest(store, privacy).start()
-    forwarder = start_forwarder(store.path, config.influx)  # None unless [influx] url is set
     chosen = [in_data_dir(listener, config.data_dir)
               for listener in (listeners if listeners is not None else listeners_of(config))]
     try:
-        async with relay_running(chosen, sink=ingest, store=store, privacy=privacy, keys=keys):
+        pool = ChannelPool.start(config, "relay", privacy)  # on this thread: PR_SET_PDEATHSIG follows it
+    except IngestStartError as exc:
+        raise ConfigError("data_dir", str(config.data_dir), str(exc), "see the message before the colon") from None
+    pool.attach()
+    try:
+        async with relay_running(chosen, copies=pool, privacy=privacy, keys=keys):
             await (stop or asyncio.Event()).wait()
             log.info("relay stopping")
     finally:
-        if forwarder is not None:
-            forwarder.stop_soon()  # what it has not delivered stays in the store for next time
-        finished = await asyncio.to_thread(ingest.stop)
-        if forwarder is not None:
-            await asyncio.to_thread(forwarder.stop)
-        counts = ingest.counts
-        log.info("relay stopped: %d payloads stored, %d records, %d decode errors, %d copies dropped by ingest",
-                 counts.stored_raw, counts.records, counts.decode_errors, counts.dropped)
-        if finished:
-            store.close()
+        stats = pool.stats()
+        finished = pool.close(WORKER_STOP_GRACE_S)
+        log.info("relay stopped: %d copies sent to %d ingest worker(s), %d dropped (ingest busy or down)%s",
+                 stats.get("copies_sent", 0), len(pool.channels), stats.get("copies_dropped", 0),
+                 "" if finished else "; a worker had to be killed")
 
 
 def run(config: Config, listeners: Sequence[ListenerConfig] | None = None, *,
@@ -157,9 +185,6 @@ def run(config: Config, listeners: Sequence[ListenerConfig] | None = None, *,
     """Run the relay in the foreground until SIGINT or SIGTERM; 0 after a clean stop, 2 when
     the configuration or start-up failed (the message names the setting and the fix)."""
     async def main() -> None:
-        # The decode and ingest threads share the GIL with the forwarding loop: make a busy one
-        # hand it over after 0.5 ms instead of 5 ms (halves the p99 round trip under decode load).
-        sys.setswitchinterval(0.0005)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pvtap.certs import parse_subject, self_signed, sha256_fingerprint, write_files
@@ -85,7 +85,7 @@ class UpstreamTLS:
     alarm: PinMismatch | None = None  # with a pin: what a mismatch tells a person (proxy_tcp.alerts)
 
     @classmethod
-    def of(cls, config: ListenerConfig) -> UpstreamTLS | None:
+    def of(cls, config: ListenerConfig, alerts: Callable[[Sequence[Record]], None]) -> UpstreamTLS | None:
         if not config.upstream_tls:
             return None
         if config.upstream_ca_file:
@@ -96,7 +96,7 @@ class UpstreamTLS:
             context.verify_mode = ssl.CERT_NONE
         name = split_host_port(config.upstream)[0] if config.upstream else None
         pin = normalized_pin(config.upstream_pin_sha256)
-        return cls(context, pin, name, PinMismatch(config) if pin else None)
+        return cls(context, pin, name, PinMismatch(config, alerts) if pin else None)
 
     async def open(self, endpoint: Endpoint, limit: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect, handshake and check the pin; UpstreamRefused when the certificate is not the
@@ -116,10 +116,6 @@ class UpstreamTLS:
             if self.alarm is not None:
                 self.alarm.passed()
         return reader, writer
-
-    def alerts(self) -> list[Record]:
-        """Alert records to store (see proxy_tcp.alerts)."""
-        return self.alarm.take_records() if self.alarm is not None else []
 
 
 class UpstreamRefused(UpstreamError):

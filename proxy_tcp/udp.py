@@ -17,7 +17,7 @@ from pvtap.config import ListenerConfig
 from pvtap.privacy import Privacy
 from pvtap.records import UP, Origin, RawPayload, now_utc
 
-from .pump import Sink
+from .pump import CopySink
 from .upstream import Endpoint
 
 log = logging.getLogger("proxy_tcp.udp")
@@ -29,14 +29,14 @@ MAX_SENDERS = 1024
 class Datagrams(asyncio.DatagramProtocol):
     """The receiving side of one UDP listener, with its counts."""
 
-    def __init__(self, config: ListenerConfig, sink: Sink, privacy: Privacy) -> None:
+    def __init__(self, config: ListenerConfig, sink: CopySink, privacy: Privacy) -> None:
         self.config = config
         self.sink = sink
         self.privacy = privacy
         self.port = 0  # the bound port, known once listening
         self.datagrams = 0
         self.bytes = 0
-        self.dropped = 0  # the ingest queue was full
+        self.dropped = 0  # the channel to the ingest worker was full or down
         self.errors = 0
         self._senders: set[str] = set()
 
@@ -52,7 +52,7 @@ class Datagrams(asyncio.DatagramProtocol):
             log.info("%s udp %s: first datagram from %s (%d B)", self.config.protocol, self.port, sender, len(data))
         device = sender.host if self.privacy.keep_network_identity else ""
         origin = Origin(protocol=self.config.protocol, device=device, connection=f"udp-{self.port}", direction=UP)
-        if self.sink.submit(RawPayload(origin, "datagram", data, now_utc(), {"port": self.port})) is False:
+        if not self.sink.payload(RawPayload(origin, "datagram", data, now_utc(), {"port": self.port})):
             self.dropped += 1
 
     def error_received(self, exc: Exception) -> None:
@@ -61,5 +61,5 @@ class Datagrams(asyncio.DatagramProtocol):
 
     def summary(self) -> str:
         return (f"{self.config.protocol} udp {self.port}: {self.datagrams} datagrams, {self.bytes} B from "
-                f"{len(self._senders)} sender(s), {self.dropped} dropped by a full ingest queue, "
+                f"{len(self._senders)} sender(s), {self.dropped} dropped (ingest busy or down), "
                 f"{self.errors} socket errors")

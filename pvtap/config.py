@@ -168,8 +168,8 @@ class ListenerConfig:
                                      "(auto then answers locally).", check=positive)
     idle_timeout: float = setting(3600.0, "Seconds without a byte either way before a connection is closed "
                                   "(devices hold connections for hours).", check=positive)
-    decode_queue: int = setting(256, "Chunks queued per connection for decoding; when full, copies are dropped "
-                                "and counted (forwarding never waits).", check=positive)
+    decode_queue: int = setting(256, "Not used any more: copies share the ingest.queue_mb budget. Accepted so that "
+                                "older configs still load.", check=positive)
     max_connections: int = setting(64, "Connections open at once on this listener; more are refused and logged.",
                                    check=positive)
     tls_cert: str = setting("", "PEM certificate presented to devices: with tls_key, the relay terminates the "
@@ -322,6 +322,24 @@ class InfluxConfig:
                               "set verify_tls = true to use the CA file, or drop ca_file")
 
 
+def _workers(value: int) -> str | None:
+    return None if 0 <= value <= 64 else "must be between 0 (one per core beyond the first) and 64"
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How copies are archived and decoded, off the forwarding processes (docs/design.md)."""
+
+    workers: int = setting(
+        0, "Ingest worker processes of the relay, each with its own store file (relay.sqlite, relay-1.sqlite, ...); "
+           "connections are spread over them by device address. 0: one per CPU core beyond the first, at most 4 "
+           "(1 on a 2-core machine).", check=_workers)
+    queue_mb: int = setting(
+        32, "MiB of copies a forwarding process holds for its ingest worker while the worker is busy (and the worker "
+            "for its archive); beyond it copies are dropped and counted (pvtap status). Forwarding never waits.",
+        check=lambda v: None if 1 <= v <= 4096 else "must be between 1 and 4096")
+
+
 @dataclass(frozen=True)
 class Config:
     data_dir: Path = setting(Path("./data"), "Directory holding the local SQLite stores.")
@@ -330,6 +348,7 @@ class Config:
     enphase: EnphaseConfig = setting(EnphaseConfig(), "")
     relay: RelayConfig = setting(RelayConfig(), "")
     influx: InfluxConfig = setting(InfluxConfig(), "")
+    ingest: IngestConfig = setting(IngestConfig(), "")
 
 
 # -- loading ----------------------------------------------------------------------------------

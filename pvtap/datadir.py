@@ -5,6 +5,7 @@ anything, so a directory pvtap may not write to is one clear line, not a traceba
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pwd
@@ -57,6 +58,18 @@ def prepare(path: str | Path) -> Path:
     if reason is not None:
         raise ConfigError(KEY, str(path), reason, _fix())
     return path
+
+
+def check_stores(path: str | Path, name: str) -> None:
+    """Every existing store `<name>*.sqlite` in the data directory is a SQLite database. Read only
+    (the ingest workers open and write them): a stray file is this one line before anything starts,
+    not a worker that fails after the listeners opened. Raises ConfigError (see store_error)."""
+    for store in sorted(Path(path).glob(f"{name}*.sqlite")):
+        try:
+            with contextlib.closing(sqlite3.connect(f"{store.absolute().as_uri()}?mode=ro", uri=True)) as db:
+                db.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.Error as exc:
+            raise store_error(store, exc) from None
 
 
 def store_error(path: str | Path, exc: Exception) -> ConfigError:

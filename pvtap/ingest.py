@@ -1,134 +1,134 @@
-"""The decode-and-store worker that keeps decoding off the forwarding path.
+"""The ingest engine: redaction, the raw archive and decoding, the same for every producer.
 
-The addon's hooks and the relay's taps call `Ingest.submit`, which never blocks: it puts the
-copy on a bounded queue and returns. One background thread then redacts the payload, commits it
-to the local store, decodes it and commits the records. A decoder exception is logged with the
-payload's origin and counted; the raw payload stays in the store with the error, for a later
-`pvtap replay`. When the queue is full the copy is dropped and counted, never waited for.
+Raw first. A payload is redacted and archived (`archive`, one group commit for many payloads),
+and decoding follows the archive with its own cursor (`decode_pending`: records, decode errors
+and the cursor in one transaction). So an overload or a stop costs decode latency, never data:
+what is archived and not decoded yet is decoded by the next `decode_pending`, in this process
+or after a restart.
+
+The engine has no threads and no transport. The ingest worker (pvtap/ingest_worker.py) drives
+it from its archive and decode threads, fed by the relay and the addon through a channel;
+`Ingest(store, privacy).process(raw)` does all of it for one payload, synchronously (replay,
+import, tests). A decoder exception is logged with the payload's origin and kept with the
+payload for a later `pvtap replay`; a payload that cannot be redacted is kept as its size,
+SHA-256 and the reason only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import queue
-import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from types import ModuleType
 
 from pvtap.decode import codec_for
 from pvtap.privacy import REDACTED, Privacy
-from pvtap.records import Origin, RawPayload
-from pvtap.store.local import LocalStore
+from pvtap.records import Origin, RawPayload, Record
+from pvtap.store.local import Decoded, LocalStore, StoredRaw
 
 log = logging.getLogger("pvtap.ingest")
 
-_STOP = object()
+#: payloads decoded per transaction, at most; and at most this long (a group commit by count and age)
+DECODE_BATCH = 500
+DECODE_BUDGET_S = 0.25
 _KNOWN_CONNECTIONS = 4096  # connections whose device is remembered for their later payloads
+
+Codecs = Callable[[str], ModuleType]
 
 
 @dataclass
 class IngestCounts:
-    submitted: int = 0
-    dropped: int = 0  # queue full: the copy was not stored (forwarding was not affected)
-    stored_raw: int = 0
-    records: int = 0
+    stored_raw: int = 0  # payloads archived
+    records: int = 0  # records decoded (connection records not included)
+    decoded: int = 0  # payloads decoded
     decode_errors: int = 0
+    redact_errors: int = 0  # payloads kept as size + hash because redaction failed
     by_kind: dict[str, int] = field(default_factory=dict)
 
 
 class Ingest:
-    """One background thread that redacts, stores and decodes submitted payloads."""
+    """Redacts and archives payloads, and decodes the archive after its cursor, into one store."""
 
-    def __init__(self, store: LocalStore, privacy: Privacy | None = None, *, max_queue: int = 10_000) -> None:
+    def __init__(self, store: LocalStore, privacy: Privacy | None = None, *, codecs: Codecs | None = None) -> None:
         self.store = store
         self.privacy = privacy or Privacy()
+        self.codecs = codecs or codec_for
         self.counts = IngestCounts()
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
-        self._thread: threading.Thread | None = None
         self._devices: OrderedDict[tuple[str, str], str] = OrderedDict()
 
-    def start(self) -> Ingest:
-        self._thread = threading.Thread(target=self._run, name=f"pvtap-ingest-{self.store.path.stem}", daemon=True)
-        self._thread.start()
-        return self
-
-    def submit(self, raw: RawPayload) -> bool:
-        """Queue a copy for storing and decoding. Never blocks; False when it had to be dropped."""
-        self.counts.submitted += 1
-        try:
-            self._queue.put_nowait(raw)
-            return True
-        except queue.Full:
-            self.counts.dropped += 1
-            if self.counts.dropped in (1, 10) or self.counts.dropped % 1000 == 0:  # no flood under overload
-                log.error("ingest queue full (%d): %d copies dropped so far (latest: %s %s); forwarding is "
-                          "unaffected", self._queue.maxsize, self.counts.dropped, raw.origin.protocol, raw.kind)
-            return False
-
-    def join(self) -> None:
-        """Wait until everything submitted so far is stored."""
-        self._queue.join()
-
-    def stop(self, timeout: float = 10.0) -> bool:
-        """Store what is queued, then end the thread. False when it is still working after
-        `timeout`: the caller must then leave the store open (the thread still writes to it)."""
-        if self._thread is None:
-            return True
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.error("ingest did not finish within %.0f s; %d copies still queued", timeout, self._queue.qsize())
-            return False
-        self._thread = None
-        return True
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is _STOP:
-                    return
-                self.process(item)  # type: ignore[arg-type]
-            except Exception:  # a bug here must not end the worker
-                log.exception("ingest failed on a payload")
-            finally:
-                self._queue.task_done()
-
     def process(self, raw: RawPayload) -> int:
-        """Redact, decode, then store the payload and its records together. Returns the raw
-        payload's id. Runs on the worker thread (and directly from tests)."""
-        codec = codec_for(raw.origin.protocol)
+        """Redact, archive and decode one payload now; returns its raw id. Anything archived
+        before it and not decoded yet is decoded too (the cursor moves in order)."""
+        (raw_id,) = self.archive([self.redact(raw)])
+        while self.store.decode_cursor() < raw_id and self.decode_pending():
+            pass
+        return raw_id
+
+    # -- archiving ---------------------------------------------------------------------------
+
+    def redact(self, raw: RawPayload) -> RawPayload:
+        """The payload as it may be stored. A payload that cannot name its device itself (a
+        cloud reply) takes the device an earlier payload of its connection revealed."""
         raw = self._with_known_device(raw)
         try:
-            safe = codec.redact_raw(raw, self.privacy)
+            safe = self.codecs(raw.origin.protocol).redact_raw(raw, self.privacy)
         except Exception as exc:  # never store (or log) what could not be redacted
-            # Only the exception's type: its message may quote the unredacted bytes. The origin's
+            # Only the exception's type: its message may quote the unredacted bytes; the origin's
             # device may be an unredacted serial too.
-            log.error("could not redact a %s %s payload (%s); storing it without its bytes",
+            self.counts.redact_errors += 1
+            log.error("could not redact a %s %s payload (%s); storing only its size and SHA-256",
                       raw.origin.protocol, raw.kind, type(exc).__name__)
-            origin = replace(raw.origin, device="")
-            safe = RawPayload(origin, raw.kind, b"", raw.received, {"payload": REDACTED})
+            meta: dict[str, str | int] = {
+                "payload": REDACTED, "size": len(raw.payload), "sha256": hashlib.sha256(raw.payload).hexdigest(),
+                "reason": f"redaction failed ({type(exc).__name__})"}
+            return RawPayload(replace(raw.origin, device=""), raw.kind, b"", raw.received, meta)
         self._remember_device(safe.origin)
-        records: list = []
-        error = None
+        return safe
+
+    def archive(self, safe: Sequence[RawPayload], records: Iterable[Record] = ()) -> list[int]:
+        """Commit redacted payloads (and records that need no decoding) in one transaction."""
+        ids = self.store.archive(safe, records)
+        self.counts.stored_raw += len(ids)
+        for raw in safe:
+            self.counts.by_kind[raw.kind] = self.counts.by_kind.get(raw.kind, 0) + 1
+        return ids
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def decode_pending(self, limit: int = DECODE_BATCH, budget_s: float = DECODE_BUDGET_S) -> int:
+        """Decode archived payloads after the cursor, up to `limit` of them or `budget_s` seconds
+        of decoding, and commit their records with the cursor in one transaction; returns how
+        many payloads were decoded (0: nothing was waiting)."""
+        pending = self.store.pending(limit)
+        if not pending:
+            return 0
+        deadline = time.monotonic() + budget_s
+        decoded = []
+        for stored in pending:
+            decoded.append(self.decode(stored))
+            if time.monotonic() > deadline:
+                break
+        self.counts.records += self.store.commit_decoded(decoded, cursor=decoded[-1].raw_id)
+        self.counts.decoded += len(decoded)
+        return len(decoded)
+
+    def decode(self, stored: StoredRaw) -> Decoded:
+        raw = stored.raw
         try:
-            records = codec.decode_raw(safe)
+            return Decoded(stored.id, self.codecs(raw.origin.protocol).decode_raw(raw))
         except Exception as exc:
             self.counts.decode_errors += 1
             error = f"{type(exc).__name__}: {exc}"
-        raw_id = self.store.add_raw(safe, error, records)
-        self.counts.stored_raw += 1
-        self.counts.by_kind[safe.kind] = self.counts.by_kind.get(safe.kind, 0) + 1
-        self.counts.records += len(records)
-        if error is not None:
-            log.warning("decode failed: %s %s from %s (connection %s, raw #%d kept): %s",
-                        safe.origin.protocol, safe.kind, safe.origin.device or "?", safe.origin.connection or "-",
-                        raw_id, error)
-        return raw_id
+            log.warning("decode failed: %s %s from %s (connection %s, raw #%d kept): %s", raw.origin.protocol,
+                        raw.kind, raw.origin.device or "?", raw.origin.connection or "-", stored.id, error)
+            return Decoded(stored.id, [], error)
+
+    # -- devices per connection ----------------------------------------------------------------
 
     def _with_known_device(self, raw: RawPayload) -> RawPayload:
-        """A payload that cannot name its device itself (a cloud reply) takes the device an
-        earlier payload of the same connection revealed (already redacted or pseudonymised)."""
         if raw.origin.device or not raw.origin.connection:
             return raw
         device = self._devices.get((raw.origin.protocol, raw.origin.connection))

@@ -9,11 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pvtap.config import ConfigError
+from pvtap.files import locked, replace_atomically
+
 if TYPE_CHECKING:
     from pvtap.config import Config
 
 REDACTED = "REDACTED"
 _KEY_FILE = "pseudonym.key"
+KEY_BYTES = 32
 
 
 def pseudonym(serial: str, key: bytes) -> str:
@@ -24,17 +28,28 @@ def pseudonym(serial: str, key: bytes) -> str:
 
 def pseudonym_key(data_dir: str | Path) -> bytes:
     """The data directory's pseudonym key, created (mode 0600) on first use so that pseudonyms
-    stay stable across restarts but cannot be reversed by someone without the key."""
+    stay stable across restarts but cannot be reversed by someone without the key.
+
+    Made under a lock and written atomically, so two processes starting together agree on one
+    key and a crash never leaves half a key. An empty file (left by an older pvtap that crashed
+    while making it; no pseudonym was ever made with it) is replaced. A key of any other wrong
+    size would change or weaken every pseudonym: ConfigError, saying what to do."""
     path = Path(data_dir) / _KEY_FILE
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = os.urandom(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(key)
-        return key
+    with locked(path.with_name(_KEY_FILE + ".lock")):
+        try:
+            key = path.read_bytes()
+        except FileNotFoundError:
+            key = b""
+        if not key:
+            key = os.urandom(KEY_BYTES)
+            replace_atomically(path, key)
+    if len(key) != KEY_BYTES:
+        raise ConfigError(
+            "privacy.pseudonymize_serials", True,
+            f"the pseudonym key {path} holds {len(key)} bytes instead of {KEY_BYTES} (damaged)",
+            f"restore {path} from a backup to keep today's pseudonyms, or delete it to make a new key "
+            "(serials stored from then on get new pseudonyms)")
+    return key
 
 
 @dataclass(frozen=True)

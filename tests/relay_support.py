@@ -4,7 +4,9 @@ stand-in DNS server, all real sockets on 127.0.0.1 (ephemeral ports), and networ
 The test protocol (`test_codec`) is injected into the relay in place of `pvtap.decode.codec_for`
 so the pumps and policies are tested apart from any real protocol: its Tap turns every chunk it
 is fed into one payload (and can be told to raise or to be slow), its LocalAnswerer answers
-`ACK:<data>` and ticks `TICK` once.
+`ACK:<data>` and ticks `TICK` once. The relay's ingest worker runs in a thread of the test (the
+same worker as in production, over the same socket protocol), so what the Tap made is in the
+store's raw archive.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import dns.rrset
 from proxy_tcp import relay_running
 from pvtap.config import ListenerConfig
 from pvtap.records import UP, Origin, RawPayload
+from pvtap.store.local import LocalStore
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -91,27 +94,25 @@ class EchoAnswerer:
 
 
 def test_codec(**behaviour) -> SimpleNamespace:
-    """A protocol module for the relay: `test_codec(raise_on_feed=True)`, `feed_delay=0.05`, ..."""
+    """A protocol module for the relay: `test_codec(raise_on_feed=True)`, `feed_delay=0.05`, ...
+    Its payloads are archived as they are and decode to nothing."""
     tap = type("ChunkTap", (ChunkTap,), behaviour)
-    return SimpleNamespace(Tap=tap, LocalAnswerer=EchoAnswerer)
+    return SimpleNamespace(Tap=tap, LocalAnswerer=EchoAnswerer, redact_raw=lambda raw, privacy: raw,
+                           decode_raw=lambda raw: [])
 
 
 # not a test function (pytest collects it where it is imported); mypy allows no attributes on functions
 test_codec.__test__ = False  # type: ignore[attr-defined]
 
 
-class CollectingSink:
-    """Stands in for the Ingest: keeps what the relay submits."""
+def archived(store: LocalStore) -> list[RawPayload]:
+    """The payloads in the store's raw archive, in order."""
+    return [stored.raw for stored in store.raw_payloads()]
 
-    def __init__(self) -> None:
-        self.payloads: list[RawPayload] = []
 
-    def submit(self, raw: RawPayload) -> bool:
-        self.payloads.append(raw)
-        return True
-
-    def stream(self, direction: str) -> bytes:
-        return b"".join(p.payload for p in self.payloads if p.origin.direction == direction and p.kind == "chunk")
+def stream(store: LocalStore, direction: str) -> bytes:
+    """The bytes of one direction as the Tap got them (the test protocol's "chunk" payloads)."""
+    return b"".join(p.payload for p in archived(store) if p.origin.direction == direction and p.kind == "chunk")
 
 
 def listener(upstream: str = "", **settings) -> ListenerConfig:
@@ -122,11 +123,12 @@ def listener(upstream: str = "", **settings) -> ListenerConfig:
 
 
 @contextlib.asynccontextmanager
-async def running_relay(*listeners: ListenerConfig, codec=None, sink=None, **kwargs):
-    """A relay in this event loop with the test protocol; yields (relay, port of the first listener)."""
+async def running_relay(*listeners: ListenerConfig, store: LocalStore, codec=None, **kwargs):
+    """A relay in this event loop with the test protocol and an ingest worker (a thread) writing
+    `store`; yields (relay, port of the first listener). On the way out everything the relay
+    copied is archived and the connection records are stored."""
     codec = codec or test_codec()
-    sink = sink if sink is not None else CollectingSink()
-    async with relay_running(listeners, sink=sink, codecs=lambda _name: codec, **kwargs) as relay:
+    async with relay_running(listeners, store=store, codecs=lambda _name: codec, **kwargs) as relay:
         yield relay, relay.listeners[0].endpoints[0].port
 
 

@@ -1,13 +1,12 @@
-"""The ingest worker: submit never blocks (a full queue drops and counts), a decoder exception
-keeps the raw payload with its error, and a payload that could not be redacted is never stored
-or logged with its bytes."""
+"""The ingest engine and its channel: raw first (archived, then decoded by a cursor that survives
+a restart), a decoder exception keeps the raw payload with its error, a payload that could not
+be redacted is kept as size and hash only, and the channel never blocks (it drops and counts)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import re
 import threading
-import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -15,7 +14,10 @@ from types import SimpleNamespace
 import pytest
 
 import pvtap.ingest
+from pvtap.config import InfluxConfig
 from pvtap.ingest import Ingest
+from pvtap.ingest_channel import Channel
+from pvtap.ingest_worker import WorkerSettings
 from pvtap.privacy import REDACTED, Privacy
 from pvtap.records import Origin, RawPayload, Record
 from pvtap.store.local import LocalStore
@@ -57,14 +59,10 @@ def store(data_dir):
         yield s
 
 
-def test_stores_redacted_raw_then_records(store, codec):
-    ingest = Ingest(store).start()
-    try:
-        assert ingest.submit(payload(b"n=5"))
-        assert ingest.submit(payload(SECRET))
-        ingest.join()
-    finally:
-        ingest.stop()
+def test_process_archives_the_redacted_payload_then_its_records(store, codec):
+    ingest = Ingest(store)
+    assert ingest.process(payload(b"n=5")) == 1
+    assert ingest.process(payload(SECRET)) == 2
     raws = list(store.raw_payloads())
     assert [(r.raw.kind, r.raw.payload, r.decode_error) for r in raws] == [
         ("frame", b"n=5", None),
@@ -73,71 +71,38 @@ def test_stores_redacted_raw_then_records(store, codec):
     assert stored.raw_id == raws[0].id
     assert stored.record == Record("sample", T0, {"serial": "SIM-ALPHA-0001"}, {"n": 5}, ORIGIN)
     c = ingest.counts
-    assert (c.submitted, c.dropped, c.stored_raw, c.records, c.decode_errors) == (2, 0, 2, 1, 1)
+    assert (c.stored_raw, c.decoded, c.records, c.decode_errors) == (2, 2, 1, 1)
     assert c.by_kind == {"frame": 1, "login": 1}
+    assert store.decode_backlog() == 0
 
 
-def test_submit_never_blocks_and_drops_when_full(store, codec):
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_redact(raw, privacy):  # a stuck disk or decoder: the worker stops taking items
-        entered.set()
-        release.wait(30)
-        return raw
-
-    codec.redact_raw = slow_redact
-    ingest = Ingest(store, max_queue=3).start()
-    try:
-        assert ingest.submit(payload(b"n=0"))
-        assert entered.wait(10)  # the worker holds item 0; the queue is empty
-        results, slowest = [], 0.0
-        for i in range(1, 9):
-            started = time.perf_counter()
-            results.append(ingest.submit(payload(f"n={i}".encode())))
-            slowest = max(slowest, time.perf_counter() - started)
-        assert results == [True, True, True, False, False, False, False, False]
-        assert slowest < 0.05, f"submit took {slowest * 1000:.1f} ms while the worker was stuck"
-        assert (ingest.counts.submitted, ingest.counts.dropped) == (9, 5)
-        release.set()
-        ingest.join()
-    finally:
-        release.set()
-        ingest.stop()
-    assert [s.record.fields["n"] for s in store.records()] == [0, 1, 2, 3]  # the queued ones, in order
-    assert store.count_raw() == 4
+def test_raw_first_a_backlog_is_decoded_later_even_by_another_engine(data_dir, codec):
+    """Archiving does not wait for decoding; what is archived and not decoded when a process
+    stops is decoded by the next one (the cursor is in the store file)."""
+    with LocalStore.for_process(data_dir, "relay") as store:
+        first = Ingest(store)
+        first.archive([first.redact(payload(f"n={i}".encode())) for i in range(700)])
+        assert first.decode_pending(limit=300) == 300  # then it stopped
+        assert store.decode_backlog() == 400 and store.count_records() == 300
+    with LocalStore.for_process(data_dir, "relay") as store:
+        second = Ingest(store)
+        while second.decode_pending():
+            pass
+        assert store.decode_backlog() == 0
+        assert [s.record.fields["n"] for s in store.records()] == list(range(700))  # each once, in order
 
 
-def test_full_queue_is_logged_without_the_payload_and_without_flooding(store, codec, caplog):
-    ingest = Ingest(store, max_queue=1)  # not started: nothing drains the queue
-    assert ingest.submit(payload(b"n=1"))
-    with caplog.at_level(logging.ERROR, logger="pvtap.ingest"):
-        assert ingest.submit(payload(SECRET)) is False
-        for _ in range(1999):
-            assert ingest.submit(payload(b"n=2")) is False
-    assert ingest.counts.dropped == 2000
-    assert "ingest queue full (1): 1 copies dropped so far (latest: alphaess frame); forwarding is unaffected" \
-        in caplog.text
-    counts = [re.search(r"(\d+) copies dropped", r.getMessage()) for r in caplog.records]
-    logged = [int(m.group(1)) if m else None for m in counts]
-    assert logged == [1, 10, 1000, 2000]  # a line now and then, not one per copy
-    assert b"PLACEHOLDER-SECRET" not in caplog.text.encode()
-
-
-def test_decoder_exception_keeps_raw_with_error_and_worker_goes_on(store, codec, caplog):
+def test_decoder_exception_keeps_raw_with_error_and_goes_on(store, codec, caplog):
     def broken(raw):
         if raw.payload == b"n=2":
             raise KeyError("register 0x1234")
         return decode_numbers(raw)
 
     codec.decode_raw = broken
-    ingest = Ingest(store).start()
-    try:
-        with caplog.at_level(logging.WARNING, logger="pvtap.ingest"):
-            for body in (b"n=1", b"n=2", b"n=3"):
-                ingest.submit(payload(body))
-            ingest.join()
-    finally:
-        ingest.stop()
+    ingest = Ingest(store)
+    with caplog.at_level(logging.WARNING, logger="pvtap.ingest"):
+        ingest.archive([payload(body) for body in (b"n=1", b"n=2", b"n=3")])
+        assert ingest.decode_pending() == 3
     raws = list(store.raw_payloads())
     assert [(r.raw.payload, r.decode_error) for r in raws] == [
         (b"n=1", None), (b"n=2", "KeyError: 'register 0x1234'"), (b"n=3", None)]
@@ -147,26 +112,23 @@ def test_decoder_exception_keeps_raw_with_error_and_worker_goes_on(store, codec,
             "KeyError: 'register 0x1234'") in caplog.text
 
 
-def test_redaction_failure_never_stores_or_logs_the_bytes(store, codec, caplog, data_dir):
+def test_redaction_failure_keeps_only_size_and_hash(store, codec, caplog, data_dir):
     def broken_redact(raw, privacy):  # a message quoting the input, as int() or a parser would
         raise ValueError(f"invalid literal: {raw.payload!r}")
 
     codec.redact_raw = broken_redact
-    ingest = Ingest(store).start()
-    try:
-        with caplog.at_level(logging.DEBUG):
-            ingest.submit(payload(SECRET, kind="login"))
-            ingest.join()
-    finally:
-        ingest.stop()
+    ingest = Ingest(store)
+    with caplog.at_level(logging.DEBUG):
+        ingest.process(payload(SECRET, kind="login"))
     (stored,) = list(store.raw_payloads())
     assert stored.raw.payload == b""
     # meta and the device may quote what could not be redacted: neither is kept
-    assert stored.raw.meta == {"payload": REDACTED}
+    assert stored.raw.meta == {"payload": REDACTED, "size": len(SECRET), "sha256": hashlib.sha256(SECRET).hexdigest(),
+                               "reason": "redaction failed (ValueError)"}
     assert stored.raw.kind == "login" and stored.raw.origin == replace(ORIGIN, device="")
     assert stored.decode_error == "ValueError: not a number frame: 0 bytes"  # decoded what was stored
-    assert "could not redact a alphaess login payload (ValueError); storing it without its bytes" in caplog.text
-    assert "PLACEHOLDER-SECRET" not in caplog.text
+    assert "could not redact a alphaess login payload (ValueError); storing only its size and SHA-256" in caplog.text
+    assert "PLACEHOLDER-SECRET" not in caplog.text and ingest.counts.redact_errors == 1
     store.close()
     for path in data_dir.iterdir():  # the database and its WAL
         assert b"PLACEHOLDER-SECRET" not in path.read_bytes(), path.name
@@ -184,34 +146,85 @@ def test_decode_runs_on_the_redacted_bytes(store, codec):
     assert seen == [b"Password=REDACTED"]
 
 
-def test_a_failing_payload_does_not_stop_the_worker(store, codec, monkeypatch, caplog):
-    real = pvtap.ingest.codec_for
-
+def test_an_unknown_protocol_is_kept_as_size_and_hash_with_a_decode_error(store, codec, monkeypatch):
     def only_known(protocol):
         if protocol != "alphaess":
             raise ValueError(f"no decoder for protocol {protocol!r}")
-        return real(protocol)
+        return codec
 
-    monkeypatch.setattr(pvtap.ingest, "codec_for", only_known)
-    ingest = Ingest(store).start()
-    try:
-        with caplog.at_level(logging.ERROR, logger="pvtap.ingest"):
-            ingest.submit(RawPayload(Origin("nonesuch"), "frame", b"n=1", T0))
-            ingest.submit(payload(b"n=2"))
-            ingest.join()
-    finally:
-        ingest.stop()
-    assert "ingest failed on a payload" in caplog.text
+    ingest = Ingest(store, codecs=only_known)
+    ingest.process(RawPayload(Origin("nonesuch"), "frame", b"n=1", T0))
+    ingest.process(payload(b"n=2"))
+    first, _ = list(store.raw_payloads())
+    assert first.raw.payload == b"" and first.decode_error == "ValueError: no decoder for protocol 'nonesuch'"
     assert [s.record.fields["n"] for s in store.records()] == [2]
 
 
-def test_stop_stores_what_is_queued(store, codec):
-    ingest = Ingest(store)
-    for i in range(50):
-        ingest.submit(payload(f"n={i}".encode()))
-    ingest.start().stop()
+# -- the channel to a worker (a thread here; the same code as the process) ----------------------
+
+def settings(store: LocalStore, queue_bytes: int = 1 << 20) -> WorkerSettings:
+    return WorkerSettings.of(store.path, Privacy(), InfluxConfig(), queue_bytes)
+
+
+async def test_through_the_channel_payloads_are_archived_and_decoded(store, codec):
+    channel = Channel.thread(settings(store), codecs=lambda _p: codec).start(wait_ready=30)
+    try:
+        for i in range(50):
+            assert channel.payload(payload(f"n={i}".encode()))
+        assert channel.payload(payload(SECRET))
+        await channel.idle()
+        stats = channel.stats()
+    finally:
+        assert channel.close(10)
     assert [s.record.fields["n"] for s in store.records()] == list(range(50))
-    ingest.stop()  # a second stop is harmless
+    assert list(store.raw_payloads())[-1].raw.payload == b"Password=REDACTED"
+    assert (stats["copies_sent"], stats["copies_dropped"], stats["raw_archived"], stats["records"],
+            stats["decode_errors"], stats["decode_backlog"]) == (51, 0, 51, 50, 1, 0)
+
+
+async def test_records_made_by_the_forwarding_side_are_stored_as_they_are(store, codec):
+    """An alert: the relay makes the record (it has no store), its worker stores it, exactly."""
+    tags = {"alert": "upstream_pin_mismatch", "listener": "0.0.0.0:14431", "protocol": "foxess"}
+    sent = [Record("pvtap_alert", T0, tags, {"active": True, "message": "cloud gets NO data \u2013 re-pin",
+                                             "connections": 3, "share": 0.5}, Origin(protocol="foxess")),
+            Record("pvtap_alert", T0.replace(minute=10), tags, {"active": False, "message": "over"},
+                   Origin(protocol="foxess"))]
+    channel = Channel.thread(settings(store), codecs=lambda _p: codec).start(wait_ready=30)
+    try:
+        channel.records(sent[:1])
+        channel.records([])  # nothing to send
+        channel.records(sent[1:])
+        await channel.idle()
+    finally:
+        assert channel.close(10)
+    assert [s.record for s in store.records()] == sent
+    assert store.count_raw() == 0
+
+
+def test_a_stuck_worker_costs_dropped_counted_copies_and_never_blocks(store, codec):
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck_redact(raw, privacy):  # a stuck disk or decoder: the worker stops reading
+        entered.set()
+        release.wait(30)
+        return raw
+
+    codec.redact_raw = stuck_redact
+    channel = Channel.thread(settings(store, queue_bytes=64 * 1024), codecs=lambda _p: codec).start(wait_ready=30)
+    try:
+        assert channel.payload(payload(b"n=0"))
+        assert entered.wait(10)
+        results = [channel.payload(payload(b"n=1" + b" " * 4000)) for _ in range(200)]  # 800 kB: over the budget
+        assert results[0] and not results[-1]
+        dropped = results.count(False)
+        assert channel.stats()["copies_dropped"] == dropped > 0
+        release.set()
+        assert channel.sync(30)
+        assert channel.stats()["dropped_copies"] == 0  # the worker drops nothing: it waits, the channel drops
+    finally:
+        release.set()
+        channel.close(10)
+    assert store.count_raw() == 201 - dropped  # everything that was taken, nothing else
 
 
 def test_a_real_enphase_report_reaches_the_store_redacted(data_dir):

@@ -4,7 +4,9 @@ batches seen by a reader in another process, filters, replay idempotence, device
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -14,7 +16,8 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from pvtap.records import FieldValue, Origin, RawPayload, Record, from_ns, to_ns, utc_from_unix
-from pvtap.store.local import LocalStore, StoredRecord, open_stores, store_paths
+from pvtap.store.local import SCHEMA_VERSION, Decoded, IngestStatus, LocalStore, StoredRecord, open_stores, store_paths
+from pvtap.store.schema import StoreVersionError
 
 T0 = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)
 ENVOY = Origin("enphase", "SIM-ENVOY-0001", "flow-1", "up")
@@ -75,7 +78,7 @@ def test_store_file_is_wal_with_schema_version(data_dir, store):
     assert store.path == data_dir / "enphase.sqlite"
     db = sqlite3.connect(store.path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     db.close()
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: a commit survives power loss
 
@@ -302,3 +305,131 @@ def test_reader_in_another_process_sees_whole_batches_in_id_order(data_dir):
     assert [(s.record.tags["batch"], s.record.fields["i"]) for s in seen] == [
         (str(b), i) for b in range(batches) for i in range(size)]
     assert len(observed_counts) > 3, "the reader never overlapped the writer"
+
+
+# -- raw first: the archive, the decode cursor, group commits ---------------------------------
+
+def test_archive_then_decode_follows_with_a_cursor(store):
+    ids = store.archive([raw(b"a"), raw(b"b"), raw(b"c")], records=[rec("pvtap_connection")])
+    assert ids == sorted(ids) and len(ids) == 3
+    assert store.count_records() == 1  # the connection record needed no decoding
+    assert (store.decode_cursor(), store.decode_backlog()) == (0, 3)
+    first = store.pending(2)
+    assert [p.id for p in first] == ids[:2] and [p.raw.payload for p in first] == [b"a", b"b"]
+    written = store.commit_decoded([Decoded(ids[0], [rec("m", 1), rec("m", 2)]),
+                                    Decoded(ids[1], [], "ValueError: bad CRC")], cursor=ids[1])
+    assert written == 2
+    assert (store.decode_cursor(), store.decode_backlog()) == (ids[1], 1)
+    assert [p.id for p in store.pending(10)] == [ids[2]]
+    assert [r.decode_error for r in store.raw_payloads()] == [None, "ValueError: bad CRC", None]
+    assert [s.raw_id for s in store.records()] == [None, ids[0], ids[0]]
+
+
+def test_a_failed_decode_commit_moves_nothing(store):
+    (raw_id,) = store.archive([raw()])
+    bad = Record.__new__(Record)  # a record the store cannot write: the transaction must roll back whole
+    object.__setattr__(bad, "measurement", "m")
+    object.__setattr__(bad, "time", T0)
+    object.__setattr__(bad, "tags", {"k": object()})
+    object.__setattr__(bad, "fields", {"v": 1})
+    object.__setattr__(bad, "origin", ENVOY)
+    with pytest.raises(TypeError):
+        store.commit_decoded([Decoded(raw_id, [rec("m"), bad])], cursor=raw_id)
+    assert (store.decode_cursor(), store.count_records()) == (0, 0)
+    store.commit_decoded([Decoded(raw_id, [rec("m")])], cursor=raw_id)
+    assert (store.decode_cursor(), store.count_records()) == (raw_id, 1)
+
+
+def test_add_raw_counts_as_decoded_and_refuses_to_jump_a_backlog(store):
+    raw_id = store.add_raw(raw(), None, [rec()])
+    assert (store.decode_cursor(), store.decode_backlog(), store.count_records()) == (raw_id, 0, 1)
+    store.archive([raw(b"waiting")])
+    with pytest.raises(ValueError, match="1 archived payloads wait to be decoded"):
+        store.add_raw(raw(b"late"))
+    assert store.count_raw() == 2
+
+
+def test_status_row_round_trip(store):
+    assert store.status() is None
+    store.write_status(IngestStatus(running=True, pid=42, dropped_copies=3, decode_backlog=7, forwarder="failing",
+                                    forwarder_error="503 busy", counts={"frames": 9}))
+    got = store.status()
+    assert got is not None and got.updated_ns > 0
+    assert (got.running, got.pid, got.dropped_copies, got.decode_backlog, got.forwarder, got.forwarder_error,
+            got.counts) == (True, 42, 3, 7, "failing", "503 busy", {"frames": 9})
+
+
+# -- schema versions ----------------------------------------------------------------------------
+
+V1_SCHEMA = """
+CREATE TABLE raw (id INTEGER PRIMARY KEY AUTOINCREMENT, received_ns INTEGER NOT NULL, protocol TEXT NOT NULL,
+    kind TEXT NOT NULL, device TEXT NOT NULL DEFAULT '', connection TEXT NOT NULL DEFAULT '',
+    direction TEXT NOT NULL DEFAULT '', meta TEXT NOT NULL DEFAULT '{}', payload BLOB NOT NULL, decode_error TEXT);
+CREATE TABLE records (id INTEGER PRIMARY KEY AUTOINCREMENT, raw_id INTEGER REFERENCES raw(id) ON DELETE SET NULL,
+    time_ns INTEGER NOT NULL, measurement TEXT NOT NULL, tags TEXT NOT NULL, fields TEXT NOT NULL,
+    protocol TEXT NOT NULL, device TEXT NOT NULL DEFAULT '', connection TEXT NOT NULL DEFAULT '',
+    direction TEXT NOT NULL DEFAULT '');
+CREATE INDEX records_time ON records(time_ns);
+CREATE INDEX records_raw ON records(raw_id);
+CREATE INDEX records_measurement ON records(measurement, time_ns);
+CREATE INDEX raw_device ON raw(protocol, device);
+PRAGMA user_version=1;
+INSERT INTO raw (received_ns, protocol, kind, payload)
+    VALUES (1717243200000000000, 'enphase', 'performance_report', x'01');
+INSERT INTO raw (received_ns, protocol, kind, payload)
+    VALUES (1717243260000000000, 'enphase', 'performance_report', x'02');
+INSERT INTO records (raw_id, time_ns, measurement, tags, fields, protocol)
+    VALUES (2, 1717243200000000000, 'm', '{"serial": "SIM-1"}', '{"v": 1}', 'enphase');
+"""
+
+
+def test_a_version_1_store_is_migrated_and_every_old_payload_counts_as_decoded(data_dir):
+    path = data_dir / "enphase.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA)
+    db.close()
+    with LocalStore(path, readonly=True) as reader:  # read-only: readable as it is, nothing pending
+        assert (reader.decode_cursor(), reader.decode_backlog(), reader.count_records()) == (2, 0, 1)
+    with LocalStore(path) as store:
+        assert (store.decode_cursor(), store.decode_backlog()) == (2, 0)
+        assert [s.record for s in store.records()] == [rec(origin=Origin("enphase"))]
+        (new,) = store.archive([raw(b"new")])
+        assert new == 3 and [p.id for p in store.pending(10)] == [3]
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_store_from_a_newer_pvtap_is_refused_untouched(data_dir, readonly):
+    path = data_dir / "enphase.sqlite"
+    LocalStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreVersionError) as error:
+        LocalStore(path, readonly=readonly)
+    message = str(error.value)
+    assert f"store schema {SCHEMA_VERSION + 1}; this pvtap knows up to {SCHEMA_VERSION}" in message
+    assert str(path) in message and "Fix: run the newer pvtap, or move enphase.sqlite out of" in message
+    assert path.read_bytes() == before
+
+
+# -- files are private ---------------------------------------------------------------------------
+
+def test_data_dir_is_0700_and_store_files_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        data_dir = tmp_path / "new" / "data"
+        with LocalStore.for_process(data_dir, "relay") as store:
+            store.archive([raw()])
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in data_dir.iterdir()}
+        assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+        assert modes == {"relay.sqlite": 0o600, "relay.sqlite-wal": 0o600, "relay.sqlite-shm": 0o600}
+        # a store made by someone else with a wide mode is narrowed when pvtap opens it
+        os.chmod(data_dir / "relay.sqlite", 0o644)
+        LocalStore.for_process(data_dir, "relay").close()
+        assert stat.S_IMODE((data_dir / "relay.sqlite").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

@@ -289,7 +289,10 @@ def test_local_mode_answers_without_contacting_the_cloud(tmp_path: Path) -> None
             counts[stored.record.measurement] = counts.get(stored.record.measurement, 0) + 1
     assert counts == _expected_counts(reports)
     assert "LOCAL MODE" in proxy.output()
-    assert "6 payloads stored" in proxy.output()  # the addon's closing line with its counts
+    assert "6 payloads handed to the ingest worker" in proxy.output()  # the addon's closing line
+    # the worker's, once it archived them: it ends by itself after mitmdump (no hook waits for it)
+    wait_for(lambda: f"6 payloads archived, {expected} records, 0 decode errors, 0 dropped" in proxy.output(),
+             what="the ingest worker's closing line")
 
 
 def test_the_stand_in_cloud_runs_on_its_own(tmp_path: Path) -> None:

@@ -508,12 +508,11 @@ def test_64_kib_garbage_datagram_is_counted_and_only_a_sample_is_kept(data_dir):
 def test_tap_payloads_through_ingest_land_in_the_store(data_dir):
     assert codec_for("foxess") is foxess
     store = LocalStore.for_process(data_dir, "relay")
-    ingest = Ingest(store, Privacy(pseudonym_key=KEY)).start()
+    ingest = Ingest(store, Privacy(pseudonym_key=KEY))
     tap = Tap(Origin("foxess", connection="c9"))
     stream = hx(VECTORS["m1_registration"]) + b"noise" + build_frame(0x02, bytes(238)) + build_frame(0x44, b"")
     for raw in tap.feed(UP, stream, T0) + tap.feed(DOWN, hx(VECTORS["m1_registration_ack"]), T0) + tap.finish(T0):
-        ingest.submit(raw)
-    ingest.stop()
+        ingest.process(raw)
     alias = pseudonym("TESTM1SERIAL001", KEY)
     got = [(s.record.measurement, s.record.tags.get("serial"), s.record.origin.direction) for s in store.records()]
     assert got == [("foxess_registration", alias, UP), ("foxess_telemetry", alias, UP),

@@ -25,7 +25,6 @@ from proxy_tcp.tls import in_data_dir
 from pvtap.certs import foxess_pair, sha256_fingerprint
 from pvtap.config import ConfigError, ListenerConfig, check_listener, load_config
 from pvtap.decode.foxess import decode_m1_telemetry, parse_modbus
-from pvtap.ingest import Ingest
 from pvtap.privacy import Privacy
 from pvtap.simulate.foxess_cloud import FoxCloud
 from pvtap.simulate.foxess_h1 import SERIAL as H1_SERIAL
@@ -37,18 +36,17 @@ pytestmark = pytest.mark.timeout(90)
 
 
 class Stack:
-    """The relay of one test with its real store and ingest worker."""
+    """The relay of one test with its real store, decoders and ingest worker (a thread here)."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.store = LocalStore.for_process(data_dir, "relay")
-        self.ingest = Ingest(self.store, Privacy()).start()
 
     def running(self, *listeners: ListenerConfig):
-        return relay_running(listeners, sink=self.ingest, store=self.store, privacy=Privacy())
+        return relay_running(listeners, store=self.store, privacy=Privacy())
 
     def records(self, measurement: str) -> list:
-        self.ingest.join()
+        """After the relay stopped: its worker archived and decoded everything."""
         return [s.record for s in self.store.records(measurements=[measurement])]
 
 
@@ -56,7 +54,6 @@ class Stack:
 def stack(data_dir):
     s = Stack(data_dir)
     yield s
-    s.ingest.stop()
     s.store.close()
 
 
@@ -220,8 +217,7 @@ async def test_udp_broadcasts_become_presence_and_garbage_is_counted(stack):
     assert sum(r.tags["source"] == "heartbeat" for r in presence) == beats
     assert {r.tags["mac"] for r in presence if r.tags["source"] == "mesh"} == {"REDACTED"}  # no network identity kept
     assert {r.tags["port"] for r in presence} == {str(mesh_port), str(heartbeat_port)}
-    assert stack.ingest.counts.decode_errors == 1
-    (garbage,) = [s for s in stack.store.raw_payloads() if s.decode_error]
+    (garbage,) = [s for s in stack.store.raw_payloads() if s.decode_error]  # the one decode error
     assert garbage.raw.meta["datagram_bytes"] == 65_000 and len(garbage.raw.payload) == 4096
     assert counts[1].bytes == beats * 14 + 65_000 and counts[1].dropped == 0
 
@@ -313,7 +309,7 @@ async def test_a_missing_pair_is_generated_with_the_configured_subject(tmp_path)
     listener = ListenerConfig(protocol="foxess", listen="127.0.0.1:0", policy="local",
                               tls_cert=str(tmp_path / "tls/relay.crt"), tls_key=str(tmp_path / "keys/relay.key"),
                               tls_subject="/C=CN/ST=JiangSu/L=Wuxi/O=FoxESS/CN=monitor")
-    async with relay_running([listener], sink=Ingest(LocalStore(tmp_path / "r.sqlite"))) as relay:
+    async with relay_running([listener], store=tmp_path / "r.sqlite") as relay:
         port = port_of(relay)
         pem = await asyncio.to_thread(ssl.get_server_certificate, ("127.0.0.1", port))
     assert (tmp_path / "keys/relay.key").stat().st_mode & 0o777 == 0o600
@@ -324,6 +320,6 @@ async def test_a_missing_pair_is_generated_with_the_configured_subject(tmp_path)
     # half a pair is refused at start, naming the missing file
     (tmp_path / "keys/relay.key").unlink()
     with pytest.raises(ConfigError) as error:
-        async with relay_running([listener], sink=Ingest(LocalStore(tmp_path / "r.sqlite"))):
+        async with relay_running([listener], store=tmp_path / "r.sqlite"):
             pass
     assert error.value.key == "relay.listeners[0].tls_key"

@@ -22,13 +22,14 @@ from pvtap.records import DOWN, UP
 from pvtap.store.local import LocalStore
 from tests.conftest import free_port
 from tests.relay_support import (
-    CollectingSink,
     StandInCloud,
     StandInDNS,
+    archived,
     listener,
     read_all,
     read_to_eof,
     running_relay,
+    stream,
     test_codec,
 )
 
@@ -68,9 +69,8 @@ async def test_forwards_both_directions_byte_identical_and_decodes_a_copy(store)
         conn.writer.write_eof()
         await read_all(conn)
 
-    sink = CollectingSink()
     async with StandInCloud(cloud_talks_back) as cloud:
-        async with running_relay(listener(cloud.address, decode_queue=100_000), sink=sink, store=store) as (_, port):
+        async with running_relay(listener(cloud.address), store=store) as (_, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             for i in range(0, len(up), 7919):  # odd segment sizes
                 writer.write(up[i:i + 7919])
@@ -84,13 +84,13 @@ async def test_forwards_both_directions_byte_identical_and_decodes_a_copy(store)
 
     assert received == down
     assert bytes(conn.received) == up
-    assert sink.stream(UP) == up and sink.stream(DOWN) == down  # every byte reached the decoder too
+    assert stream(store, UP) == up and stream(store, DOWN) == down  # every byte reached the decoder too
     assert record.measurement == "pvtap_connection"
     assert dict(record.tags) == {"protocol": "alphaess", "listener": "127.0.0.1:0", "policy": "fixed",
                                  "action": "forward", "outcome": "cloud_closed"}  # its EOF came first
     fields = dict(record.fields)
     assert (fields["bytes_up"], fields["bytes_down"]) == (len(up), len(down))
-    assert fields["frames"] == len(sink.payloads) > 0
+    assert fields["frames"] == len(archived(store)) > 0
     assert fields["dropped_copies"] == 0 and fields["decode_errors"] == 0 and fields["opaque"] is False
     assert fields["upstream"] == cloud.address
     assert "peer" not in fields  # privacy.store_network_identity is off
@@ -105,9 +105,8 @@ async def test_a_decoder_raising_on_every_chunk_changes_nothing_forwarded(store,
         await conn.writer.drain()
         await read_all(conn)
 
-    sink = CollectingSink()
     async with StandInCloud(cloud) as server:
-        async with running_relay(listener(server.address), codec=test_codec(raise_on_feed=True), sink=sink,
+        async with running_relay(listener(server.address), codec=test_codec(raise_on_feed=True),
                                  store=store) as (_, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             got = await reader.readexactly(len(down))
@@ -120,7 +119,7 @@ async def test_a_decoder_raising_on_every_chunk_changes_nothing_forwarded(store,
             record = await stored_record(store)
 
     assert got == down and bytes(conn.received) == up
-    assert sink.payloads == []
+    assert archived(store) == []
     assert record.fields["decode_errors"] > 1
     assert record.tags["outcome"] == "device_closed"
     assert sum("the decoder raised" in r.message for r in caplog.records) == 1  # once per connection, then counted
@@ -129,9 +128,9 @@ async def test_a_decoder_raising_on_every_chunk_changes_nothing_forwarded(store,
 async def test_a_slow_decoder_costs_dropped_copies_never_forwarding_speed(store):
     chunks = [os.urandom(1000) for _ in range(60)]
     async with StandInCloud() as cloud:
-        # each copy takes 0.2 s to decode: 60 chunks would take 12 s if forwarding waited for them
-        async with running_relay(listener(cloud.address, decode_queue=2), codec=test_codec(feed_delay=0.2),
-                                 store=store) as (_, port):
+        # each copy takes 0.2 s to frame: 60 chunks would take 12 s if forwarding waited for them
+        async with running_relay(listener(cloud.address), codec=test_codec(feed_delay=0.2), store=store,
+                                 queue_bytes=2000) as (_, port):
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             started = time.monotonic()
             for chunk in chunks:
@@ -167,13 +166,12 @@ async def test_a_decoder_that_cannot_start_leaves_forwarding_alone(store):
 
 async def test_a_stream_that_is_not_the_protocol_is_forwarded_untouched_and_noted_opaque(store):
     hello = bytes.fromhex("160301") + os.urandom(4000)  # what a TLS ClientHello starts with
-    sink = CollectingSink()
     async with StandInCloud() as cloud:
-        async with running_relay(listener(cloud.address), sink=sink, store=store) as (_, port):
+        async with running_relay(listener(cloud.address), store=store) as (relay, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(hello)
             await writer.drain()
-            await asyncio.sleep(0.1)
+            await relay.copies.idle()  # the worker has seen it and said: opaque
             writer.write(b"more ciphertext")
             writer.write_eof()
             await read_to_eof(reader)
@@ -181,8 +179,9 @@ async def test_a_stream_that_is_not_the_protocol_is_forwarded_untouched_and_note
             await conn.done.wait()
             record = await stored_record(store)
     assert bytes(conn.received) == hello + b"more ciphertext"
-    assert [p.kind for p in sink.payloads] == ["opaque"]  # copies stop once the Tap gave up
+    assert [p.kind for p in archived(store)] == ["opaque"]  # copies stop once the Tap gave up
     assert record.fields["opaque"] is True
+    assert relay.copies.stats()["copies_sent"] == 1  # the relay stopped copying: one chunk went over
 
 
 async def test_the_device_serial_names_the_record_pseudonymised_when_asked(store):
@@ -345,9 +344,7 @@ async def test_fixed_with_the_cloud_down_closes_the_device_cleanly_and_records_w
 
 async def test_auto_answers_locally_while_the_cloud_is_down_and_forwards_once_it_is_back(store):
     cloud_port = free_port()
-    sink = CollectingSink()
-    async with running_relay(listener(f"127.0.0.1:{cloud_port}", policy="auto"), sink=sink,
-                             store=store) as (_, port):
+    async with running_relay(listener(f"127.0.0.1:{cloud_port}", policy="auto"), store=store) as (_, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"data")
         assert await reader.readexactly(8) == b"ACK:data"
@@ -365,7 +362,7 @@ async def test_auto_answers_locally_while_the_cloud_is_down_and_forwards_once_it
 
     assert first.tags["action"] == "local" and "Connection refused" in first.fields["cloud_error"]
     assert first.fields["bytes_up"] == 4 and first.fields["bytes_down"] == 8
-    assert sink.stream(UP).startswith(b"data") and sink.stream(DOWN).startswith(b"ACK:data")
+    assert stream(store, UP).startswith(b"data") and stream(store, DOWN).startswith(b"ACK:data")
     assert second.tags["action"] == "forward" and bytes(conn.received) == b"data again"
 
 
@@ -423,22 +420,22 @@ async def test_stopping_the_relay_ends_open_connections_and_records_them(store):
 
 # -- never back to itself ---------------------------------------------------------------------
 
-async def test_an_upstream_that_is_the_relay_itself_is_refused_at_start():
+async def test_an_upstream_that_is_the_relay_itself_is_refused_at_start(store):
     port = free_port()
     config = listener(f"127.0.0.1:{port}", listen=f"127.0.0.1:{port}")
     with pytest.raises(ConfigError) as error:
-        async with running_relay(config):
+        async with running_relay(config, store=store):
             pass
     assert error.value.key == "relay.listeners[0].upstream"
     assert "loop" in str(error.value) and "resolver" in error.value.fix
 
 
-async def test_a_dns_override_seen_by_the_relay_is_refused_at_start():
+async def test_a_dns_override_seen_by_the_relay_is_refused_at_start(store):
     port = free_port()
     async with StandInDNS({"cloud.example": "127.0.0.1"}) as dns_server:
         config = listener(f"cloud.example:{port}", listen=f"0.0.0.0:{port}", resolver=dns_server.address)
         with pytest.raises(ConfigError) as error:
-            async with running_relay(config):
+            async with running_relay(config, store=store):
                 pass
     assert error.value.key == "relay.listeners[0].upstream"
     assert "resolves to 127.0.0.1" in str(error.value)
@@ -488,11 +485,11 @@ async def test_transparent_refuses_a_connection_that_was_not_redirected(store):
     assert f"127.0.0.1:{port}" in record.fields["detail"]
 
 
-async def test_a_busy_listen_address_is_a_config_error_naming_the_key():
+async def test_a_busy_listen_address_is_a_config_error_naming_the_key(store):
     with socket.create_server(("127.0.0.1", 0)) as busy:
         taken = busy.getsockname()[1]
         with pytest.raises(ConfigError) as error:
-            async with running_relay(listener(policy="local", listen=f"127.0.0.1:{taken}")):
+            async with running_relay(listener(policy="local", listen=f"127.0.0.1:{taken}"), store=store):
                 pass
     assert error.value.key == "relay.listeners[0].listen" and "in use" in str(error.value)
 

@@ -18,7 +18,6 @@ import pytest
 
 import pvtap.decode.alphaess as alphaess
 from proxy_tcp import relay_running
-from pvtap.ingest import Ingest
 from pvtap.privacy import Privacy
 from pvtap.simulate.alphaess import PLACEHOLDER_PASSWORD, PLACEHOLDER_PERSONAL, PLACEHOLDER_SERIAL, run_simulator
 from pvtap.simulate.alphaess_cloud import AlphaCloud
@@ -33,19 +32,17 @@ SECRETS.remove(PLACEHOLDER_PERSONAL["Country"])  # location: kept out too, but c
 
 
 class Stack:
-    """The relay of one test with its real store and ingest worker."""
+    """The relay of one test with its real store, decoders and ingest worker (a thread here)."""
 
     def __init__(self, data_dir: Path, privacy: Privacy | None = None) -> None:
         self.privacy = privacy or Privacy()
         self.store = LocalStore.for_process(data_dir, "relay")
-        self.ingest = Ingest(self.store, self.privacy).start()
 
     def stop(self) -> None:
-        self.ingest.stop()
         self.store.close()
 
     def running(self, *listeners):
-        return relay_running(listeners, sink=self.ingest, store=self.store, privacy=self.privacy)
+        return relay_running(listeners, store=self.store, privacy=self.privacy)
 
     def records(self, measurement: str) -> list:
         return [s.record for s in self.store.records(measurements=[measurement])]
@@ -83,7 +80,6 @@ async def test_simulator_relay_cloud_byte_identical_records_stored_password_nowh
                                          backfill_rows=9, ack_timeout=5)
             await cloud.wait_for(lambda: not any(s.open for s in cloud.sessions))
             await no_connections(relay)
-        await asyncio.to_thread(stack.ingest.join)
 
     # the relay changed nothing, either way
     assert result.sent == cloud.received and result.received == cloud.sent
@@ -141,7 +137,6 @@ async def test_a_decoder_raising_on_every_frame_leaves_the_streams_byte_identica
             result = await run_simulator("127.0.0.1", port, interval=0.05, extended_every=0.2, count=5)
             await cloud.wait_for(lambda: not any(s.open for s in cloud.sessions))
             await no_connections(relay)
-        await asyncio.to_thread(stack.ingest.join)
 
     assert result.sent == cloud.received and result.received == cloud.sent
     assert result.unanswered == 0 and result.counts["1-1-16"] == 5
@@ -160,7 +155,6 @@ async def test_cloud_down_with_auto_the_data_still_lands_and_the_device_gets_ack
         port = relay.listeners[0].endpoints[0].port
         result = await run_simulator("127.0.0.1", port, interval=0.05, extended_every=0.2, count=4, ack_timeout=3)
         await no_connections(relay)
-    await asyncio.to_thread(stack.ingest.join)
 
     assert result.unanswered == 0 and result.acked == sum(result.counts.values())
     assert len(stack.records("alphaess_realtime")) == 4

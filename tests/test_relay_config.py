@@ -190,3 +190,17 @@ def test_a_config_file_error_exits_2(tmp_path):
     config.write_text('[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "0.0.0.0:7777"\n')
     result = run_relay("--config", str(config), tmp_path=tmp_path)
     assert result.returncode == 2 and "relay.listeners[0].upstream" in result.stderr
+
+
+def test_the_stop_graces_add_up():
+    """`pvtap run` kills a service only after the relay's own stop could have finished."""
+    from proxy_tcp.connection import CLOSE_GRACE
+    from proxy_tcp.listeners import STOP_GRACE
+    from proxy_tcp.service import RELAY_STOP_GRACE
+    from pvtap.cli.run import STOP_TIMEOUT
+    from pvtap.ingest_worker import ARCHIVE_STOP_GRACE_S, DECODE_STOP_GRACE_S, WORKER_STOP_GRACE_S
+    from pvtap.store.forwarder import STOP_TIMEOUT_S
+
+    assert CLOSE_GRACE < STOP_GRACE
+    assert WORKER_STOP_GRACE_S > ARCHIVE_STOP_GRACE_S + DECODE_STOP_GRACE_S + STOP_TIMEOUT_S
+    assert RELAY_STOP_GRACE == STOP_GRACE + WORKER_STOP_GRACE_S < STOP_TIMEOUT

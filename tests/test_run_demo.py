@@ -26,6 +26,7 @@ from pvtap.simulate.enphase import Simulator, encode_body, post_report
 from pvtap.simulate.enphase_cloud import EnphaseCloud
 from pvtap.store.local import LocalStore
 from tests.conftest import REPO
+from tests.mitm_support import wait_for
 
 MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
 ADDON = str(REPO / "addons" / "enphase.py")
@@ -135,6 +136,12 @@ def test_run_refuses_a_bad_mode_naming_the_key(monkeypatch, capsys) -> None:
 
 # -- pvtap run: the real thing -----------------------------------------------------------------
 
+def _worker_stopped(path: Path) -> bool:
+    with LocalStore(path, readonly=True) as store:
+        status = store.status()
+        return status is not None and not status.running
+
+
 def _relay_config(tmp_path: Path) -> Path:
     """A relay listener on a free loopback port answering locally: the default listeners would
     take the devices' real ports and look up the vendors' real host names."""
@@ -172,8 +179,10 @@ def test_run_forwards_and_stores_and_stops_cleanly_on_a_signal(tmp_path: Path, s
         run.expect(r"alphaess .* local")  # the relay's connection line
         assert run.stop(signum) == 0
     assert not _pid_alive(mitmdump_pid) and not _pid_alive(relay_pid)
-    assert "enphase: 2 payloads stored" in run.output  # the addon's done hook ran: nothing left queued
+    assert "enphase: 2 payloads handed to the ingest worker" in run.output  # the addon's done hook ran
     assert run.lines[-1] == "pvtap run: stopped"
+    # mitmdump's ingest worker ends by itself once it archived the last payloads (no hook waits)
+    wait_for(lambda: _worker_stopped(data / "enphase.sqlite"), what="the enphase ingest worker to stop")
     with LocalStore(data / "enphase.sqlite", readonly=True) as store:
         assert store.count_raw() == 2
         assert store.count_records(measurements=["enphase_interval"]) == len(report.intervals)

@@ -38,7 +38,9 @@ RELAY_PROG = "python -m proxy_tcp"
 #: the relay's start-up line, once every listener is up
 RELAY_READY = re.compile(r"relay ready: (?P<count>\d+) listener")
 READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
+#: how long a service may take to stop before it is killed: more than the relay's own grace
+#: (proxy_tcp.service.RELAY_STOP_GRACE, which adds up its steps), or a clean stop would be cut short
+STOP_TIMEOUT = 30.0
 
 EPILOG = """\
 what it starts:

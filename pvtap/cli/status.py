@@ -1,4 +1,5 @@
-"""`pvtap status`: per local store, how delivery to InfluxDB is going."""
+"""`pvtap status`: per local store, the alerts that need a person (proxy_tcp.alerts), and how ingest
+(archive, decoding, dropped copies) and delivery to InfluxDB are going."""
 
 from __future__ import annotations
 
@@ -12,16 +13,21 @@ from pvtap.cli._common import iso_utc
 from pvtap.config import Config
 from pvtap.records import Record, from_ns
 from pvtap.store.delivery import DeliveryStatus, read_status
-from pvtap.store.local import LocalStore, store_paths
+from pvtap.store.local import IngestStatus, LocalStore, store_paths
+
+#: a running worker writes its status row every few seconds; older than this, it is not running
+STALE_S = 30.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "status", help="alerts, and backlog, last success and error, delivery rate of each local store",
+        "status", help="alerts, decode backlog, dropped copies, and delivery to InfluxDB of each local store",
         description="Show, per local store in the data directory, the alerts that need you (e.g. a cloud "
-                    "certificate that no longer matches its pin), what InfluxDB has not received yet (backlog "
-                    "and its oldest record), the last accepted write, the last error, the delivery rate and "
-                    "the dead letters. Reads the stores only; works while pvtap runs.")
+                    "certificate that no longer matches its pin), its ingest worker (running or not, payloads "
+                    "archived but not decoded yet, copies dropped because it was busy or down) and what InfluxDB "
+                    "has not received yet (backlog and its oldest record), the last accepted write, the last "
+                    "error, the delivery rate, the forwarder's state and the dead letters. Reads the stores "
+                    "only; works while pvtap runs.")
     parser.add_argument("--json", action="store_true", help="one JSON object per store, one per line")
     parser.set_defaults(func=run)
 
@@ -53,6 +59,7 @@ def active_alerts(path: Path) -> list[Alert]:
                 latest.setdefault(key, []).append(record)
             else:
                 done.add(key)
+
     def second(record: Record) -> str:
         return iso_utc(record.time.replace(microsecond=0))
 
@@ -66,29 +73,39 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"no local stores in {config.data_dir}")
         return 0
     states = [read_status(p) for p in paths]
-    alerts = {p: active_alerts(p) for p in paths}
+    ingests = [read_ingest(p) for p in paths]
+    alerts = [active_alerts(p) for p in paths]
     if args.json:
-        for path, s in zip(paths, states):
-            print(json.dumps({**dataclasses.asdict(s), "alerts": [dataclasses.asdict(a) for a in alerts[path]]},
-                             sort_keys=True))
+        for s, (backlog, row), active in zip(states, ingests, alerts):
+            doc = dataclasses.asdict(s)
+            doc["ingest"] = {"decode_backlog": backlog, **(dataclasses.asdict(row) if row else {})}
+            doc["alerts"] = [dataclasses.asdict(a) for a in active]
+            print(json.dumps(doc, sort_keys=True))
         return 0
     target = (f"{config.influx.url} (org {config.influx.org}, bucket {config.influx.bucket})"
               if config.influx.url else "not configured (influx.url is empty): records stay in the local stores")
     print(f"InfluxDB: {target}")
     bound = f"{config.influx.max_store_mb} MiB each" if config.influx.max_store_mb else "none"
     print(f"data dir: {config.data_dir}  (store size bound: {bound})")
-    for path, s in zip(paths, states):
+    for s, (backlog, row), active in zip(states, ingests, alerts):
         print()
-        lines = describe(s)
-        for alert in alerts[path]:
-            lines.insert(1, f"  ALERT          since {alert.since}, last {alert.last}: {alert.message}")
+        lines = describe(s, ingest=(backlog, row))
+        lines[1:1] = [f"  ALERT          since {a.since}, last {a.last}: {a.message}" for a in active]
         print("\n".join(lines))
     return 0
 
 
-def describe(s: DeliveryStatus, now_ns: int | None = None) -> list[str]:
+def read_ingest(path) -> tuple[int, IngestStatus | None]:
+    """(payloads archived but not decoded, the worker's last status row)."""
+    with LocalStore(path, readonly=True) as store:
+        return store.decode_backlog(), store.status()
+
+
+def describe(s: DeliveryStatus, now_ns: int | None = None,
+             ingest: tuple[int, IngestStatus | None] = (0, None)) -> list[str]:
     now_ns = now_ns or time.time_ns()
     lines = [f"{s.store}  ({s.size_bytes / 2**20:.1f} MiB)"]
+    lines += describe_ingest(*ingest, now_ns=now_ns)
     if not s.forwarded:
         lines.append(f"  backlog        {s.backlog} records (never forwarded)")
     else:
@@ -106,6 +123,27 @@ def describe(s: DeliveryStatus, now_ns: int | None = None) -> list[str]:
                      + ("  -> pvtap deadletters" if s.deadletters else ""))
     if s.dropped:
         lines.append(f"  DROPPED        {s.dropped} undelivered records to stay under the size bound")
+    return lines
+
+
+def describe_ingest(backlog: int, row: IngestStatus | None, now_ns: int) -> list[str]:
+    if row is None:
+        return [f"  decode backlog {backlog} payloads"]
+    stale = (now_ns - row.updated_ns) / 1e9 > STALE_S
+    if row.running and not stale:
+        worker = f"running (pid {row.pid}), status from {_when(row.updated_ns, now_ns)}"
+    elif row.running:
+        worker = f"NOT RUNNING? its last status is from {_when(row.updated_ns, now_ns)} (killed, or a full disk)"
+    else:
+        worker = f"stopped {_when(row.updated_ns, now_ns)}"
+    lines = [f"  ingest worker  {worker}",
+             f"  decode backlog {backlog} payloads" + (" (decoded when pvtap runs again)" if backlog and
+                                                          not (row.running and not stale) else ""),
+             f"  dropped copies {row.dropped_copies}" + (" (ingest was busy or down; forwarding was not affected)"
+                                                         if row.dropped_copies else "")]
+    if row.forwarder != "off":
+        loud = row.forwarder.upper() if row.forwarder in ("stuck", "failing", "restarting") else row.forwarder
+        lines.append(f"  forwarder      {loud}" + (f": {row.forwarder_error}" if row.forwarder_error else ""))
     return lines
 
 

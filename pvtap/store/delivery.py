@@ -14,7 +14,6 @@ integer and float. Record ids only grow (AUTOINCREMENT), which is what makes a c
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import time
@@ -22,7 +21,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvtap.records import Origin, Record, from_ns
+from pvtap.records import Record, from_ns
+from pvtap.store.rows import RECORD_COLUMNS, record_from_row, record_row
+from pvtap.store.schema import has_table
 
 log = logging.getLogger("pvtap.forward")
 
@@ -81,13 +82,11 @@ class Item:
 
     @property
     def record(self) -> Record:
-        return _record(self.row)
+        return record_from_row(self.row)
 
     @classmethod
     def of(cls, key: int, record: Record) -> Item:
-        o = record.origin
-        return cls(key, (record.time_ns, record.measurement, json.dumps(dict(record.tags), sort_keys=True),
-                         json.dumps(dict(record.fields)), o.protocol, o.device, o.connection, o.direction))
+        return cls(key, record_row(record))
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,17 +320,13 @@ def used_bytes(db: sqlite3.Connection) -> int:
     return (pages - free) * page_size
 
 
-def _has_table(db: sqlite3.Connection, name: str) -> bool:
-    return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
-
-
 def read_status(path: str | Path) -> DeliveryStatus:
     """The delivery state of a store, read-only; works before any forwarder has run."""
     path = Path(path)
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         db.execute("PRAGMA busy_timeout=10000")
-        forwarded = _has_table(db, "delivery")
+        forwarded = has_table(db, "delivery")
         state = db.execute("SELECT cursor, delivered, dropped, destination, last_success_ns, last_error_ns,"
                            " last_error FROM delivery WHERE target=?", (TARGET,)).fetchone() if forwarded else None
         if state is None:
@@ -365,25 +360,19 @@ def read_status(path: str | Path) -> DeliveryStatus:
 def read_deadletters(path: str | Path, limit: int | None = None) -> list[DeadLetter]:
     db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
     try:
-        if not _has_table(db, "deadletters"):
+        if not has_table(db, "deadletters"):
             return []
         sql = (f"SELECT id, record_id, rejected_ns, status, message, line, requeued, {_COLUMNS} FROM deadletters"
                " ORDER BY id" + (" LIMIT ?" if limit is not None else ""))
         rows = db.execute(sql, (limit,) if limit is not None else ())
-        return [DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), _record(r[7:])) for r in rows]
+        return [DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), record_from_row(r[7:])) for r in rows]
     finally:
         db.close()
 
 
-_COLUMNS = "time_ns, measurement, tags, fields, protocol, device, connection, direction"
+_COLUMNS = RECORD_COLUMNS
 _INSERT_DEADLETTER = (f"INSERT INTO deadletters (record_id, rejected_ns, status, message, line, {_COLUMNS})"
                       " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)")
-
-
-def _record(row: Sequence) -> Record:
-    time_ns, measurement, tags, fields, protocol, device, connection, direction = row
-    return Record(measurement=measurement, time=from_ns(time_ns), tags=json.loads(tags), fields=json.loads(fields),
-                  origin=Origin(protocol=protocol, device=device, connection=connection, direction=direction))
 
 
 def _deadletter_row(r: Rejection, record_id: int, now: int) -> tuple:

@@ -34,7 +34,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from influxdb_client.client.exceptions import InfluxDBError
 from influxdb_client.client.write_api import SYNCHRONOUS
 
 from pvtap.config import InfluxConfig
+from pvtap.files import open_private
 from pvtap.records import FieldValue, Record
 from pvtap.store.delivery import DeliveryLog, DeliveryStatus, Item, Rejection, read_status
 from pvtap.store.lineprotocol import format_line
@@ -356,7 +357,7 @@ class Forwarder:
     def _wait_for_lock(self) -> bool:
         lock_path = self.path.with_name(self.path.name + ".forward.lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_private(lock_path)
         told = False
         while not self._stop.is_set():
             try:
@@ -391,16 +392,18 @@ class Forwarder:
                               timeout=int(c.timeout_s * 1000), enable_gzip=c.gzip, **kwargs)
 
     def _loop(self) -> None:
+        """Every step is guarded: an SQLite error (a full disk is when pruning runs) is logged and
+        retried with back-off, never the end of the thread."""
         next_prune = 0.0
         next_forget = time.monotonic() + 600
         while not self._stop.is_set():
             now = time.monotonic()
             if self.config.max_store_mb and now >= next_prune:
-                self._prune()
                 next_prune = now + PRUNE_EVERY_S
+                self._guarded("pruning", self._prune)
             if now >= next_forget:
-                self._state.forget_old_batches()
                 next_forget = now + 600
+                self._guarded("forgetting old batch sizes", self._state.forget_old_batches)
             try:
                 pause = self._cycle()
             except _RetryLater as retry:
@@ -410,6 +413,16 @@ class Forwarder:
                 pause = self._failed(Failure("internal", None, f"{type(exc).__name__}: {exc}"))
             if pause:
                 self._stop.wait(pause)
+
+    def _guarded(self, what: str, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception as exc:
+            now = time.monotonic()
+            if now - self._last_logged.get(what, -LOG_REPEAT_S) >= LOG_REPEAT_S:
+                self._last_logged[what] = now
+                log.error("%s: %s failed (%s: %s); forwarding goes on, tried again later", self.path.name, what,
+                          type(exc).__name__, exc)
 
     def _prune(self) -> None:
         """Keep the store under influx.max_store_mb. Undelivered records are only ever dropped
@@ -536,7 +549,7 @@ class Forwarder:
         last = self._last_logged.get(failure.kind)
         if last is None or now - last >= LOG_REPEAT_S:
             self._last_logged[failure.kind] = now
-            waiting = self._state.backlog()
+            waiting = self._backlog()
             if failure.kind == "auth":
                 log.error("%s: InfluxDB at %s REFUSED THE TOKEN (%s): check influx.token (InfluxDB 1.8: "
                           "user:password) and its write permission on bucket %r. %d records are kept and "
@@ -551,6 +564,13 @@ class Forwarder:
                             self.path.name, c.url, failure.describe(), waiting, self._failures, delay)
         return delay
 
+    def _backlog(self) -> int:
+        """For log lines only: -1 when the store cannot say (a log line must not fail)."""
+        try:
+            return self._state.backlog()
+        except Exception:
+            return -1
+
     def _progress(self, sent: int) -> None:
         """Log progress while a backlog drains (full batches back to back)."""
         if self._drain is None:
@@ -561,7 +581,7 @@ class Forwarder:
         now = time.monotonic()
         if now - start >= PROGRESS_EVERY_S and now - self._last_progress >= PROGRESS_EVERY_S:
             self._last_progress = now
-            waiting = self._state.backlog()
+            waiting = self._backlog()
             rate = done / (now - start)
             log.info("%s: draining backlog: %d delivered in %.0f s (%.0f records/s), %d waiting, about %.0f s left",
                      self.path.name, done, now - start, rate, waiting, waiting / rate if rate else float("inf"))

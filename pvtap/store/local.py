@@ -1,56 +1,36 @@
-"""The embedded local store: one SQLite file per producing process.
+"""The embedded local store: one SQLite file per ingest worker.
 
-Everything decoded is committed here before anything else happens to it (invariant 3), next to
-the redacted raw payload it came from, so `pvtap replay` can decode it again with newer
-decoders. WAL mode lets `pvtap tail` and the InfluxDB forwarder read while the producer writes.
-Record ids only ever grow (AUTOINCREMENT), so a reader can follow the table with a cursor.
+Raw first: what the relay and the addon capture is archived here (redacted) as soon as it is
+framed, in group commits; decoding follows the archive with its own cursor and commits the
+records, their payload's decode error and the cursor together (pvtap/store/schema.py). So an
+overload or a stop costs decode latency, never data, and `pvtap replay` can decode every payload
+again with newer decoders. Everything decoded is committed here before anything else happens to
+it (invariant 3). WAL mode lets `pvtap tail` and the InfluxDB forwarder read while the worker
+writes. Ids only ever grow (AUTOINCREMENT), so a reader can follow a table with a cursor.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pvtap.files import private_dir, private_file
 from pvtap.records import Origin, RawPayload, Record, from_ns, to_ns
+from pvtap.store.rows import RECORD_COLUMNS, record_from_row, record_row
+from pvtap.store.schema import SCHEMA_VERSION, check_readable, create_or_migrate, has_table
+
+__all__ = ["SCHEMA_VERSION", "SUFFIX", "Decoded", "IngestStatus", "LocalStore", "StoredRaw", "StoredRecord",
+           "open_stores", "store_paths"]
 
 SUFFIX = ".sqlite"
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS raw (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    received_ns  INTEGER NOT NULL,
-    protocol     TEXT    NOT NULL,
-    kind         TEXT    NOT NULL,
-    device       TEXT    NOT NULL DEFAULT '',
-    connection   TEXT    NOT NULL DEFAULT '',
-    direction    TEXT    NOT NULL DEFAULT '',
-    meta         TEXT    NOT NULL DEFAULT '{}',
-    payload      BLOB    NOT NULL,
-    decode_error TEXT
-);
-CREATE TABLE IF NOT EXISTS records (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    raw_id      INTEGER REFERENCES raw(id) ON DELETE SET NULL,
-    time_ns     INTEGER NOT NULL,
-    measurement TEXT    NOT NULL,
-    tags        TEXT    NOT NULL,
-    fields      TEXT    NOT NULL,
-    protocol    TEXT    NOT NULL,
-    device      TEXT    NOT NULL DEFAULT '',
-    connection  TEXT    NOT NULL DEFAULT '',
-    direction   TEXT    NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS records_time ON records(time_ns);
-CREATE INDEX IF NOT EXISTS records_raw ON records(raw_id);
-CREATE INDEX IF NOT EXISTS records_measurement ON records(measurement, time_ns);
-CREATE INDEX IF NOT EXISTS raw_device ON raw(protocol, device);
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,31 +56,52 @@ class DeviceSummary:
     raw_payloads: int
 
 
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """The outcome of decoding one archived payload: its records, or the decoder's error."""
+
+    raw_id: int
+    records: Sequence[Record]
+    error: str | None = None
+
+
 class LocalStore:
-    """A SQLite store file. Writes are serialised by a lock; use one writer per file."""
+    """A SQLite store file. Writes are serialised by a lock; one writing process per file (the
+    ingest worker that owns it), any number of readers."""
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reads that decide what to write take it too
         if readonly:
             if not self.path.exists():
                 raise FileNotFoundError(f"no local store at {self.path}")
             self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA busy_timeout=10000")
+            try:
+                check_readable(self._db, self.path)
+            except BaseException:
+                self._db.close()
+                raise
+            return
+        if not self.path.exists():
+            _create(self.path)
+        private_file(self.path)  # 0600 before SQLite makes the -wal and -shm files with the same mode
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            self._db.execute("PRAGMA busy_timeout=10000")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        self._db.execute("PRAGMA busy_timeout=10000")
+            create_or_migrate(self._db, self.path)
+        except BaseException:
+            self._db.close()
+            raise
 
     @classmethod
     def for_process(cls, data_dir: str | Path, name: str) -> LocalStore:
         """The store a producing process (`enphase`, `relay`, …) writes to."""
-        return cls(Path(data_dir) / f"{name}{SUFFIX}")
+        return cls(private_dir(data_dir) / f"{name}{SUFFIX}")
 
     def close(self) -> None:
         with self._lock:
@@ -124,25 +125,78 @@ class LocalStore:
             try:
                 yield
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back by itself (e.g. SQLITE_FULL)
+                    self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
 
-    def add_raw(self, raw: RawPayload, decode_error: str | None = None, records: Iterable[Record] = ()) -> int:
-        """Commit a redacted raw payload and the records decoded from it, in one transaction (a
-        reader or a replay never sees the payload without its records); returns its id."""
-        o = raw.origin
+    def archive(self, raws: Sequence[RawPayload], records: Iterable[Record] = ()) -> list[int]:
+        """Commit redacted payloads to the raw archive (and `records` that need no decoding, such
+        as connection records) in one transaction; returns the payloads' ids. Decoding follows
+        later (`pending`, `commit_decoded`)."""
+        rows = [_raw_row(raw) for raw in raws]
+        record_rows = [(None, *record_row(r)) for r in records]
         with self._transaction():
-            cur = self._db.execute(
-                "INSERT INTO raw (received_ns, protocol, kind, device, connection, direction, meta, payload,"
-                " decode_error) VALUES (?,?,?,?,?,?,?,?,?)",
-                (to_ns(raw.received), o.protocol, raw.kind, o.device, o.connection, o.direction,
-                 json.dumps(dict(raw.meta), sort_keys=True), bytes(raw.payload), decode_error),
-            )
-            raw_id = cur.lastrowid
+            ids = [self._db.execute(_INSERT_RAW, row).lastrowid for row in rows]
+            if record_rows:
+                self._db.executemany(_INSERT_RECORD, record_rows)
+        return ids  # type: ignore[return-value]  # lastrowid is set by every INSERT
+
+    def decode_cursor(self) -> int:
+        """Every raw payload id up to this one has been decoded."""
+        with self._lock:
+            return self._decode_cursor()
+
+    def _decode_cursor(self) -> int:
+        if not has_table(self._db, "decoding"):  # a version 1 file opened read-only: all decoded
+            return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM raw").fetchone()[0]
+        return self._db.execute("SELECT cursor FROM decoding WHERE id=1").fetchone()[0]
+
+    def newest_raw_id(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM raw").fetchone()[0]
+
+    def decode_backlog(self) -> int:
+        """Archived payloads waiting to be decoded."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM raw WHERE id > ?", (self._decode_cursor(),)).fetchone()[0]
+
+    def pending(self, limit: int) -> list[StoredRaw]:
+        """The next payloads to decode, oldest first."""
+        with self._lock:  # never inside another thread's open transaction on this connection
+            rows = self._db.execute(f"SELECT {_RAW_COLUMNS} FROM raw WHERE id > ? ORDER BY id LIMIT ?",
+                                    (self._decode_cursor(), limit)).fetchall()
+        return [_stored_raw(row) for row in rows]
+
+    def commit_decoded(self, decoded: Sequence[Decoded], cursor: int) -> int:
+        """Store what decoding the payloads up to `cursor` gave (records, decode errors) and move
+        the decode cursor there, in one transaction: a crash leaves all of it or none, so nothing
+        is decoded twice or skipped. Returns the records written."""
+        rows = [(d.raw_id, *record_row(r)) for d in decoded for r in d.records]
+        errors = [(d.error, d.raw_id) for d in decoded if d.error is not None]
+        with self._transaction():
+            self._db.executemany(_INSERT_RECORD, rows)
+            if errors:
+                self._db.executemany("UPDATE raw SET decode_error=? WHERE id=?", errors)
+            self._db.execute("UPDATE decoding SET cursor=MAX(cursor, ?) WHERE id=1", (cursor,))
+        return len(rows)
+
+    def add_raw(self, raw: RawPayload, decode_error: str | None = None, records: Iterable[Record] = ()) -> int:
+        """Commit a payload decoded elsewhere together with its records (or its error), as
+        decoded, in one transaction; returns its id. Only while no archived payload waits to be
+        decoded (else the decoder's order would break): ValueError then."""
+        record_rows = [tuple(record_row(r)) for r in records]
+        with self._transaction():
+            cursor = self._db.execute("SELECT cursor FROM decoding WHERE id=1").fetchone()[0]
+            newest = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM raw").fetchone()[0]
+            if cursor < newest:
+                raise ValueError(f"{newest - cursor} archived payloads wait to be decoded; archive() this one too")
+            row = _raw_row(raw)
+            raw_id = self._db.execute(_INSERT_RAW, (*row[:-1], decode_error)).lastrowid
             assert raw_id is not None  # set by every INSERT
-            self._db.executemany(_INSERT_RECORD, [_record_row(r, raw_id) for r in records])
-            return raw_id
+            self._db.executemany(_INSERT_RECORD, [(raw_id, *r) for r in record_rows])
+            self._db.execute("UPDATE decoding SET cursor=? WHERE id=1", (raw_id,))
+        return raw_id
 
     def set_decode_error(self, raw_id: int, decode_error: str | None) -> None:
         with self._transaction():
@@ -150,7 +204,7 @@ class LocalStore:
 
     def append(self, records: Iterable[Record], raw_id: int | None = None) -> int:
         """Commit records in one transaction; returns how many were written."""
-        rows = [_record_row(r, raw_id) for r in records]
+        rows = [(raw_id, *record_row(r)) for r in records]
         if not rows:
             return 0
         with self._transaction():
@@ -160,10 +214,10 @@ class LocalStore:
     def replace_records(self, raw_id: int, records: Sequence[Record], decode_error: str | None) -> bool:
         """Make `records` the ones decoded from `raw_id`. Returns False when nothing changed,
         so replaying the same payload with the same decoders leaves the store untouched."""
-        new_rows = [_record_row(r, raw_id) for r in records]  # inserted in the decoder's order
+        new_rows = [(raw_id, *record_row(r)) for r in records]  # inserted in the decoder's order
         with self._transaction():
             old_rows = sorted(tuple(row) for row in self._db.execute(
-                f"SELECT {_RECORD_COLUMNS} FROM records WHERE raw_id=?", (raw_id,)))
+                f"SELECT raw_id, {RECORD_COLUMNS} FROM records WHERE raw_id=?", (raw_id,)))
             old_error = self._db.execute("SELECT decode_error FROM raw WHERE id=?", (raw_id,)).fetchone()
             if old_rows == sorted(new_rows) and old_error is not None and old_error[0] == decode_error:
                 return False
@@ -171,6 +225,26 @@ class LocalStore:
             self._db.executemany(_INSERT_RECORD, new_rows)
             self._db.execute("UPDATE raw SET decode_error=? WHERE id=?", (decode_error, raw_id))
         return True
+
+    def write_status(self, status: IngestStatus) -> None:
+        """Replace the ingest worker's status row (read by `pvtap status`)."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO ingest_status (id, updated_ns, running, pid, dropped_copies, decode_backlog,"
+                " forwarder, forwarder_error, counts) VALUES (1,?,?,?,?,?,?,?,?)",
+                (time.time_ns(), int(status.running), status.pid, status.dropped_copies, status.decode_backlog,
+                 status.forwarder, status.forwarder_error, json.dumps(status.counts, sort_keys=True)))
+
+    def status(self) -> IngestStatus | None:
+        """The ingest worker's last status row; None if no worker has written one."""
+        if not has_table(self._db, "ingest_status"):
+            return None
+        row = self._db.execute("SELECT updated_ns, running, pid, dropped_copies, decode_backlog, forwarder,"
+                               " forwarder_error, counts FROM ingest_status WHERE id=1").fetchone()
+        if row is None:
+            return None
+        return IngestStatus(updated_ns=row[0], running=bool(row[1]), pid=row[2], dropped_copies=row[3],
+                            decode_backlog=row[4], forwarder=row[5], forwarder_error=row[6], counts=json.loads(row[7]))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -196,12 +270,12 @@ class LocalStore:
         order = "time_ns, id" if by_time else "id"
         if newest_first:
             order = ", ".join(f"{column} DESC" for column in order.split(", "))
-        sql = f"SELECT id, {_RECORD_COLUMNS} FROM records WHERE {' AND '.join(where)} ORDER BY {order}"
+        sql = (f"SELECT id, raw_id, {RECORD_COLUMNS} FROM records WHERE {' AND '.join(where)} ORDER BY {order}")
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
         for row in self._db.execute(sql, args):
-            yield StoredRecord(id=row[0], raw_id=row[1], record=_record_from_row(row[1:]))
+            yield StoredRecord(id=row[0], raw_id=row[1], record=record_from_row(row[2:]))
 
     def count_records(self, *, since_ns: int | None = None, until_ns: int | None = None,
                       measurements: Sequence[str] = (), devices: Sequence[str] = (),
@@ -222,21 +296,16 @@ class LocalStore:
                 f" WHERE {' AND '.join(where)} ORDER BY j.key", args)])
         return found[0], found[1]
 
-    def raw_payloads(self, *, after_id: int = 0) -> Iterator[StoredRaw]:
-        """Raw payloads in id order, read in batches: a large store is never held in memory and
-        the caller may write (`replace_records`) between items."""
+    def raw_payloads(self, *, after_id: int = 0, upto_id: int | None = None) -> Iterator[StoredRaw]:
+        """Raw payloads in id order (up to `upto_id`), read in batches: a large store is never
+        held in memory and the caller may write (`replace_records`) between items."""
+        upto = upto_id if upto_id is not None else 2**63 - 1
         while True:
-            rows = self._db.execute(
-                "SELECT id, received_ns, protocol, kind, device, connection, direction, meta, payload, decode_error"
-                " FROM raw WHERE id > ? ORDER BY id LIMIT ?", (after_id, _RAW_BATCH)
-            ).fetchall()
+            rows = self._db.execute(f"SELECT {_RAW_COLUMNS} FROM raw WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                                    (after_id, upto, _RAW_BATCH)).fetchall()
             if not rows:
                 return
-            for row in rows:
-                origin = Origin(protocol=row[2], device=row[4], connection=row[5], direction=row[6])
-                raw = RawPayload(origin=origin, kind=row[3], payload=bytes(row[8]), received=from_ns(row[1]),
-                                 meta=json.loads(row[7]))
-                yield StoredRaw(id=row[0], raw=raw, decode_error=row[9])
+            yield from (_stored_raw(row) for row in rows)
             after_id = rows[-1][0]
 
     def count_raw(self) -> int:
@@ -266,6 +335,42 @@ class LocalStore:
         return [name for (name,) in self._db.execute("SELECT DISTINCT measurement FROM records ORDER BY 1")]
 
 
+@dataclass(frozen=True, slots=True)
+class IngestStatus:
+    """What the ingest worker last said about itself (written every few seconds and at stop)."""
+
+    running: bool
+    pid: int | None
+    dropped_copies: int
+    decode_backlog: int
+    forwarder: str = "off"
+    forwarder_error: str | None = None
+    counts: dict = dataclasses.field(default_factory=dict)
+    updated_ns: int = 0
+
+
+def _create(path: Path) -> None:
+    """A new store appears whole: made under another name (0600, WAL, the schema) and linked
+    into place, so a reader never opens a file without tables. If another process got there
+    first, its file stays."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    private_file(tmp)
+    db = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        create_or_migrate(db, tmp)
+    finally:
+        db.close()
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+
 def store_paths(data_dir: str | Path) -> list[Path]:
     """Every local store file in a data directory, in name order."""
     return sorted(Path(data_dir).glob(f"*{SUFFIX}"))
@@ -278,8 +383,23 @@ def open_stores(data_dir: str | Path) -> list[LocalStore]:
 
 _RAW_BATCH = 256
 
-_RECORD_COLUMNS = "raw_id, time_ns, measurement, tags, fields, protocol, device, connection, direction"
-_INSERT_RECORD = f"INSERT INTO records ({_RECORD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)"
+_INSERT_RECORD = f"INSERT INTO records (raw_id, {RECORD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)"
+_INSERT_RAW = ("INSERT INTO raw (received_ns, protocol, kind, device, connection, direction, meta, payload,"
+               " decode_error) VALUES (?,?,?,?,?,?,?,?,?)")
+_RAW_COLUMNS = "id, received_ns, protocol, kind, device, connection, direction, meta, payload, decode_error"
+
+
+def _raw_row(raw: RawPayload) -> tuple:
+    o = raw.origin
+    return (to_ns(raw.received), o.protocol, raw.kind, o.device, o.connection, o.direction,
+            json.dumps(dict(raw.meta), sort_keys=True), bytes(raw.payload), None)
+
+
+def _stored_raw(row: Sequence) -> StoredRaw:
+    origin = Origin(protocol=row[2], device=row[4], connection=row[5], direction=row[6])
+    raw = RawPayload(origin=origin, kind=row[3], payload=bytes(row[8]), received=from_ns(row[1]),
+                     meta=json.loads(row[7]))
+    return StoredRaw(id=row[0], raw=raw, decode_error=row[9])
 
 
 #: the device each connection revealed (for its rows stored before it did)
@@ -309,15 +429,3 @@ def _filters(since_ns: int | None, until_ns: int | None, measurements: Sequence[
                      f" (SELECT connection FROM raw WHERE device IN ({marks}))))")
         args.extend([*devices, *devices])
     return where, args
-
-
-def _record_row(r: Record, raw_id: int | None) -> tuple:
-    o = r.origin
-    return (raw_id, r.time_ns, r.measurement, json.dumps(dict(r.tags), sort_keys=True),
-            json.dumps(dict(r.fields)), o.protocol, o.device, o.connection, o.direction)
-
-
-def _record_from_row(row: Sequence) -> Record:
-    _raw_id, time_ns, measurement, tags, fields, protocol, device, connection, direction = row
-    return Record(measurement=measurement, time=from_ns(time_ns), tags=json.loads(tags), fields=json.loads(fields),
-                  origin=Origin(protocol=protocol, device=device, connection=connection, direction=direction))

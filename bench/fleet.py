@@ -1,0 +1,259 @@
+"""Bench: many devices behind one relay, each sending one AlphaESS realtime frame a second.
+
+    .venv/bin/python bench/fleet.py [--devices 100 1000] [--seconds 20] [--paths direct socat relay]
+
+Three processes on 127.0.0.1: a stand-in cloud that answers every frame with the cloud's ack
+(`01 02 <type> … {"Status":"Success"}`), the hop under test (nothing, socat, or `python -m
+proxy_tcp` with one fixed alphaess listener), and this client, which opens one connection per
+device and, per device, sends a realtime frame once a second (devices spread evenly over the
+second) and times the round trip until the ack is back.
+
+Per path it prints the round trip's median / p99 / max, what the hop adds over the direct path
+(same run), and for the relay how many decoded copies were lost: every frame sent up and every
+ack sent down should end up in the relay's raw archive (decoded then, or after a restart), so
+lost = 2 × round trips − frames archived. The relay is stopped with SIGTERM after its decode
+backlog is empty (or after --drain seconds), as a user would stop it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import random
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pvtap.decode.alphaess import REQUEST, ack_frame, encode_frame  # noqa: E402
+
+ACK = ack_frame(16)
+
+
+def frame(serial: str) -> bytes:
+    return encode_frame(REQUEST, 16, (
+        b'{"Time":"2024/03/03 22:05:21","SN":"' + serial.encode() + b'","Ppv1":"0","Ppv2":"0","PrealL1":"420",'
+        b'"PrealL2":"0.0","PrealL3":"0.0","PmeterL1":"-4","PmeterL2":"0","PmeterL3":"0","PmeterDC":"0",'
+        b'"Pbat":"539.4400","Sva":"405","VarAC":"-669","VarDC":"96","SOC":"38.0"}'))
+
+
+FRAME_SIZE = len(frame("ALSIM0000000001"))
+
+
+# -- the stand-in cloud, in its own process ---------------------------------------------------
+
+def _cloud(listener: socket.socket) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readexactly(FRAME_SIZE)
+                writer.write(ACK)
+        except (asyncio.IncompleteReadError, OSError):
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, sock=listener, backlog=4096)
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def start_cloud() -> tuple[multiprocessing.Process, int]:
+    listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    process = multiprocessing.Process(target=_cloud, args=(listener,), daemon=True)
+    process.start()
+    port = listener.getsockname()[1]
+    listener.close()
+    return process, port
+
+
+# -- the devices ------------------------------------------------------------------------------
+
+async def device(port: int, serial: str, offset: float, until: float, times: list[float]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    data = frame(serial)
+    loop = asyncio.get_running_loop()
+    tick = loop.time() + offset
+    try:
+        while tick < until:
+            await asyncio.sleep(max(0.0, tick - loop.time()))
+            started = time.perf_counter()
+            writer.write(data)
+            await reader.readexactly(len(ACK))
+            times.append(time.perf_counter() - started)
+            tick += 1.0
+    finally:
+        writer.close()
+
+
+async def fleet(port: int, devices: int, seconds: float) -> tuple[list[float], int]:
+    """Round-trip times (s) of every frame; failed connections."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 1.0 + seconds
+    times: list[float] = []
+    tasks = [device(port, f"ALSIM{i:010d}", 1.0 + i / devices, until, times) for i in range(devices)]
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    failed = sum(isinstance(r, BaseException) for r in results)
+    return times, failed
+
+
+# -- the hops ---------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def start_socat(upstream: int) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
+                             f"TCP:127.0.0.1:{upstream},nodelay"], stderr=subprocess.DEVNULL)
+    wait_listening(port)
+    return proc, port
+
+
+def start_relay(upstream: int, data_dir: Path, log: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    config = data_dir.parent / "fleet.toml"
+    config.write_text(f'[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "127.0.0.1:{port}"\n'
+                      f'upstream = "127.0.0.1:{upstream}"\nmax_connections = 20000\n')
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "proxy_tcp", "--config", str(config), "--data-dir",
+                                 str(data_dir)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    wait_listening(port)
+    return proc, port
+
+
+def stores(data_dir: Path) -> list[Path]:
+    return sorted(data_dir.glob("*.sqlite"))
+
+
+def decode_backlog(data_dir: Path) -> int | None:
+    """Raw payloads not decoded yet (None: this pvtap has no decode cursor, it decodes at once)."""
+    total = 0
+    for path in stores(data_dir):
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name='decoding'").fetchone():
+                return None
+            cursor = db.execute("SELECT cursor FROM decoding").fetchone()
+            total += db.execute("SELECT COUNT(*) FROM raw WHERE id > ?", (cursor[0] if cursor else 0,)).fetchone()[0]
+        finally:
+            db.close()
+    return total
+
+
+def archived(data_dir: Path) -> tuple[int, int]:
+    """(raw frames archived, alphaess_realtime records) over every store."""
+    frames = records = 0
+    for path in stores(data_dir):
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            frames += db.execute("SELECT COUNT(*) FROM raw WHERE kind='frame'").fetchone()[0]
+            records += db.execute("SELECT COUNT(*) FROM records WHERE measurement='alphaess_realtime'").fetchone()[0]
+        finally:
+            db.close()
+    return frames, records
+
+
+def percentile(sorted_times: list[float], q: float) -> float:
+    return sorted_times[min(len(sorted_times) - 1, int(len(sorted_times) * q))]
+
+
+def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path, drain: float) -> dict[str, Any]:
+    proc: subprocess.Popen | None = None
+    data_dir = tmp / f"{path}-{devices}" / "data"
+    data_dir.mkdir(parents=True)
+    port = cloud_port
+    if path == "socat":
+        proc, port = start_socat(cloud_port)
+    elif path == "relay":
+        proc, port = start_relay(cloud_port, data_dir, data_dir.parent / "relay.log")
+    try:
+        times, failed = asyncio.run(fleet(port, devices, seconds))
+        row: dict[str, Any] = {"path": path, "devices": devices, "frames": len(times), "failed": failed,
+               "load": os.getloadavg()[0]}
+        times.sort()
+        if times:
+            row.update(p50=statistics.median(times) * 1e3, p99=percentile(times, 0.99) * 1e3, max=times[-1] * 1e3)
+        if path == "relay":
+            deadline = time.monotonic() + drain
+            while time.monotonic() < deadline and (decode_backlog(data_dir) or 0) > 0:
+                time.sleep(0.2)
+            row["backlog_at_stop"] = decode_backlog(data_dir)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(120)
+    if path == "relay":
+        frames, records = archived(data_dir)
+        row.update(archived=frames, records=records, lost=2 * row["frames"] - frames)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, nargs="+", default=[100, 1000], help="fleet sizes (default 100 1000)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds each fleet sends (default 20)")
+    parser.add_argument("--paths", nargs="+", default=["direct", "socat", "relay"],
+                        choices=["direct", "socat", "relay"], help="hops to measure, in this order")
+    parser.add_argument("--drain", type=float, default=60.0,
+                        help="seconds to wait for the relay's decode backlog before stopping it (default 60)")
+    args = parser.parse_args()
+    if "socat" in args.paths and shutil.which("socat") is None:
+        print("bench/fleet.py: socat is not installed (Debian package socat)", file=sys.stderr)
+        return 2
+    random.seed(1)
+    cloud, cloud_port = start_cloud()
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="pvtap-fleet-") as tmp:
+            for devices in args.devices:
+                for path in args.paths:
+                    print(f"  {devices} devices × 1 frame/s, {args.seconds:g} s: {path}", file=sys.stderr, flush=True)
+                    rows.append(run_path(path, devices, args.seconds, cloud_port, Path(tmp), args.drain))
+    finally:
+        cloud.terminate()
+    print(f"\n{FRAME_SIZE}-byte AlphaESS realtime frame answered by a {len(ACK)}-byte ack; round trip in ms; "
+          f"added = minus the direct path of the same fleet size; {os.cpu_count()} CPUs\n")
+    print(f"{'devices':>7} {'path':<7}{'frames':>8}{'p50':>8}{'p99':>8}{'max':>8}{'+p50':>8}{'+p99':>8}"
+          f"{'lost':>7}{'archived':>9}{'records':>8}{'load':>6}")
+    direct = {r["devices"]: r for r in rows if r["path"] == "direct"}
+    for r in rows:
+        base = direct.get(r["devices"])
+        added = (f"{r['p50'] - base['p50']:>8.2f}{r['p99'] - base['p99']:>8.2f}" if base and "p50" in r
+                 else f"{'-':>8}{'-':>8}")
+        lost = f"{r['lost']:>7}{r['archived']:>9}{r['records']:>8}" if "lost" in r else f"{'-':>7}{'-':>9}{'-':>8}"
+        failed = f"  ({r['failed']} connections failed)" if r["failed"] else ""
+        backlog = f"  (decode backlog {r['backlog_at_stop']} at stop)" if r.get("backlog_at_stop") else ""
+        print(f"{r['devices']:>7} {r['path']:<7}{r['frames']:>8}{r.get('p50', 0):>8.2f}{r.get('p99', 0):>8.2f}"
+              f"{r.get('max', 0):>8.1f}{added}{lost}{r['load']:>6.2f}{failed}{backlog}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

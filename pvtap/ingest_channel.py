@@ -1,0 +1,581 @@
+"""The forwarding process's end of the channel to its ingest worker.
+
+Everything here runs on the forwarding process's event loop (the relay's, mitmproxy's) and
+never waits: a copy is appended to a user-space buffer bounded in bytes and sent with one
+non-blocking `sendmsg` per loop iteration (the chunk's bytes are not copied on the way); when
+the buffer is full, or the worker is down, the copy is dropped and counted. Control messages
+(a connection opened or closed, counts, syncs) are small and always queued, so every connection
+still gets its record. A worker that dies is started again with back-off; the connections open
+at that moment are announced to the new one.
+
+    channel = Channel.process(settings)        # or Channel.thread(settings, codecs=...) in tests
+    channel.start(wait_ready=30)               # IngestStartError if the store cannot be opened
+    copies = channel.open(record, device)      # per relayed connection: chunk(), close()
+    channel.payload(raw)                       # a whole payload (the addon, UDP datagrams)
+    channel.records(records)                   # records made here (alerts), stored as they are
+    channel.stats()                            # counts of both ends, flat
+    await channel.idle()                       # tests: everything sent so far is decoded
+    channel.close(timeout)                     # flush, end the channel, wait for the worker
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pvtap import ingest_wire as wire
+from pvtap.decode import codec_for
+from pvtap.ingest import Codecs
+from pvtap.ingest_framing import ConnectionRecord
+from pvtap.ingest_wire import Kind
+from pvtap.ingest_worker import WorkerSettings, run_in_thread
+from pvtap.privacy import Privacy
+from pvtap.records import RawPayload, Record
+
+log = logging.getLogger("pvtap.ingest")
+
+#: control messages may go beyond the copies' budget by this much (a dead worker and many connections)
+CONTROL_BYTES = 4 * 2**20
+RESTART_FIRST_S = 0.5
+RESTART_MAX_S = 30.0
+COUNTS_EVERY_S = 1.0
+_IOV_MAX = 512
+_SOCKET_BUFFER = 4 * 2**20
+
+
+class IngestStartError(RuntimeError):
+    """The worker could not start (its store cannot be opened, or is written by another process)."""
+
+
+@dataclass
+class _Message:
+    parts: list[bytes]
+    size: int  # a copy: what the budget counts of it (its payload's bytes); control: the whole message
+    control: bool
+
+    @classmethod
+    def of_control(cls, parts: list[bytes]) -> _Message:
+        return cls(parts, sum(len(p) for p in parts), True)
+
+    @property
+    def kind(self) -> int:
+        return wire.HEADER.unpack_from(self.parts[0])[1]
+
+
+@dataclass
+class ChannelCounts:
+    copies_sent: int = 0
+    bytes_sent: int = 0
+    copies_dropped: int = 0  # never reached the worker: the buffer was full or the worker down
+    bytes_dropped: int = 0
+    worker_restarts: int = 0
+    worker_exits: int = 0
+    snapshot: dict[str, Any] = field(default_factory=dict)  # the worker's last SNAPSHOT
+
+
+class CopyStream:
+    """The copies of one relayed connection. Never blocks; `dropped` counts what was lost."""
+
+    def __init__(self, channel: Channel, conn: int, open_doc: dict[str, Any]) -> None:
+        self.channel = channel
+        self.conn = conn
+        self.open_doc = open_doc
+        self.opaque = False  # the worker's Tap said the stream is not its protocol: copies stop
+        self.dropped = 0
+
+    def chunk(self, direction: str, data: bytes) -> None:
+        if self.opaque:
+            return
+        if not self.channel._enqueue(wire.chunk(self.conn, direction, time.time_ns(), data), len(data)):
+            self.dropped += 1
+
+    def close(self, record: ConnectionRecord) -> None:
+        """The connection ended: the worker completes, logs and stores its record."""
+        record.dropped_copies += self.dropped
+        self.channel._streams.pop(self.conn, None)
+        self.channel._enqueue_control(wire.with_conn(Kind.CLOSE, self.conn, record.to_wire()))
+
+
+class Channel:
+    """One ingest worker and the socket to it. Use it from one thread (the event loop's)."""
+
+    def __init__(self, settings: WorkerSettings, spawn: Callable[[socket.socket], Any], name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self._spawn_worker = spawn  # given the worker's end of a socketpair, starts it; returns a handle
+        self.limit = settings.queue_bytes
+        self.counts = ChannelCounts()
+        self.worker: Any = None  # subprocess.Popen or threading.Thread
+        self._sock: socket.socket | None = None
+        self._reader = wire.Reader()
+        self._out: deque[_Message] = deque()
+        self._offset = 0  # bytes of the first message already sent
+        self._buffered = 0  # copies' bytes waiting
+        self._control = 0  # control bytes waiting
+        self._streams: dict[int, CopyStream] = {}
+        self._numbers = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading: socket.socket | None = None  # the socket the loop reads the back-channel of
+        self._flush_scheduled = False
+        self._writing = False
+        self._restart_at: float | None = None
+        self._restart_delay = RESTART_FIRST_S
+        self._started = 0.0
+        self._closed = False
+        self._tokens = itertools.count(1)
+        self._synced: set[int] = set()
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._counts_sent = (0.0, -1)
+        self.ready: dict[str, Any] = {}
+        self.failed: str | None = None
+
+    @classmethod
+    def process(cls, settings: WorkerSettings, name: str = "ingest") -> Channel:
+        """A worker process: `python -m pvtap.ingest_worker`."""
+        def spawn(sock: socket.socket) -> subprocess.Popen:
+            fd = sock.fileno()
+            return subprocess.Popen([sys.executable, "-m", "pvtap.ingest_worker", "--fd", str(fd)], pass_fds=[fd],
+                                    stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return cls(settings, spawn, name)
+
+    @classmethod
+    def thread(cls, settings: WorkerSettings, *, codecs: Codecs = codec_for, privacy: Privacy | None = None,
+               name: str = "ingest") -> Channel:
+        """The same worker in a thread of this process (tests that inject codecs, embedding)."""
+        return cls(settings, lambda sock: run_in_thread(sock, settings, codecs=codecs, privacy=privacy), name)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, wait_ready: float | None = None) -> Channel:
+        """Start the worker; with `wait_ready`, wait that long for it to open its store
+        (IngestStartError when it cannot). Call it from the thread that lives as long as the
+        worker should (the event loop's): PR_SET_PDEATHSIG follows the thread that spawned it."""
+        self._spawn()
+        if wait_ready is None:
+            return self
+        deadline = time.monotonic() + wait_ready
+        while not self.ready and self.failed is None and self._sock is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.close(0)
+                raise IngestStartError(f"the ingest worker for {self.settings.store} did not start within "
+                                       f"{wait_ready:g} s")
+            self._poll_back(min(remaining, 0.2))
+        if not self.ready:
+            self.close(0)
+            raise IngestStartError(self.failed or f"the ingest worker for {self.settings.store} exited at start "
+                                                  "(its log above says why)")
+        return self
+
+    def attach(self) -> None:
+        """Read the back-channel on the running event loop from now on."""
+        self._attach_loop()
+
+    def _spawn(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # the kernel holds copies in flight too: at most as much as the budget (4 MiB at most)
+        with contextlib.suppress(OSError):
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(_SOCKET_BUFFER, self.limit))
+        self.worker = self._spawn_worker(theirs)
+        if isinstance(self.worker, subprocess.Popen):
+            theirs.close()  # the child has its copy; ours must go, or its EOF never comes
+        ours.setblocking(False)
+        self._sock = ours
+        self._reader = wire.Reader()
+        self._started = time.monotonic()
+        self.ready, self.failed = {}, None
+        first = [_Message.of_control(wire.control(Kind.SETTINGS, self.settings.to_wire()))]
+        first += [_Message.of_control(wire.with_conn(Kind.OPEN, s.conn, s.open_doc)) for s in self._streams.values()]
+        self._out.extendleft(reversed(first))
+        self._control += sum(m.size for m in first)
+        self._offset = 0
+        self._attach_loop()
+        self._flush()
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Send what is buffered (for up to `timeout`), end the channel and wait for the worker
+        to archive what it got and exit. True when it did in time."""
+        deadline = time.monotonic() + timeout
+        self.hang_up(deadline)
+        return self.wait_closed(deadline)
+
+    def hang_up(self, deadline: float) -> None:
+        """Send what is buffered (until `deadline`) and end the channel: the worker sees its EOF."""
+        if self._closed:
+            return
+        self._send_counts(force=True)
+        self._drain_blocking(deadline)
+        self._closed = True
+        self._detach_loop()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)
+
+    def wait_closed(self, deadline: float) -> bool:
+        """After hang_up: read the back-channel until the worker closes its end (it archived
+        everything), then reap it."""
+        while self._sock is not None and time.monotonic() < deadline:
+            self._poll_back(min(0.2, max(0.0, deadline - time.monotonic())))
+        return self._reap(max(0.0, deadline - time.monotonic()))
+
+    def close_soon(self, timeout: float = 10.0) -> None:
+        """End the channel without waiting on this thread (a mitmproxy hook must not block).
+        What the socket does not take at once is sent by a thread the interpreter waits for at
+        exit (up to `timeout`); the worker then archives it and exits by itself."""
+        if self._closed:
+            return
+        self._send_counts(force=True)
+        self._flush()
+        self._detach_loop()
+        if not self._out:
+            self._hang_up()
+            return
+        def finish() -> None:
+            self._drain_blocking(time.monotonic() + timeout)
+            self._hang_up()
+        threading.Thread(target=finish, name=f"pvtap-{self.name}-close", daemon=False).start()
+
+    def _hang_up(self) -> None:
+        self._closed = True
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+            sock.close()
+
+    def _reap(self, timeout: float) -> bool:
+        worker, self.worker = self.worker, None
+        if isinstance(worker, subprocess.Popen):
+            try:
+                worker.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.error("%s: the ingest worker (pid %d) did not exit within its grace; killing it (what it did "
+                          "not archive is lost)", self.name, worker.pid)
+                worker.kill()
+                worker.wait()
+                return False
+        elif isinstance(worker, threading.Thread):
+            worker.join(timeout)
+            return not worker.is_alive()
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self._sock is not None
+
+    # -- what the relay and the addon call -------------------------------------------------------
+
+    def open(self, record: ConnectionRecord, device: str = "") -> CopyStream:
+        conn = next(self._numbers)
+        doc = {"record": record.to_wire(), "device": device}
+        stream = CopyStream(self, conn, doc)
+        self._streams[conn] = stream
+        self._enqueue_control(wire.with_conn(Kind.OPEN, conn, doc))
+        return stream
+
+    def payload(self, raw: RawPayload) -> bool:
+        """Queue a whole payload; False (counted) when it had to be dropped."""
+        return self._enqueue(wire.payload(raw), len(raw.payload))
+
+    def records(self, records: Sequence[Record]) -> None:
+        """Queue records this side made (an alert) to be stored as they are. A control message:
+        never dropped for the copies' budget, and kept for the next worker when this one is down."""
+        if records:
+            self._enqueue_control(wire.records(records))
+
+    def stats(self) -> dict[str, Any]:
+        """Both ends' counts, flat: this side's (copies sent and dropped, buffered bytes, worker
+        restarts) and the worker's last snapshot (about a second old)."""
+        self._poll_back(0)
+        c = self.counts
+        return {**c.snapshot, "copies_sent": c.copies_sent, "bytes_sent": c.bytes_sent,
+                "copies_dropped": c.copies_dropped, "bytes_dropped": c.bytes_dropped,
+                "buffered_bytes": self._buffered, "worker_alive": self.alive,
+                "worker_restarts": c.worker_restarts, "worker_exits": c.worker_exits}
+
+    async def idle(self, timeout: float = 30.0) -> None:
+        """Wait until everything sent so far is archived and decoded (tests, benchmarks)."""
+        self._attach_loop()
+        token = next(self._tokens)
+        assert self._loop is not None  # attached above, in a coroutine
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._waiters[token] = future
+        self._enqueue_control(wire.with_conn(Kind.SYNC, token))
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+        finally:
+            self._waiters.pop(token, None)
+
+    def sync(self, timeout: float = 30.0) -> bool:
+        """`idle()` for code without an event loop: blocks, True when done in time."""
+        token = next(self._tokens)
+        self._enqueue_control(wire.with_conn(Kind.SYNC, token))
+        deadline = time.monotonic() + timeout
+        self._drain_blocking(deadline)
+        while token not in self._synced and self._sock is not None and time.monotonic() < deadline:
+            self._poll_back(min(0.2, max(0.0, deadline - time.monotonic())))
+            self._drain_blocking(deadline)
+        done = token in self._synced
+        self._synced.discard(token)
+        return done
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def _enqueue(self, parts: list[bytes], size: int) -> bool:
+        """Queue a copy of `size` bytes; False (counted) when over the budget or no worker."""
+        self._restart_if_due()
+        # A copy larger than the whole budget (not copied here: the caller holds it anyway) is
+        # taken when nothing else waits, and counts as half the budget, so the next ones pass.
+        budget = min(size, self.limit // 2) if size > self.limit else size
+        if self._closed or self._sock is None or (self._buffered + budget > self.limit
+                                                  and (self._buffered or budget == size)):
+            self.counts.copies_dropped += 1
+            self.counts.bytes_dropped += size
+            return False
+        self._buffered += budget
+        self._out.append(_Message(parts, budget, False))
+        self._schedule_flush()
+        return True
+
+    def _enqueue_control(self, parts: list[bytes]) -> None:
+        """Queue a control message: kept for the next worker when this one is down."""
+        self._restart_if_due()
+        message = _Message.of_control(parts)
+        if self._closed or self._control + message.size > CONTROL_BYTES:
+            log.debug("%s: control message dropped (%d bytes waiting)", self.name, self._control)
+            return
+        self._control += message.size
+        self._out.append(message)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._writing or self._flush_scheduled:
+            return
+        loop = self._attach_loop()
+        if loop is None:
+            self._flush()
+        else:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send as much as the socket takes now; the rest when it is writable again."""
+        self._flush_scheduled = False
+        sock = self._sock
+        while self._out and sock is not None:
+            buffers: list[bytes | memoryview] = []
+            for message in itertools.islice(self._out, 0, _IOV_MAX // 4):
+                buffers += message.parts
+            skip = self._offset  # of the first message, already sent
+            while skip:
+                if skip >= len(buffers[0]):
+                    skip -= len(buffers.pop(0))
+                else:
+                    buffers[0] = memoryview(buffers[0])[skip:]
+                    skip = 0
+            try:
+                sent = sock.sendmsg(buffers[:_IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._worker_lost()
+                return
+            self._consume(sent)
+        self._want_writable(bool(self._out) and self._sock is not None)
+        if self._sock is not None:
+            self._send_counts()
+
+    def _consume(self, sent: int) -> None:
+        sent += self._offset
+        while self._out:
+            message = self._out[0]
+            length = sum(len(p) for p in message.parts)
+            if sent < length:
+                self._offset = sent
+                return
+            sent -= length
+            self._out.popleft()
+            self._account_sent(message)
+        self._offset = 0
+
+    def _account_sent(self, message: _Message) -> None:
+        if message.control:
+            self._control -= message.size
+        else:
+            self._buffered -= message.size
+            self.counts.copies_sent += 1
+            self.counts.bytes_sent += len(message.parts[-1])
+
+    def _want_writable(self, want: bool) -> None:
+        if self._loop is None or self._sock is None or want == self._writing:
+            return
+        if want:
+            self._loop.add_writer(self._sock.fileno(), self._flush)
+        else:
+            self._loop.remove_writer(self._sock.fileno())
+        self._writing = want
+
+    def _drain_blocking(self, deadline: float) -> None:
+        """Send everything buffered, waiting for the socket (close, sync): not for a hook."""
+        while self._out and self._sock is not None and time.monotonic() < deadline:
+            self._flush()
+            if self._out and self._sock is not None:
+                select.select([], [self._sock], [], max(0.0, min(0.2, deadline - time.monotonic())))
+                self._poll_back(0)  # the worker may wait for us to read its back-channel
+
+    def _send_counts(self, force: bool = False) -> None:
+        """Tell the worker this side's drops (for the status row), now and then."""
+        now = time.monotonic()
+        last, dropped = self._counts_sent
+        if force or (self.counts.copies_dropped != dropped and now - last >= COUNTS_EVERY_S):
+            self._counts_sent = (now, self.counts.copies_dropped)
+            doc = {"copies_dropped": self.counts.copies_dropped, "bytes_dropped": self.counts.bytes_dropped,
+                   "worker_restarts": self.counts.worker_restarts}
+            message = _Message.of_control(wire.control(Kind.COUNTS, doc))
+            self._control += message.size
+            self._out.append(message)
+
+    # -- the back-channel --------------------------------------------------------------------------
+
+    def _attach_loop(self) -> asyncio.AbstractEventLoop | None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        if loop is not self._loop:
+            self._detach_loop()
+            self._loop = loop
+        if self._sock is not None and self._reading is not self._sock:  # a new loop, or a new worker
+            loop.add_reader(self._sock.fileno(), self._on_readable)
+            self._reading = self._sock
+        return loop
+
+    def _detach_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        self._reading = None
+        if loop is None or loop.is_closed() or self._sock is None:
+            return
+        loop.remove_reader(self._sock.fileno())
+        if self._writing:
+            loop.remove_writer(self._sock.fileno())
+            self._writing = False
+
+    def _poll_back(self, timeout: float) -> bool:
+        """Read the back-channel without a loop (stats, sync, close); True if anything came."""
+        if self._sock is None:
+            return False
+        ready, _, _ = select.select([self._sock], [], [], max(0.0, timeout))
+        if ready:
+            self._on_readable()
+        return bool(ready)
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        while True:
+            try:
+                data = sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._worker_lost()
+                return
+            for kind, body in self._reader.feed(data):
+                self._handle(kind, body)
+
+    def _handle(self, kind: Kind, body: bytes) -> None:
+        if kind is Kind.OPAQUE:
+            conn, _ = wire.conn_of(body)
+            stream = self._streams.get(conn)
+            if stream is not None:
+                stream.opaque = True
+        elif kind is Kind.SNAPSHOT:
+            self.counts.snapshot = wire.doc(body)
+        elif kind is Kind.SYNCED:
+            token, _ = wire.conn_of(body)
+            self._synced.add(token)
+            future = self._waiters.pop(token, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif kind is Kind.READY:
+            self.ready = wire.doc(body)
+            self._restart_delay = RESTART_FIRST_S if self.counts.worker_restarts == 0 else self._restart_delay
+        elif kind is Kind.FAILED:
+            self.failed = wire.doc(body)["error"]
+
+    # -- a worker that died ------------------------------------------------------------------------
+
+    def _worker_lost(self) -> None:
+        """The worker's end closed: after a clean close that is the end; otherwise count what is
+        lost, keep the control messages for the next worker and restart it after a back-off."""
+        sock, self._sock = self._sock, None
+        self._reading = None
+        if sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(sock.fileno())
+                if self._writing:
+                    self._loop.remove_writer(sock.fileno())
+            self._writing = False
+            sock.close()
+        if self._closed:
+            return
+        self.counts.worker_exits += 1
+        if self._offset and self._out:  # half sent: the new worker cannot read the rest
+            self._account_sent(self._out.popleft())
+            self._offset = 0
+        kept: deque[_Message] = deque()
+        for message in self._out:  # OPENs are sent again for the connections still open
+            if message.control and message.kind not in (Kind.OPEN, Kind.SETTINGS):
+                kept.append(message)
+            elif message.control:
+                self._control -= message.size
+            else:
+                self._buffered -= message.size
+                self.counts.copies_dropped += 1
+                self.counts.bytes_dropped += message.size
+        self._out = kept
+        if self.failed is not None:
+            return  # it could not open its store: the start-up error says why; no restarts
+        ran = time.monotonic() - self._started
+        if ran > 60:
+            self._restart_delay = RESTART_FIRST_S
+        delay, self._restart_delay = self._restart_delay, min(RESTART_MAX_S, self._restart_delay * 2)
+        self._restart_at = time.monotonic() + delay
+        pid = getattr(self.worker, "pid", None)
+        code = self.worker.poll() if isinstance(self.worker, subprocess.Popen) else None
+        log.error("%s: the ingest worker%s ended unexpectedly%s after %.0f s; restarting it in %.1f s; copies are "
+                  "dropped and counted until then (forwarding is unaffected)", self.name,
+                  f" (pid {pid})" if pid else "", f" with status {code}" if code is not None else "", ran, delay)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_later(delay, self._restart_if_due)
+
+    def _restart_if_due(self) -> None:
+        if self._restart_at is None or time.monotonic() < self._restart_at or self._closed:
+            return
+        self._restart_at = None
+        if isinstance(self.worker, subprocess.Popen) and self.worker.poll() is None:
+            self.worker.kill()
+            self.worker.wait()
+        self.counts.worker_restarts += 1
+        try:
+            self._spawn()
+        except OSError as exc:
+            log.error("%s: cannot start the ingest worker again (%s)", self.name, exc)
+            self._worker_lost()

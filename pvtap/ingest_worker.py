@@ -1,0 +1,634 @@
+"""The ingest worker: everything that happens to a copy after it was forwarded, off the
+forwarding process's GIL.
+
+    relay / mitmdump process                ingest worker (a process; a thread in tests)
+    pump → cloud (first)                    reader: messages → Tap per connection → redact
+      └ copy → channel ──── socket ───────►   └► archive queue (bytes-bounded)
+                                            archiver: group commit into the raw archive
+                                            decoder: follows the archive with its cursor
+                                            ticker: snapshots, status row, forwarder supervision
+      ◄──────────────── opaque, snapshots, synced ──
+
+One worker per store file; a lock file (`<store>.writer.lock`) makes a second writer fail at
+start with a message instead of sharing the file. The worker ends by itself when its channel
+ends (EOF: the parent stopped or died; PR_SET_PDEATHSIG covers a parent killed before it could
+close the socket): it archives what it received, decodes for at most DECODE_STOP_GRACE_S more,
+and leaves the rest of the backlog in the archive for the next start.
+
+A full or failing disk: the archiver keeps its batch and retries with back-off; meanwhile new
+copies are dropped and counted once the archive queue is full. One error when it starts, a
+summary now and then, one line when it works again. Forwarding is never affected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pvtap import ingest_wire as wire
+from pvtap.config import InfluxConfig
+from pvtap.decode import codec_for
+from pvtap.files import open_private
+from pvtap.ingest import Codecs, Ingest
+from pvtap.ingest_framing import ConnectionRecord, Connections
+from pvtap.ingest_wire import Kind
+from pvtap.privacy import Privacy
+from pvtap.records import RawPayload, Record
+from pvtap.store.local import IngestStatus, LocalStore
+
+if TYPE_CHECKING:
+    from pvtap.store.supervisor import SupervisedForwarder
+
+log = logging.getLogger("pvtap.ingest")
+
+#: after its channel ended, how long the worker keeps decoding its backlog before leaving the rest
+DECODE_STOP_GRACE_S = 2.0
+#: after its channel ended, how long archiving what was received may take (a failing disk)
+ARCHIVE_STOP_GRACE_S = 5.0
+#: how long a new worker waits for the previous writer of its store to finish
+WRITER_LOCK_WAIT_S = 15.0
+#: a group commit waits this long for more payloads after the first, unless GROUP_MAX are there
+GROUP_WAIT_S = 0.005
+GROUP_MAX = 2000
+#: the longest a worker takes to exit after its channel ended: archiving, decoding, the forwarder
+#: (pvtap/store/forwarder.py STOP_TIMEOUT_S = 4 s) and a second to spare; the relay waits this long
+WORKER_STOP_GRACE_S = ARCHIVE_STOP_GRACE_S + DECODE_STOP_GRACE_S + 4.0 + 1.0
+SNAPSHOT_EVERY_S = 1.0
+STATUS_EVERY_S = 5.0
+FAILURE_SUMMARY_EVERY_S = 60.0
+RETRY_MAX_S = 5.0
+
+
+@dataclass
+class WorkerSettings:
+    """What the forwarding process tells its worker (the SETTINGS message)."""
+
+    store: str  # the store file this worker writes
+    adopt: list[str] = field(default_factory=list)  # stores left by more workers: decode and forward their backlog
+    privacy: dict[str, Any] = field(default_factory=dict)  # Privacy fields, bytes as hex
+    influx: dict[str, Any] = field(default_factory=dict)  # InfluxConfig fields; url "" = no forwarder
+    queue_bytes: int = 32 * 2**20
+    log_level: str = "info"
+    parent_pid: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, store: Path, privacy: Privacy, influx: InfluxConfig, queue_bytes: int, log_level: str = "info",
+           adopt: list[Path] | None = None) -> WorkerSettings:
+        fields = {f.name: getattr(privacy, f.name) for f in dataclasses.fields(privacy)}
+        return cls(store=str(store), adopt=[str(p) for p in adopt or []],
+                   privacy={k: v.hex() if isinstance(v, bytes) else v for k, v in fields.items()},
+                   influx=dataclasses.asdict(influx), queue_bytes=queue_bytes, log_level=log_level,
+                   parent_pid=os.getpid())
+
+    def make_privacy(self) -> Privacy:
+        hints = {f.name: str(f.type) for f in dataclasses.fields(Privacy)}
+        values: dict[str, Any] = {k: bytes.fromhex(v) if isinstance(v, str) and "bytes" in hints[k] else v
+                                  for k, v in self.privacy.items() if k in hints}
+        return Privacy(**values)
+
+
+class WriterLockError(RuntimeError):
+    """Another process writes this store."""
+
+
+@contextlib.contextmanager
+def writer_lock(store: Path) -> Any:
+    """Hold `<store>.writer.lock` (0600) while writing the store; WriterLockError if another
+    process holds it for longer than WRITER_LOCK_WAIT_S."""
+    path = store.with_name(store.name + ".writer.lock")
+    fd = open_private(path)
+    try:
+        deadline = time.monotonic() + WRITER_LOCK_WAIT_S
+        while True:  # a worker that is still finishing (its parent restarted quickly) lets go soon
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+            raise WriterLockError(
+                f"{store} is being written by another pvtap process (pid {holder}). Fix: give each relay or "
+                "mitmproxy its own data_dir (docs/relay.md, \"More than one relay\"), or stop the other one") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+class _ArchiveQueue:
+    """What the reader framed and redacted, waiting for the archiver; bounded in bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self.items: deque[tuple[list[RawPayload], list[Record], int | None]] = deque()
+        self.cond = threading.Condition()
+
+    def put(self, raws: list[RawPayload], records: Sequence[Record] = (), sync: int | None = None,
+            give_up: Callable[[], bool] = lambda: False) -> int:
+        """Queue payloads, records and a sync token. While the queue is over its budget this
+        waits (the channel backs up and the forwarding side drops and counts, per connection),
+        unless `give_up()` says the worker is stopping: then the payloads are dropped (returns
+        how many)."""
+        size = _budget(raws, self.limit)
+        with self.cond:
+            while raws and self.bytes and self.bytes + size > self.limit:
+                if give_up():
+                    return len(raws)
+                self.cond.wait(0.2)
+            if raws or records or sync is not None:
+                self.items.append((raws, list(records), sync))
+                self.bytes += size
+                self.cond.notify_all()
+        return 0
+
+    def take(self, wait: float) -> tuple[list[RawPayload], list[Record], list[int], int]:
+        """Everything queued (after waiting up to `wait` for the first item, then GROUP_WAIT_S for
+        more): payloads, records, sync tokens, and their bytes (release them with `done`)."""
+        with self.cond:
+            if not self.items:
+                self.cond.wait(wait)
+            if self.items and len(self.items) < GROUP_MAX:
+                self.cond.wait(GROUP_WAIT_S)
+            raws: list[RawPayload] = []
+            records: list[Record] = []
+            syncs: list[int] = []
+            while self.items:
+                more, recs, sync = self.items.popleft()
+                raws += more
+                records += recs
+                if sync is not None:
+                    syncs.append(sync)
+            return raws, records, syncs, _budget(raws, self.limit)
+
+    def done(self, size: int) -> None:
+        with self.cond:
+            self.bytes -= size
+            self.cond.notify_all()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _budget(raws: list[RawPayload], limit: int) -> int:
+    """What payloads count against the archive queue's budget: their bytes; a batch larger than
+    the whole budget passes alone and counts as half of it (as in the channel)."""
+    size = sum(len(r.payload) + 200 for r in raws)
+    return min(size, limit // 2) if size > limit else size
+
+
+@dataclass
+class WorkerCounts:
+    copies_received: int = 0  # chunks and whole payloads from the channel
+    bytes_received: int = 0
+    connections: int = 0
+    dropped_copies: int = 0  # framed and redacted, but not archived (the disk failed until the worker stopped)
+    archive_errors: int = 0
+    parent: dict[str, int] = field(default_factory=dict)  # the forwarding side's own counts (COUNTS)
+
+
+class Worker:
+    """One channel's worker: reads the messages from `sock` until it ends, archives and decodes
+    into the store named by `settings`. `run()` blocks; it is the same in a process and a thread."""
+
+    def __init__(self, sock: socket.socket, settings: WorkerSettings, *, codecs: Codecs = codec_for,
+                 privacy: Privacy | None = None) -> None:
+        self.sock = sock
+        self.settings = settings
+        self.codecs = codecs
+        self.privacy = privacy if privacy is not None else settings.make_privacy()
+        self.counts = WorkerCounts()
+        self.queue = _ArchiveQueue(settings.queue_bytes)
+        self.connections = Connections(self.privacy, codecs, self._opaque)
+        self.stopping = threading.Event()  # the channel ended (or SIGTERM): finish up
+        self._stop_deadline: float | None = None
+        self._archived = threading.Event()  # the archiver committed something: the decoder looks
+        self._syncs: list[tuple[int, int]] = []  # (token, raw id that must be decoded first)
+        self._syncs_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._unsent = bytearray()
+        self._failing_since: float | None = None
+        self._threads: list[threading.Thread] = []
+        self._locks = contextlib.ExitStack()  # the writer locks of adopted stores
+        self.ingest: Ingest | None = None
+        self.adopted: list[Ingest] = []
+        self.forwarders: list[SupervisedForwarder] = []  # one per store, with [influx] url
+
+    # -- the whole life ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve the channel until it ends; 0, or 2 when the store could not be opened."""
+        store_path = Path(self.settings.store)
+        try:
+            with writer_lock(store_path):
+                store = LocalStore(store_path)
+                try:
+                    return self._serve(store)
+                finally:
+                    store.close()
+                    for ingest in self.adopted:
+                        ingest.store.close()
+        except (WriterLockError, sqlite3.Error, OSError, RuntimeError) as exc:
+            log.error("ingest worker cannot open its store: %s", exc)
+            self._send(wire.control(Kind.FAILED, {"error": str(exc)}))
+            return 2
+        finally:
+            self.sock.close()  # the parent's EOF: everything received is archived
+
+    def _serve(self, store: LocalStore) -> int:
+        self.ingest = Ingest(store, self.privacy, codecs=self.codecs)
+        self.adopted = [Ingest(s, self.privacy, codecs=self.codecs) for s in self._adopt()]
+        influx = InfluxConfig(**self.settings.influx)
+        if influx.url:
+            from pvtap.store.supervisor import SupervisedForwarder  # influxdb-client: only when it is used
+
+            self.forwarders = [SupervisedForwarder(i.store.path, influx) for i in [self.ingest, *self.adopted]]
+        backlog = sum(i.store.decode_backlog() for i in [self.ingest, *self.adopted])
+        log.info("ingest worker (pid %d) writing %s%s; %d payloads waiting to be decoded", os.getpid(), store.path,
+                 "".join(f", adopting {i.store.path.name}" for i in self.adopted), backlog)
+        self._send(wire.control(Kind.READY, {"pid": os.getpid(), "store": str(store.path), "backlog": backlog}))
+        for target, name in ((self._archiver, "archive"), (self._decoder, "decode"), (self._ticker, "ticker")):
+            thread = threading.Thread(target=target, name=f"pvtap-{name}-{store.path.stem}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        for forwarder in self.forwarders:
+            forwarder.start()
+        try:
+            self._read()
+        finally:
+            self.stop()
+        return 0
+
+    def _adopt(self) -> list[LocalStore]:
+        stores = []
+        for path in map(Path, self.settings.adopt):
+            lock = contextlib.ExitStack()
+            try:
+                lock.enter_context(writer_lock(path))
+                stores.append(LocalStore(path))
+            except (WriterLockError, sqlite3.Error, OSError) as exc:
+                lock.close()
+                log.warning("not adopting %s: %s", path.name, exc)
+                continue
+            self._locks.push(lock)
+        return stores
+
+    def request_stop(self) -> None:
+        """SIGTERM: stop reading within ARCHIVE_STOP_GRACE_S even if the channel stays open."""
+        self._stop_deadline = time.monotonic() + ARCHIVE_STOP_GRACE_S
+
+    def stop(self) -> None:
+        """The channel ended: archive what was received, decode a little more, write the final
+        status row, stop the forwarders."""
+        payloads, records = self.connections.close_all()
+        if payloads or records:
+            self._queue([self._redact(p) for p in payloads], records)
+        self.stopping.set()
+        with self.queue.cond:
+            self.queue.cond.notify_all()
+        for thread in self._threads:
+            thread.join(ARCHIVE_STOP_GRACE_S + DECODE_STOP_GRACE_S + 5)
+        for forwarder in self.forwarders:
+            forwarder.stop_soon()
+        for forwarder in self.forwarders:
+            forwarder.stop()
+        self._write_status(running=False)
+        self._locks.close()
+        log.info("ingest worker stopped: %s", self._summary())
+
+    # -- reading the channel -------------------------------------------------------------------
+
+    def _read(self) -> None:
+        reader = wire.Reader()
+        self.sock.settimeout(0.5)
+        while True:
+            if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
+                log.warning("ingest worker: told to stop; leaving the channel with %d bytes unread", reader.pending)
+                return
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EINTR, errno.EAGAIN):
+                    continue
+                return
+            if not data:
+                return
+            for kind, body in reader.feed(data):
+                self._handle(kind, body)
+
+    def _handle(self, kind: Kind, body: bytes) -> None:
+        if kind is Kind.CHUNK:
+            conn, direction, time_ns, data = wire.read_chunk(body)
+            self.counts.copies_received += 1
+            self.counts.bytes_received += len(data)
+            payloads = self.connections.chunk(conn, direction, time_ns, data)
+            if payloads:
+                self._queue([self._redact(p) for p in payloads])
+        elif kind is Kind.PAYLOAD:
+            raw = wire.read_payload(body)
+            self.counts.copies_received += 1
+            self.counts.bytes_received += len(raw.payload)
+            self._queue([self._redact(raw)])
+        elif kind is Kind.OPEN:
+            conn, doc = wire.conn_of(body)
+            self.counts.connections += 1
+            self.connections.open(conn, ConnectionRecord.from_wire(doc["record"]), doc.get("device", ""))
+        elif kind is Kind.CLOSE:
+            conn, doc = wire.conn_of(body)
+            payloads, record = self.connections.close(conn, ConnectionRecord.from_wire(doc))
+            self._queue([self._redact(p) for p in payloads], [record])
+        elif kind is Kind.RECORDS:
+            self._queue([], wire.read_records(body))
+        elif kind is Kind.COUNTS:
+            self.counts.parent = {k: int(v) for k, v in wire.doc(body).items()}
+        elif kind is Kind.SETTINGS:  # a worker in a thread was given them directly
+            pass
+        elif kind is Kind.SYNC:
+            token, _ = wire.conn_of(body)
+            self.queue.put([], sync=token)
+        else:
+            log.warning("ingest worker: unexpected %s message ignored", kind.name)
+
+    def _redact(self, raw: RawPayload) -> RawPayload:
+        assert self.ingest is not None  # set before reading starts
+        return self.ingest.redact(raw)
+
+    def _queue(self, raws: list[RawPayload], records: Sequence[Record] = ()) -> None:
+        dropped = self.queue.put(raws, records, give_up=self._past_stop_deadline)
+        if dropped:
+            self.counts.dropped_copies += dropped
+            log.error("ingest: stopping with the archive behind: %d payloads dropped", dropped)
+
+    def _past_stop_deadline(self) -> bool:
+        return self._stop_deadline is not None and time.monotonic() > self._stop_deadline
+
+    def _opaque(self, conn: int) -> None:
+        self._send(wire.with_conn(Kind.OPAQUE, conn))
+
+    # -- archiving -----------------------------------------------------------------------------
+
+    def _archiver(self) -> None:
+        assert self.ingest is not None
+        held: tuple[list[RawPayload], list[Record], list[int], int] | None = None
+        delay = 0.1
+        while True:
+            if held is None:
+                if self.stopping.is_set() and not len(self.queue):
+                    return
+                held = self.queue.take(0.5)
+            raws, records, syncs, size = held
+            if raws or records:
+                try:
+                    self.ingest.archive(raws, records)
+                except sqlite3.Error as exc:
+                    self._archive_failed(exc, len(raws))
+                    if self.stopping.is_set() and self._past_grace():
+                        self.counts.dropped_copies += len(raws)
+                        log.error("ingest: stopping with %d payloads that could not be archived (%s)", len(raws), exc)
+                        self.queue.done(size)
+                        return
+                    time.sleep(delay)
+                    delay = min(RETRY_MAX_S, delay * 2)
+                    continue
+                self._archive_works()
+                delay = 0.1
+            self.queue.done(size)
+            held = None
+            cursor_target = self.ingest.store.newest_raw_id() if syncs else 0
+            with self._syncs_lock:
+                self._syncs += [(token, cursor_target) for token in syncs]
+            self._archived.set()
+
+    def _past_grace(self) -> bool:
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + ARCHIVE_STOP_GRACE_S
+        return time.monotonic() > self._stop_deadline
+
+    def _archive_failed(self, exc: sqlite3.Error, payloads: int) -> None:
+        self.counts.archive_errors += 1
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = self._last_summary = now
+            full = "full" in str(exc)
+            log.error("ingest: CANNOT ARCHIVE to %s (%s)%s; %d payloads held and retried, new copies are dropped and "
+                      "counted once %d MiB are waiting; forwarding is unaffected", self.settings.store, exc,
+                      ": free space on its disk" if full else "", payloads, self.queue.limit >> 20)
+        elif now - self._last_summary >= FAILURE_SUMMARY_EVERY_S:
+            self._last_summary = now
+            log.error("ingest: still cannot archive after %.0f s (%s); %d payloads dropped so far",
+                      now - self._failing_since, exc, self.counts.dropped_copies)
+
+    def _archive_works(self) -> None:
+        if self._failing_since is not None:
+            log.warning("ingest: archiving works again after %.0f s; %d payloads were dropped meanwhile",
+                        time.monotonic() - self._failing_since, self.counts.dropped_copies)
+            self._failing_since = None
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def _decoder(self) -> None:
+        assert self.ingest is not None
+        engines = [self.ingest, *self.adopted]
+        stop_at: float | None = None
+        delay = 0.1
+        while True:
+            if self.stopping.is_set():
+                stop_at = stop_at or time.monotonic() + DECODE_STOP_GRACE_S
+                archiver_done = not self._threads[0].is_alive()  # started first
+                if archiver_done and (time.monotonic() > stop_at or not self._any_backlog(engines)):
+                    return
+            try:
+                decoded = sum(engine.decode_pending() for engine in engines)
+            except sqlite3.Error as exc:
+                log.error("ingest: cannot store decoded records (%s); retrying in %.1f s", exc, delay)
+                time.sleep(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
+                continue
+            delay = 0.1
+            self._answer_syncs()
+            if not decoded:
+                self._archived.wait(0.2)
+                self._archived.clear()
+
+    @staticmethod
+    def _any_backlog(engines: list[Ingest]) -> bool:
+        return any(engine.store.decode_backlog() for engine in engines)
+
+    def _answer_syncs(self) -> None:
+        assert self.ingest is not None
+        with self._syncs_lock:
+            if not self._syncs:
+                return
+            cursor = self.ingest.store.decode_cursor()
+            ready = [token for token, target in self._syncs if target <= cursor]
+            self._syncs = [(t, target) for t, target in self._syncs if target > cursor]
+        if ready:  # a fresh snapshot first: whoever waited reads the counts next
+            self._send(wire.control(Kind.SNAPSHOT, self.snapshot()))
+        for token in ready:
+            self._send(wire.with_conn(Kind.SYNCED, token))
+
+    # -- telling how it goes -------------------------------------------------------------------
+
+    def _ticker(self) -> None:
+        next_status = 0.0
+        while not self.stopping.wait(SNAPSHOT_EVERY_S):
+            for forwarder in self.forwarders:
+                forwarder.supervise()
+            self._send(wire.control(Kind.SNAPSHOT, self.snapshot()))
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + STATUS_EVERY_S
+                self._write_status(running=True)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The worker's counts, flat (for `stats()` on the channel, /readyz and metrics)."""
+        assert self.ingest is not None
+        c, i = self.counts, self.ingest.counts
+        try:
+            backlog = sum(engine.store.decode_backlog() for engine in [self.ingest, *self.adopted])
+        except sqlite3.Error:
+            backlog = -1
+        out: dict[str, Any] = {
+            "pid": os.getpid(), "store": self.settings.store, "copies_received": c.copies_received,
+            "bytes_received": c.bytes_received, "connections": c.connections,
+            "connections_open": len(self.connections), "frames": self.connections.frames,
+            "tap_errors": self.connections.tap_errors, "raw_archived": i.stored_raw, "archive_errors": c.archive_errors,
+            "archive_failing": self._failing_since is not None, "dropped_copies": c.dropped_copies,
+            "decoded": i.decoded + sum(a.counts.decoded for a in self.adopted),
+            "records": i.records + sum(a.counts.records for a in self.adopted),
+            "decode_errors": i.decode_errors + sum(a.counts.decode_errors for a in self.adopted),
+            "redact_errors": i.redact_errors, "decode_backlog": backlog,
+        }
+        out.update(forwarder_state(self.forwarders))
+        return out
+
+    def _write_status(self, running: bool) -> None:
+        if self.ingest is None:
+            return
+        snap = self.snapshot()
+        parent_dropped = self.counts.parent.get("copies_dropped", 0)
+        status = IngestStatus(running=running, pid=os.getpid(), dropped_copies=snap["dropped_copies"] + parent_dropped,
+                              decode_backlog=max(0, snap["decode_backlog"]), forwarder=snap["forwarder"],
+                              forwarder_error=snap["forwarder_error"],
+                              counts={**snap, **{f"parent_{k}": v for k, v in self.counts.parent.items()}})
+        try:
+            self.ingest.store.write_status(status)
+        except sqlite3.Error as exc:
+            log.debug("could not write the status row: %s", exc)
+
+    def _summary(self) -> str:
+        s = self.snapshot() if self.ingest is not None else {}
+        return (f"{s.get('copies_received', 0)} copies received, {s.get('raw_archived', 0)} payloads archived, "
+                f"{s.get('records', 0)} records, {s.get('decode_errors', 0)} decode errors, "
+                f"{s.get('dropped_copies', 0)} dropped, {s.get('decode_backlog', 0)} left to decode")
+
+    def _send(self, parts: list[bytes]) -> None:
+        """Send on the back-channel without ever blocking: the parent reads it when it can; what
+        does not fit waits, and snapshots are dropped when too much waits."""
+        with self._send_lock:
+            if len(self._unsent) > 1 << 20:
+                return
+            self._unsent += b"".join(parts)
+            try:
+                while self._unsent:
+                    sent = self.sock.send(self._unsent, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                    del self._unsent[:sent]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._unsent.clear()  # the parent is gone; the reader sees the EOF
+
+
+def forwarder_state(forwarders: list[SupervisedForwarder]) -> dict[str, Any]:
+    """The worst forwarder's state, for the snapshot and the status row."""
+    if not forwarders:
+        return {"forwarder": "off", "forwarder_error": None, "forwarder_backlog": 0, "forwarder_restarts": 0}
+    states = [f.state() for f in forwarders]
+    worst = max(states, key=lambda s: forwarders[0].SEVERITY.index(s.state))
+    return {"forwarder": worst.state, "forwarder_error": worst.error,
+            "forwarder_backlog": sum(s.backlog for s in states),
+            "forwarder_restarts": sum(f.restarts for f in forwarders)}
+
+
+# -- as a process --------------------------------------------------------------------------------
+
+def _die_with_parent(parent_pid: int) -> None:
+    """PR_SET_PDEATHSIG: SIGTERM when the parent dies (it may die before it closes the socket)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if parent_pid and os.getppid() != parent_pid:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def read_settings(sock: socket.socket, timeout: float = 30.0) -> WorkerSettings:
+    """The first message, read exactly (what follows it stays in the socket for the worker)."""
+    sock.settimeout(timeout)
+
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            more = sock.recv(n - len(data))
+            if not more:
+                raise EOFError("the channel closed before the settings came")
+            data += more
+        return data
+
+    size, kind = wire.HEADER.unpack(exactly(wire.HEADER.size))
+    if kind != Kind.SETTINGS or size > wire.MAX_BODY:
+        raise wire.WireError("the first message must be SETTINGS")
+    return WorkerSettings(**wire.doc(exactly(size)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pvtap.ingest_worker",
+                                     description="The ingest worker of a relay or mitmdump process (started by it).")
+    parser.add_argument("--fd", type=int, required=True, help="the channel socket inherited from the parent")
+    args = parser.parse_args(argv)
+    sock = socket.socket(fileno=args.fd)
+    settings = read_settings(sock)
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    _die_with_parent(settings.parent_pid)
+    worker = Worker(sock, settings)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent too; it closes the channel
+    signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
+    return worker.run()
+
+
+def run_in_thread(sock: socket.socket, settings: WorkerSettings, *, codecs: Codecs = codec_for,
+                  privacy: Privacy | None = None, name: str = "pvtap-ingest-worker") -> threading.Thread:
+    """The same worker in a thread of this process (tests, embedding with injected codecs)."""
+    worker = Worker(sock, settings, codecs=codecs, privacy=privacy)
+    thread = threading.Thread(target=worker.run, name=name, daemon=True)
+    thread.worker = worker  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+if __name__ == "__main__":
+    sys.exit(main())

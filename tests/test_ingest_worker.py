@@ -1,0 +1,125 @@
+"""The ingest worker as a process: it ends by itself when its parent dies (EOF on the channel,
+PR_SET_PDEATHSIG), a worker that dies is restarted with back-off while copies in the gap are
+dropped and counted, and a second writer of the same store is refused with a clear message."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from pvtap.config import InfluxConfig
+from pvtap.ingest_channel import Channel, IngestStartError
+from pvtap.ingest_worker import WorkerSettings
+from pvtap.privacy import Privacy
+from pvtap.records import Origin, RawPayload
+from pvtap.store.local import LocalStore
+
+pytestmark = pytest.mark.timeout(120)
+
+T0 = datetime(2024, 6, 1, 12, tzinfo=UTC)
+
+PARENT = textwrap.dedent("""
+    import sys, time
+    from pvtap.config import InfluxConfig
+    from pvtap.ingest_channel import Channel
+    from pvtap.ingest_worker import WorkerSettings
+    from pvtap.privacy import Privacy
+    channel = Channel.process(WorkerSettings.of(sys.argv[1], Privacy(), InfluxConfig(), 1 << 20)).start(30)
+    print(channel.ready["pid"], flush=True)
+    time.sleep(600)
+""")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purpose (its parent, killed here, cannot reap it)
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def is_alive(channel: Channel) -> bool:
+    """Read afresh each time: the worker's state changes under the loop (mypy would narrow a property)."""
+    return channel.alive
+
+
+def frame(n: int) -> RawPayload:
+    return RawPayload(Origin("enphase", "", f"flow-{n}", "up"), "task_complete", f"n={n}".encode(), T0)
+
+
+def test_the_worker_ends_by_itself_when_its_parent_is_killed(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "relay.sqlite")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert parent.stdout is not None
+        worker = int(parent.stdout.readline())
+        assert alive(worker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 30
+        while alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(worker), "the worker outlived its parent"
+    finally:
+        parent.kill()
+    with LocalStore(tmp_path / "relay.sqlite", readonly=True) as store:
+        status = store.status()
+        assert status is not None and not status.running  # it stopped cleanly, not killed
+
+
+async def test_a_worker_that_dies_is_restarted_and_the_gap_is_counted(tmp_path):
+    settings = WorkerSettings.of(tmp_path / "relay.sqlite", Privacy(), InfluxConfig(), 1 << 20)
+    channel = Channel.process(settings).start(wait_ready=30)
+    channel.attach()
+    try:
+        for n in range(10):
+            assert channel.payload(frame(n))
+        await channel.idle()
+        first = channel.ready["pid"]
+        os.kill(first, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while is_alive(channel):  # the EOF reaches the loop
+                await asyncio.sleep(0.01)
+        gap = [channel.payload(frame(n)) for n in range(10, 15)]  # no worker: dropped, counted, never blocking
+        assert gap == [False] * 5
+        async with asyncio.timeout(30):
+            while not (is_alive(channel) and channel.ready):
+                channel.payload(frame(99))  # also what restarts it once the back-off passed
+                await asyncio.sleep(0.05)
+        assert channel.ready["pid"] != first
+        for n in range(20, 30):
+            assert channel.payload(frame(n))
+        await channel.idle()
+        stats = channel.stats()
+    finally:
+        channel.close(10)
+    assert stats["worker_restarts"] == 1 and stats["worker_exits"] == 1
+    with LocalStore(tmp_path / "relay.sqlite", readonly=True) as store:
+        kept = [s.raw.payload for s in store.raw_payloads()]
+    assert kept[:10] == [f"n={n}".encode() for n in range(10)]
+    assert kept[-10:] == [f"n={n}".encode() for n in range(20, 30)]
+    assert stats["copies_dropped"] >= 5  # the gap, and any n=99 sent before the restart
+    assert len(kept) == stats["copies_sent"]  # every copy that went over is archived
+
+
+@pytest.mark.slow  # waits WRITER_LOCK_WAIT_S for the first writer to let go
+def test_a_second_writer_of_a_store_is_refused_naming_the_fix(tmp_path):
+    settings = WorkerSettings.of(tmp_path / "relay.sqlite", Privacy(), InfluxConfig(), 1 << 20)
+    first = Channel.process(settings).start(wait_ready=30)
+    try:
+        with pytest.raises(IngestStartError) as error:
+            Channel.process(settings).start(wait_ready=60)
+        assert f"{tmp_path / 'relay.sqlite'} is being written by another pvtap process (pid " in str(error.value)
+        assert "give each relay or mitmproxy its own data_dir" in str(error.value)
+    finally:
+        first.close(10)
