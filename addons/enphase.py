@@ -14,6 +14,11 @@ connection to the cloud is made.
 
 Unset options take their value from the pvtap config (`pvtap_config`, else $PVTAP_CONFIG and
 PVTAP_* variables, else the built-in defaults). See docs/enphase.md.
+
+The Envoy's LAN address appears in no log line unless `privacy.store_network_identity` is set:
+the addon's own lines name it as pvtap/peers.py does, and a filter does the same for the client
+address mitmproxy's proxy server puts in front of its lines ("[peer#1:50122] client connect") and
+the line that replaces mitmproxy's "Transparent mode failure" (NotRedirectedLine).
 """
 
 import asyncio
@@ -33,6 +38,7 @@ from pvtap.config import Config, ConfigError, env_warnings, load_config
 from pvtap.decode.enphase import build_response, event_ids, report_kind
 from pvtap.ingest_channel import Channel
 from pvtap.ingest_worker import WorkerSettings
+from pvtap.peers import PeerNames
 from pvtap.privacy import Privacy
 from pvtap.records import DOWN, UP, Origin, RawPayload, now_utc
 from pvtap.store.local import LocalStore
@@ -43,6 +49,8 @@ OPTIONS = {"pvtap_config", "enphase_data_dir", "enphase_local_mode", "enphase_ho
            "connection_strategy"}
 TLS_VERSIONS = ("TLS1", "TLS1_1", "TLS1_2", "TLS1_3")
 DEFAULT_TLS_MIN = "TLS1_2"  # mitmproxy's own default
+#: the logger whose records carry the client address (`extra={"client": peername}`)
+MITMPROXY_SERVER_LOG = "mitmproxy.proxy.server"
 LOCAL_RESPONSE_HEADERS = {"Content-Type": "application/x-deflate; charset=utf-8", "Connection": "close"}
 
 
@@ -62,9 +70,11 @@ class EnphaseTap:
         self.settings: Settings | None = None
         self.channel: Channel | None = None  # to the ingest worker; None while the store cannot be opened
         self.store_path: Path | None = None
+        self.peers = PeerNames()  # the Envoy's address in the log, as the privacy settings allow
 
     def load(self, loader) -> None:
-        _not_redirected.install()
+        logging.getLogger(MITMPROXY_SERVER_LOG).addFilter(self._name_client)
+        _not_redirected.install(self._peer_endpoint)
         loader.add_option(
             "pvtap_config", str | None, None,
             "Path to the pvtap TOML config. Unset: $PVTAP_CONFIG, else the built-in defaults.",
@@ -137,7 +147,7 @@ class EnphaseTap:
         self._submit(_payload(flow, flow.response, DOWN, f"{kind}_response"))
         outcome = "answered locally" if flow.metadata.get("enphase_local") else "forwarded"
         log.info("enphase: %s from %s (flow %s): %d bytes up, %s, %d %d bytes down",
-                 kind, _peer(flow), flow.id, len(flow.request.raw_content or b""), outcome,
+                 kind, self._peer(flow), flow.id, len(flow.request.raw_content or b""), outcome,
                  flow.response.status_code, len(flow.response.raw_content or b""))
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -145,13 +155,29 @@ class EnphaseTap:
         if kind is not None:
             assert flow.error is not None  # mitmproxy calls this hook with the error
             log.warning("enphase: %s from %s (flow %s): %d bytes up, no response: %s (the request is stored)",
-                        kind, _peer(flow), flow.id, len(flow.request.raw_content or b""), flow.error.msg)
+                        kind, self._peer(flow), flow.id, len(flow.request.raw_content or b""), flow.error.msg)
 
     def done(self) -> None:
         self._stop_ingest()
+        logging.getLogger(MITMPROXY_SERVER_LOG).removeFilter(self._name_client)
         _not_redirected.uninstall()
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _peer(self, flow: http.HTTPFlow) -> str:
+        peer = flow.client_conn.peername
+        return self.peers.name(str(peer[0])) if peer else "?"
+
+    def _peer_endpoint(self, sockname: tuple) -> str:
+        """A socket's peer for a log line, as the privacy settings allow (pvtap/peers.py)."""
+        return self.peers.endpoint(str(sockname[0]), sockname[1])
+
+    def _name_client(self, record: logging.LogRecord) -> bool:
+        """A logging filter: mitmproxy's `client` (host, port) becomes (name, port)."""
+        client = getattr(record, "client", None)
+        if client:
+            record.client = (self.peers.name(str(client[0])), client[1])
+        return True
 
     def _report_kind(self, flow: http.HTTPFlow) -> str | None:
         if flow.request.method != "POST" or self.settings is None:
@@ -209,6 +235,7 @@ class EnphaseTap:
         worker = WorkerSettings.of(store.path, privacy, config.influx, config.ingest.queue_mb * 2**20,
                                    config.log_level)
         self.channel = Channel.process(worker, name="enphase ingest").start()
+        self.peers = PeerNames(privacy)
         self.store_path = store.path
 
     def _stop_ingest(self) -> None:
@@ -260,11 +287,6 @@ async def _local_answer(flow: http.HTTPFlow, kind: str) -> http.Response:
                     flow.id, type(exc).__name__, exc)
         ids = []
     return http.Response.make(200, build_response(ids), LOCAL_RESPONSE_HEADERS)
-
-
-def _peer(flow: http.HTTPFlow) -> str:
-    peer = flow.client_conn.peername
-    return str(peer[0]) if peer else "?"
 
 
 class TlsMinimum:
@@ -328,13 +350,14 @@ class NotRedirectedLine(logging.Filter):
         super().__init__()
         self._lookup: Callable[[socket.socket], tuple[str, int]] | None = None
 
-    def install(self) -> None:
+    def install(self, name_peer: Callable[[tuple], str]) -> None:
+        """`name_peer`: how a peer (host, port) appears in the line (its address only if opted in)."""
         if self._lookup is not None or platform.original_addr is None:
             return
         self._lookup = lookup = platform.original_addr
 
         def original_addr(sock: socket.socket) -> tuple[str, int]:
-            peer = _address(sock.getpeername())
+            peer = name_peer(sock.getpeername())
             try:
                 dest = lookup(sock)
             except OSError as exc:

@@ -2,10 +2,12 @@
 
 The listener's policy decides where the connection goes: forwarded to the cloud (fixed, auto,
 transparent), answered locally as the cloud would (local, and auto while the cloud cannot be
-reached), or refused (no such cloud, a destination that leads back to the relay, too many
-connections). Whatever happens, the end is one `pvtap_connection` record and one log line:
-the relay sends what it knows (bytes, outcome, upstream) with its copies' CLOSE, and the ingest
-worker, where the connection's Tap runs, adds frames and device, logs the line and stores it.
+reached), or refused (no such cloud, a destination that leads back to the relay). Connections
+refused at accept (allow_from, max_connections) never get this far: proxy_tcp/admission.py.
+Whatever happens, the end is one `pvtap_connection` record and one log line: the relay sends
+what it knows (bytes, outcome, upstream, the peer as the privacy settings let it be logged:
+pvtap/peers.py) with its copies' CLOSE, and the ingest worker, where the connection's Tap runs,
+adds frames and device, logs the line and stores it.
 """
 
 from __future__ import annotations
@@ -14,16 +16,14 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import socket
-import struct
 import time
 from typing import TYPE_CHECKING
 
 from pvtap.ingest_framing import ConnectionRecord
 from pvtap.records import DOWN, UP, now_utc
 
+from .admission import reset
 from .pump import CHUNK, Activity, PumpEnd, pump
-from .tls import DEVICE_HANDSHAKE_TIMEOUT
 from .upstream import Endpoint, RefusedDestination, UpstreamError, open_upstream, original_destination
 
 if TYPE_CHECKING:
@@ -46,16 +46,19 @@ class Connection:
         self.cloud_writer: asyncio.StreamWriter | None = None
         config = listener.config
         self.peer = Endpoint.of(writer.get_extra_info("peername"))
+        relay = listener.relay
         self.record = ConnectionRecord(
             id="c-" + secrets.token_hex(4), protocol=config.protocol, listener=config.listen, policy=config.policy,
-            started=now_utc(), peer=str(self.peer))
-        self.label = f"{config.protocol} {self.record.id} {self.peer}"
-        relay = listener.relay
+            started=now_utc(), peer=relay.peers.endpoint(self.peer.host, self.peer.port))
+        self.label = f"{config.protocol} {self.record.id} {self.record.peer}"
         initial_device = str(self.peer.host) if relay.privacy.keep_network_identity else ""
         self.copies = relay.copies.open(self.record, initial_device)
         self.activity = Activity(asyncio.get_running_loop().time())
+        #: loop time by which the device must have sent a byte (first_byte_timeout)
+        self.first_byte_by = self.activity.last + config.first_byte_timeout
         self._t0 = time.monotonic()
         self._serving: asyncio.Task[None] | None = None
+        self.device_lost = False  # the device's socket is already closed (a failed TLS handshake)
         self._stopping = False
 
     def end(self, outcome: str, detail: str = "") -> None:
@@ -97,10 +100,6 @@ class Connection:
         config = self.listener.config
         if self.listener.device_tls is not None and not await self._device_tls(self.listener.device_tls):
             return
-        if len(self.listener.connections) > config.max_connections:
-            self.record.action = "refused"
-            self.end("refused_limit", f"{config.max_connections} connections already open (max_connections)")
-            return
         if config.policy == "local":
             await self._answer_locally()
             return
@@ -128,15 +127,25 @@ class Connection:
 
     async def _device_tls(self, context: ssl.SSLContext) -> bool:
         """Terminate the device's TLS (listener tls_cert): from here on the pumps, the decoder
-        and the local answerer see application bytes."""
+        and the local answerer see application bytes. The handshake must be over by the
+        first-byte deadline: a client that trickles its hello holds a slot no longer than one
+        that says nothing."""
+        left = self.first_byte_by - asyncio.get_running_loop().time()
         try:
-            await self.device_writer.start_tls(context,
-                                               ssl_handshake_timeout=DEVICE_HANDSHAKE_TIMEOUT)
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            self.record.action = "refused"
+            async with asyncio.timeout(left):
+                # asyncio's own handshake timeout only as a backstop: ours names the setting
+                await self.device_writer.start_tls(context, ssl_handshake_timeout=left + 5)
+        except TimeoutError:
+            self._first_byte_late("no TLS handshake")
+        except OSError as exc:  # ssl.SSLError is an OSError
             self.end("device_tls_failed", f"TLS handshake with the device failed: {exc or type(exc).__name__}")
-            return False
-        return True
+        else:
+            return True
+        # start_tls closed the socket, and the stream's own protocol is never told: nothing to wait for
+        self.record.action = "refused"
+        self.device_writer.transport.abort()
+        self.device_lost = True
+        return False
 
     async def _destinations(self) -> list[Endpoint]:
         """Where this connection may go: the redirect's original destination, or the upstream's
@@ -245,6 +254,10 @@ class Connection:
             return False
         return True
 
+    def _first_byte_late(self, what: str) -> None:
+        timeout = self.listener.config.first_byte_timeout
+        self.end("first_byte_timeout", f"{what} from the device within {timeout:g} s (first_byte_timeout)")
+
     def _answer_failed(self) -> None:
         self.record.answer_errors += 1
         if self.record.answer_errors == 1:
@@ -252,15 +265,25 @@ class Connection:
 
     async def _next_end(self, pending: set[asyncio.Task[PumpEnd]]) -> PumpEnd | None:
         """The PumpEnd of the next task in `pending` to finish (taken out of it); None, with the
-        outcome noted, when nothing moved either way for idle_timeout."""
+        outcome noted, when nothing moved either way for idle_timeout, or the device sent
+        nothing by its first-byte deadline."""
         idle_timeout = self.listener.config.idle_timeout
         loop = asyncio.get_running_loop()
+        waited = False  # the tasks ran at least once: bytes already buffered have been counted
         while True:
-            wait = self.activity.last + idle_timeout - loop.time()
-            if wait <= 0:
-                self.end("idle_timeout", f"nothing moved for {idle_timeout:g} s (idle_timeout)")
+            silent = self.record.bytes[UP] == 0
+            deadline = self.activity.last + idle_timeout
+            if silent:
+                deadline = min(deadline, self.first_byte_by)
+            wait = deadline - loop.time()
+            if wait <= 0 and waited:
+                if silent and deadline == self.first_byte_by:
+                    self._first_byte_late("nothing")
+                else:
+                    self.end("idle_timeout", f"nothing moved for {idle_timeout:g} s (idle_timeout)")
                 return None
-            done, _ = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(pending, timeout=max(wait, 0), return_when=asyncio.FIRST_COMPLETED)
+            waited = True
             if done:
                 task = done.pop()
                 pending.discard(task)
@@ -269,15 +292,17 @@ class Connection:
     # -- the end ----------------------------------------------------------------------------
 
     async def _close(self) -> None:
-        writers = [w for w in (self.device_writer, self.cloud_writer) if w is not None]
+        writers = [w for w in (None if self.device_lost else self.device_writer, self.cloud_writer) if w is not None]
         if self.record.outcome.endswith("_reset"):
             for writer in writers:
-                _reset(writer)  # pass the reset on
+                reset(writer)  # pass the reset on
         else:
-            if self.record.action == "refused":
+            if self.record.action == "refused" and not self.device_lost:
                 await self._discard_unread()
             for writer in writers:
                 writer.close()
+        if not writers:  # the device's socket went with a failed TLS handshake, and there is no cloud side
+            return
         # both sides at once, so that a connection ends within one CLOSE_GRACE (< STOP_GRACE)
         waits = [asyncio.ensure_future(_wait_closed(writer)) for writer in writers]
         _, late = await asyncio.wait(waits, timeout=CLOSE_GRACE)
@@ -311,13 +336,6 @@ class Connection:
 async def _wait_closed(writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(OSError):
         await writer.wait_closed()
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with a TCP reset (SO_LINGER 0), as the peer did on the other side."""
-    with contextlib.suppress(OSError):
-        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 async def _cancel(tasks: set[asyncio.Task]) -> None:

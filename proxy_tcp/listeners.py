@@ -1,5 +1,9 @@
 """A listener: one configured address, its protocol and policy, and the connections it accepted.
 
+Who gets a connection slot is decided in accept, before a byte is read or a TLS handshake
+starts (proxy_tcp/admission.py): sources outside `allow_from` and connections beyond
+`max_connections` are reset at once and counted.
+
 Listening is the only place a transport appears: `transport = "tcp"` opens asyncio stream
 servers, `transport = "udp"` a datagram endpoint that only listens (proxy_tcp/udp.py). With
 `tls_cert` the connections it hands on terminate the devices' TLS, and `upstream_tls` makes them
@@ -18,6 +22,7 @@ from typing import TYPE_CHECKING, cast
 
 from pvtap.config import ConfigError, ListenerConfig, split_host_port
 
+from .admission import AllowList, Refusal, Refusals, reset
 from .connection import Connection
 from .pump import CHUNK
 from .tls import UpstreamTLS, device_context
@@ -71,6 +76,8 @@ class Listener:
         self.upstream_tls = UpstreamTLS.of(config, alerts=relay.copies.records)  # pin alerts: stored by ingest
         self.endpoints: list[Endpoint] = []
         self.connections: dict[asyncio.Task, Connection] = {}
+        self.allow = AllowList(config.allow_from)
+        self.refusals = Refusals(lambda: str(self), config.max_connections)
         self._server: asyncio.Server | None = None
         self.datagrams: Datagrams | None = None  # transport = "udp"
         self._udp: asyncio.DatagramTransport | None = None
@@ -90,7 +97,8 @@ class Listener:
             self.device_tls = await asyncio.to_thread(device_context, self.config, self.key)
         try:
             if self.config.transport == "udp":
-                self.datagrams = datagrams = Datagrams(self.config, self.relay.copies, self.relay.privacy)
+                self.datagrams = datagrams = Datagrams(self.config, self.relay.copies, self.relay.privacy,
+                                                       self.relay.peers, self.allow)
                 self._udp, _ = await asyncio.get_running_loop().create_datagram_endpoint(
                     lambda: datagrams, local_addr=("0.0.0.0" if host == "*" else host, port))
                 self.endpoints = [Endpoint.of(self._udp.get_extra_info("sockname"))]
@@ -125,11 +133,20 @@ class Listener:
                 raise ConfigError(self.key("upstream"), self.config.upstream, f"resolves to {reason}", fix)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Hand the connection to a task of our own, so that stopping can cancel and await it.
-        Called synchronously as the connection is made: a TLS listener pauses reading here, so the
-        device's first handshake bytes wait for the TLS layer instead of landing in the reader."""
-        if writer.get_extra_info("peername") is None:  # gone before we got to it
+        """Admit the connection or reset it, then hand it to a task of our own, so that stopping
+        can cancel and await it. Called synchronously as the connection is made: a TLS listener
+        pauses reading here, so the device's first handshake bytes wait for the TLS layer instead
+        of landing in the reader."""
+        peername = writer.get_extra_info("peername")
+        if peername is None:  # gone before we got to it
             writer.close()
+            return
+        host = Endpoint.of(peername).host
+        refusal = (Refusal.NOT_ALLOWED if not self.allow.allows(host)
+                   else Refusal.LIMIT if len(self.connections) >= self.config.max_connections else None)
+        if refusal is not None:
+            reset(writer)
+            self.refusals.note(refusal, self.relay.peers.name(host))
             return
         if self.device_tls is not None:
             # StreamWriter types its transport as write-only; a stream server's transport reads too
@@ -152,6 +169,7 @@ class Listener:
         if self._server is None:
             return
         self._server.close()
+        self.refusals.close()
         tasks = list(self.connections)
         for connection in self.connections.values():
             connection.stop()

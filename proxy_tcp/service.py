@@ -35,6 +35,7 @@ from pvtap.decode import codec_for
 from pvtap.ingest_channel import Channel, IngestStartError
 from pvtap.ingest_pool import ChannelPool
 from pvtap.ingest_worker import WORKER_STOP_GRACE_S, WorkerSettings
+from pvtap.peers import PeerNames
 from pvtap.privacy import Privacy
 from pvtap.store.local import LocalStore
 
@@ -67,6 +68,7 @@ class Relay:
         self.configs = list(listeners)
         self.copies = copies
         self.privacy = privacy or Privacy()
+        self.peers = PeerNames(self.privacy)  # how peer addresses appear in the log
         self.codecs = codecs
         self.keys = keys
         self.guard = SelfGuard()

@@ -28,10 +28,6 @@ from .upstream import Endpoint, UpstreamError
 
 log = logging.getLogger("proxy_tcp.tls")
 
-#: seconds a device may take for its TLS handshake (an ESP32 with RSA 2048 needs about one)
-DEVICE_HANDSHAKE_TIMEOUT = 30.0
-
-
 def normalized_pin(pin: str) -> str:
     """`AB:CD:…` or `abcd…` → `abcd…`, the form sha256_fingerprint gives."""
     return pin.replace(":", "").strip().lower()

@@ -140,6 +140,16 @@ def ip_with_optional_port(value: str) -> str | None:
     return None
 
 
+def networks(value: list[str]) -> str | None:
+    """Each entry an IP network with no host bits set (`192.168.1.0/24`) or a single address."""
+    for index, entry in enumerate(value):
+        try:
+            ipaddress.ip_network(entry.strip())
+        except ValueError as exc:
+            return f"entry {index} ({entry!r}) is not an IP network: {exc}"
+    return None
+
+
 def sha256_hex(value: str) -> str | None:
     """64 hex digits, colons between the bytes allowed (as browsers and openssl print them)."""
     return None if re.fullmatch(r"[0-9a-fA-F]{64}", value.replace(":", "")) else "expected 64 hex digits (a SHA-256)"
@@ -170,8 +180,19 @@ class ListenerConfig:
                                   "(devices hold connections for hours).", check=positive)
     decode_queue: int = setting(256, "Not used any more: copies share the ingest.queue_mb budget. Accepted so that "
                                 "older configs still load.", check=positive)
-    max_connections: int = setting(64, "Connections open at once on this listener; more are refused and logged.",
+    max_connections: int = setting(64, "Connections open at once on this listener; more are refused as they are "
+                                   "accepted (before any TLS handshake), counted and logged at most every 10 s.",
                                    check=positive)
+    first_byte_timeout: float = setting(
+        15.0, "Seconds from accept in which the device must send its first byte (on a TLS listener: complete its "
+        "handshake and send its first byte), or the connection is closed and its slot freed.", check=positive)
+    allow_from: list[str] = setting(
+        [], "Source networks allowed to connect (e.g. [\"192.168.1.0/24\", \"2001:db8::/64\"]; an address alone is "
+        "one host); others are refused at accept without using a slot. Empty: every source. UDP listeners drop "
+        "datagrams from other sources.", check=networks,
+        fix="write each entry as an IP network (192.168.1.0/24) or one address (192.168.1.20)")
+    udp_max_rate: float = setting(10.0, "UDP listeners: datagrams a second accepted from one source (bursts up to a "
+                                  "second's worth); the excess is dropped and counted.", check=positive)
     tls_cert: str = setting("", "PEM certificate presented to devices: with tls_key, the relay terminates the "
                             "devices' TLS here and the decoder sees the application bytes. Relative paths are taken "
                             "in data_dir; a pair that does not exist is generated (self-signed, tls_subject).")
@@ -253,9 +274,7 @@ class RelayConfig:
 
             check_listener(listener, key)
             where = (listener.transport, listener.listen)  # UDP and TCP may share a port
-            if listener.listen.endswith(":0"):  # any free port: each gets its own
-                continue
-            if where in seen:
+            if where in seen and not listener.listen.endswith(":0"):  # port 0: each gets a free port of its own
                 raise ConfigError(f"relay.listeners[{i}].listen", listener.listen,
                                   f"relay.listeners[{seen[where]}] already listens there",
                                   "give every listener its own address or port")

@@ -24,8 +24,8 @@ from pvtap.records import DOWN, UP, Origin, RawPayload, Record, from_ns, now_utc
 log = logging.getLogger("proxy_tcp.connection")
 
 MEASUREMENT = "pvtap_connection"
-WARN_OUTCOMES = {"upstream_failed", "refused_not_redirected", "refused_self", "refused_limit", "device_tls_failed",
-                 "error", "relay_gone"}
+WARN_OUTCOMES = {"upstream_failed", "refused_not_redirected", "refused_self", "device_tls_failed",
+                 "first_byte_timeout", "error", "relay_gone"}
 
 
 @dataclass

@@ -15,10 +15,12 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import queue
 import re
 import secrets
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ class ChunkTap:
 
     raise_on_feed = False
     feed_delay = 0.0
+    feed_gate: threading.Event | None = None  # feed waits until it is set
     raise_on_start = False
 
     def __init__(self, origin: Origin) -> None:
@@ -61,6 +64,8 @@ class ChunkTap:
     def feed(self, direction: str, data: bytes, received) -> list[RawPayload]:
         if self.feed_delay:
             time.sleep(self.feed_delay)
+        if self.feed_gate is not None:
+            self.feed_gate.wait(30)
         if self.raise_on_feed:
             raise RuntimeError("decoder bug (test)")
         if direction == UP and not self._seen_up:
@@ -94,8 +99,8 @@ class EchoAnswerer:
 
 
 def test_codec(**behaviour) -> SimpleNamespace:
-    """A protocol module for the relay: `test_codec(raise_on_feed=True)`, `feed_delay=0.05`, ...
-    Its payloads are archived as they are and decode to nothing."""
+    """A protocol module for the relay: `test_codec(raise_on_feed=True)`, `feed_delay=0.05`,
+    `feed_gate=event` (feed waits for it), ... Its payloads are archived as they are and decode to nothing."""
     tap = type("ChunkTap", (ChunkTap,), behaviour)
     return SimpleNamespace(Tap=tap, LocalAnswerer=EchoAnswerer, redact_raw=lambda raw, privacy: raw,
                            decode_raw=lambda raw: [])
@@ -130,6 +135,14 @@ async def running_relay(*listeners: ListenerConfig, store: LocalStore, codec=Non
     codec = codec or test_codec()
     async with relay_running(listeners, store=store, codecs=lambda _name: codec, **kwargs) as relay:
         yield relay, relay.listeners[0].endpoints[0].port
+
+
+async def settled(relay, timeout: float = 10.0) -> None:
+    """Until every connection the relay accepted so far has ended and handed its record to the
+    ingest worker: awaits the connection tasks themselves."""
+    async with asyncio.timeout(timeout):
+        while tasks := [task for listener in relay.listeners for task in listener.connections]:
+            await asyncio.wait(tasks)
 
 
 # -- a stand-in cloud -------------------------------------------------------------------------
@@ -255,7 +268,8 @@ RELAY_READY = re.compile(r"relay listening: \S+ on (?P<endpoints>[^(]+) \(")
 
 class RelayProcess:
     """`python -m proxy_tcp ...` as a real process (optionally inside a network namespace);
-    waits for its ready line and collects its log."""
+    waits for its ready line and collects its log. A thread keeps reading the output, so a
+    relay that logs a lot (thousands of connection lines) never blocks on a full pipe."""
 
     def __init__(self, args: list[str], data_dir: Path, netns: str | None = None, env: dict | None = None) -> None:
         prefix = ["ip", "netns", "exec", netns] if netns else []
@@ -264,35 +278,60 @@ class RelayProcess:
         self.log: list[str] = []
         self.proc: subprocess.Popen | None = None
         self.endpoints: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader: threading.Thread | None = None
 
     def start(self, timeout: float = 20.0) -> RelayProcess:
         self.proc = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("relay exited before it was ready:\n" + "".join(self.log))
-            self.log.append(line)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        try:
+            self.wait_for("relay ready:", timeout)
+        except RuntimeError:
+            self.stop()
+            raise
+        for line in self.log:
             if m := RELAY_READY.search(line):
-                self.endpoints = [e.strip() for e in m["endpoints"].split(",")]
-            if "relay ready:" in line:
-                return self
-        raise RuntimeError("relay not ready in time:\n" + "".join(self.log))
+                self.endpoints.append(m["endpoints"].strip())
+        return self
 
-    def wait_for(self, text: str) -> str:
-        """Read the log until a line containing `text` (blocking; the test's timeout bounds it)."""
+    def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        while line := self.proc.stdout.readline():
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> str:
+        """The next line of the log containing `text`; RuntimeError when the relay exits first or
+        after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"relay did not log {text!r} within {timeout:g} s:\n" + self.text) from None
+            if line is None:
+                self._lines.put(None)  # stays at the end for later callers
+                raise RuntimeError(f"relay exited without logging {text!r}:\n" + self.text)
             self.log.append(line)
             if text in line:
                 return line
-        raise RuntimeError(f"relay exited without logging {text!r}:\n" + self.text)
 
     @property
     def port(self) -> int:
-        return int(self.endpoints[0].rpartition(":")[2])
+        return self.port_of(0)
+
+    def port_of(self, index: int) -> int:
+        """The port of the listener logged `index`-th (in config order)."""
+        match = re.search(r":(\d+)(?:[\s,]|$)", self.endpoints[index])
+        assert match, self.endpoints[index]
+        return int(match[1])
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, wait, collect the rest of the log; returns the exit status."""
@@ -300,11 +339,14 @@ class RelayProcess:
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
-        self.log.append(out or "")
+            self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(10)
+        while (line := self._lines.get_nowait() if not self._lines.empty() else None) is not None:
+            self.log.append(line)
         return self.proc.returncode
 
     @property
@@ -316,6 +358,23 @@ class RelayProcess:
         result = subprocess.run(self.argv, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout,
                                 check=False)
         return result.returncode, result.stdout + result.stderr
+
+
+@dataclass(frozen=True)
+class Resources:
+    """A process's open file descriptors and resident memory, from /proc."""
+
+    fds: int
+    rss_kib: int
+
+    @classmethod
+    def of(cls, pid: int) -> Resources:
+        status = Path(f"/proc/{pid}/status").read_text()
+        rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        return cls(len(os.listdir(f"/proc/{pid}/fd")), rss)
+
+    def __str__(self) -> str:
+        return f"{self.fds} fds, RSS {self.rss_kib / 1024:.1f} MiB"
 
 
 # -- network namespaces -----------------------------------------------------------------------

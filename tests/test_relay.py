@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import socket
+import threading
 import time
 
 import pytest
@@ -125,26 +127,22 @@ async def test_a_decoder_raising_on_every_chunk_changes_nothing_forwarded(store,
     assert sum("the decoder raised" in r.message for r in caplog.records) == 1  # once per connection, then counted
 
 
-async def test_a_slow_decoder_costs_dropped_copies_never_forwarding_speed(store):
+async def test_a_stuck_decoder_costs_dropped_copies_never_forwarding(store):
     chunks = [os.urandom(1000) for _ in range(60)]
+    stuck = threading.Event()  # the decoder waits on it: nothing is decoded until every byte went through
     async with StandInCloud() as cloud:
-        # each copy takes 0.2 s to frame: 60 chunks would take 12 s if forwarding waited for them
-        async with running_relay(listener(cloud.address), codec=test_codec(feed_delay=0.2), store=store,
+        async with running_relay(listener(cloud.address), codec=test_codec(feed_gate=stuck), store=store,
                                  queue_bytes=2000) as (_, port):
             _, writer = await asyncio.open_connection("127.0.0.1", port)
-            started = time.monotonic()
-            for chunk in chunks:
+            for i, chunk in enumerate(chunks):
                 writer.write(chunk)
-                await writer.drain()
-                await asyncio.sleep(0.005)  # separate reads on the relay
-            conn = await cloud.connection()
-            await until(lambda: len(conn.received) == 60_000, timeout=5)
-            forwarded_in = time.monotonic() - started
+                conn = await cloud.connection()
+                await until(lambda c=conn, n=(i + 1) * 1000: len(c.received) == n)  # forwarded: separate reads
+            stuck.set()
             writer.close()
             record = await stored_record(store, timeout=15)
 
     assert bytes(conn.received) == b"".join(chunks)
-    assert forwarded_in < 2.0
     assert record.fields["dropped_copies"] > 0
     assert record.fields["frames"] + record.fields["dropped_copies"] <= 60
 
@@ -287,7 +285,7 @@ async def test_a_connection_silent_both_ways_ends_at_the_idle_timeout(store):
             assert await read_to_eof(reader) == b""
             waited = time.monotonic() - started
             record = await stored_record(store)
-    assert 0.35 < waited < 3
+    assert waited > 0.35  # not before the timeout (how much later depends on the machine)
     assert record.tags["outcome"] == "idle_timeout"
     assert "idle_timeout" in record.fields["detail"]
 
@@ -299,25 +297,31 @@ async def test_back_pressure_holds_the_device_while_the_cloud_does_not_read(stor
         await release.wait()
         await read_all(conn)
 
+    def relay_holds_the_device(relay) -> bool:
+        """The pump towards the cloud is blocked in drain() and the device's socket is no longer
+        read: from now on nothing takes bytes off the device."""
+        connection = next(iter(relay.listeners[0].connections.values()), None)
+        if connection is None or connection.cloud_writer is None:
+            return False
+        cloud, device = connection.cloud_writer.transport, connection.device_writer.transport
+        return cloud.get_write_buffer_size() > cloud.get_write_buffer_limits()[1] and not device.is_reading()
+
+    def writable(sock: socket.socket) -> bool:
+        return bool(select.select([], [sock], [], 0)[1])
+
     async with StandInCloud(slow_reader) as cloud:
-        async with running_relay(listener(cloud.address), store=store) as (_, port):
+        async with running_relay(listener(cloud.address), store=store) as (relay, port):
             device = socket.create_connection(("127.0.0.1", port))
             device.setblocking(False)
             sent, block = bytearray(), os.urandom(65536)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
+            while len(sent) < 64 * 1024 * 1024:  # what is in flight is bounded by buffers and high-water marks
                 try:
-                    n = device.send(block)
+                    sent += block[:device.send(block)]
                 except BlockingIOError:
-                    await asyncio.sleep(0.2)  # give the relay time to read more, if it would
-                    try:
-                        n = device.send(block)
-                    except BlockingIOError:
+                    if relay_holds_the_device(relay):
                         break
-                sent += block[:n]
-            assert time.monotonic() < deadline, "the device was never held back"
-            # what is in flight is bounded by socket buffers and the relay's high-water marks
-            assert len(sent) < 64 * 1024 * 1024
+                    await until(lambda: relay_holds_the_device(relay) or writable(device))
+            assert len(sent) < 64 * 1024 * 1024, "the device was never held back"
             release.set()
             device.setblocking(True)
             device.shutdown(socket.SHUT_WR)
@@ -377,7 +381,7 @@ async def test_auto_gives_up_on_a_silent_cloud_after_the_connect_timeout(store):
             waited = time.monotonic() - started
             writer.close()
             record = await stored_record(store)
-    assert 0.4 < waited < 3
+    assert waited > 0.4  # not before the connect timeout
     assert record.tags["action"] == "local"
 
 
@@ -391,20 +395,6 @@ async def test_local_answers_and_ticks_without_any_cloud(store):
         record = await stored_record(store)
     assert record.tags["action"] == "local" and record.tags["outcome"] == "device_closed"
     assert record.fields["bytes_down"] == 13
-
-
-async def test_connections_beyond_max_connections_are_refused_and_recorded(store):
-    async with StandInCloud() as cloud:
-        async with running_relay(listener(cloud.address, max_connections=1), store=store) as (_, port):
-            _, first = await asyncio.open_connection("127.0.0.1", port)
-            await cloud.connection()
-            reader, second = await asyncio.open_connection("127.0.0.1", port)
-            assert await read_to_eof(reader) == b""
-            second.close()
-            refused = await stored_record(store)
-            first.close()
-    assert refused.tags["action"] == "refused" and refused.tags["outcome"] == "refused_limit"
-    assert len(cloud.connections) == 1
 
 
 async def test_stopping_the_relay_ends_open_connections_and_records_them(store):

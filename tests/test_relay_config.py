@@ -41,6 +41,8 @@ def test_a_listener_with_every_setting(tmp_path):
         idle_timeout = 7200
         decode_queue = 32
         max_connections = 4
+        first_byte_timeout = 5
+        allow_from = ["192.0.2.0/24", "2001:db8::1"]
 
         [[relay.listeners]]
         protocol = "alphaess"
@@ -50,7 +52,8 @@ def test_a_listener_with_every_setting(tmp_path):
     first, second = config.relay.listeners
     assert first == ListenerConfig(protocol="alphaess", listen="0.0.0.0:7777", policy="auto",
                                    upstream="www.alphaess.com:7777", resolver="192.0.2.53:5353", connect_timeout=3.0,
-                                   idle_timeout=7200.0, decode_queue=32, max_connections=4)
+                                   idle_timeout=7200.0, decode_queue=32, max_connections=4, first_byte_timeout=5.0,
+                                   allow_from=["192.0.2.0/24", "2001:db8::1"])
     assert (second.policy, second.upstream, second.idle_timeout) == ("transparent", "", 3600.0)
 
 
@@ -88,11 +91,35 @@ def test_fixed_and_auto_without_upstream_name_the_key_and_the_fix(tmp_path, poli
      "greater than 0"),
     ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\nidle_timout = 5', "idle_timout",
      "did you mean relay.listeners[0].idle_timeout"),
+    ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\nfirst_byte_timeout = 0', "first_byte_timeout",
+     "greater than 0"),
+    ('protocol = "foxess"\nlisten = "0.0.0.0:1"\npolicy = "local"\ntransport = "udp"\nudp_max_rate = -1',
+     "udp_max_rate", "greater than 0"),
+    ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\nallow_from = "192.0.2.0/24"', "allow_from",
+     "expected a list"),
 ])
 def test_a_wrong_listener_setting_is_named(tmp_path, toml, key, words):
     error = error_of(tmp_path, "[[relay.listeners]]\n" + toml)
     assert error.key == f"relay.listeners[0].{key}"
     assert words in str(error)
+
+
+@pytest.mark.parametrize("entry, words", [
+    ("192.0.2.5/24", "has host bits set"),
+    ("lan", "does not appear to be an IPv4 or IPv6 network"),
+    ("192.0.2.0/33", "not an IP network"),
+])
+def test_a_wrong_allow_from_entry_is_named_with_the_fix(tmp_path, entry, words):
+    error = error_of(tmp_path, f"""
+        [[relay.listeners]]
+        protocol = "alphaess"
+        listen = "0.0.0.0:7777"
+        policy = "local"
+        allow_from = ["192.0.2.0/24", "{entry}"]
+    """)
+    assert error.key == "relay.listeners[0].allow_from"
+    assert f"entry 1 ({entry!r})" in error.problem and words in error.problem
+    assert "192.168.1.0/24" in error.fix and "one address" in error.fix
 
 
 def test_two_listeners_on_one_address_are_refused(tmp_path):
@@ -107,6 +134,9 @@ def test_two_listeners_on_one_address_are_refused(tmp_path):
         policy = "transparent"
     """)
     assert error.key == "relay.listeners[1].listen" and "relay.listeners[0] already listens there" in str(error)
+    twice_any_port = 'protocol = "alphaess"\nlisten = "127.0.0.1:0"\npolicy = "local"\n'
+    config = load(tmp_path, f"[[relay.listeners]]\n{twice_any_port}[[relay.listeners]]\n{twice_any_port}")
+    assert len(config.relay.listeners) == 2  # port 0: each takes a free port of its own
 
 
 def test_resolver_takes_ipv4_ipv6_and_a_port(tmp_path):
@@ -144,6 +174,11 @@ def test_quick_start_flags_make_one_listener():
     assert listener == ListenerConfig(protocol="alphaess", listen="0.0.0.0:7777", policy="fixed",
                                       upstream="www.alphaess.com:7777", resolver="192.0.2.53", connect_timeout=2.5)
     assert quick_listener(parse()) is None  # no flag: the configured listeners
+    guarded = quick_listener(parse("--protocol", "alphaess", "--listen", "0.0.0.0:7777", "--policy", "local",
+                                   "--allow-from", "192.0.2.10", "--allow-from", "2001:db8::/64",
+                                   "--first-byte-timeout", "5"))
+    assert guarded is not None
+    assert (guarded.allow_from, guarded.first_byte_timeout) == (["192.0.2.10", "2001:db8::/64"], 5.0)
 
 
 @pytest.mark.parametrize("argv, key, words", [
@@ -155,6 +190,8 @@ def test_quick_start_flags_make_one_listener():
      "--resolver", "not a name"),
     (["--protocol", "alphaess", "--listen", "0.0.0.0:1", "--policy", "local", "--idle-timeout", "0"],
      "--idle-timeout", "greater than 0"),
+    (["--protocol", "alphaess", "--listen", "0.0.0.0:1", "--policy", "local", "--allow-from", "lan"],
+     "--allow-from", "not an IP network"),
 ])
 def test_quick_start_mistakes_name_the_flag(argv, key, words):
     with pytest.raises(ConfigError) as error:

@@ -80,11 +80,12 @@ class Pvtap:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Running (a zombie is not: an orphan's exit status waits for an init that may never reap it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 # -- pvtap run: the command lines --------------------------------------------------------------
@@ -173,7 +174,7 @@ def test_run_forwards_and_stores_and_stops_cleanly_on_a_signal(tmp_path: Path, s
         response = post_report("https://reports.enphaseenergy.com/emu_reports/performance_report?webcomm_version=3.0",
                                body, connect=("127.0.0.1", port))
         assert response.status == 200 and cloud.received()[0].body == body
-        run.expect(r"enphase: performance_report from 127\.0\.0\.1 .* forwarded, 200")
+        run.expect(r"enphase: performance_report from peer#1 .* forwarded, 200")  # no LAN address logged
         battery = asyncio.run(run_simulator("127.0.0.1", relay_port, interval=0.05, count=3))
         assert battery.counts["1-1-16"] == 3 and battery.unanswered == 0  # the relay answered as the cloud
         run.expect(r"alphaess .* local")  # the relay's connection line
@@ -198,11 +199,11 @@ def test_run_in_transparent_mode_starts_and_stops(tmp_path: Path) -> None:
     run.expect(r"pvtap tail --follow")
     # a connection straight to the listener, not REDIRECTed: mitmproxy cannot learn where it was going
     with socket.create_connection(("127.0.0.1", port)) as direct:
-        peer = "{}:{}".format(*direct.getsockname())
         direct.sendall(b"\x16\x03\x01\x00\x05hello")  # the start of a ClientHello
         line = run.expect(r"was not redirected").string
+    # its address only with privacy.store_network_identity: a name otherwise (pvtap/peers.py)
     assert line.split("] ", 1)[1] == (
-        f"enphase: connection from {peer} was not redirected here by a firewall rule on this host, so its destination "
+        "enphase: connection from peer#1 was not redirected here by a firewall rule on this host, so its destination "
         "is unknown (FileNotFoundError: No such file or directory); closed it. Fix: REDIRECT the Envoy's port 443 "
         "to this listener on this host (docs/enphase.md, firewall/README.md); if a DNS override or a DNAT on the "
         'router sends it here, set enphase.mode = "reverse"')
@@ -218,6 +219,21 @@ def test_run_exits_non_zero_when_a_service_dies(tmp_path: Path) -> None:
     os.kill(pid, signal.SIGKILL)
     run.expect(r"mitmproxy exited with status -9; stopping the others")
     assert run.proc.wait(30) == 1
+
+
+@pytest.mark.slow
+def test_sigkill_of_run_leaves_no_orphaned_mitmdump_or_relay(tmp_path: Path) -> None:
+    run = _run(tmp_path, {"PVTAP_ENPHASE_LISTEN": "127.0.0.1:0"})
+    mitmdump_pid = int(run.expect(r"mitmproxy is up on .* \(pid (\d+)\)").group(1))
+    relay_pid = int(run.expect(r"relay is up \(pid (\d+)\)").group(1))
+    assert "mitmdump" in Path(f"/proc/{mitmdump_pid}/cmdline").read_text()  # the service itself, not a wrapper
+    assert "proxy_tcp" in Path(f"/proc/{relay_pid}/cmdline").read_text()
+    assert run.stop(signal.SIGKILL) == -signal.SIGKILL  # no handler of pvtap's can run
+    deadline = time.monotonic() + 30  # the services stop cleanly on their SIGTERM
+    while (_pid_alive(mitmdump_pid) or _pid_alive(relay_pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _pid_alive(mitmdump_pid), "mitmdump outlived pvtap run"
+    assert not _pid_alive(relay_pid), "the relay outlived pvtap run"
 
 
 @pytest.mark.slow
@@ -266,7 +282,7 @@ def test_demo_shows_records_within_seconds_and_stops_on_ctrl_c(tmp_path: Path) -
     demo.expect(rf"records go to {re.escape(str(tmp_path / 'data' / 'demo'))} ")
     mitm_line = demo.expect(r"demo \| Enphase Envoy: mitmproxy with addons/enphase\.py on .* \(pid (\d+)\)")
     mitmdump_pid = int(mitm_line.group(1))
-    demo.expect(r"mitmproxy \| .*enphase: performance_report from 127\.0\.0\.1 .* forwarded, 200")
+    demo.expect(r"mitmproxy \| .*enphase: performance_report from peer#1 .* forwarded, 200")
     demo.expect(r"envoy \| report 1: 200 OK")
     demo.expect(r"record \| \S+Z  enphase_interval  envoy=999900000000,eqid=999900000001\.1  id=1000001 ")
     assert time.monotonic() - started < 20

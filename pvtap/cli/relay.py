@@ -57,6 +57,8 @@ examples:
               --resolver 192.0.2.53            the local DNS overrides www.alphaess.com
   pvtap relay --protocol alphaess --listen '*:17777' --policy transparent
   pvtap relay --protocol alphaess --listen 0.0.0.0:7777 --policy local
+  pvtap relay --protocol alphaess --listen 0.0.0.0:7777 --upstream www.alphaess.com:7777 \\
+              --allow-from 192.0.2.10              only the battery may connect
 
 Each connection ends with one log line (device, upstream, policy, bytes, frames, outcome) and a
 pvtap_connection record. SIGINT/SIGTERM stop it cleanly. See docs/relay.md."""
@@ -66,7 +68,8 @@ def epilog(prog: str = "pvtap relay") -> str:
 
 
 #: the quick-start flags and the listener settings they set
-FLAGS = ("protocol", "listen", "policy", "upstream", "resolver", "connect_timeout", "idle_timeout")
+FLAGS = ("protocol", "listen", "policy", "upstream", "resolver", "connect_timeout", "idle_timeout",
+         "first_byte_timeout", "allow_from")
 
 
 def flag(name: str) -> str:
@@ -86,6 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"to reach the cloud (default {defaults.connect_timeout:g})")
     quick.add_argument("--idle-timeout", type=float, metavar="SECONDS",
                        help=f"close a connection silent both ways this long (default {defaults.idle_timeout:g})")
+    quick.add_argument("--first-byte-timeout", type=float, metavar="SECONDS",
+                       help="close a connection whose device sent nothing this long after connecting "
+                            f"(default {defaults.first_byte_timeout:g})")
+    quick.add_argument("--allow-from", action="append", metavar="NETWORK",
+                       help="accept connections only from this network or address (repeatable; default: any)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

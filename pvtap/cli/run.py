@@ -5,7 +5,8 @@ The services are a list (`services()`): mitmproxy with the Enphase addon, and th
 AlphaESS and FoxESS devices. Each embeds its own InfluxDB forwarder when `[influx] url` is set.
 A `Supervisor` starts them one after another
 (each must say it is listening before the next starts), forwards SIGINT/SIGTERM, stops the rest
-when one dies and then exits non-zero.
+when one dies and then exits non-zero. If `pvtap run` itself is killed (SIGKILL), the kernel
+stops the services: each is started through `orphan_guard.py`, which sets a death signal.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from pvtap.cli.relay import default_listener_lines
 from pvtap.config import Config, ConfigError, split_host_port, unknown_env
 
 ADDON = Path(__file__).resolve().parents[2] / "addons" / "enphase.py"
+#: starts a command that gets SIGTERM when this process dies (runs without importing pvtap)
+ORPHAN_GUARD = Path(__file__).resolve().with_name("orphan_guard.py")
 #: mitmdump's start-up line, e.g. "Transparent Proxy listening at *:8443."
 MITM_READY = re.compile(r"listening at (?P<host>\S+):(?P<port>\d+)\.\s*$")
 RELAY_PROG = "python -m proxy_tcp"
@@ -67,7 +70,8 @@ examples:
 
 Ctrl-C (SIGINT) or SIGTERM stops every service cleanly; if one service dies, the others are
 stopped and pvtap exits with status 1; a setting that keeps a service from starting is named in
-one line, with the fix (status 2). See docs/enphase.md."""
+one line, with the fix (status 2). If pvtap itself is killed (SIGKILL, the OOM killer), the
+kernel sends each service SIGTERM: none is left running on its port. See docs/enphase.md."""
 
 
 class SetupError(Exception):
@@ -152,7 +156,8 @@ class Supervisor:
         `timeout`, StopRequested on a signal."""
         ready = threading.Event()
         service.proc = subprocess.Popen(
-            service.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [sys.executable, "-I", str(ORPHAN_GUARD), str(os.getpid()), "--", *service.argv],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env={**child_environment(), "PYTHONUNBUFFERED": "1", **service.env}, text=True, errors="replace", bufsize=1,
             process_group=0,  # Ctrl-C reaches pvtap only; pvtap forwards it once, in order
         )
