@@ -10,7 +10,8 @@ on a socket (never waiting), read `raw_content` and never change a request or a 
 the cloud and the Envoy see exactly the bytes that were sent. No hook blocks: a changed store
 or privacy setting hands the old worker its last payloads and starts a new one. With
 `enphase_local_mode` the addon answers the reports itself, as the cloud would, and no
-connection to the cloud is made.
+connection to the cloud is made. With `enphase_fallback_after` it does so only once the cloud
+has been unreachable that long (enphase_fallback.py watches the cloud).
 
 Unset options take their value from the pvtap config (`pvtap_config`, else $PVTAP_CONFIG and
 PVTAP_* variables, else the built-in defaults). See docs/enphase.md.
@@ -29,24 +30,25 @@ import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from enphase_fallback import CloudFallback  # beside this script (mitmproxy puts its directory on sys.path)
 from mitmproxy import ctx, exceptions, http, platform
 from mitmproxy.net import tls as net_tls
 from OpenSSL import SSL
 
 from pvtap import datadir
-from pvtap.config import Config, ConfigError, env_warnings, load_config
+from pvtap.config import Config, ConfigError, env_warnings, load_config, parse_duration
 from pvtap.decode.enphase import build_response, event_ids, report_kind
 from pvtap.ingest_channel import Channel
 from pvtap.ingest_worker import WorkerSettings
 from pvtap.peers import PeerNames
 from pvtap.privacy import Privacy
-from pvtap.records import DOWN, UP, Origin, RawPayload, now_utc
+from pvtap.records import DOWN, UP, Origin, RawPayload, Record, now_utc
 from pvtap.store.local import LocalStore
 
 log = logging.getLogger("pvtap.enphase")
 
 OPTIONS = {"pvtap_config", "enphase_data_dir", "enphase_local_mode", "enphase_hosts", "enphase_tls_min_version",
-           "connection_strategy"}
+           "enphase_fallback_after", "enphase_cloud_timeout", "connection_strategy"}
 TLS_VERSIONS = ("TLS1", "TLS1_1", "TLS1_2", "TLS1_3")
 DEFAULT_TLS_MIN = "TLS1_2"  # mitmproxy's own default
 #: the logger whose records carry the client address (`extra={"client": peername}`)
@@ -62,6 +64,8 @@ class Settings:
     local_mode: bool
     hosts: frozenset[str]
     tls_min_version: str
+    fallback_after: float  # seconds; 0: never answer locally because the cloud is unreachable
+    cloud_timeout: float
     config: Config  # with data_dir as above; privacy is built from it when the store opens
 
 
@@ -71,6 +75,7 @@ class EnphaseTap:
         self.channel: Channel | None = None  # to the ingest worker; None while the store cannot be opened
         self.store_path: Path | None = None
         self.peers = PeerNames()  # the Envoy's address in the log, as the privacy settings allow
+        self.fallback = CloudFallback(self._store_record)
 
     def load(self, loader) -> None:
         logging.getLogger(MITMPROXY_SERVER_LOG).addFilter(self._name_client)
@@ -100,6 +105,19 @@ class EnphaseTap:
             "Hosts (Host header) whose /emu_reports/ posts are copied and decoded. "
             "Unset: enphase.hosts from the pvtap config.",
         )
+        loader.add_option(
+            "enphase_fallback_after", str | None, None,
+            """
+            Answer performance reports here once the cloud has been unreachable this long (e.g. 90s,
+            15m, 2h; 0: never). For a cloud that is gone, not one that blinks: the Envoy drops what
+            it got an answer for. Unset: enphase.fallback_after from the pvtap config (off).
+            """,
+        )
+        loader.add_option(
+            "enphase_cloud_timeout", str | None, None,
+            "How long the cloud may take to accept a connection or a TLS handshake before it counts as "
+            "unreachable (e.g. 30s). Unset: enphase.cloud_timeout from the pvtap config (30s).",
+        )
 
     def configure(self, updated: set[str]) -> None:
         """Validate and merge the options with the pvtap config; touches no file (so that
@@ -107,6 +125,8 @@ class EnphaseTap:
         settings while running reopens the store."""
         if not updated & OPTIONS:
             return
+        if updated == {"connection_strategy"} and self.settings and not self.settings.local_mode:
+            return  # nothing here depends on it (the fallback switches it while the cloud is gone)
         settings, old = self._settings(), self.settings
         if old is None:  # once: pvtap run's children get an environment without the unknown variables
             for warning in env_warnings():
@@ -121,6 +141,7 @@ class EnphaseTap:
             self._stop_ingest()
             self._start_ingest()
         _tls_minimum.apply(settings.tls_min_version)
+        self.fallback.apply_settings(settings.fallback_after, settings.cloud_timeout, settings.hosts)
 
     def running(self) -> None:
         """Open the store and start the ingest worker: before the first request can complete
@@ -138,6 +159,10 @@ class EnphaseTap:
         if self.settings.local_mode:
             flow.metadata["enphase_local"] = True
             flow.response = await _local_answer(flow, kind)
+        elif kind == "performance_report" and (why := await self.fallback.answer_locally(flow)):
+            flow.metadata["enphase_local"] = True
+            flow.metadata["enphase_cloud_unreachable"] = why
+            flow.response = await _local_answer(flow, kind)
 
     def response(self, flow: http.HTTPFlow) -> None:
         kind = flow.metadata.get("enphase_kind")
@@ -146,6 +171,8 @@ class EnphaseTap:
         assert flow.response is not None  # mitmproxy calls this hook with the response
         self._submit(_payload(flow, flow.response, DOWN, f"{kind}_response"))
         outcome = "answered locally" if flow.metadata.get("enphase_local") else "forwarded"
+        if why := flow.metadata.get("enphase_cloud_unreachable"):
+            outcome += f" (cloud unreachable: {why})"
         log.info("enphase: %s from %s (flow %s): %d bytes up, %s, %d %d bytes down",
                  kind, self._peer(flow), flow.id, len(flow.request.raw_content or b""), outcome,
                  flow.response.status_code, len(flow.response.raw_content or b""))
@@ -202,6 +229,15 @@ class EnphaseTap:
                 f"{source} = {list(hosts)!r}: needs at least one non-empty host name. "
                 "Fix: --set enphase_hosts=reports.enphaseenergy.com (repeat --set for more hosts).")
         _check_data_dir(data_dir, "enphase_data_dir" if opts.enphase_data_dir else "data_dir (pvtap config)")
+        fallback_after = _duration(opts, "enphase_fallback_after", config.enphase.fallback_after, "90s")
+        cloud_timeout = _duration(opts, "enphase_cloud_timeout", config.enphase.cloud_timeout, "30s")
+        if not cloud_timeout:
+            raise exceptions.OptionsError("enphase_cloud_timeout = '0': must be greater than 0. "
+                                          "Fix: --set enphase_cloud_timeout=30s")
+        if local_mode and fallback_after:
+            raise exceptions.OptionsError(
+                f"enphase_fallback_after = {fallback_after:g} s with local mode on: local mode already answers every "
+                "report. Fix: turn one of them off (--set enphase_fallback_after=0, or enphase_local_mode=false).")
         if local_mode and opts.connection_strategy != "lazy":
             raise exceptions.OptionsError(
                 f"connection_strategy = {opts.connection_strategy!r}: local mode must not connect to the cloud, "
@@ -211,7 +247,13 @@ class EnphaseTap:
             raise exceptions.OptionsError(f"enphase_tls_min_version = {tls_min!r}: not a TLS version. Fix: one of "
                                           f"{', '.join(TLS_VERSIONS)}.")
         return Settings(data_dir=data_dir, local_mode=local_mode, hosts=frozenset(h.strip().lower() for h in hosts),
-                        tls_min_version=tls_min, config=dataclasses.replace(config, data_dir=data_dir))
+                        tls_min_version=tls_min, fallback_after=fallback_after, cloud_timeout=cloud_timeout,
+                        config=dataclasses.replace(config, data_dir=data_dir))
+
+    def _store_record(self, record: Record) -> None:
+        """A record of the addon's own (enphase_fallback), stored by the ingest worker."""
+        if self.channel is not None:
+            self.channel.record(record)
 
     def _submit(self, raw: RawPayload) -> None:
         if self.channel is not None:  # None only if the store could not be opened: forwarding goes on
@@ -250,6 +292,17 @@ class EnphaseTap:
         self.channel = None
 
 
+def _duration(opts, name: str, configured: float, example: str) -> float:
+    """An option holding a duration, else the config's value."""
+    value = getattr(opts, name)
+    if value is None:
+        return float(configured)
+    try:
+        return float(parse_duration(value))
+    except ValueError as exc:
+        raise exceptions.OptionsError(f"{name} = {value!r}: {exc}. Fix: --set {name}={example}") from None
+
+
 def _check_data_dir(path: Path, name: str) -> None:
     """The directory is writable, or can be created (nothing is touched: see configure)."""
     problem = datadir.problem(path)
@@ -269,6 +322,8 @@ def _payload(flow: http.HTTPFlow, message: http.Message, direction: str, kind: s
         meta["status_code"] = message.status_code
         if flow.metadata.get("enphase_local"):
             meta["answered_locally"] = True
+        if why := flow.metadata.get("enphase_cloud_unreachable"):
+            meta["cloud_unreachable"] = why
     return RawPayload(origin=Origin("enphase", device="", connection=flow.id, direction=direction),
                       kind=kind, payload=message.raw_content or b"", received=now_utc(), meta=meta)
 
@@ -300,6 +355,8 @@ class TlsMinimum:
         self.probe_patched = False
 
     def apply(self, version: str) -> None:
+        if "tls_version_client_min" not in ctx.options:  # mitmproxy's TLS addon is not loaded (addon tests)
+            return
         if version == ctx.options.tls_version_client_min or (version == DEFAULT_TLS_MIN and not self.probe_patched):
             return  # nothing asked for, or already so (a --set tls_version_client_min is left alone)
         if not self.probe_patched:
@@ -389,4 +446,5 @@ def _address(sockname: tuple) -> str:
 
 
 _not_redirected = NotRedirectedLine()
-addons = [EnphaseTap()]
+tap = EnphaseTap()
+addons = [tap, tap.fallback]

@@ -1,7 +1,7 @@
 """Conditions a person must act on, made loud without flooding: an ERROR line when one starts and
 again every `repeat` seconds while it lasts (with the count since), an INFO line when it ends, and
 a `pvtap_alert` record each time. The relay stores no record itself: the records go to its ingest
-worker over the channel (`CopySink.records`), which stores them; `pvtap status` shows them.
+worker over the channel (`CopySink.record`), which stores them; `pvtap status` shows them.
 
 The one condition today: the upstream of a listener pinned with `upstream_pin_sha256` presents
 another certificate. The relay then never sends it a byte — the device is answered locally
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from pvtap.config import ListenerConfig
 from pvtap.records import Origin, Record, now_utc
@@ -29,10 +29,10 @@ REPEAT = 600.0
 class PinMismatch:
     """The pin check of one listener's upstream, as an alert."""
 
-    def __init__(self, listener: ListenerConfig, emit: Callable[[Sequence[Record]], None], *,
+    def __init__(self, listener: ListenerConfig, emit: Callable[[Record], None], *,
                  repeat: float = REPEAT, clock: Callable[[], float] = time.monotonic) -> None:
         self.listener = listener
-        self.emit = emit  # where its records go to be stored (the relay's CopySink.records); never blocks
+        self.emit = emit  # where its records go to be stored (the relay's CopySink.record); never blocks
         self.repeat = repeat
         self.clock = clock
         self.active = False
@@ -51,8 +51,8 @@ class PinMismatch:
             self.active, self._last_logged = True, now
             message = self.message(endpoint, seen, since)
             log.error("%s", message)
-            self.emit([self._record(True, message, {"endpoint": endpoint, "seen_sha256": seen,
-                                                    "connections": self.count})])
+            self.emit(self._record(True, message, {"endpoint": endpoint, "seen_sha256": seen,
+                                                   "connections": self.count}))
             self.count = 0
 
     def passed(self) -> None:
@@ -64,7 +64,7 @@ class PinMismatch:
             message = (f"{self._name()}: the upstream {self.listener.upstream} presents the pinned certificate "
                        "again; forwarding to it")
             log.info("%s", message)
-            self.emit([self._record(False, message, {})])
+            self.emit(self._record(False, message, {}))
 
     def message(self, endpoint: str, seen: str, since: float | None = None) -> str:
         """The alert's line; `since`: seconds since it was last logged (None: it just started)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,7 +39,7 @@ class CopySink(Protocol):
 
     def open(self, record: ConnectionRecord, device: str = "") -> CopyStream: ...
     def payload(self, raw: RawPayload) -> bool: ...
-    def records(self, records: Sequence[Record]) -> None: ...
+    def record(self, record: Record) -> None: ...
 
 
 @dataclass

@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from pvtap.certs import parse_subject, self_signed, sha256_fingerprint, write_files
@@ -81,7 +81,7 @@ class UpstreamTLS:
     alarm: PinMismatch | None = None  # with a pin: what a mismatch tells a person (proxy_tcp.alerts)
 
     @classmethod
-    def of(cls, config: ListenerConfig, alerts: Callable[[Sequence[Record]], None]) -> UpstreamTLS | None:
+    def of(cls, config: ListenerConfig, alerts: Callable[[Record], None]) -> UpstreamTLS | None:
         if not config.upstream_tls:
             return None
         if config.upstream_ca_file:

@@ -65,6 +65,29 @@ def one_of(*choices: str) -> Callable[[str], str | None]:
     return check
 
 
+class Duration(float):
+    """Seconds, written in the config as a number of seconds or with a unit: 90, "90s", "15m", "2h"."""
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86_400}
+
+
+def parse_duration(value: object) -> Duration:
+    """A Duration from a number of seconds or a string such as "90s", "15m", "2h"; ValueError
+    (saying what is accepted) for anything else, negative numbers included."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("expected a duration: a number of seconds or e.g. \"90s\", \"15m\", \"2h\"")
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value)
+        if not match:
+            raise ValueError("expected a duration: a number of seconds or e.g. \"90s\", \"15m\", \"2h\"")
+        return Duration(float(match[1]) * _DURATION_UNITS[(match[2] or "s").lower()])
+    if value < 0 or value != value or value == float("inf"):
+        raise ValueError("a duration must be a finite number of seconds, 0 or more")
+    return Duration(value)
+
+
 def split_host_port(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)
@@ -106,6 +129,20 @@ class EnphaseConfig:
     upstream: str = setting(
         "https://reports.enphaseenergy.com:443", "The cloud reverse mode forwards to, https://host[:port].",
         check=lambda v: None if re.fullmatch(r"https?://[^/:\s]+(:\d{1,5})?/?", v) else "expected https://host[:port]")
+    fallback_after: Duration = setting(
+        Duration(0), "Once the cloud has been unreachable this long (seconds, or e.g. \"90s\", \"15m\", \"2h\"), "
+        "answer performance reports locally until it answers again; 0 = never (the default). For a cloud that is gone, "
+        "not one that blinks: a local answer makes the Envoy drop reports the cloud never got (docs/enphase.md).")
+    cloud_timeout: Duration = setting(
+        Duration(30), "Seconds (or e.g. \"30s\") the cloud may take to accept a connection or a TLS handshake before "
+        "it counts as unreachable (for enphase.fallback_after).",
+        check=lambda v: None if v > 0 else "must be greater than 0")
+
+    def __post_init__(self) -> None:
+        if self.fallback_after and self.local_mode:
+            raise ConfigError("enphase.fallback_after", self.fallback_after,
+                              "local mode already answers every report locally",
+                              "remove enphase.fallback_after, or set enphase.local_mode = false")
 
 
 RELAY_PROTOCOLS = ("alphaess", "foxess")
@@ -532,6 +569,11 @@ def _coerce(key: str, hint: Any, raw: Any, where: str, env: Mapping[str, str]) -
         if hint is int and isinstance(raw, float) and raw != value:
             raise ConfigError(key, raw, "expected a whole number", f"write an integer for {key}", where)
         return value
+    if hint is Duration:
+        try:
+            return parse_duration(raw)
+        except ValueError as exc:
+            raise ConfigError(key, raw, str(exc), f'write {key} = "90s" (or 90, "15m", "2h")', where) from None
     if hint is str:
         if isinstance(raw, str):
             return raw

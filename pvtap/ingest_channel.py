@@ -12,7 +12,7 @@ at that moment are announced to the new one.
     channel.start(wait_ready=30)               # IngestStartError if the store cannot be opened
     copies = channel.open(record, device)      # per relayed connection: chunk(), close()
     channel.payload(raw)                       # a whole payload (the addon, UDP datagrams)
-    channel.records(records)                   # records made here (alerts), stored as they are
+    channel.record(record)                     # a record of its own (the addon's enphase_fallback)
     channel.stats()                            # counts of both ends, flat
     await channel.idle()                       # tests: everything sent so far is decoded
     channel.close(timeout)                     # flush, end the channel, wait for the worker
@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -290,11 +290,9 @@ class Channel:
         """Queue a whole payload; False (counted) when it had to be dropped."""
         return self._enqueue(wire.payload(raw), len(raw.payload))
 
-    def records(self, records: Sequence[Record]) -> None:
-        """Queue records this side made (an alert) to be stored as they are. A control message:
-        never dropped for the copies' budget, and kept for the next worker when this one is down."""
-        if records:
-            self._enqueue_control(wire.records(records))
+    def record(self, record: Record) -> None:
+        """Queue a record that needs no decoding (rare, so always queued, like a control message)."""
+        self._enqueue_control(wire.record(record))
 
     def stats(self) -> dict[str, Any]:
         """Both ends' counts, flat: this side's (copies sent and dropped, buffered bytes, worker

@@ -14,7 +14,6 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +55,7 @@ def left_over(data_dir: Path, name: str, workers: int) -> dict[int, Path]:
 
 
 class ChannelPool:
-    """The channels of one forwarding process, used like one (`open`, `payload`, `records`, `stats`)."""
+    """The channels of one forwarding process, used like one (`open`, `payload`, `record`, `stats`)."""
 
     def __init__(self, channels: list[Channel]) -> None:
         self.channels = channels
@@ -101,10 +100,10 @@ class ChannelPool:
     def payload(self, raw: RawPayload) -> bool:
         return self._for(raw.origin.connection).payload(raw)
 
-    def records(self, records: Sequence[Record]) -> None:
+    def record(self, record: Record) -> None:
         """Always to the first worker: the records of one condition (an alert on, then off) land
         in one store, in order, so the latest one says how it stands."""
-        self.channels[0].records(records)
+        self.channels[0].record(record)
 
     def stats(self) -> dict[str, Any]:
         """Sums over the workers (numbers), and each worker's own under `workers`."""

@@ -11,8 +11,8 @@ forwarding process → worker                     worker → forwarding process
   CHUNK     conn u32, direction u8, ns i64, bytes  SNAPSHOT  json (the worker's counts)
   CLOSE     conn u32, json (the connection record) SYNCED    token u32
   PAYLOAD   json length u32, json, bytes (a whole payload: the addon, UDP)
+  RECORD    json (a record of the forwarding process's own, e.g. the addon's enphase_fallback)
   COUNTS    json (the forwarding side's own counts: copies dropped, …)
-  RECORDS   json (records the forwarding side made itself, stored as they are: alerts)
   SYNC      token u32 (answered once all before it is archived and decoded)
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from collections.abc import Sequence
 from typing import Any
 
 from pvtap.records import DOWN, UP, Origin, RawPayload, Record, from_ns, to_ns
@@ -44,7 +43,7 @@ class Kind(enum.IntEnum):
     PAYLOAD = 5
     COUNTS = 6
     SYNC = 7
-    RECORDS = 8
+    RECORD = 8
     READY = 20
     FAILED = 21
     OPAQUE = 22
@@ -85,9 +84,8 @@ def payload(raw: RawPayload) -> list[bytes]:
     return message(Kind.PAYLOAD, _PAYLOAD.pack(len(head)), head, raw.payload)
 
 
-def records(batch: Sequence[Record]) -> list[bytes]:
-    """Records as the store's rows (pvtap.store.rows): exactly what the worker stores."""
-    return control(Kind.RECORDS, [record_row(r) for r in batch])
+def record(r: Record) -> list[bytes]:
+    return control(Kind.RECORD, list(record_row(r)))
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -139,12 +137,12 @@ def read_chunk(body: bytes) -> tuple[int, str, int, bytes]:
     return conn, DIRECTIONS[direction], time_ns, body[_CHUNK.size:]
 
 
+def read_record(body: bytes) -> Record:
+    return record_from_row(json.loads(body))
+
+
 def read_payload(body: bytes) -> RawPayload:
     (size,) = _PAYLOAD.unpack_from(body)
     head = json.loads(body[_PAYLOAD.size:_PAYLOAD.size + size])
     origin = Origin(head["protocol"], head["device"], head["connection"], head["direction"])
     return RawPayload(origin, head["kind"], body[_PAYLOAD.size + size:], from_ns(head["received_ns"]), head["meta"])
-
-
-def read_records(body: bytes) -> list[Record]:
-    return [record_from_row(row) for row in json.loads(body)]

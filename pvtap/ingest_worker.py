@@ -362,8 +362,8 @@ class Worker:
             conn, doc = wire.conn_of(body)
             payloads, record = self.connections.close(conn, ConnectionRecord.from_wire(doc))
             self._queue([self._redact(p) for p in payloads], [record])
-        elif kind is Kind.RECORDS:
-            self._queue([], wire.read_records(body))
+        elif kind is Kind.RECORD:
+            self._queue([], [wire.read_record(body)])
         elif kind is Kind.COUNTS:
             self.counts.parent = {k: int(v) for k, v in wire.doc(body).items()}
         elif kind is Kind.SETTINGS:  # a worker in a thread was given them directly

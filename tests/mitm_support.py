@@ -24,7 +24,7 @@ from typing import Protocol
 REPO = Path(__file__).resolve().parent.parent
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 ADDON = REPO / "addons" / "enphase.py"
-READY = re.compile(r"listening at 127\.0\.0\.1:(\d+)\.")
+READY = re.compile(r"listening at \S+:(\d+)\.")  # 127.0.0.1:N, or *:N in transparent mode
 START_TIMEOUT = 30.0
 
 

@@ -191,9 +191,8 @@ async def test_records_made_by_the_forwarding_side_are_stored_as_they_are(store,
                    Origin(protocol="foxess"))]
     channel = Channel.thread(settings(store), codecs=lambda _p: codec).start(wait_ready=30)
     try:
-        channel.records(sent[:1])
-        channel.records([])  # nothing to send
-        channel.records(sent[1:])
+        for record in sent:
+            channel.record(record)
         await channel.idle()
     finally:
         assert channel.close(10)

@@ -90,8 +90,8 @@ def test_script_loads_as_mitmdump_loads_it(tmp_path: Path, monkeypatch: pytest.M
     with taddons.context() as tctx:
         module = tctx.script(str(ADDON_PATH))
         assert module is not None, "the script failed to load (see the log)"
-        (addon,) = module.addons
-        assert isinstance(addon, module.EnphaseTap)
+        addon, fallback = module.addons
+        assert isinstance(addon, module.EnphaseTap) and fallback is addon.fallback
         # loading ran configure, which validates but writes nothing (`mitmdump --options` loads it too)
         assert addon.settings.data_dir == tmp_path / "from-env"
         assert not (tmp_path / "from-env").exists()

@@ -55,8 +55,11 @@ class ProxyPath:
         if not (self.data_dir / "enphase.sqlite").exists():
             return len(self.cloud.received()), 0, 0
         with self.store() as store:
-            last = next(store.records(newest_first=True, limit=1), None)
-            newest_raw = max([r.id for r in store.raw_payloads()], default=0)
+            try:
+                last = next(store.records(newest_first=True, limit=1), None)
+                newest_raw = max([r.id for r in store.raw_payloads()], default=0)
+            except sqlite3.OperationalError:  # the addon created the file but not its tables yet
+                return len(self.cloud.received()), 0, 0
             return len(self.cloud.received()), newest_raw, last.id if last else 0
 
     def new_raws(self, after: int, count: int, *, decoded: bool = True) -> list[StoredRaw]:

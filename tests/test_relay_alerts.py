@@ -44,7 +44,7 @@ def _expected(endpoint: str, seen: str, tail: str = "") -> str:
 def test_a_mismatch_is_logged_when_it_starts_then_every_interval_then_when_it_ends(caplog) -> None:
     now = [1000.0]
     records: list[Record] = []
-    alarm = PinMismatch(_listener(), records.extend, repeat=600, clock=lambda: now[0])
+    alarm = PinMismatch(_listener(), records.append, repeat=600, clock=lambda: now[0])
     seen = "ab" * 32
     with caplog.at_level(logging.INFO, logger="proxy_tcp.alerts"):
         for moment in (1000, 1010, 1500, 1599):  # four connections within ten minutes: one line
@@ -69,7 +69,7 @@ def test_a_mismatch_is_logged_when_it_starts_then_every_interval_then_when_it_en
 
 def test_status_shows_an_alert_only_while_it_lasts(data_dir: Path) -> None:
     records: list[Record] = []
-    alarm = PinMismatch(_listener(), records.extend)
+    alarm = PinMismatch(_listener(), records.append)
     alarm.mismatch(CLOUD, "ab" * 32)
     with LocalStore.for_process(data_dir, "relay") as store:
         store.append(records)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pvtap.config import Config, ConfigError, env_warnings, load_config
 
-COMMANDS = ("run", "relay", "forward", "status", "deadletters", "tail", "devices", "export", "replay",
+COMMANDS = ("run", "relay", "forward", "status", "deadletters", "tail", "devices", "export", "replay", "import_",
             "simulate", "demo", "certs")
 
 DESCRIPTION = """\
