@@ -275,7 +275,7 @@ class EnphaseTap:
             return
         config = settings.config
         worker = WorkerSettings.of(store.path, privacy, config.influx, config.ingest.queue_mb * 2**20,
-                                   config.log_level)
+                                   config.log_level, mqtt=config.mqtt)
         self.channel = Channel.process(worker, name="enphase ingest").start()
         self.peers = PeerNames(privacy)
         self.store_path = store.path

@@ -396,6 +396,75 @@ class IngestConfig:
         check=lambda v: None if 1 <= v <= 4096 else "must be between 1 and 4096")
 
 
+_MQTT_URL = re.compile(r"(mqtts?)://(\[[0-9a-fA-F:]+\]|[^/:\s@\[\]]+)(?::(\d{1,5}))?/?")
+
+
+def _mqtt_url(value: str) -> str | None:
+    match = _MQTT_URL.fullmatch(value)
+    if not value or (match and 0 < int(match[3] or 1883) < 65536):
+        return None
+    return "expected mqtt://host[:port] or mqtts://host[:port] (user and password go in mqtt.username/password)"
+
+
+def broker_address(url: str) -> tuple[str, int, bool]:
+    """(host, port, tls) of a valid mqtt.url; the port defaults to 1883, or 8883 for mqtts."""
+    match = _MQTT_URL.fullmatch(url)
+    assert match, f"not a checked mqtt.url: {url!r}"
+    tls = match[1] == "mqtts"
+    return match[2].strip("[]"), int(match[3] or (8883 if tls else 1883)), tls
+
+
+def _topic_prefix(value: str) -> str | None:
+    if not value or value.startswith("/") or value.endswith("/") or any(c in value for c in "#+\0 "):
+        return "expected a topic prefix such as pvtap: no leading or trailing /, no #, + or spaces"
+    return None
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """Publishing to an MQTT broker, with Home Assistant discovery (docs/mqtt.md)."""
+
+    url: str = setting("", "Broker URL: mqtt://host[:port] (1883) or mqtts://host[:port] (8883, TLS); empty: no MQTT.",
+                       check=_mqtt_url)
+    username: str = setting("", "User name at the broker (empty: connect without one).")
+    password: str = setting("", "Password at the broker (with mqtt.username).")
+    ca_file: str = setting("", "PEM file with the CA that signed the broker's certificate, for mqtts:// (empty: the "
+                           "system CAs).", check=_existing_file,
+                           fix="point mqtt.ca_file at an existing PEM file or leave it empty")
+    client_id: str = setting("pvtap", "Client id at the broker; each publisher adds its name (pvtap-relay, "
+                             "pvtap-enphase, pvtap-mqtt), so several can connect at once.",
+                             check=lambda v: None if re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", v)
+                             else "use 1-40 letters, digits and _ . -")
+    topic_prefix: str = setting("pvtap", "First level of pvtap's topics: <prefix>/<vendor>/<serial>/state.",
+                                check=_topic_prefix)
+    discovery: bool = setting(True, "Publish Home Assistant MQTT discovery configs (one per sensor, retained).")
+    discovery_prefix: str = setting("homeassistant", "Home Assistant's discovery prefix (its MQTT integration "
+                                    "setting; also where it announces itself: <prefix>/status).",
+                                    check=_topic_prefix)
+    min_interval_s: float = setting(10.0, "Publish a device's state at most this often; what comes in between is "
+                                    "merged and its newest values sent when the interval is over (0: every update).",
+                                    check=_at_least(0.0))
+    offline_after_s: float = setting(900.0, "A device is shown offline after this long without a record from it "
+                                     "(Envoys on low-bandwidth reporting send a few times a day: raise it for them).",
+                                     check=positive)
+    exclude: list[str] = setting([], "Serials (as stored: pseudonyms when privacy.pseudonymize_serials is on) never "
+                                 "published; their retained topics are cleared at start. An Envoy's serial "
+                                 "excludes its microinverters too.")
+    retry_max_s: float = setting(60.0, "Longest wait between connection attempts (the wait doubles from 1 s; a refused "
+                                 "password waits this long at once).", check=positive)
+
+    def __post_init__(self) -> None:
+        if self.password and not self.username:
+            raise ConfigError("mqtt.password", "***", "a password without a user name",
+                              "set mqtt.username too, or remove mqtt.password")
+        if self.ca_file and not self.url.startswith("mqtts://"):
+            raise ConfigError("mqtt.ca_file", self.ca_file, "a CA file is only used for TLS",
+                              "use an mqtts:// URL in mqtt.url, or remove mqtt.ca_file")
+        if self.discovery and self.discovery_prefix == self.topic_prefix:
+            raise ConfigError("mqtt.topic_prefix", self.topic_prefix, "the same as mqtt.discovery_prefix",
+                              "give pvtap's topics their own prefix (the default is pvtap)")
+
+
 @dataclass(frozen=True)
 class Config:
     data_dir: Path = setting(Path("./data"), "Directory holding the local SQLite stores.")
@@ -405,6 +474,7 @@ class Config:
     relay: RelayConfig = setting(RelayConfig(), "")
     influx: InfluxConfig = setting(InfluxConfig(), "")
     ingest: IngestConfig = setting(IngestConfig(), "")
+    mqtt: MqttConfig = setting(MqttConfig(), "")
 
 
 # -- loading ----------------------------------------------------------------------------------

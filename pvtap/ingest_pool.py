@@ -73,7 +73,8 @@ class ChannelPool:
             for index in range(workers):
                 adopt = [path for k, path in orphans.items() if k % workers == index]
                 settings = WorkerSettings.of(store_path(data_dir, name, index), privacy, config.influx,
-                                             config.ingest.queue_mb * 2**20, config.log_level, adopt)
+                                             config.ingest.queue_mb * 2**20, config.log_level, adopt,
+                                             config.mqtt)
                 channels.append(Channel.process(settings, name=f"{name} ingest {index}").start(wait_ready))
         except BaseException:
             for channel in channels:

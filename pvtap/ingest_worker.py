@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pvtap import ingest_wire as wire
-from pvtap.config import InfluxConfig
+from pvtap.config import InfluxConfig, MqttConfig
 from pvtap.decode import codec_for
 from pvtap.files import open_private
 from pvtap.ingest import Codecs, Ingest
@@ -54,6 +54,7 @@ from pvtap.records import RawPayload, Record
 from pvtap.store.local import IngestStatus, LocalStore
 
 if TYPE_CHECKING:
+    from pvtap.mqtt.thread import PublisherThread
     from pvtap.store.supervisor import SupervisedForwarder
 
 log = logging.getLogger("pvtap.ingest")
@@ -84,6 +85,7 @@ class WorkerSettings:
     adopt: list[str] = field(default_factory=list)  # stores left by more workers: decode and forward their backlog
     privacy: dict[str, Any] = field(default_factory=dict)  # Privacy fields, bytes as hex
     influx: dict[str, Any] = field(default_factory=dict)  # InfluxConfig fields; url "" = no forwarder
+    mqtt: dict[str, Any] = field(default_factory=dict)  # MqttConfig fields; url "" (or none) = no MQTT publisher
     queue_bytes: int = 32 * 2**20
     log_level: str = "info"
     parent_pid: int = 0
@@ -93,12 +95,12 @@ class WorkerSettings:
 
     @classmethod
     def of(cls, store: Path, privacy: Privacy, influx: InfluxConfig, queue_bytes: int, log_level: str = "info",
-           adopt: list[Path] | None = None) -> WorkerSettings:
+           adopt: list[Path] | None = None, mqtt: MqttConfig | None = None) -> WorkerSettings:
         fields = {f.name: getattr(privacy, f.name) for f in dataclasses.fields(privacy)}
         return cls(store=str(store), adopt=[str(p) for p in adopt or []],
                    privacy={k: v.hex() if isinstance(v, bytes) else v for k, v in fields.items()},
-                   influx=dataclasses.asdict(influx), queue_bytes=queue_bytes, log_level=log_level,
-                   parent_pid=os.getpid())
+                   influx=dataclasses.asdict(influx), mqtt=dataclasses.asdict(mqtt) if mqtt else {},
+                   queue_bytes=queue_bytes, log_level=log_level, parent_pid=os.getpid())
 
     def make_privacy(self) -> Privacy:
         hints = {f.name: str(f.type) for f in dataclasses.fields(Privacy)}
@@ -236,6 +238,7 @@ class Worker:
         self.ingest: Ingest | None = None
         self.adopted: list[Ingest] = []
         self.forwarders: list[SupervisedForwarder] = []  # one per store, with [influx] url
+        self.mqtt: PublisherThread | None = None  # with [mqtt] url: one connection for all the worker's stores
 
     # -- the whole life ------------------------------------------------------------------------
 
@@ -276,11 +279,22 @@ class Worker:
             self._threads.append(thread)
         for forwarder in self.forwarders:
             forwarder.start()
+        self._start_mqtt()
         try:
             self._read()
         finally:
             self.stop()
         return 0
+
+    def _start_mqtt(self) -> None:
+        """The MQTT publisher of this worker's stores, named after the store (relay, relay-1, enphase)."""
+        mqtt = MqttConfig(**self.settings.mqtt) if self.settings.mqtt else MqttConfig()
+        if not mqtt.url:
+            return
+        from pvtap.mqtt.thread import PublisherThread  # aiomqtt: only when it is used
+
+        paths = [i.store.path for i in [self.ingest, *self.adopted] if i is not None]
+        self.mqtt = PublisherThread(mqtt, paths[0].stem, lambda: paths).start()
 
     def _adopt(self) -> list[LocalStore]:
         stores = []
@@ -313,8 +327,12 @@ class Worker:
             thread.join(ARCHIVE_STOP_GRACE_S + DECODE_STOP_GRACE_S + 5)
         for forwarder in self.forwarders:
             forwarder.stop_soon()
+        if self.mqtt is not None:
+            self.mqtt.publisher.stop()
         for forwarder in self.forwarders:
             forwarder.stop()
+        if self.mqtt is not None and not self.mqtt.stop():
+            log.warning("ingest worker: the MQTT publisher did not stop in time")
         self._write_status(running=False)
         self._locks.close()
         log.info("ingest worker stopped: %s", self._summary())
@@ -524,6 +542,7 @@ class Worker:
             "redact_errors": i.redact_errors, "decode_backlog": backlog,
         }
         out.update(forwarder_state(self.forwarders))
+        out.update(mqtt_state(self.mqtt))
         return out
 
     def _write_status(self, running: bool) -> None:
@@ -572,6 +591,17 @@ def forwarder_state(forwarders: list[SupervisedForwarder]) -> dict[str, Any]:
     return {"forwarder": worst.state, "forwarder_error": worst.error,
             "forwarder_backlog": sum(s.backlog for s in states),
             "forwarder_restarts": sum(f.restarts for f in forwarders)}
+
+
+def mqtt_state(publisher: PublisherThread | None) -> dict[str, Any]:
+    """The MQTT publisher's state, for the snapshot (`mqtt`: off, connecting, connected, failing,
+    stopped, dead)."""
+    if publisher is None:
+        return {"mqtt": "off"}
+    snap = publisher.snapshot()
+    return {"mqtt": snap.state if publisher.running else "dead", "mqtt_published": snap.published,
+            "mqtt_backlog": snap.backlog, "mqtt_devices": snap.devices, "mqtt_error": snap.last_error,
+            "mqtt_refused": snap.refused}
 
 
 # -- as a process --------------------------------------------------------------------------------

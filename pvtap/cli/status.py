@@ -1,5 +1,5 @@
 """`pvtap status`: per local store, the alerts that need a person (proxy_tcp.alerts), and how ingest
-(archive, decoding, dropped copies) and delivery to InfluxDB are going."""
+(archive, decoding, dropped copies) and delivery to InfluxDB and MQTT are going."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pvtap.cli._common import iso_utc
 from pvtap.config import Config
+from pvtap.mqtt.follow import MqttStatus
+from pvtap.mqtt.follow import read_status as read_mqtt
 from pvtap.records import Record, from_ns
 from pvtap.store.delivery import DeliveryStatus, read_status
 from pvtap.store.local import IngestStatus, LocalStore, store_paths
@@ -21,13 +23,14 @@ STALE_S = 30.0
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "status", help="alerts, decode backlog, dropped copies, and delivery to InfluxDB of each local store",
+        "status", help="alerts, decode backlog, dropped copies, delivery to InfluxDB and MQTT of each local store",
         description="Show, per local store in the data directory, the alerts that need you (e.g. a cloud "
                     "certificate that no longer matches its pin), its ingest worker (running or not, payloads "
                     "archived but not decoded yet, copies dropped because it was busy or down) and what InfluxDB "
                     "has not received yet (backlog and its oldest record), the last accepted write, the last "
-                    "error, the delivery rate, the forwarder's state and the dead letters. Reads the stores "
-                    "only; works while pvtap runs.")
+                    "error, the delivery rate, the forwarder's state and the dead letters, and the MQTT "
+                    "publisher (connected or not, messages published, records not read yet, its last error). Reads "
+                    "the stores only; works while pvtap runs.")
     parser.add_argument("--json", action="store_true", help="one JSON object per store, one per line")
     parser.set_defaults(func=run)
 
@@ -75,11 +78,13 @@ def run(args: argparse.Namespace, config: Config) -> int:
     states = [read_status(p) for p in paths]
     ingests = [read_ingest(p) for p in paths]
     alerts = [active_alerts(p) for p in paths]
+    mqtts = [read_mqtt(p) for p in paths]
     if args.json:
-        for s, (backlog, row), active in zip(states, ingests, alerts):
+        for s, (backlog, row), active, mqtt in zip(states, ingests, alerts, mqtts):
             doc = dataclasses.asdict(s)
             doc["ingest"] = {"decode_backlog": backlog, **(dataclasses.asdict(row) if row else {})}
             doc["alerts"] = [dataclasses.asdict(a) for a in active]
+            doc["mqtt"] = dataclasses.asdict(mqtt) if mqtt else None
             print(json.dumps(doc, sort_keys=True))
         return 0
     target = (f"{config.influx.url} (org {config.influx.org}, bucket {config.influx.bucket})"
@@ -87,9 +92,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
     print(f"InfluxDB: {target}")
     bound = f"{config.influx.max_store_mb} MiB each" if config.influx.max_store_mb else "none"
     print(f"data dir: {config.data_dir}  (store size bound: {bound})")
-    for s, (backlog, row), active in zip(states, ingests, alerts):
+    print(f"MQTT: {config.mqtt.url or 'not configured (mqtt.url is empty)'}")
+    for s, (backlog, row), active, mqtt in zip(states, ingests, alerts, mqtts):
         print()
-        lines = describe(s, ingest=(backlog, row))
+        lines = describe(s, ingest=(backlog, row)) + describe_mqtt(mqtt)
         lines[1:1] = [f"  ALERT          since {a.since}, last {a.last}: {a.message}" for a in active]
         print("\n".join(lines))
     return 0
@@ -144,6 +150,28 @@ def describe_ingest(backlog: int, row: IngestStatus | None, now_ns: int) -> list
     if row.forwarder != "off":
         loud = row.forwarder.upper() if row.forwarder in ("stuck", "failing", "restarting") else row.forwarder
         lines.append(f"  forwarder      {loud}" + (f": {row.forwarder_error}" if row.forwarder_error else ""))
+    return lines
+
+
+def describe_mqtt(m: MqttStatus | None, now_ns: int | None = None) -> list[str]:
+    """The MQTT publisher of a store: connected or why not, messages, devices, records not read yet."""
+    if m is None:
+        return []
+    now_ns = now_ns or time.time_ns()
+    stale = (now_ns - m.updated_ns) / 1e9 > STALE_S
+    if not m.running:
+        state = f"stopped {_when(m.updated_ns, now_ns)}"
+    elif stale:
+        state = f"NOT RUNNING? its last status is from {_when(m.updated_ns, now_ns)}"
+    elif m.connected:
+        state = f"connected to {m.broker}"
+    else:
+        state = f"NOT CONNECTED to {m.broker}"
+    lines = [f"  mqtt           {state} ({m.publisher}, pid {m.pid})",
+             f"  mqtt messages  {m.published} published, {m.devices} devices, {m.backlog} records not read yet"]
+    if m.last_error and m.last_error_ns:
+        lines.append(f"  mqtt error     {_when(m.last_error_ns, now_ns)}: {m.last_error}"
+                     + (" (since recovered)" if m.connected else ""))
     return lines
 
 

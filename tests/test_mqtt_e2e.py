@@ -1,0 +1,278 @@
+"""MQTT end to end: simulated Enphase, AlphaESS, FoxESS M1 and H1 devices through the real addon
+(mitmdump) and the real relay (a process), their ingest workers publishing to a real mosquitto.
+
+The broker must hold retained discovery configs and state for every device, each config with
+what Home Assistant requires, the state equal to the records in the stores; unique_ids stay the
+same across a restart. kill -9 of the relay and its worker makes the broker publish the last
+will; the restarted relay says online again and resumes at its cursor without publishing
+history. A broker that is down while devices send holds up neither forwarding nor storing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pvtap.certs import foxess_pair
+from pvtap.simulate.alphaess import PLACEHOLDER_SERIAL as ALPHA_SERIAL
+from pvtap.simulate.alphaess import run_simulator
+from pvtap.simulate.alphaess_cloud import AlphaCloud
+from pvtap.simulate.enphase import Simulator, encode_body, post_report
+from pvtap.simulate.enphase_cloud import EnphaseCloud
+from pvtap.simulate.foxess_cloud import FoxCloud
+from pvtap.simulate.foxess_h1 import SERIAL as H1_SERIAL
+from pvtap.simulate.foxess_h1 import H1Simulator
+from pvtap.simulate.foxess_m1 import SERIAL as M1_SERIAL
+from pvtap.simulate.foxess_m1 import M1Simulator
+from pvtap.store.local import LocalStore
+from tests.conftest import free_port
+from tests.mitm_support import Mitmdump
+from tests.mqtt_support import Mosquitto, Watcher, mqtt_cursor, wait_until
+from tests.relay_support import RelayProcess
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+HOST = "reports.enphaseenergy.com"
+REPORT = f"https://{HOST}/emu_reports/performance_report?webcomm_version=3.0"
+DAYTIME = 1699956000  # 2023-11-14 10:00 UTC: the simulated micros produce
+ENVOY = "999900000000"
+REQUIRED = {"name", "unique_id", "state_topic", "value_template", "availability", "device"}
+
+
+def state_topic(vendor: str, serial: str) -> str:
+    return f"pvtap/{vendor}/{serial}/state"
+
+
+@dataclass
+class Clouds:
+    alpha: AlphaCloud
+    m1: FoxCloud
+    h1: FoxCloud
+
+
+def relay_config(path: Path, broker: Mosquitto, clouds: Clouds | None, cert: tuple[Path, Path] | None) -> Path:
+    lines = ["[mqtt]", f'url = "{broker.url}"', "min_interval_s = 0", "retry_max_s = 2", "", "[ingest]",
+             "workers = 1"]
+    if clouds is not None:
+        assert cert is not None
+        lines += ["[[relay.listeners]]", 'protocol = "alphaess"', f'listen = "127.0.0.1:{free_port()}"',
+                  f'upstream = "127.0.0.1:{clouds.alpha.port}"',
+                  "[[relay.listeners]]", 'protocol = "foxess"', f'listen = "127.0.0.1:{free_port()}"',
+                  f'upstream = "127.0.0.1:{clouds.m1.port}"', f'tls_cert = "{cert[0]}"', f'tls_key = "{cert[1]}"',
+                  "upstream_tls = true", f'upstream_pin_sha256 = "{clouds.m1.fingerprint}"',
+                  "[[relay.listeners]]", 'protocol = "foxess"', f'listen = "127.0.0.1:{free_port()}"',
+                  f'upstream = "127.0.0.1:{clouds.h1.port}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def ports(config: Path) -> list[int]:
+    """The relay listeners' ports, in the order of the file."""
+    return [int(p) for p in re.findall(r'listen = "127.0.0.1:(\d+)"', config.read_text())]
+
+
+def records(store: Path, *measurements: str) -> list:
+    with LocalStore(store, readonly=True) as s:
+        return [r.record for r in s.records(measurements=list(measurements))]
+
+
+def newest(recs: list, field: str):
+    """The value of `field` in the newest-timed record that has it, the last stored of those with the
+    same time (the publisher's rule; devices send several samples within one second of their clock)."""
+    having = [r for r in recs if field in r.fields]  # in id order
+    return max(enumerate(having), key=lambda item: (item[1].time, item[0]))[1].fields[field]
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    with Mosquitto(tmp_path) as b:
+        yield b
+
+
+async def test_every_device_through_the_addon_and_the_relay(tmp_path, broker):
+    data = tmp_path / "data"
+    cert = foxess_pair(tmp_path / "certs")
+    with EnphaseCloud(cert_dir=tmp_path / "enphase-cloud") as enphase_cloud:
+        async with AlphaCloud() as alpha, FoxCloud(tls=True) as m1_cloud, FoxCloud(tls=False, ack_bootstrap=False) \
+                as h1_cloud:
+            clouds = Clouds(alpha, m1_cloud, h1_cloud)
+            config = relay_config(tmp_path / "pvtap.toml", broker, clouds, cert)
+            relay = RelayProcess(["--config", str(config)], data)
+            await asyncio.to_thread(relay.start)
+            proxy = Mitmdump.reverse(tmp_path, enphase_cloud, data_dir=data, extra=["--set", f"pvtap_config={config}"])
+            await asyncio.to_thread(proxy.start)
+            try:
+                alpha_port, m1_port, h1_port = ports(config)
+                alpha_run = await run_simulator("127.0.0.1", alpha_port, interval=0.05, extended_every=0.2, count=5,
+                                                backfill_rows=3)
+                m1 = M1Simulator(seed=3)
+                assert await m1.run_cloud("127.0.0.1", m1_port, count=2, interval=0.05, linger=0.3) == 2
+                h1 = H1Simulator(seed=4)
+                assert await h1.run("127.0.0.1", h1_port, count=2, interval=0.05, linger=0.3) == 2
+                sim = Simulator(micros=2, start=DAYTIME)
+                bodies = [encode_body(sim.next_report().xml) for _ in range(2)]
+                for body in bodies:
+                    response = await asyncio.to_thread(post_report, REPORT, body, connect=("127.0.0.1", proxy.port),
+                                                       cafile=str(proxy.ca_cert))
+                    assert response.status == 200
+                micros = [f"{ENVOY[:-1]}{i + 1}" for i in range(2)]
+                devices = [("alphaess", ALPHA_SERIAL), ("foxess", M1_SERIAL), ("foxess", H1_SERIAL),
+                           ("enphase", ENVOY), *[("enphase", m) for m in micros]]
+                with Watcher(broker) as watch:
+                    watch.wait_for(lambda: all(state_topic(*d) in {**watch.retained_at_subscribe, **watch.last}
+                                               for d in devices), 60, "every device's state")
+                # forwarding was untouched
+                assert alpha_run.sent == alpha.received and alpha_run.received == alpha.sent
+                assert [r.body for r in enphase_cloud.received()] == bodies
+                wait_until(lambda: all(mqtt_cursor(data / f"{s}.sqlite")[0] == mqtt_cursor(data / f"{s}.sqlite")[1]
+                                       for s in ("relay", "enphase")), what="both publishers to catch up")
+                first = await asyncio.to_thread(settled, broker, devices)
+            finally:
+                await asyncio.to_thread(proxy.stop)
+                assert await asyncio.to_thread(relay.stop) == 0, relay.text
+
+    relay_store, enphase_store = data / "relay.sqlite", data / "enphase.sqlite"
+    # -- discovery: what Home Assistant requires, energy sensors for the Energy dashboard
+    configs = {t: json.loads(p) for t, p in first.items() if t.startswith("homeassistant/sensor/")}
+    assert len({c["unique_id"] for c in configs.values()}) == len(configs)
+    for topic, c in configs.items():
+        assert set(c) >= REQUIRED, topic
+        assert c["state_topic"] in first and c["availability"][1]["topic"] in first
+        if c.get("device_class") == "energy":
+            assert c["state_class"] == "total_increasing" and c["unit_of_measurement"] in ("Wh", "kWh")
+    energy = {c["unique_id"] for c in configs.values() if c.get("device_class") == "energy"}
+    assert {f"pvtap_alphaess_{ALPHA_SERIAL}_pv_energy", f"pvtap_foxess_{M1_SERIAL}_energy",
+            *(f"pvtap_enphase_{m}_energy" for m in micros)} <= energy
+    assert first["pvtap/bridge/relay/availability"] == first["pvtap/bridge/enphase/availability"] == b"online"
+    stopped = broker.retained()  # both stopped: each said so
+    assert stopped["pvtap/bridge/relay/availability"] == stopped["pvtap/bridge/enphase/availability"] == b"offline"
+
+    # -- state: equal to the stores' records
+    alpha_state = json.loads(first[state_topic("alphaess", ALPHA_SERIAL)])
+    samples = records(relay_store, "alphaess_realtime", "alphaess_extended", "alphaess_backfill")
+    assert alpha_state["battery_power"] == newest(samples, "Pbat")
+    assert alpha_state["soc"] == newest(samples, "SOC")
+    assert alpha_state["pv_energy"] == newest(samples, "EpvTotal")
+    m1_state = json.loads(first[state_topic("foxess", M1_SERIAL)])
+    telemetry = records(relay_store, "foxess_telemetry")
+    assert m1_state["energy"] == newest(telemetry, "generation_total_kwh")
+    assert m1_state["power"] == newest(telemetry, "ac_power_w")
+    h1_state = json.loads(first[state_topic("foxess", H1_SERIAL)])
+    assert h1_state["pv1_power"] == newest(records(relay_store, "foxess_h1_realtime"), "pv1_power_w")
+    intervals = records(enphase_store, "enphase_interval")
+    for micro in micros:
+        mine = [r for r in intervals if r.tags["eqid"] == f"{micro}.1"]
+        state = json.loads(first[state_topic("enphase", micro)])
+        assert state["energy"] == pytest.approx(sum(r.fields["energy_wh"] for r in mine), abs=1e-5)
+        assert state["power"] == round(newest(mine, "avg_power_w"), 6)
+
+    # -- a restart publishes the same configs (unique_ids stable)
+    config = relay_config(tmp_path / "pvtap.toml", broker, None, None)
+    relay = RelayProcess(["--config", str(config), "--protocol", "alphaess", "--listen", "127.0.0.1:0",
+                          "--policy", "local"], data)
+    await asyncio.to_thread(relay.start)
+    try:
+        with Watcher(broker) as watch:
+            watch.wait_for(lambda: watch.last.get("pvtap/bridge/relay/availability") == b"online")
+        again = await asyncio.to_thread(broker.retained)
+    finally:
+        assert await asyncio.to_thread(relay.stop) == 0
+    assert {t: p for t, p in again.items() if t in configs} == {t: p for t, p in first.items() if t in configs}
+
+
+def settled(broker: Mosquitto, devices: list[tuple[str, str]]) -> dict[str, bytes]:
+    """What the broker holds retained once every device's state is there."""
+    held = broker.retained()
+    assert all(state_topic(*d) in held for d in devices), sorted(held)
+    return held
+
+
+def worker_pid(relay: RelayProcess) -> int:
+    assert relay.proc is not None
+    children = Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text().split()
+    (pid,) = [int(c) for c in children if "ingest_worker" in Path(f"/proc/{c}/cmdline").read_text()]
+    return pid
+
+
+async def test_kill_9_gives_the_last_will_and_a_restart_resumes_without_history(tmp_path, broker):
+    data = tmp_path / "data"
+    async with AlphaCloud() as alpha:
+        config = relay_config(tmp_path / "pvtap.toml", broker, None, None)
+        argv = ["--config", str(config), "--protocol", "alphaess", "--listen", "127.0.0.1:0", "--upstream",
+                f"127.0.0.1:{alpha.port}"]
+        relay = RelayProcess(argv, data)
+        await asyncio.to_thread(relay.start)
+        store = data / "relay.sqlite"
+        with Watcher(broker) as watch:
+            await run_simulator("127.0.0.1", relay.port, interval=0.05, extended_every=0.2, count=4, backfill_rows=2)
+            wait_until(lambda: 0 < mqtt_cursor(store)[0] == mqtt_cursor(store)[1], what="the publisher to catch up")
+            watch.wait_for(lambda: watch.last.get("pvtap/bridge/relay/availability") == b"online")
+            last_state = json.loads(await asyncio.to_thread(lambda: broker.retained()[state_topic("alphaess",
+                                                                                                 ALPHA_SERIAL)]))
+            cursor = mqtt_cursor(store)[0]
+            os.kill(worker_pid(relay), signal.SIGKILL)  # the MQTT connection's process, then the relay
+            assert relay.proc is not None
+            relay.proc.kill()
+            await asyncio.to_thread(relay.proc.wait)
+            watch.wait_for(lambda: watch.last.get("pvtap/bridge/relay/availability") == b"offline",
+                           what="the last will")
+            before_restart = len(watch.messages)
+
+            relay = RelayProcess(argv, data)
+            await asyncio.to_thread(relay.start)
+            try:
+                watch.wait_for(lambda: watch.last.get("pvtap/bridge/relay/availability") == b"online",
+                               what="online again")
+                wait_until(lambda: mqtt_cursor(store)[0] == mqtt_cursor(store)[1])
+                assert mqtt_cursor(store)[0] >= cursor
+                await run_simulator("127.0.0.1", relay.port, interval=0.05, extended_every=0.2, count=2,
+                                    backfill_rows=0)
+                watch.wait_for(lambda: json.loads(watch.last[state_topic("alphaess", ALPHA_SERIAL)])["time"]
+                               > last_state["time"], what="the new state")
+            finally:
+                assert await asyncio.to_thread(relay.stop) == 0
+            after = [m.json() for m in watch.messages[before_restart:]
+                     if m.topic == state_topic("alphaess", ALPHA_SERIAL) and m.payload]
+    # no history: the first state after the restart is the one it had, then only newer ones
+    assert after[0] == last_state
+    assert all(s["time"] > last_state["time"] for s in after[1:])
+
+
+async def test_broker_down_holds_up_neither_forwarding_nor_storing(tmp_path):
+    data = tmp_path / "data"
+    broker = Mosquitto(tmp_path)  # down while the battery sends
+    async with AlphaCloud() as alpha:
+        config = relay_config(tmp_path / "pvtap.toml", broker, None, None)
+        relay = RelayProcess(["--config", str(config), "--protocol", "alphaess", "--listen", "127.0.0.1:0",
+                              "--upstream", f"127.0.0.1:{alpha.port}"], data)
+        await asyncio.to_thread(relay.start)
+        try:
+            result = await run_simulator("127.0.0.1", relay.port, interval=0.02, extended_every=0.1, count=20,
+                                         backfill_rows=0)
+            assert result.sent == alpha.received and result.received == alpha.sent  # forwarded byte for byte
+            store = data / "relay.sqlite"
+            wait_until(lambda: len(records(store, "alphaess_realtime")) == 20, what="20 realtime records stored")
+            await asyncio.to_thread(broker.start)
+            with Watcher(broker) as watch:
+                realtime = records(store, "alphaess_realtime")
+                want = newest(realtime, "Pbat")
+                watch.wait_for(lambda: state_topic("alphaess", ALPHA_SERIAL) in {**watch.retained_at_subscribe,
+                                                                                  **watch.last}, 60, "the state")
+                states = [m.json() for m in watch.on(state_topic("alphaess", ALPHA_SERIAL))]
+                held = json.loads({**watch.retained_at_subscribe, **watch.last}[state_topic("alphaess",
+                                                                                          ALPHA_SERIAL)])
+            assert held["battery_power"] == want
+            assert len(states) <= 1  # the latest only, not the 20 stored meanwhile
+        finally:
+            assert await asyncio.to_thread(relay.stop) == 0
+            broker.stop()
+    assert "mqtt: connected to" in relay.text and "cannot connect" in relay.text
+
