@@ -10,8 +10,10 @@ PYTHON ?= $(shell scripts/find-python)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # real servers and tools the tests drive (socat: bench/relay.py compares against it; tcpdump: the
-# `pvtap import` tests capture the simulators' traffic with it; mosquitto: the MQTT broker)
-DEBIAN_PACKAGES := influxdb victoria-metrics iptables nftables iproute2 socat tcpdump mosquitto mosquitto-clients
+# `pvtap import` tests capture the simulators' traffic with it; mosquitto: the MQTT broker; prometheus
+# scrapes /metrics; docker-compose parses compose.yaml)
+DEBIAN_PACKAGES := influxdb victoria-metrics iptables nftables iproute2 socat tcpdump mosquitto mosquitto-clients \
+	prometheus docker-compose
 
 run: install
 	$(VENV)/bin/pvtap run

@@ -23,6 +23,7 @@ the line that replaces mitmproxy's "Transparent mode failure" (NotRedirectedLine
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -38,8 +39,10 @@ from OpenSSL import SSL
 from pvtap import datadir
 from pvtap.config import Config, ConfigError, env_warnings, load_config, parse_duration
 from pvtap.decode.enphase import build_response, event_ids, report_kind
+from pvtap.health import Health
 from pvtap.ingest_channel import Channel
 from pvtap.ingest_worker import WorkerSettings
+from pvtap.metrics import FlowTraffic, WorkerStats
 from pvtap.peers import PeerNames
 from pvtap.privacy import Privacy
 from pvtap.records import DOWN, UP, Origin, RawPayload, Record, now_utc
@@ -76,6 +79,8 @@ class EnphaseTap:
         self.store_path: Path | None = None
         self.peers = PeerNames()  # the Envoy's address in the log, as the privacy settings allow
         self.fallback = CloudFallback(self._store_record)
+        self.health: Health | None = None  # /healthz, /readyz, /metrics (health.enphase_listen)
+        self.traffic = FlowTraffic("enphase")
 
     def load(self, loader) -> None:
         logging.getLogger(MITMPROXY_SERVER_LOG).addFilter(self._name_client)
@@ -145,9 +150,32 @@ class EnphaseTap:
 
     def running(self) -> None:
         """Open the store and start the ingest worker: before the first request can complete
-        (mitmproxy runs this right after its servers start listening)."""
+        (mitmproxy runs this right after its servers start listening). Then serve the health
+        endpoints; an address that cannot be used stops mitmproxy, as a busy listen port does."""
         if self.channel is None:
             self._start_ingest()
+        if self.health is None and self.settings is not None:
+            health_config = self.settings.config.health
+            try:
+                self.health = Health("enphase", health_config).serve(health_config.enphase_listen,
+                                                                     "health.enphase_listen")
+            except ConfigError as exc:
+                log.error("enphase: %s", exc)
+                ctx.master.shutdown()
+                return
+            self.health.providers.traffic.append(self.traffic.snapshot)
+            self._attach_health()
+            self.health.listening("mitmproxy listening")
+            with contextlib.suppress(RuntimeError):  # no loop when a test calls the hook directly
+                loop = asyncio.get_running_loop()
+                self.health.watch_loop(loop)
+                self.health.record_stats(self._store_record, loop.call_soon_threadsafe)
+
+    def client_connected(self, client) -> None:
+        self.traffic.connected()
+
+    def client_disconnected(self, client) -> None:
+        self.traffic.disconnected("error" if client.error else "closed")
 
     async def request(self, flow: http.HTTPFlow) -> None:
         kind = self._report_kind(flow)
@@ -170,6 +198,7 @@ class EnphaseTap:
             return
         assert flow.response is not None  # mitmproxy calls this hook with the response
         self._submit(_payload(flow, flow.response, DOWN, f"{kind}_response"))
+        self.traffic.report(len(flow.request.raw_content or b""), len(flow.response.raw_content or b""))
         outcome = "answered locally" if flow.metadata.get("enphase_local") else "forwarded"
         if why := flow.metadata.get("enphase_cloud_unreachable"):
             outcome += f" (cloud unreachable: {why})"
@@ -181,10 +210,14 @@ class EnphaseTap:
         kind = flow.metadata.get("enphase_kind")
         if kind is not None:
             assert flow.error is not None  # mitmproxy calls this hook with the error
+            self.traffic.report(len(flow.request.raw_content or b""), 0)
             log.warning("enphase: %s from %s (flow %s): %d bytes up, no response: %s (the request is stored)",
                         kind, self._peer(flow), flow.id, len(flow.request.raw_content or b""), flow.error.msg)
 
     def done(self) -> None:
+        if self.health is not None:
+            self.health.stop()  # its last pvtap_stats payload goes to the worker before the channel closes
+            self.health = None
         self._stop_ingest()
         logging.getLogger(MITMPROXY_SERVER_LOG).removeFilter(self._name_client)
         _not_redirected.uninstall()
@@ -251,7 +284,7 @@ class EnphaseTap:
                         config=dataclasses.replace(config, data_dir=data_dir))
 
     def _store_record(self, record: Record) -> None:
-        """A record of the addon's own (enphase_fallback), stored by the ingest worker."""
+        """A record of the addon's own (enphase_fallback, pvtap_stats), stored by the ingest worker."""
         if self.channel is not None:
             self.channel.record(record)
 
@@ -279,6 +312,13 @@ class EnphaseTap:
         self.channel = Channel.process(worker, name="enphase ingest").start()
         self.peers = PeerNames(privacy)
         self.store_path = store.path
+        self._attach_health()
+
+    def _attach_health(self) -> None:
+        if self.health is not None and self.settings is not None:
+            channel = self.channel
+            self.health.attach([self.settings.data_dir / "enphase.sqlite"],
+                               (lambda: WorkerStats.of(channel.stats(poll=False))) if channel is not None else None)
 
     def _stop_ingest(self) -> None:
         """Hand the worker its last payloads and let it finish by itself (it archives them and

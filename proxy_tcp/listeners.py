@@ -17,10 +17,12 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
-from types import ModuleType
 from typing import TYPE_CHECKING, cast
 
 from pvtap.config import ConfigError, ListenerConfig, split_host_port
+from pvtap.decode import StreamCodec
+from pvtap.decode.alphaess import vendor as alpha
+from pvtap.decode.foxess import vendor as fox
 
 from .admission import AllowList, Refusal, Refusals, reset
 from .connection import Connection
@@ -40,21 +42,21 @@ STOP_GRACE = 8.0
 #: One listener per supported device on the port it dials, for a relay configured with none:
 #: forward to the vendor's cloud, answer locally while it cannot be reached.
 DEFAULT_LISTENERS = (
-    ListenerConfig(protocol="alphaess", listen="0.0.0.0:7777", policy="auto", upstream="www.alphaess.com:7777"),
+    ListenerConfig(protocol="alphaess", listen=f"0.0.0.0:{alpha.PORT}", policy="auto", upstream=alpha.CLOUD),
     # FoxESS H1/H3/KH WiFi dongle: cleartext.
-    ListenerConfig(protocol="foxess", listen="0.0.0.0:10001", policy="auto", upstream="www.foxesscloud.com:10001"),
+    ListenerConfig(protocol="foxess", listen=f"0.0.0.0:{fox.H_SERIES_PORT}", policy="auto",
+                   upstream=fox.H_SERIES_CLOUD),
     # FoxESS M1: TLS terminated with a `pvtap certs foxess` pair (generated if missing) and
     # re-encrypted to the cloud address foxess_local_gateway relays to, pinned to the cloud's
     # self-signed certificate as that project documents it.
-    ListenerConfig(protocol="foxess", listen="0.0.0.0:14431", policy="auto", upstream="8.209.116.72:14431",
+    ListenerConfig(protocol="foxess", listen=f"0.0.0.0:{fox.M1_PORT}", policy="auto", upstream=fox.M1_CLOUD,
                    tls_cert="certs/foxess-monitor.crt", tls_key="certs/foxess-monitor.key",
-                   tls_subject="/C=CN/ST=JiangSu/L=Wuxi/O=FoxESS/CN=monitor", upstream_tls=True,
-                   upstream_pin_sha256="0ff6d2d0b548f0a03dced31ce7621a8c9497bdc074d723bc152094e4d299c1b7"),
+                   tls_subject=fox.M1_CLOUD_SUBJECT, upstream_tls=True, upstream_pin_sha256=fox.M1_CLOUD_PIN_SHA256),
     # FoxESS M1 hub channel (no hub product is known): answered as the forum write-up's server did.
-    ListenerConfig(protocol="foxess", listen="0.0.0.0:6666", policy="local"),
+    ListenerConfig(protocol="foxess", listen=f"0.0.0.0:{fox.HUB_PORT}", policy="local"),
     # FoxESS M1 broadcasts: ESP-MESH join_me_req and the heartbeat.
-    ListenerConfig(protocol="foxess", listen="0.0.0.0:6364", transport="udp", policy="local"),
-    ListenerConfig(protocol="foxess", listen="0.0.0.0:3334", transport="udp", policy="local"),
+    ListenerConfig(protocol="foxess", listen=f"0.0.0.0:{fox.MESH_PORT}", transport="udp", policy="local"),
+    ListenerConfig(protocol="foxess", listen=f"0.0.0.0:{fox.HEARTBEAT_PORT}", transport="udp", policy="local"),
 )
 
 
@@ -65,7 +67,7 @@ def default_listeners() -> list[ListenerConfig]:
 class Listener:
     """Accepts device connections on one address and serves each as a `Connection`."""
 
-    def __init__(self, config: ListenerConfig, key: Callable[[str], str], codec: ModuleType, relay: Relay) -> None:
+    def __init__(self, config: ListenerConfig, key: Callable[[str], str], codec: StreamCodec, relay: Relay) -> None:
         self.config = config
         self.key = key  # names a setting of this listener in errors
         self.codec = codec

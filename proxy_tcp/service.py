@@ -27,20 +27,22 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 
 from pvtap import datadir
 from pvtap.config import Config, ConfigError, InfluxConfig, ListenerConfig
-from pvtap.decode import codec_for
+from pvtap.decode import Codec, StreamCodec, codec_for, stream_codec
+from pvtap.health import Health
 from pvtap.ingest_channel import Channel, IngestStartError
 from pvtap.ingest_pool import ChannelPool
 from pvtap.ingest_worker import WORKER_STOP_GRACE_S, WorkerSettings
+from pvtap.metrics import WorkerStats
 from pvtap.peers import PeerNames
 from pvtap.privacy import Privacy
 from pvtap.store.local import LocalStore
 
 from .listeners import STOP_GRACE, Listener, default_listeners
 from .pump import CopySink
+from .stats import RelayStats
 from .tls import in_data_dir
 from .upstream import SelfGuard
 
@@ -63,7 +65,7 @@ class Relay:
     the protocols and the guard against connecting back to itself."""
 
     def __init__(self, listeners: Sequence[ListenerConfig], *, copies: CopySink, privacy: Privacy | None = None,
-                 codecs: Callable[[str], ModuleType] = codec_for,
+                 codecs: Callable[[str], Codec] = codec_for,
                  keys: Callable[[int, str], str] = config_key) -> None:
         self.configs = list(listeners)
         self.copies = copies
@@ -72,6 +74,7 @@ class Relay:
         self.codecs = codecs
         self.keys = keys
         self.guard = SelfGuard()
+        self.stats = RelayStats()
         self.listeners: list[Listener] = []
 
     async def start(self) -> None:
@@ -93,16 +96,17 @@ class Relay:
             log.info("relay listening: %s", listener)
         log.info("%s %d listener(s)", READY, len(self.listeners))
 
-    def _codec(self, config: ListenerConfig, key: Callable[[str], str]) -> ModuleType:
+    def _codec(self, config: ListenerConfig, key: Callable[[str], str]) -> StreamCodec:
         try:
             codec = self.codecs(config.protocol)
         except (ValueError, ImportError) as exc:
             raise ConfigError(key("protocol"), config.protocol, f"no decoder for it ({exc})",
                               "use a protocol the relay carries") from None
-        if not (hasattr(codec, "Tap") and hasattr(codec, "LocalAnswerer")):
+        stream = stream_codec(codec)
+        if stream is None:
             raise ConfigError(key("protocol"), config.protocol, "its decoder has no Tap/LocalAnswerer for the relay",
                               "use a protocol the relay carries")
-        return codec
+        return stream
 
     @property
     def connections(self) -> int:
@@ -117,7 +121,7 @@ class Relay:
 @contextlib.asynccontextmanager
 async def relay_running(listeners: Sequence[ListenerConfig], *, copies: CopySink | None = None,
                         store: LocalStore | Path | None = None, privacy: Privacy | None = None,
-                        codecs: Callable[[str], ModuleType] = codec_for, queue_bytes: int = TEST_QUEUE_BYTES,
+                        codecs: Callable[[str], Codec] = codec_for, queue_bytes: int = TEST_QUEUE_BYTES,
                         keys: Callable[[int, str], str] = config_key) -> AsyncIterator[Relay]:
     """A started Relay for the duration of the block; stopped (connections ended and recorded)
     on the way out, whatever happened. Copies go to `copies`; without it, to an ingest worker
@@ -165,16 +169,26 @@ async def serve(config: Config, listeners: Sequence[ListenerConfig] | None = Non
     privacy = Privacy.from_config(config)
     chosen = [in_data_dir(listener, config.data_dir)
               for listener in (listeners if listeners is not None else listeners_of(config))]
+    health = Health("relay", config.health).serve(config.health.relay_listen, "health.relay_listen")
+    health.watch_loop(asyncio.get_running_loop())
     try:
         pool = ChannelPool.start(config, "relay", privacy)  # on this thread: PR_SET_PDEATHSIG follows it
     except IngestStartError as exc:
+        health.stop()
         raise ConfigError("data_dir", str(config.data_dir), str(exc), "see the message before the colon") from None
     pool.attach()
+    # what /readyz and /metrics read (pvtap/health.py): the stores, the workers' snapshot, the relay
+    health.attach([Path(channel.settings.store) for channel in pool.channels],
+                  lambda: WorkerStats.of(pool.stats(poll=False)))
+    health.record_stats(pool.channels[0].record, asyncio.get_running_loop().call_soon_threadsafe)
     try:
-        async with relay_running(chosen, copies=pool, privacy=privacy, keys=keys):
+        async with relay_running(chosen, copies=pool, privacy=privacy, keys=keys) as relay:
+            health.providers.traffic.append(lambda: relay.stats.traffic(relay))
+            health.listening(f"{len(relay.listeners)} listener(s) up")
             await (stop or asyncio.Event()).wait()
             log.info("relay stopping")
     finally:
+        health.stop()  # its last pvtap_stats payload goes to the workers before they close
         stats = pool.stats()
         finished = pool.close(WORKER_STOP_GRACE_S)
         log.info("relay stopped: %d copies sent to %d ingest worker(s), %d dropped (ingest busy or down)%s",

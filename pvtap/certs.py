@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from pvtap.decode.foxess.vendor import M1_CLOUD_SUBJECT
+
 
 def self_signed(common_name: str, sans: list[str] | None = None, *, organization: str = "",
                 days: int = 3650, key_type: str = "ec", country: str = "", state: str = "",
@@ -96,7 +98,7 @@ def parse_subject(text: str) -> dict[str, str]:
 
 
 #: The subject the FoxESS cloud presents on TCP 14431 (foxess_local_gateway `cert.py`).
-FOXESS_SUBJECT = "/C=CN/ST=JiangSu/L=Wuxi/O=FoxESS/CN=monitor"
+FOXESS_SUBJECT = M1_CLOUD_SUBJECT
 
 
 def foxess_pair(directory: str | Path, stem: str = "foxess-monitor") -> tuple[Path, Path]:

@@ -101,6 +101,10 @@ class PrivacyConfig:
         False, "Keep the device's LAN IP, MAC and location in records and raw payloads (redacted by default).")
     pseudonymize_serials: bool = setting(
         False, "Replace every device serial with a stable pseudonym before it is stored or logged.")
+    keep_unredacted: bool = setting(
+        False, "Keep in full the bytes a decoder could not positively redact (rejected bytes, a frame cut off at "
+               "the end of a connection, a body that does not parse). By default only their size, SHA-256 and the "
+               "reason are stored, since they may hold a password or serial in clear.")
 
 
 @dataclass(frozen=True)
@@ -466,6 +470,21 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """The health and metrics endpoints of each process (docs/health.md)."""
+
+    relay_listen: str = setting(
+        "127.0.0.1:9108", "Where the relay serves /healthz, /readyz and /metrics, host:port (port 0: any free port; "
+        "empty: no endpoint). Keep it on a local or management address: it is not authenticated.",
+        check=optional(listen_address))
+    enphase_listen: str = setting(
+        "127.0.0.1:9109", "The same for mitmproxy with the Enphase addon.", check=optional(listen_address))
+    stats_every_s: float = setting(
+        60.0, "Every this many seconds each process stores its own counts (connections, bytes, errors, InfluxDB "
+        "backlog) as a pvtap_stats record, for the pvtap health dashboard; 0: never.", check=_at_least(0.0))
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = setting(Path("./data"), "Directory holding the local SQLite stores.")
     log_level: str = setting("info", "Log verbosity.", check=one_of("debug", "info", "warning", "error"))
@@ -475,6 +494,7 @@ class Config:
     influx: InfluxConfig = setting(InfluxConfig(), "")
     ingest: IngestConfig = setting(IngestConfig(), "")
     mqtt: MqttConfig = setting(MqttConfig(), "")
+    health: HealthConfig = setting(HealthConfig(), "")
 
 
 # -- loading ----------------------------------------------------------------------------------

@@ -22,9 +22,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from types import ModuleType
 
-from pvtap.decode import codec_for
+from pvtap.decode import Codec, codec_for
 from pvtap.privacy import REDACTED, Privacy
 from pvtap.records import Origin, RawPayload, Record
 from pvtap.store.local import Decoded, LocalStore, StoredRaw
@@ -36,7 +35,7 @@ DECODE_BATCH = 500
 DECODE_BUDGET_S = 0.25
 _KNOWN_CONNECTIONS = 4096  # connections whose device is remembered for their later payloads
 
-Codecs = Callable[[str], ModuleType]
+Codecs = Callable[[str], Codec]
 
 
 @dataclass

@@ -294,10 +294,13 @@ class Channel:
         """Queue a record that needs no decoding (rare, so always queued, like a control message)."""
         self._enqueue_control(wire.record(record))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, poll: bool = True) -> dict[str, Any]:
         """Both ends' counts, flat: this side's (copies sent and dropped, buffered bytes, worker
-        restarts) and the worker's last snapshot (about a second old)."""
-        self._poll_back(0)
+        restarts) and the worker's last snapshot (about a second old). `poll=False` does not read
+        the back-channel: the only way to call it from another thread than the event loop's (the
+        health endpoints), on a channel the loop reads (attached)."""
+        if poll:
+            self._poll_back(0)
         c = self.counts
         return {**c.snapshot, "copies_sent": c.copies_sent, "bytes_sent": c.bytes_sent,
                 "copies_dropped": c.copies_dropped, "bytes_dropped": c.bytes_dropped,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pvtap.decode import Tap, stream_codec
 from pvtap.ingest import Codecs
 from pvtap.privacy import Privacy
 from pvtap.records import DOWN, UP, Origin, RawPayload, Record, from_ns, now_utc, to_ns
@@ -98,7 +99,7 @@ class ConnectionRecord:
 @dataclass
 class _Connection:
     record: ConnectionRecord
-    tap: Any  # the protocol's Tap; None when it could not be made
+    tap: Tap | None  # the protocol's Tap; None when it could not be made
     initial_device: str  # the device label the Tap started with (the peer address, when kept)
     tap_errors: int = 0
     seen: dict[str, int] = field(default_factory=lambda: {UP: 0, DOWN: 0})
@@ -120,8 +121,10 @@ class Connections:
 
     def open(self, conn: int, record: ConnectionRecord, initial_device: str) -> None:
         try:
-            tap = self.codecs(record.protocol).Tap(Origin(protocol=record.protocol, device=initial_device,
-                                                          connection=record.id))
+            codec = stream_codec(self.codecs(record.protocol))
+            if codec is None:
+                raise TypeError(f"the {record.protocol} decoder has no Tap")
+            tap: Tap | None = codec.Tap(Origin(protocol=record.protocol, device=initial_device, connection=record.id))
         except Exception:
             log.exception("%s: the decoder could not start; its copies are not decoded (forwarding is unaffected)",
                           _label(record))

@@ -106,9 +106,10 @@ class ChannelPool:
         in one store, in order, so the latest one says how it stands."""
         self.channels[0].record(record)
 
-    def stats(self) -> dict[str, Any]:
-        """Sums over the workers (numbers), and each worker's own under `workers`."""
-        each = [channel.stats() for channel in self.channels]
+    def stats(self, poll: bool = True) -> dict[str, Any]:
+        """Sums over the workers (numbers), and each worker's own under `workers` (`poll`: see
+        Channel.stats)."""
+        each = [channel.stats(poll) for channel in self.channels]
         total: dict[str, Any] = {}
         for stats in each:
             for key, value in stats.items():

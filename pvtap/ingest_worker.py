@@ -585,12 +585,17 @@ class Worker:
 def forwarder_state(forwarders: list[SupervisedForwarder]) -> dict[str, Any]:
     """The worst forwarder's state, for the snapshot and the status row."""
     if not forwarders:
-        return {"forwarder": "off", "forwarder_error": None, "forwarder_backlog": 0, "forwarder_restarts": 0}
+        return {"forwarder": "off", "forwarder_error": None, "forwarder_backlog": 0, "forwarder_restarts": 0,
+                "forwarder_delivered": 0, "forwarder_failures": 0}
     states = [f.state() for f in forwarders]
     worst = max(states, key=lambda s: forwarders[0].SEVERITY.index(s.state))
+    running = [f.forwarder for f in forwarders if f.forwarder is not None]
     return {"forwarder": worst.state, "forwarder_error": worst.error,
             "forwarder_backlog": sum(s.backlog for s in states),
-            "forwarder_restarts": sum(f.restarts for f in forwarders)}
+            "forwarder_restarts": sum(f.restarts for f in forwarders),
+            # since the current forwarder threads started (for /metrics)
+            "forwarder_delivered": sum(f.delivered for f in running),
+            "forwarder_failures": sum(f.failed_attempts for f in running)}
 
 
 def mqtt_state(publisher: PublisherThread | None) -> dict[str, Any]:

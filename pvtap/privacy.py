@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -20,8 +21,10 @@ _KEY_FILE = "pseudonym.key"
 KEY_BYTES = 32
 
 
+@functools.lru_cache(maxsize=4096)
 def pseudonym(serial: str, key: bytes) -> str:
-    """A stable stand-in for a serial: the same serial and key always give the same pseudonym."""
+    """A stable stand-in for a serial: the same serial and key always give the same pseudonym.
+    Cached: a device's serial recurs in every frame, and an HMAC costs more than the frame's decode."""
     digest = hmac.new(key, serial.encode(), hashlib.sha256).hexdigest()
     return f"anon-{digest[:12]}"
 
@@ -58,6 +61,7 @@ class Privacy:
 
     keep_network_identity: bool = False  # LAN IP, MAC, location
     pseudonym_key: bytes | None = None  # when set, serials are replaced by pseudonyms
+    keep_unredacted: bool = False  # keep bytes that were not positively redacted (else size + SHA-256 only)
 
     def serial(self, serial: str) -> str:
         return pseudonym(serial, self.pseudonym_key) if self.pseudonym_key and serial else serial
@@ -65,4 +69,5 @@ class Privacy:
     @classmethod
     def from_config(cls, config: Config) -> Privacy:
         key = pseudonym_key(config.data_dir) if config.privacy.pseudonymize_serials else None
-        return cls(keep_network_identity=config.privacy.store_network_identity, pseudonym_key=key)
+        return cls(keep_network_identity=config.privacy.store_network_identity, pseudonym_key=key,
+                   keep_unredacted=config.privacy.keep_unredacted)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 FieldValue = int | float | str | bool
 
@@ -45,22 +45,38 @@ class Record:
     origin: Origin
 
     def __post_init__(self) -> None:
+        """The one check every record passes when it is made (so none that InfluxDB would refuse
+        reaches the store): one pass, exact types first (a decoder's fields are int, float, str
+        or bool already), the general checks only for what is not."""
         if not self.measurement:
             raise ValueError("a record needs a measurement")
-        if self.time.tzinfo is None or self.time.utcoffset() != UTC.utcoffset(None):
+        if self.time.tzinfo is not UTC and (self.time.tzinfo is None or self.time.utcoffset() != _ZERO):
             raise ValueError(f"record time must be timezone-aware UTC, got {self.time!r}")
         if not self.fields:
             raise ValueError(f"record {self.measurement!r} has no fields")
         for key, value in self.tags.items():
-            if not isinstance(key, str) or not isinstance(value, str) or not key:
-                raise ValueError(f"tag {key!r}={value!r} must be a non-empty str key and a str value")
+            if type(key) is not str or type(value) is not str or not key:
+                _check_tag(key, value)
         for name, field_value in self.fields.items():
-            if not isinstance(name, str) or not name:
+            kind = type(field_value)
+            if type(name) is not str or not name:
                 raise ValueError(f"field name {name!r} must be a non-empty str")
-            if not isinstance(field_value, (int, float, str, bool)):
-                raise ValueError(f"field {name!r} has unsupported type {type(field_value).__name__}")
-            if isinstance(field_value, float) and not math.isfinite(field_value):
-                raise ValueError(f"field {name!r} is {field_value!r}; only finite floats can be stored")
+            if kind is float:
+                if not math.isfinite(field_value):  # type: ignore[arg-type]
+                    raise ValueError(f"field {name!r} is {field_value!r}; only finite floats can be stored")
+            elif kind is not int and kind is not str and kind is not bool:
+                _check_field(name, field_value)
+
+    @classmethod
+    def trusted(cls, measurement: str, time: datetime, tags: Mapping[str, str], fields: Mapping[str, FieldValue],
+                origin: Origin) -> Record:
+        """A record read back from the store, which checked it when it was made: not checked
+        again (pay for the check once)."""
+        record = object.__new__(cls)
+        for name, value in (("measurement", measurement), ("time", time), ("tags", tags), ("fields", fields),
+                            ("origin", origin)):
+            object.__setattr__(record, name, value)
+        return record
 
     @property
     def time_ns(self) -> int:
@@ -81,6 +97,22 @@ class RawPayload:
     payload: bytes
     received: datetime
     meta: Mapping[str, str | int | float | bool | None] = field(default_factory=dict)
+
+
+_ZERO = timedelta(0)
+
+
+def _check_tag(key: object, value: object) -> None:
+    if not isinstance(key, str) or not isinstance(value, str) or not key:
+        raise ValueError(f"tag {key!r}={value!r} must be a non-empty str key and a str value")
+
+
+def _check_field(name: str, value: object) -> None:
+    """A field whose type is not exactly int, float, str or bool: a subclass may do."""
+    if not isinstance(value, (int, float, str, bool)):
+        raise ValueError(f"field {name!r} has unsupported type {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"field {name!r} is {value!r}; only finite floats can be stored")
 
 
 def to_ns(moment: datetime) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -337,20 +338,20 @@ def test_unchanged_frames_are_stored_byte_for_byte():
             assert safe.payload == vector.frame and safe.meta == {"frame": "x"}, vector.name
 
 
-def test_garbage_and_partial_frames_are_redacted_too():
+def test_garbage_and_partial_frames_are_withheld():
     login = login_frame()
     bad_crc = login[:-1] + bytes([login[-1] ^ 0xFF])
     cut = login[:login.index(b"pvtap-test") + 8]  # the connection ended inside the password
     tap = A.Tap(Origin("alphaess", "", "c1"))
     payloads = tap.feed(UP, bad_crc + BY_NAME["empty 1-1-0"].frame + cut, RECEIVED) + tap.finish(RECEIVED)
     assert [p.kind for p in payloads] == ["garbage", "frame", "partial"]
-    for p in (payloads[0], payloads[2]):
+    for p, reason in ((payloads[0], "bytes in no frame"), (payloads[2], "a frame cut off at the end")):
         safe = A.redact_raw(p, Privacy())
-        assert b"pvtap-test" not in safe.payload and b'"Password":"REDACTED' in safe.payload
-        assert safe.meta["redacted"] == "Password"
-    config = frame(1, 4, config_body(SERIAL))
-    safe = A.redact_raw(RawPayload(Origin("alphaess", "", "c1", UP), "garbage", config[3:], RECEIVED), Privacy())
-    assert not [s for s in SECRETS if s in safe.payload]
+        assert safe.payload == b"" and reason in str(safe.meta["withheld"])
+        assert (safe.meta["withheld_size"], safe.meta["withheld_sha256"]) == \
+            (len(p.payload), hashlib.sha256(p.payload).hexdigest())
+        assert safe.meta["reason"] == p.meta["reason"]  # the framer's reason is kept
+        assert A.redact_raw(p, Privacy(keep_unredacted=True)).payload == p.payload  # only when asked
 
 
 def test_a_network_address_as_device_label_is_not_stored():
@@ -413,19 +414,14 @@ def test_ingest_stores_no_secret_anywhere(data_dir):
     store.close()
 
 
-def test_garbage_that_starts_inside_a_secret_is_redacted():
+def test_garbage_that_starts_inside_a_secret_is_withheld():
     """A run of rejected bytes may begin inside a value or inside the key before it, where no
-    key shows it is a secret: its leading fragment goes."""
+    key shows it is a secret: rejected bytes are never stored, whatever they look like."""
     origin = Origin("alphaess", "", "c1", UP)
     for junk in (b'st-password","CompanyName":"AlphaESS"}', b'word":"pvtap-test-password","CompanyName":"AlphaESS"}',
-                 b"pvtap-test-passw"):
+                 b"pvtap-test-passw", b"\x00\xff\x10\x7f\x80"):
         safe = A.redact_raw(RawPayload(origin, "garbage", junk, RECEIVED), Privacy())
-        assert b"password" not in safe.payload and b"passw" not in safe.payload, junk
-        assert safe.payload.startswith(b"REDACTED") and safe.meta == {"redacted": "fragment"}
-    safe = A.redact_raw(RawPayload(origin, "garbage", b'"}\x01\x01\x02', RECEIVED), Privacy())
-    assert safe.payload == b'REDACTED"}\x01\x01\x02'
-    binary = b"\x00\xff\x10\x7f\x80"  # no text to be part of a string: kept for diagnosis
-    assert A.redact_raw(RawPayload(origin, "garbage", binary, RECEIVED), Privacy()).payload == binary
+        assert safe.payload == b"" and safe.meta["withheld_size"] == len(junk), junk
 
 
 def test_crc_is_safe_to_compute_in_several_threads_at_once():
@@ -439,9 +435,54 @@ def test_crc_is_safe_to_compute_in_several_threads_at_once():
     assert all(A.parse_frame(f).body == b for f, b in zip(expected, bodies))
 
 
-def test_a_valid_frame_whose_body_is_not_json_is_still_redacted():
+def test_a_valid_frame_whose_body_is_not_json_is_withheld():
     broken = A.encode_frame(1, 2, b'{"UserName":"AL0123456789012","Password":"pvtap-test-password"')  # no }
     safe = A.redact_raw(RawPayload(Origin("alphaess", "", "c1", UP), "frame", broken, RECEIVED), Privacy())
-    stored = A.parse_frame(safe.payload)
-    assert stored.body == b'{"UserName":"AL0123456789012","Password":"REDACTED"'
-    assert safe.meta == {"redacted": "Password"} and A.decode_raw(safe) == []
+    assert safe.payload == b"" and safe.meta["withheld"] == "1-1-2 body is neither a JSON object nor the back-fill CSV"
+    assert A.decode_raw(safe) == []
+
+
+# -- redaction changes only the secret values ---------------------------------------------------
+
+DUMP_WITH_REPEATS = (
+    b'{"SN":"AL0123456789012", "Generator":"0","License":"PVTAP-LICENSE-1","Fan":"1",'
+    b'"Generator":"1","Address":{"Street":"Placeholder 1"},"Pass\\u0077ord":"PVTAP-SECRET-PW-1",'
+    b'"BatterySN1":["BSIM00000000001","BSIM00000000002"],"Generator_2":"7"}')
+
+
+def test_redaction_keeps_repeated_keys_and_every_byte_outside_the_secret_values():
+    raw = RawPayload(Origin("alphaess", SERIAL, "c1", UP), "frame", A.encode_frame(1, 4, DUMP_WITH_REPEATS), RECEIVED)
+    safe = A.redact_raw(raw, Privacy())
+    body = A.parse_frame(safe.payload).body  # a valid frame again: fresh CRC
+    assert body == (b'{"SN":"AL0123456789012", "Generator":"0","License":"REDACTED","Fan":"1",'
+                    b'"Generator":"1","Address":"REDACTED","Pass\\u0077ord":"REDACTED",'
+                    b'"BatterySN1":["BSIM00000000001","BSIM00000000002"],"Generator_2":"7"}')
+    assert safe.meta["redacted"] == "Address,License,Password"
+    (record,) = A.decode_raw(safe)
+    # the first Generator keeps its name, the second is numbered past the real Generator_2
+    assert {k: v for k, v in record.fields.items() if k.startswith("Generator")} == \
+        {"Generator": "0", "Generator_3": "1", "Generator_2": "7"}
+    assert "License" not in record.fields and "Password" not in record.fields
+
+
+def test_pseudonyms_change_only_the_serial_values():
+    raw = RawPayload(Origin("alphaess", SERIAL, "c1", UP), "frame", A.encode_frame(1, 4, DUMP_WITH_REPEATS), RECEIVED)
+    body = A.parse_frame(A.redact_raw(raw, PSEUDO).payload).body
+    alias = pseudonym(SERIAL, b"test-key").encode()
+    assert body.startswith(b'{"SN":"' + alias + b'", "Generator":"0"')
+    assert b"BSIM00000000001" not in body and pseudonym("BSIM00000000002", b"test-key").encode() in body
+
+
+def test_a_cut_off_wifi_style_login_frame_never_stores_the_password(data_dir):
+    """The issue's finding, for AlphaESS: a login cut off at the end of a connection."""
+    login = login_frame()
+    cut = login[:login.index(b"pvtap-test") + 8]
+    store = LocalStore.for_process(data_dir, "relay")
+    ingest = Ingest(store, Privacy())
+    tap = A.Tap(Origin("alphaess", "", "c1"))
+    for payload in tap.feed(UP, cut, RECEIVED) + tap.finish(RECEIVED):
+        ingest.process(payload)
+    store.close()
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            assert b"pvtap-test" not in path.read_bytes(), path

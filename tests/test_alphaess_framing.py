@@ -8,6 +8,7 @@ import tracemalloc
 from datetime import UTC, datetime
 
 from pvtap.decode import alphaess as A
+from pvtap.decode.alphaess.framing import _header
 from pvtap.records import DOWN, UP, Origin
 from tests.alphaess_support import BY_NAME, VECTORS
 
@@ -132,11 +133,11 @@ def test_the_length_bound_is_exact_and_a_waiting_false_start_is_bounded():
     largest = A.encode_frame(1, 4, b"{" + b"x" * (A.MAX_BODY - 2) + b"}")
     framer = A.Framer()
     assert run(framer, [largest[i:i + 4096] for i in range(0, len(largest), 4096)]) == ([largest], b"")
-    too_long = A._header(1, 4, A.MAX_BODY + 1)
+    too_long = _header(1, 4, A.MAX_BODY + 1)
     assert run(A.Framer(), [too_long]) == ([], too_long[:-1])  # all but a trailing 01: a maybe-start
     # a false start claiming the largest body is held at most max_body + 9 bytes, then resynced
     framer = A.Framer(max_body=4096)
-    false_start = A._header(1, 16, 4096)
+    false_start = _header(1, 16, 4096)
     text = b"no frame start in here " * 400
     held = []
     for chunk in [false_start] + [text[i:i + 100] for i in range(0, len(text), 100)]:

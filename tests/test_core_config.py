@@ -117,7 +117,7 @@ def test_empty_list_from_environment_fails_its_check():
     ("[privacy]\npseudonymise_serials = true", "privacy.pseudonymise_serials", "unknown setting",
      "did you mean privacy.pseudonymize_serials?"),
     ("[privacy]\ncolour = 1", "privacy.colour", "unknown setting",
-     "known keys: store_network_identity, pseudonymize_serials"),
+     "known keys: store_network_identity, pseudonymize_serials, keep_unredacted"),
     ("log_level = 3", "log_level", "expected a string", 'quote it: log_level = "..."'),
     ("[privacy]\nstore_network_identity = 'yes'", "privacy.store_network_identity", "expected a boolean",
      "write privacy.store_network_identity = true or false"),

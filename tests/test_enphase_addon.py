@@ -245,8 +245,8 @@ async def test_matching_is_by_path_only(tap, data_dir: Path, path: str, kind: st
     assert addon.channel.sync(30)
     raws, records = stored(data_dir)
     assert [r.raw.kind for r in raws] == [kind, f"{kind}_response"]
-    if kind != "performance_report":  # stored raw; the decoder has no records for these
-        assert raws[0].raw.payload == b"opaque"
+    if kind != "performance_report":  # undocumented bodies: size + hash only, no records
+        assert (raws[0].raw.payload, raws[0].raw.meta["withheld_size"]) == (b"", len(b"opaque"))
         assert records == []
 
 
@@ -261,7 +261,7 @@ async def test_a_decode_failure_is_counted_and_kept_raw_and_the_flow_untouched(t
         assert wire_state(flow) == before
         assert addon.channel.stats()["decode_errors"] == 2  # the report and the cloud's 400 answer
         raws, records = stored(data_dir)
-        assert raws[0].raw.payload == corrupt and raws[0].decode_error
+        assert raws[0].raw.payload == b"" and raws[0].raw.meta["withheld_size"] == len(corrupt)
         assert [r.decode_error is not None for r in raws] == [True, True]
         assert records == []
         addon.done()
@@ -323,8 +323,8 @@ async def test_local_mode_answers_task_complete_with_an_empty_200(tap, data_dir:
     assert flow.response is not None
     assert (flow.response.status_code, flow.response.raw_content) == (200, b"")
     raws, _ = stored(data_dir)
-    assert [(r.raw.kind, r.raw.payload) for r in raws] == \
-        [("task_complete", b"done=1"), ("task_complete_response", b"")]
+    assert [(r.raw.kind, r.raw.payload, r.raw.meta["withheld_size"]) for r in raws] == \
+        [("task_complete", b"", len(b"done=1")), ("task_complete_response", b"", 0)]
 
 
 async def test_a_store_that_cannot_be_opened_does_not_stop_forwarding(tmp_path: Path, caplog) -> None:

@@ -3,6 +3,7 @@ forms, hostile input, and redaction."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import urllib.parse
 import zlib
@@ -25,7 +26,7 @@ from pvtap.decode.enphase import (
 )
 from pvtap.ingest import Ingest
 from pvtap.privacy import Privacy, pseudonym
-from pvtap.records import DOWN, UP, Origin, Record, utc_from_unix
+from pvtap.records import DOWN, UP, Origin, RawPayload, Record, utc_from_unix
 from pvtap.simulate.enphase import Simulator, encode_body
 from pvtap.store.lineprotocol import to_line
 from pvtap.store.local import LocalStore
@@ -310,8 +311,14 @@ def test_billion_laughs_is_refused_without_expansion() -> None:
             parse_xml(xml)
     with pytest.raises(ReportError, match="DOCTYPE"):
         decode_raw(request_raw(wire_body(BILLION_LAUGHS)))
-    redacted = redact_raw(request_raw(wire_body(BILLION_LAUGHS)), Privacy())
-    assert redacted.meta["encoding"] == "text"
+    assert_withheld(redact_raw(request_raw(wire_body(BILLION_LAUGHS)), Privacy()), wire_body(BILLION_LAUGHS),
+                    "DOCTYPE")
+
+
+def assert_withheld(redacted: RawPayload, body: bytes, reason: str) -> None:
+    assert redacted.payload == b"" and reason in str(redacted.meta["withheld"])
+    assert redacted.meta["withheld_size"] == len(body) == redacted.meta["original_size"]
+    assert redacted.meta["withheld_sha256"] == hashlib.sha256(body).hexdigest()
 
 
 def test_utf16_doctype_is_refused_after_parsing() -> None:
@@ -329,10 +336,12 @@ def test_corrupt_zlib() -> None:
     with pytest.raises(ReportError):
         decode_raw(request_raw(body))
     redacted = redact_raw(request_raw(body), Privacy())
-    assert (redacted.payload, redacted.meta["encoding"], redacted.meta["original_size"]) == \
-        (body, "original", len(body))
-    with pytest.raises(ReportError):
+    assert_withheld(redacted, body, "neither zlib nor raw deflate")
+    with pytest.raises(ReportError, match=r"withheld: does not decode: .*neither zlib nor raw deflate"):
         decode_raw(redacted)
+    kept = redact_raw(request_raw(body), Privacy(keep_unredacted=True))  # opted in: as received
+    assert (kept.payload, kept.meta["encoding"], kept.meta["original_size"]) == (body, "original", len(body))
+    assert "neither zlib" in str(kept.meta["unredacted"])
 
 
 def test_truncated_xml() -> None:
@@ -341,33 +350,26 @@ def test_truncated_xml() -> None:
     with pytest.raises(ReportError, match="does not parse"):
         decode_raw(raw)
     redacted = redact_raw(raw, PSEUDONYMS)
-    assert redacted.meta["encoding"] == "text"
-    assert b"192.168.1.166" not in redacted.payload and b"ip_addr" not in redacted.payload
-    assert b"00:11:22:33:44:55" not in redacted.payload
-    for serial in VECTOR_1_SERIALS[:3]:
-        assert serial.encode() not in redacted.payload
-        assert pseudonym(serial, KEY).encode() in redacted.payload
-    assert redacted.origin.device == pseudonym("123456115374", KEY)
+    assert_withheld(redacted, raw.payload, "does not parse")
     with pytest.raises(ReportError, match="does not parse"):
         decode_raw(redacted)
 
 
-def test_truncated_zlib_stream_is_scrubbed_as_text() -> None:
+def test_truncated_zlib_stream_is_withheld() -> None:
     body = wire_body(VECTOR_1)
     cut = body[: len(body) * 2 // 3]
     with pytest.raises(ReportError):
         inflate(cut, DEFLATE)
+    assert b"192.168.1.166" in zlib.decompressobj().decompress(cut)  # what storing it as sent would give away
     redacted = redact_raw(request_raw(cut), Privacy())
-    assert redacted.meta["encoding"] == "text" and redacted.meta["truncated_stream"] is True
-    assert redacted.payload.startswith(b"<?xml") and b"192.168.1.166" not in redacted.payload
+    assert_withheld(redacted, cut, "neither zlib nor raw deflate")
     with pytest.raises(ReportError):
         decode_raw(redacted)
 
 
 def test_truncated_mid_attribute_leaks_nothing() -> None:
     cut = VECTOR_1[:VECTOR_1.index(b"192.168.1.1") + 9]
-    redacted = redact_raw(request_raw(wire_body(cut)), Privacy())
-    assert redacted.meta["encoding"] == "text" and b"192.168" not in redacted.payload
+    assert_withheld(redact_raw(request_raw(wire_body(cut)), Privacy()), wire_body(cut), "does not parse")
 
 
 @pytest.fixture(scope="module")
@@ -386,8 +388,7 @@ def test_decompression_bomb_is_refused(bomb: bytes) -> None:
     assert inflate(zlib.compress(bytes(4096)), DEFLATE, max_size=4096) == bytes(4096)
     with pytest.raises(PayloadTooLarge):
         decode_raw(request_raw(bomb))
-    redacted = redact_raw(request_raw(bomb), Privacy())
-    assert (redacted.payload, redacted.meta["encoding"]) == (bomb, "original")
+    assert_withheld(redact_raw(request_raw(bomb), Privacy()), bomb, "too large: body inflates beyond")
 
 
 def test_empty_body() -> None:
@@ -398,8 +399,7 @@ def test_empty_body() -> None:
         decode_raw(request_raw(b""))
     with pytest.raises(ReportError, match="empty"):
         decode_raw(response_raw(b""))
-    redacted = redact_raw(request_raw(b""), Privacy())
-    assert (redacted.payload, redacted.meta["encoding"]) == (b"", "text")
+    assert_withheld(redact_raw(request_raw(b""), Privacy()), b"", "empty body")
     assert decode_raw(request_raw(b"", None, kind="task_complete")) == []
 
 
@@ -417,8 +417,11 @@ def test_other_emu_reports_are_stored_raw_only() -> None:
     assert decode_raw(task) == []
     assert decode_raw(response_raw(b"OK", "text/plain", kind="task_complete")) == []
     assert len(decode_raw(request_raw(wire_body(VECTOR_1), kind="emu_report"))) == 5
-    redacted = redact_raw(request_raw(b"task=42&serial=123456115374", "text/plain", kind="task_complete"), Privacy())
-    assert (redacted.meta["encoding"], redacted.payload) == ("text", b"task=42&serial=123456115374")
+    # an undocumented body is not positively redacted (the serial here would be stored in clear)
+    body = b"task=42&serial=123456115374"
+    redacted = redact_raw(request_raw(body, "text/plain", kind="task_complete"), Privacy())
+    assert_withheld(redacted, body, "body is neither XML nor a form with a 'body' field")
+    assert decode_raw(redacted) == []
 
 
 def test_hostile_payloads_never_break_redaction_and_fail_cleanly() -> None:

@@ -6,6 +6,7 @@ the records that reach the local store through the real ingest worker."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from datetime import UTC, datetime
 
@@ -311,8 +312,13 @@ def test_h1_battery_serials():
 
 
 def test_a_realtime_block_of_unknown_length_is_kept_as_unknown_layout():
-    rec = one(decode_raw(frame_raw(build_frame(0x02, bytes(152)))), "foxess_unknown_frame")
-    assert dict(rec.fields) == {"function": 2, "payload_length": 152}
+    # 232 bytes: the 245-byte T-series frame, whose layout is not public
+    rec = one(decode_raw(frame_raw(build_frame(0x02, bytes(232)))), "foxess_unknown_frame")
+    assert dict(rec.fields) == {"function": 2, "payload_length": 232}
+    # stored withheld (its layout is unknown), it still gives the same record
+    stored = redact_raw(frame_raw(build_frame(0x02, bytes(232))), Privacy())
+    assert stored.payload == b"" and stored.meta["withheld_size"] == 245
+    assert decode_raw(stored) == [dataclasses.replace(rec, origin=stored.origin)]
 
 
 # -- Modbus tunnel ----------------------------------------------------------------------------
@@ -381,9 +387,15 @@ def test_firmware_acks_and_progress(function, payload, stage, fields):
 
 def test_unknown_function_is_a_countable_record_and_keeps_its_raw():
     raw = frame_raw(build_frame(0x45, b"\x01\x02", family=0x7F))
-    assert redact_raw(raw, Privacy()).payload == raw.payload
     rec = one(decode_raw(raw), "foxess_unknown_frame")
     assert (rec.tags, dict(rec.fields)) == ({"family": "7f"}, {"function": 0x45, "payload_length": 2})
+    # an undocumented layout cannot be vouched for: stored withheld, the same record from its meta
+    stored = redact_raw(raw, Privacy())
+    assert stored.payload == b"" and stored.meta["withheld"] == "undocumented function 0x45"
+    assert stored.meta["withheld_sha256"] == hashlib.sha256(raw.payload).hexdigest()
+    assert decode_raw(stored) == [rec]
+    # kept in full only when asked
+    assert redact_raw(raw, Privacy(keep_unredacted=True)).payload == raw.payload
 
 
 def test_heartbeat_on_a_tcp_stream():
@@ -491,14 +503,14 @@ def test_malformed_datagrams_raise(bad):
         decode_raw(redact_raw(datagram(bad), Privacy()))
 
 
-def test_64_kib_garbage_datagram_is_counted_and_only_a_sample_is_kept(data_dir):
+def test_64_kib_garbage_datagram_is_counted_and_withheld(data_dir):
     store = LocalStore.for_process(data_dir, "relay")
     ingest = Ingest(store, Privacy())
     ingest.process(datagram(bytes(range(256)) * 256, 3334))
     ingest.process(datagram(JOIN_ME))
     assert (ingest.counts.decode_errors, ingest.counts.records) == (1, 1)
     (garbage, _) = list(store.raw_payloads())
-    assert len(garbage.raw.payload) == foxess.MAX_DATAGRAM_KEPT and garbage.raw.meta["datagram_bytes"] == 65536
+    assert garbage.raw.payload == b"" and garbage.raw.meta["withheld_size"] == 65536
     assert "neither ESP-MESH JSON nor a FoxESS frame" in (garbage.decode_error or "")
     assert [r.record.measurement for r in store.records()] == ["foxess_presence"]
 

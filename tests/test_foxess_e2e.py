@@ -218,7 +218,7 @@ async def test_udp_broadcasts_become_presence_and_garbage_is_counted(stack):
     assert {r.tags["mac"] for r in presence if r.tags["source"] == "mesh"} == {"REDACTED"}  # no network identity kept
     assert {r.tags["port"] for r in presence} == {str(mesh_port), str(heartbeat_port)}
     (garbage,) = [s for s in stack.store.raw_payloads() if s.decode_error]  # the one decode error
-    assert garbage.raw.meta["datagram_bytes"] == 65_000 and len(garbage.raw.payload) == 4096
+    assert garbage.raw.meta["withheld_size"] == 65_000 and garbage.raw.payload == b""
     assert counts[1].bytes == beats * 14 + 65_000 and counts[1].dropped == 0
 
 

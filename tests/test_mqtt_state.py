@@ -10,6 +10,7 @@ from pvtap.decode import alphaess, enphase
 from pvtap.mqtt.catalog import DeviceRef, extract, sensors_of
 from pvtap.mqtt.discovery import Topics, bridge_config, clearing, sensor_config
 from pvtap.mqtt.state import DeviceState, fold
+from pvtap.privacy import Privacy
 from pvtap.records import UP, Origin, RawPayload, Record
 from tests.alphaess_support import VECTORS
 from tests.enphase_support import RECEIVED, VECTOR_1, VECTOR_2, request_raw
@@ -42,7 +43,7 @@ def folded(*records: Record) -> dict[DeviceRef, DeviceState]:
 def test_alphaess_realtime_vector_gives_the_curated_powers_and_soc():
     vector = next(v for v in VECTORS if v.name.startswith("realtime"))
     raw = RawPayload(Origin("alphaess", "", "c1", UP), "frame", vector.frame, RECEIVED, {})
-    (rec,) = alphaess.decode_raw(alphaess.redact_raw(raw, alphaess.Privacy()))
+    (rec,) = alphaess.decode_raw(alphaess.redact_raw(raw, Privacy()))
     state = folded(rec)[BATTERY]
     time = rec.time.isoformat(timespec="seconds").replace("+00:00", "Z")
     assert state.payload() == {"time": time, "battery_power": 539.44, "grid_power": -4.0, "load_power": 420.0,

@@ -25,7 +25,7 @@ from pvtap.simulate.alphaess import run_simulator
 from pvtap.simulate.enphase import Simulator, encode_body, post_report
 from pvtap.simulate.enphase_cloud import EnphaseCloud
 from pvtap.store.local import LocalStore
-from tests.conftest import REPO
+from tests.conftest import HEALTH_ENV, REPO
 from tests.mitm_support import wait_for
 
 MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
@@ -38,7 +38,7 @@ class Pvtap:
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PVTAP_")}
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PVTAP_") or k in HEALTH_ENV}
         self.proc = subprocess.Popen([sys.executable, "-m", "pvtap", *args], cwd=cwd, text=True,
                                      env={**full_env, "PYTHONUNBUFFERED": "1", **env}, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -20,7 +20,7 @@ from typing import Any
 from pvtap.capture.http import Message, MessageSplitter
 from pvtap.capture.packets import ACK, FIN, RST, SYN, Datagram, Endpoint, Parsed, Segment
 from pvtap.capture.tcp import Gap, HalfStream, Piece
-from pvtap.decode import codec_for
+from pvtap.decode import codec_for, stream_codec
 from pvtap.decode.enphase import report_kind
 from pvtap.ingest import Ingest
 from pvtap.privacy import Privacy
@@ -176,7 +176,11 @@ class Connection:
         if protocol == "enphase":
             self.http = {UP: MessageSplitter(responses=False), DOWN: MessageSplitter(responses=True)}
         else:
-            self.tap = codec_for(protocol).Tap(Origin(protocol, device=self.initial_device, connection=self.id))
+            stream = stream_codec(codec_for(protocol))
+            if stream is None:
+                self.skipped = f"the {protocol} decoder frames no streams"
+                return
+            self.tap = stream.Tap(Origin(protocol, device=self.initial_device, connection=self.id))
 
     def _submit(self, payloads: list[RawPayload]) -> None:
         for raw in payloads:

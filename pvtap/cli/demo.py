@@ -56,6 +56,8 @@ what runs (all on 127.0.0.1, nothing leaves this machine):
 Records go to <data_dir>/demo (e.g. ./data/demo), not to your real store; look at them again
 afterwards with `pvtap --data-dir data/demo tail` (or `devices`, `export`)."""
 
+#: the demo's proxies serve their health endpoints on free ports, beside a `pvtap run` on the defaults
+DEMO_HEALTH = {"PVTAP_HEALTH_RELAY_LISTEN": "127.0.0.1:0", "PVTAP_HEALTH_ENPHASE_LISTEN": "127.0.0.1:0"}
 #: mitmproxy's per-connection lines, which would drown the demo's output
 _CONNECTION_CHATTER = re.compile(r"\] (client|server) (connect|disconnect)")
 
@@ -100,7 +102,7 @@ class EnphaseDemo:
 
         self.cloud = cloud = EnphaseCloud(cert_dir=ctx.workdir / "enphase-cloud").start()
         ctx.supervisor.say(f"     demo | {self.name}: stand-in {HOSTNAME} on {cloud.url}")
-        proxy = Service("mitmproxy", self.mitmdump_command(ctx, cloud), ready=MITM_READY,
+        proxy = Service("mitmproxy", self.mitmdump_command(ctx, cloud), ready=MITM_READY, env=DEMO_HEALTH,
                         show=lambda line: not _CONNECTION_CHATTER.search(line))
         port = _start_ready(ctx.supervisor, proxy)["port"]
         assert proxy.proc is not None  # started
@@ -214,7 +216,7 @@ class RelayDemo:
         config = ctx.workdir / "relay.toml"
         config.write_text(relay_config(ctx.config, [device.listener(ctx) for device in self.devices]))
         relay = Service("relay", [sys.executable, "-m", "proxy_tcp", "--data-dir", str(ctx.data_dir),
-                                  "--config", str(config)], ready=RELAY_READY)
+                                  "--config", str(config)], ready=RELAY_READY, env=DEMO_HEALTH)
         ctx.supervisor.start(relay)
         ports = [int(m["port"]) for line in relay.tail if (m := self.LISTENING.search(line))]
         assert len(ports) == len(self.devices), f"the relay listed {ports}"  # it logs them in config order

@@ -11,11 +11,10 @@ import argparse
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from types import ModuleType
 
 from pvtap.cli._common import NoStores, Progress, find_stores
 from pvtap.config import Config
-from pvtap.decode import codec_for
+from pvtap.decode import Codec, codec_for
 from pvtap.store.local import LocalStore
 
 EXAMPLES = """\
@@ -91,7 +90,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 def replay_store(path: Path, summary: ReplaySummary, *, progress_forced: bool = False) -> None:
     """Replay one store file into `summary` (filled in as it goes, so an interrupt can report)."""
-    codecs: dict[str, ModuleType | None] = {}
+    codecs: dict[str, Codec | None] = {}
     with LocalStore(path) as store:
         summary.records_before = summary.records_after = store.count_records()
         # Only what is there now: the running producer decodes anything newer itself.
@@ -126,7 +125,7 @@ def replay_store(path: Path, summary: ReplaySummary, *, progress_forced: bool = 
             summary.records_after = store.count_records()
 
 
-def _codec(protocol: str) -> ModuleType | None:
+def _codec(protocol: str) -> Codec | None:
     try:
         return codec_for(protocol)
     except ValueError:  # a protocol this version does not know

@@ -59,6 +59,8 @@ what it starts:
   Records go to <data_dir>/enphase.sqlite and <data_dir>/relay.sqlite; watch them with
   `pvtap tail --follow`. With [influx] url set, each service also delivers them to InfluxDB.
   All state lives in data_dir, mitmproxy's CA included (<data_dir>/mitmproxy).
+  Each serves /healthz, /readyz and /metrics: the relay on health.relay_listen (127.0.0.1:9108),
+  mitmproxy on health.enphase_listen (127.0.0.1:9109); `pvtap health` asks both (docs/health.md).
 
 examples:
   pvtap run                                   transparent proxy on 0.0.0.0:8443, store in ./data

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-SIMULATORS = ("enphase", "alphaess", "foxess_m1", "foxess_h1")
+SIMULATORS = ("enphase", "alphaess", "foxess_m1", "foxess_h1", "foxess_t")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,7 +1,7 @@
 """Protocol decoders: one pure module per protocol, bytes in, frames and records out, no I/O.
 
-Every protocol module offers the same two functions, which the ingest worker and
-`pvtap replay` call through `codec_for`:
+Every protocol package offers the same two functions (the `Codec` protocol below), which the
+ingest worker and `pvtap replay` call through `codec_for`:
 
 - `redact_raw(raw, privacy) -> RawPayload`: the payload as it may be stored (secrets removed);
 - `decode_raw(raw) -> list[Record]`: the records in a (redacted) payload; raises on bad input.
@@ -9,7 +9,7 @@ Every protocol module offers the same two functions, which the ingest worker and
 Decoding always runs on the redacted payload, so a replay gives what the live decode gave.
 
 Protocols carried by the TCP relay (alphaess, foxess, …) also offer two classes, the only
-things the relay knows of them:
+things the relay knows of them (`StreamCodec`, with the `Tap` and `LocalAnswerer` protocols):
 
 - `Tap(origin)`: the decode side of one relayed connection. `feed(direction, data, received)
   -> list[RawPayload]` reassembles frames per direction (any segmentation, garbage, bad CRCs,
@@ -28,13 +28,69 @@ things the relay knows of them:
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol, cast
+
+if TYPE_CHECKING:
+    from pvtap.privacy import Privacy
+    from pvtap.records import Origin, RawPayload, Record
 
 PROTOCOLS = ("enphase", "alphaess", "foxess")
 
 
-def codec_for(protocol: str) -> ModuleType:
-    """The decoder module for a protocol name; ValueError for an unknown one."""
+class Codec(Protocol):
+    """What the ingest worker and `pvtap replay` need of a protocol."""
+
+    def redact_raw(self, raw: RawPayload, privacy: Privacy) -> RawPayload: ...
+
+    def decode_raw(self, raw: RawPayload) -> list[Record]: ...
+
+
+class Tap(Protocol):
+    """The decode side of one relayed connection (see the module docstring)."""
+
+    origin: Origin
+    frames: int
+    rejected: int
+    opaque: bool
+
+    def feed(self, direction: str, data: bytes, received: datetime) -> list[RawPayload]: ...
+
+    def finish(self, received: datetime) -> list[RawPayload]: ...
+
+
+class LocalAnswerer(Protocol):
+    """Stands in for the cloud when there is none (policies `local` and `auto`)."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def tick(self, now: float) -> bytes: ...
+
+
+TapFactory = Callable[["Origin"], Tap]
+AnswererFactory = Callable[[], LocalAnswerer]
+
+
+class StreamCodec(Codec, Protocol):
+    """A protocol the TCP relay carries: a Codec that also makes Taps and LocalAnswerers."""
+
+    @property
+    def Tap(self) -> TapFactory: ...
+
+    @property
+    def LocalAnswerer(self) -> AnswererFactory: ...
+
+
+def codec_for(protocol: str) -> Codec:
+    """The decoder package for a protocol name; ValueError for an unknown one."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"no decoder for protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
-    return importlib.import_module(f"pvtap.decode.{protocol}")
+    return cast(Codec, importlib.import_module(f"pvtap.decode.{protocol}"))
+
+
+def stream_codec(codec: Codec) -> StreamCodec | None:
+    """The codec as the relay needs it, or None when it has no Tap/LocalAnswerer (Enphase)."""
+    if callable(getattr(codec, "Tap", None)) and callable(getattr(codec, "LocalAnswerer", None)):
+        return cast(StreamCodec, codec)
+    return None

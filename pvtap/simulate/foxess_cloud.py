@@ -66,6 +66,15 @@ class CloudSession:
                         raise ConnectionError("the device closed the connection")
                     await self._changed.wait()
 
+    async def wait_received(self, size: int, timeout: float = 10.0) -> None:
+        """Until `size` bytes in total have arrived from the device."""
+        async with asyncio.timeout(timeout):
+            async with self._changed:
+                while len(self.received) < size:
+                    if self.closed.is_set():
+                        raise ConnectionError("the device closed the connection")
+                    await self._changed.wait()
+
     async def modbus_read(self, register: int, count: int = 1, *, unit: int = 1, function: int = 0x03,
                           timeout: float = 10.0) -> Frame:
         """Send a 0x11 read request; return the 0x91 reply carrying the same stamp."""

@@ -266,6 +266,7 @@ class Forwarder:
         self._drain: tuple[float, int] | None = None  # (monotonic start, records delivered since)
         self._last_progress = 0.0
         self.delivered = 0  # records accepted by this instance
+        self.failed_attempts = 0  # failed write attempts by this instance (each is retried; for /metrics)
         self.dead_lettered = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -534,6 +535,7 @@ class Forwarder:
     def _failed(self, failure: Failure) -> float:
         """Note a failure, log it (not every time), and return the back-off before the next try."""
         self._failures += 1
+        self.failed_attempts += 1
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since = now

@@ -1,0 +1,406 @@
+"""AlphaESS bodies and the records they hold (timestamps and field types: the package docstring).
+
+A JSON body is read as a `Body`: its members in order, a repeated key kept as often as it comes
+(a real 1-1-4 dump repeats `Generator`). In a record, the first occurrence keeps the key's name
+and later ones are numbered from 2 (`Generator`, `Generator_2`, …; a number already taken by a
+real key is skipped), so no value is lost and each field name keeps one meaning per frame type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from pvtap.privacy import REDACTED
+from pvtap.records import FieldValue, Origin, RawPayload, Record
+
+from ..withhold import is_withheld
+from .framing import REQUEST, RESPONSE, AlphaFrame, parse_frame
+
+# -- bodies -----------------------------------------------------------------------------------
+
+class Body(list[tuple[str, Any]]):
+    """A JSON object's members in order, repeated keys kept (nested objects are Bodies too)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The first value of `key`."""
+        for name, value in self:
+            if name == key:
+                return value
+        return default
+
+
+_PAIRS = json.JSONDecoder(object_pairs_hook=Body)
+_CONTAINERS = frozenset({dict, list})
+#: The end of a key: in JSON without escapes no string holds a quote, so this is found after
+#: every key and nowhere else.
+_KEY_END = re.compile(rb'"\s*:')
+
+#: Bodies parsed lately: the Tap, `redact_raw` and `decode_raw` read the same body in turn.
+#: Bounded (cleared when full, small bodies only); the Bodies in it are never modified.
+_PARSED: dict[bytes, Body | None] = {}
+_PARSED_MAX = 512
+_PARSED_BODY_MAX = 8192
+
+
+def json_body(body: bytes) -> Body | None:
+    """The body as a JSON object, or None when it is not one. Do not modify what it returns."""
+    found = _PARSED.get(body, _PARSED)
+    if found is not _PARSED:
+        return found  # type: ignore[return-value]
+    parsed = _parse(body)
+    if len(body) <= _PARSED_BODY_MAX:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[bytes(body)] = parsed
+    return parsed
+
+
+def _parse(body: bytes) -> Body | None:
+    """orjson (some four times as fast as json) when that loses nothing: it keeps only the last
+    of repeated keys, so a body with escapes, or with more keys in its text than in the parse,
+    goes to the json module's pairs decoder, as does anything orjson refuses (json reads NaN)."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _parse_pairs(body)
+    if type(value) is not dict:
+        return None
+    flat = _CONTAINERS.isdisjoint(map(type, value.values()))  # the usual case: strings and numbers
+    if b"\\" in body or len(_KEY_END.findall(body)) != (len(value) if flat else _keys(value)):
+        return _parse_pairs(body)
+    return Body(value.items()) if flat else _as_body(value)
+
+
+def _parse_pairs(body: bytes) -> Body | None:
+    try:
+        value = _PAIRS.decode(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, Body) else None
+
+
+def _keys(value: Any) -> int:
+    """How many keys a parsed document holds, at every depth."""
+    if type(value) is dict:
+        return len(value) + sum(_keys(v) for v in value.values() if type(v) in (dict, list))
+    if type(value) is list:
+        return sum(_keys(v) for v in value if type(v) in (dict, list))
+    return 0
+
+
+def _as_body(value: Any) -> Any:
+    """orjson's dicts as Bodies, at every depth."""
+    if type(value) is dict:
+        return Body((k, _as_body(v) if type(v) in (dict, list) else v) for k, v in value.items())
+    if type(value) is list:
+        return [_as_body(v) if type(v) in (dict, list) else v for v in value]
+    return value
+
+
+def encode_json(obj: dict[str, Any] | Body) -> bytes:
+    """Compact, like the device writes it (a Body with its repeated keys)."""
+    return dump(obj).encode("utf-8")
+
+
+def dump(value: Any) -> str:
+    if isinstance(value, Body):
+        return "{" + ",".join(f"{dump(k)}:{dump(v)}" for k, v in value) + "}"
+    if isinstance(value, dict):
+        return dump(Body(value.items()))
+    if isinstance(value, list):
+        return "[" + ",".join(map(dump, value)) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def numbered(items: list[tuple[str, Any]]) -> list[tuple[str, Any]] | Iterator[tuple[str, Any]]:
+    """Members with a repeated key renamed `key_2`, `key_3`, … (module docstring)."""
+    if len({name for name, _ in items}) == len(items):
+        return items  # the usual case: nothing repeated
+    return _numbered(items)
+
+
+def _numbered(items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    seen: set[str] = set()
+    repeated: list[tuple[str, Any]] = []
+    for name, value in items:
+        if name in seen:
+            repeated.append((name, value))
+        else:
+            seen.add(name)
+            yield name, value
+    for name, value in repeated:
+        n = 2
+        while f"{name}_{n}" in seen:
+            n += 1
+        seen.add(f"{name}_{n}")
+        yield f"{name}_{n}", value
+
+
+_DEVICE_TIME = re.compile(r"(\d{4})/(\d{1,2})/(\d{1,2}) (\d{1,2}):(\d{2}):(\d{2})")
+_EVENT_ENTRY = re.compile(r"(\d{2})/(\d{2})/(\d{2}) (\d{2}):(\d{2}):(\d{2}) (\d+)")
+
+
+def device_time(text: object) -> datetime | None:
+    """`YYYY/MM/DD HH:MM:SS` (device local clock) as a naive datetime; None if it is not one.
+    The device's own zero-padded form is read by slicing; other spellings by the pattern."""
+    if not isinstance(text, str):
+        return None
+    if len(text) == 19 and text[4] == text[7] == "/" and text[10] == " " and text[13] == text[16] == ":" \
+            and (text[:4] + text[5:7] + text[8:10] + text[11:13] + text[14:16] + text[17:]).isdigit():
+        try:
+            return datetime(int(text[:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]), int(text[14:16]),
+                            int(text[17:]))
+        except ValueError:
+            return None
+    m = _DEVICE_TIME.fullmatch(text.strip())
+    if not m:
+        return None
+    try:
+        year, month, day, hour, minute, second = map(int, m.groups())
+        return datetime(year, month, day, hour, minute, second)
+    except ValueError:
+        return None
+
+
+def first_device_time(frame: AlphaFrame) -> datetime | None:
+    """The first device clock reading a frame carries (realtime/extended `Time`, first CSV row,
+    first event-log entry)."""
+    if frame.b1 != REQUEST:
+        return None
+    if frame.type in (5, 16):
+        body = json_body(frame.body)
+        return device_time(body.get("Time", "")) if body else None
+    if frame.type == 12:
+        for row in csv_rows(frame.body):
+            t = device_time(f"{row.get('Date', '')} {row.get('Time', '')}")
+            if t is not None:
+                return t
+        return None
+    if frame.type == 9:
+        body = json_body(frame.body)
+        content = body.get("MsgContent") if body else None
+        if isinstance(content, str) and (m := _EVENT_ENTRY.search(content)):
+            return _event_time(m)
+    return None
+
+
+def _event_time(m: re.Match[str]) -> datetime | None:
+    yy, mo, dd, hh, mi, ss = map(int, m.groups()[:6])
+    try:
+        return datetime(2000 + yy, mo, dd, hh, mi, ss)
+    except ValueError:
+        return None
+
+
+def csv_rows(body: bytes) -> Iterable[dict[str, str]]:
+    """CSV back-fill rows as dicts; every line starting `Date,` is a header (each frame repeats it)."""
+    header: list[str] | None = None
+    for line in body.decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        cells = line.strip().split(",")
+        if cells[0] == "Date":
+            header = cells
+        elif header is not None:
+            yield dict(zip(header, cells))
+
+
+# -- field typing -----------------------------------------------------------------------------
+
+#: Integers by nature: modes, flags, bit fields, packed (module, cell, value) words, codes.
+INT_FIELDS = frozenset({
+    "InvWorkMode", "FlagBms", "BmsWork", "BmsRelay", "BmsNum", "VcellLow", "VcellHigh", "TcellLow",
+    "TcellHigh", "IdTempelover", "IdTempEover", "IdTempediffe", "IdChargcurre", "IdDischcurre",
+    "IdCellvolover", "IdCellvollower", "IdSoclower", "IdCellvoldiffe", "ErrInv", "WarInv", "ErrEms",
+    "ErrBms", "ErrMeter", "ErrBackupBox", "BmsShutdown", "BmuRelay", "BmsHardVer1", "BmsHardVer2",
+    "BmsHardVer3", "DispatchSwitch", "DispatchMode", "UPSModel", "SYSMode", "EVCGunLockFlag",
+})
+#: Text by nature.
+TEXT_FIELDS = frozenset({"EmsStatus", "CSQ"})
+#: Keys that are not measurements: the clock (kept as `device_time`) and the serial (a tag).
+_NOT_FIELDS = frozenset({"Time", "Date", "SN"})
+#: CSV back-fill names differing from the JSON names of the same quantity.
+_CSV_RENAMES = {"Vpv1": "Upv1", "Vpv2": "Upv2"}
+
+
+
+_SKIPPED_VALUES = ("", REDACTED)
+
+
+def typed_fields(items: Iterable[tuple[str, Any]]) -> dict[str, FieldValue]:
+    """Measurement fields with a fixed type per name (see module docstring)."""
+    fields: dict[str, FieldValue] = {}
+    for name, value in items:
+        if name in _NOT_FIELDS or value is None or value in _SKIPPED_VALUES:
+            continue
+        text = value if type(value) is str else _text(value)
+        if name in TEXT_FIELDS:
+            fields[name] = text
+            continue
+        number = _number(value)
+        if number is None:
+            fields[f"{name}_text"] = text
+        elif name in INT_FIELDS:
+            whole = _whole(value, number)
+            if whole is None:
+                fields[f"{name}_text"] = text
+            else:
+                fields[name] = whole
+        else:
+            fields[name] = number
+    return fields
+
+
+def _whole(value: Any, number: float) -> int | None:
+    """An int field's value: exact from digits, else from an integral float; None beyond int64."""
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("+-").isdigit()):
+        whole = int(value)
+    elif number.is_integer():
+        whole = int(number)
+    else:
+        return None
+    return whole if -2**63 <= whole < 2**63 else None
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from a number or its decimal text (`12`, `-1.5`, `.5`, `1e3`; float()
+    also reads underscores, refused here, and nan/inf, which are not finite)."""
+    kind = type(value)
+    if kind is str:
+        if "_" in value:
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+    elif kind is int or kind is float or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        number = float(value)
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+# -- records ----------------------------------------------------------------------------------
+
+def _stamp(naive: datetime | None, offset_s: int | None, received: datetime) -> datetime:
+    if naive is None:
+        return received
+    return naive.replace(tzinfo=UTC) + timedelta(seconds=offset_s or 0)
+
+
+def _iso(naive: datetime) -> str:
+    return naive.isoformat(timespec="seconds")
+
+
+def records_from_frame(frame: AlphaFrame, origin: Origin, received: datetime,
+                       clock_offset_s: int | None = None) -> list[Record]:
+    """The records one frame holds. `origin.direction` is the socket's; `clock_offset_s`
+    converts the device clock to UTC (module docstring); redacted values are left out."""
+    body = json_body(frame.body) if frame.type != 12 else None
+    serial = origin.device
+    if body is not None:
+        found = body.get("SN") or body.get("UserName")
+        if isinstance(found, str) and found:
+            serial = found
+            origin = Origin(origin.protocol, found, origin.connection, origin.direction)
+    tags = {"serial": serial} if serial else {}
+
+    if frame.type in (5, 16) and frame.b1 == REQUEST and body is not None:
+        naive = device_time(body.get("Time", ""))
+        if clock_offset_s is None and naive is not None:
+            clock_offset_s = math.floor((received - naive.replace(tzinfo=UTC)).total_seconds())
+        fields = typed_fields(numbered(body))
+        if naive is not None:
+            fields["device_time"] = _iso(naive)
+        if not fields:
+            return []
+        measurement = "alphaess_realtime" if frame.type == 16 else "alphaess_extended"
+        return [Record(measurement, _stamp(naive, clock_offset_s, received), tags, fields, origin)]
+
+    if frame.type == 12 and frame.b1 == REQUEST:
+        return _backfill_records(frame.body, origin, received, clock_offset_s)
+
+    if frame.type == 9 and frame.b1 == REQUEST and body is not None:
+        return _event_records(body, tags, origin, received, clock_offset_s)
+
+    if frame.type == 8 and body is not None and body.get("Command"):
+        fields = {_snake(k): _text(v) for k, v in numbered(body) if v != REDACTED}
+        kind = "request" if frame.b1 == REQUEST else "ack"
+        return [Record("alphaess_command", received, {**tags, "kind": kind}, fields, origin)]
+
+    if (frame.type, frame.b1) in ((4, REQUEST), (3, RESPONSE)) and body is not None:
+        fields = {k: _text(v) for k, v in numbered(body) if k not in ("SN", "Status") and v != REDACTED}
+        if not fields:
+            return []
+        source = "device" if frame.b1 == REQUEST else "cloud"
+        return [Record("alphaess_device", received, {**tags, "source": source}, fields, origin)]
+
+    if frame.type == 2 and frame.b1 == REQUEST and body is not None:
+        company = body.get("CompanyName", "")
+        return [Record("alphaess_login", received, tags, {"CompanyName": _text(company)}, origin)]
+
+    return []
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else dump(value)
+
+
+def _snake(name: str) -> str:
+    """`CmdIndex` → `cmd_index`, `Parameter1` → `parameter1`."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def _backfill_records(body: bytes, origin: Origin, received: datetime, offset: int | None) -> list[Record]:
+    records = []
+    for row in csv_rows(body):
+        naive = device_time(f"{row.get('Date', '')} {row.get('Time', '')}")
+        if naive is None:
+            continue
+        serial = row.get("SN") or origin.device
+        fields = typed_fields((_CSV_RENAMES.get(k, k), v) for k, v in row.items())
+        fields["device_time"] = _iso(naive)
+        records.append(Record("alphaess_backfill", _stamp(naive, offset, received),
+                              {"serial": serial} if serial else {}, fields,
+                              dataclasses.replace(origin, device=serial)))
+    return records
+
+
+def _event_records(body: Body, tags: dict[str, str], origin: Origin, received: datetime,
+                   offset: int | None) -> list[Record]:
+    msg_type = _text(body.get("MsgType", ""))
+    content = _text(body.get("MsgContent", ""))
+    if msg_type == "EventLog":
+        records = []
+        for m in _EVENT_ENTRY.finditer(content):
+            naive = _event_time(m)
+            if naive is None:
+                continue
+            records.append(Record("alphaess_event", _stamp(naive, offset, received),
+                                  {**tags, "msg_type": msg_type, "code": m.group(7)},
+                                  {"device_time": _iso(naive)}, origin))
+        return records
+    fields = {"content": content, "description": _text(body.get("Description", ""))}
+    return [Record("alphaess_event", received, {**tags, "msg_type": msg_type}, fields, origin)]
+
+
+
+def decode_raw(raw: RawPayload) -> list[Record]:
+    """Records of a stored (redacted) payload. Garbage, partial, opaque and withheld payloads
+    hold none."""
+    if raw.kind in ("garbage", "partial", "opaque") or is_withheld(raw):
+        return []
+    if raw.kind != "frame":
+        raise ValueError(f"unknown AlphaESS payload kind {raw.kind!r}")
+    offset = raw.meta.get("clock_offset_s")
+    return records_from_frame(parse_frame(raw.payload), raw.origin, raw.received,
+                              int(offset) if offset is not None else None)
+

@@ -1,0 +1,174 @@
+"""AlphaESS redaction: what `redact_raw` removes or pseudonymises (package docstring).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from pvtap.privacy import REDACTED, Privacy
+from pvtap.records import RawPayload
+
+from ..withhold import is_withheld, redacted_origin, withhold
+from .framing import REQUEST, AlphaFrame, encode_frame, parse_frame
+from .records import Body, dump, json_body
+
+#: Redacted always (reference §4).
+SECRET_KEYS = frozenset({"Password", "License", "Address", "ZipCode", "PhoneNumber"})
+#: Location: redacted unless privacy.keep_network_identity.
+LOCATION_KEYS = frozenset({"Country"})
+#: Serials: replaced by their pseudonym when privacy.pseudonym_key is set.
+SERIAL_KEYS = frozenset({"SN", "UserName", "InvSN", "WifiSN", "BakBoxSN", "SCBSN"}
+                        | {f"BatterySN{i}" for i in range(1, 19)})
+_MAC = re.compile(r"(MAC:\s*)[0-9A-Fa-f]{2}(?:[ :-]?[0-9A-Fa-f]{2}){5}")
+#: A JSON string token; scanned from the start of a valid document, these are exactly its
+#: strings (outside strings JSON has no quotes), so a token followed by `:` is a key.
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_COLON = re.compile(r"\s*:\s*")
+_VALUE = json.JSONDecoder(object_pairs_hook=Body)
+
+
+@functools.lru_cache(maxsize=4)
+def _keys(keep_network_identity: bool, pseudonyms: bool) -> tuple[frozenset[str], re.Pattern[str]]:
+    """The keys whose values redaction may change, and a pattern that finds them as keys."""
+    keys = SECRET_KEYS | (frozenset() if keep_network_identity else LOCATION_KEYS | {"MsgContent"}) | \
+        (SERIAL_KEYS if pseudonyms else frozenset())
+    return keys, re.compile(r'"(' + "|".join(map(re.escape, sorted(keys))) + r')"\s*:\s*')
+
+
+class _Redaction:
+    """One payload's redaction, and what it changed (for the raw payload's meta)."""
+
+    def __init__(self, privacy: Privacy) -> None:
+        self.privacy = privacy
+        self.redacted: set[str] = set()
+        self.pseudonymised: set[str] = set()
+        self.keys, self.key_pattern = _keys(privacy.keep_network_identity, bool(privacy.pseudonym_key))
+
+    def value(self, key: str, value: Any) -> Any:
+        """What a value of `key` may be stored as."""
+        if key in SECRET_KEYS or (key in LOCATION_KEYS and not self.privacy.keep_network_identity):
+            if value != REDACTED:
+                self.redacted.add(key)
+            return REDACTED
+        if key in SERIAL_KEYS and self.privacy.pseudonym_key:
+            if isinstance(value, str) and value:
+                self.pseudonymised.add(key)
+                return self.privacy.serial(value)
+            if isinstance(value, list) and not isinstance(value, Body):
+                return [self.value(key, v) for v in value]
+            return value
+        if key == "MsgContent" and isinstance(value, str) and not self.privacy.keep_network_identity:
+            cleaned = _MAC.sub(rf"\g<1>{REDACTED}", value)
+            if cleaned != value:
+                self.redacted.add("MAC")
+            return cleaned
+        return value
+
+    def json(self, body: bytes) -> bytes | None:
+        """A JSON body with only the secret values replaced, every other byte (repeated keys,
+        spacing, key order) as it was; None when the body is not a JSON object."""
+        if json_body(body) is None:
+            return None
+        text = body.decode("utf-8")
+        out: list[str] = []
+        pos = skip_to = 0
+        plain = "\\" not in text
+        for key, start in self._keys_in(text):
+            if start < skip_to:
+                continue  # inside a value already replaced
+            if plain and text[start] == '"':  # a string without escapes: it ends at the next quote
+                end = text.index('"', start + 1) + 1
+                value: Any = text[start + 1:end - 1]
+            else:
+                value, end = _VALUE.raw_decode(text, start)
+            new = self.value(key, value)
+            if new == value and type(new) is type(value):
+                continue
+            out += (text[pos:start], dump(new))
+            pos = skip_to = end
+        if not out:
+            return body
+        out.append(text[pos:])
+        return "".join(out).encode("utf-8")
+
+    def _keys_in(self, text: str) -> Iterator[tuple[str, int]]:
+        """(key, where its value starts) for each key of interest in a valid JSON text. Without a
+        backslash no string can hold a quote, so every `"Key":` the pattern finds is a key;
+        otherwise every string token is looked at, escaped keys decoded."""
+        if "\\" not in text:
+            for match in self.key_pattern.finditer(text):
+                yield match.group(1), match.end()
+            return
+        for token in _STRING.finditer(text):
+            colon = _COLON.match(text, token.end())
+            if colon is None:
+                continue  # a value
+            key = token.group()
+            key = json.loads(key) if "\\" in key else key[1:-1]
+            if key in self.keys:
+                yield key, colon.end()
+
+    def csv(self, body: bytes) -> bytes | None:
+        """The back-fill CSV with the cells of secret or serial columns replaced; None when a row
+        has no header before it or more cells than its header (columns this module cannot name)."""
+        lines = body.decode("utf-8", errors="surrogateescape").split("\n")
+        header: list[str] = []
+        for i, line in enumerate(lines):
+            cells = line.split(",")
+            if cells[0].strip() == "Date":
+                header = [c.strip() for c in cells]
+                continue
+            if not line.strip():
+                continue
+            if len(cells) > len(header):
+                return None
+            lines[i] = ",".join(self.value(header[j], c) if c else c for j, c in enumerate(cells))
+        return "\n".join(lines).encode("utf-8", errors="surrogateescape")
+
+    def meta(self, meta: dict[str, Any]) -> dict[str, Any]:
+        out = dict(meta)
+        if self.redacted:
+            out["redacted"] = ",".join(sorted(self.redacted))
+        if self.pseudonymised:
+            out["pseudonymised"] = ",".join(sorted(self.pseudonymised))
+        return out
+
+
+def _redacted_body(frame: AlphaFrame, redaction: _Redaction) -> bytes | None:
+    """The body as it may be stored; None when it cannot be vouched for."""
+    if not frame.body:
+        return frame.body
+    if frame.type == 12 and frame.b1 == REQUEST:
+        return redaction.csv(frame.body)
+    return redaction.json(frame.body)
+
+
+_REJECTED = {"garbage": "bytes in no frame", "partial": "a frame cut off at the end of the connection",
+             "opaque": "a stream that is not AlphaESS framing"}
+
+
+def redact_raw(raw: RawPayload, privacy: Privacy) -> RawPayload:
+    """The payload as it may be stored: secrets replaced by REDACTED, serials pseudonymised when
+    asked, a network address as device label dropped unless kept (package docstring). Bytes it
+    cannot vouch for — rejected, cut off, opaque, a body that is neither JSON nor the back-fill
+    CSV — are withheld (`pvtap.decode.withhold`)."""
+    origin = redacted_origin(raw.origin, privacy)
+    if is_withheld(raw):
+        return withhold(raw, str(raw.meta["withheld"]), privacy, origin=origin)
+    if raw.kind != "frame":
+        return withhold(raw, _REJECTED.get(raw.kind, f"payload kind {raw.kind!r}"), privacy, origin=origin)
+    try:
+        frame = parse_frame(raw.payload)
+    except ValueError as exc:
+        return withhold(raw, f"not one frame: {exc}", privacy, origin=origin)
+    redaction = _Redaction(privacy)
+    body = _redacted_body(frame, redaction)
+    if body is None:
+        return withhold(raw, f"{frame.name} body is neither a JSON object nor the back-fill CSV", privacy,
+                        origin=origin)
+    payload = raw.payload if body is frame.body or body == frame.body else encode_frame(frame.b1, frame.type, body)
+    return RawPayload(origin, raw.kind, payload, raw.received, redaction.meta(dict(raw.meta)))
