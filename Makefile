@@ -11,9 +11,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # real servers and tools the tests drive (socat: bench/relay.py compares against it; tcpdump: the
 # `pvtap import` tests capture the simulators' traffic with it; mosquitto: the MQTT broker; prometheus
-# scrapes /metrics; docker-compose parses compose.yaml)
+# scrapes /metrics; docker-compose parses compose.yaml; chromium: the web view's browser tests, driven by
+# Playwright from the venv, which downloads no browser of its own)
 DEBIAN_PACKAGES := influxdb victoria-metrics iptables nftables iproute2 socat tcpdump mosquitto mosquitto-clients \
-	prometheus docker-compose
+	prometheus docker-compose chromium
 
 run: install
 	$(VENV)/bin/pvtap run

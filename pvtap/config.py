@@ -37,12 +37,13 @@ class ConfigError(ValueError):
 
 
 def setting(default: Any, help: str, check: Callable[[Any], str | None] | None = None,
-            fix: str = "") -> Any:
-    """A config field: its default, one line of help, an optional check returning a problem."""
+            fix: str = "", secret: bool = False) -> Any:
+    """A config field: its default, one line of help, an optional check returning a problem.
+    A `secret` one is left out of the config's repr, so a logged config never shows it."""
     metadata = {"help": help, "check": check, "fix": fix}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: default, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata, repr=not secret)
 
 
 # -- reusable checks --------------------------------------------------------------------------
@@ -469,6 +470,44 @@ class MqttConfig:
                               "give pvtap's topics their own prefix (the default is pvtap)")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable from this machine only (`localhost`, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The read-only web view (`pvtap web`, started by `pvtap run`): see docs/web.md."""
+
+    listen: str = setting(
+        "127.0.0.1:8080", "Where the web view listens, host:port; empty: `pvtap run` starts no web view. Any "
+        "address but loopback opens it to the LAN and then needs web.password.",
+        check=optional(listen_address))
+    password: str = setting(
+        "", "Password the browser must give (HTTP basic authentication, any user name) when web.listen is not "
+            "a loopback address; there is no default one. At least 8 characters.", secret=True)
+    refresh_s: float = setting(5.0, "Seconds between the page's live updates.",
+                               check=lambda v: None if 0.2 <= v <= 3600 else "must be between 0.2 and 3600")
+    silent_after_s: float = setting(
+        900.0, "A device without contact for this many seconds is shown as silent (an Envoy reports every 5 min).",
+        check=positive)
+
+    def __post_init__(self) -> None:
+        if self.password and len(self.password) < 8:
+            raise ConfigError("web.password", "(hidden)", "shorter than 8 characters",
+                              "set web.password (or PVTAP_WEB_PASSWORD) to a longer password of your own")
+        if self.listen and not self.password and not is_loopback(split_host_port(self.listen)[0]):
+            raise ConfigError("web.password", "", f"web.listen = {self.listen!r} opens the web view to the LAN, "
+                              "and it has no password",
+                              "set web.password (or PVTAP_WEB_PASSWORD) to a password of your own (8 characters "
+                              "or more), or listen on 127.0.0.1 only (web.listen = \"127.0.0.1:8080\")")
+
+
 @dataclass(frozen=True)
 class HealthConfig:
     """The health and metrics endpoints of each process (docs/health.md)."""
@@ -495,6 +534,7 @@ class Config:
     ingest: IngestConfig = setting(IngestConfig(), "")
     mqtt: MqttConfig = setting(MqttConfig(), "")
     health: HealthConfig = setting(HealthConfig(), "")
+    web: WebConfig = setting(WebConfig(), "")
 
 
 # -- loading ----------------------------------------------------------------------------------

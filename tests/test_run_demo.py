@@ -112,8 +112,9 @@ def test_run_dry_run_prints_the_mitmdump_command(monkeypatch, capsys, data_dir: 
         monkeypatch.setenv(key, value)
     assert main(["--data-dir", str(data_dir), "run", "--dry-run",
                  "--mitmproxy-set", "tls_version_client_min=TLS1"]) == 0
-    mitmproxy, relay = capsys.readouterr().out.strip().split("\n")
+    mitmproxy, relay, web = capsys.readouterr().out.strip().split("\n")
     assert relay == f"relay: {sys.executable} -m proxy_tcp --data-dir {data_dir.resolve()}"
+    assert web == f"web: {sys.executable} -m pvtap --data-dir {data_dir.resolve()} web"
     argv = mitmproxy.removeprefix("mitmproxy: ").split(" ")
     assert argv == [MITMDUMP, *(a.format(data=data_dir) for a in expected), "--set", "tls_version_client_min=TLS1"]
 
@@ -152,8 +153,10 @@ def _relay_config(tmp_path: Path) -> Path:
 
 
 def _run(tmp_path: Path, env: dict[str, str], *extra: str) -> Pvtap:
+    """`pvtap run` with its web view on a free port (tests run side by side)."""
     return Pvtap(["--config", str(_relay_config(tmp_path)), "--data-dir", str(tmp_path / "data"), "run",
-                  "--mitmproxy-set", f"confdir={tmp_path / 'conf'}", *extra], env, tmp_path)
+                  "--mitmproxy-set", f"confdir={tmp_path / 'conf'}", *extra],
+                 {"PVTAP_WEB_LISTEN": "127.0.0.1:0", **env}, tmp_path)
 
 
 @pytest.mark.slow
@@ -278,7 +281,8 @@ def test_run_passes_on_the_relays_config_error(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_shows_records_within_seconds_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     started = time.monotonic()
-    demo = Pvtap(["--data-dir", str(tmp_path / "data"), "demo", "--every", "0.5"], {}, tmp_path)
+    demo = Pvtap(["--data-dir", str(tmp_path / "data"), "demo", "--every", "0.5"], {"PVTAP_WEB_LISTEN": "127.0.0.1:0"},
+                 tmp_path)
     demo.expect(rf"records go to {re.escape(str(tmp_path / 'data' / 'demo'))} ")
     mitm_line = demo.expect(r"demo \| Enphase Envoy: mitmproxy with addons/enphase\.py on .* \(pid (\d+)\)")
     mitmdump_pid = int(mitm_line.group(1))

@@ -16,7 +16,7 @@ from pathlib import Path
 from pvtap.config import Config, ConfigError, env_warnings, load_config
 
 COMMANDS = ("run", "relay", "forward", "status", "deadletters", "tail", "devices", "export", "replay", "import_",
-            "simulate", "demo", "certs", "mqtt", "init", "health", "firewall")
+            "simulate", "demo", "certs", "mqtt", "init", "health", "firewall", "web")
 
 DESCRIPTION = """\
 pvtap sits between your solar/battery devices and their vendor clouds, forwards every byte

@@ -26,6 +26,7 @@ from pvtap.certs import foxess_pair
 from pvtap.cli.run import (
     MITM_READY,
     RELAY_READY,
+    WEB_READY,
     Service,
     SetupError,
     StopRequested,
@@ -53,8 +54,11 @@ what runs (all on 127.0.0.1, nothing leaves this machine):
                        decoding a copy
                     <- `pvtap simulate alphaess`, `foxess-m1`, `foxess-h1`: data every --every seconds
 
+  the web view    `pvtap web` on the demo's records, on web.listen (127.0.0.1:8080) or, when
+                  that is taken, on a free port: the demo prints the address to open
+
 Records go to <data_dir>/demo (e.g. ./data/demo), not to your real store; look at them again
-afterwards with `pvtap --data-dir data/demo tail` (or `devices`, `export`)."""
+afterwards with `pvtap --data-dir data/demo tail` (or `devices`, `export`, `web`)."""
 
 #: the demo's proxies serve their health endpoints on free ports, beside a `pvtap run` on the defaults
 DEMO_HEALTH = {"PVTAP_HEALTH_RELAY_LISTEN": "127.0.0.1:0", "PVTAP_HEALTH_ENPHASE_LISTEN": "127.0.0.1:0"}
@@ -309,6 +313,30 @@ class RecordPrinter:
             return last.id if last else 0
 
 
+def start_web(ctx: DemoContext) -> None:
+    """The web view on the demo's records: on web.listen, or on a free port when that is taken
+    (a `pvtap run` beside the demo has it); none when web.listen is empty."""
+    listen = ctx.config.web.listen
+    if not listen:
+        return
+    host = listen.rpartition(":")[0]
+    for where in dict.fromkeys([listen, f"{host}:0"]):
+        argv = [sys.executable, "-m", "pvtap", "--data-dir", str(ctx.data_dir), "web", "--listen", where]
+        if ctx.config_path is not None:
+            argv[3:3] = ["--config", str(ctx.config_path.resolve())]
+        service = Service("web", argv, ready=WEB_READY, optional=True, show=lambda line: False)
+        try:
+            ready = ctx.supervisor.start(service)
+        except SetupError:
+            ctx.supervisor.drop(service)
+            continue
+        assert ready is not None  # it has a ready pattern
+        ctx.supervisor.say(f"     demo | web view: open http://{ready['host']}:{ready['port']}/ for charts of the "
+                           "demo's records")
+        return
+    ctx.supervisor.say(f"     demo | the web view could not start on {listen} (see web.listen); the demo goes on")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "demo", help="see pvtap work with simulated devices and stand-in clouds (no devices needed)",
@@ -338,6 +366,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         printer.start()
         for device in devices:
             device.start(ctx)
+        start_web(ctx)
         died = supervisor.wait()
         if died is not None:
             assert died.proc is not None  # wait() returns only a service that ran and exited

@@ -12,10 +12,10 @@ import heapq
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from pvtap.cli._common import (
     NoStores,
@@ -94,15 +94,12 @@ def run(args: argparse.Namespace, config: Config) -> int:
             print(f"pvtap export: {unknown}", file=sys.stderr)
             return 2
         progress = Progress("exporting", total, enabled=Progress.wanted(args.progress))
-        records = heapq.merge(*(store.records(by_time=True, **filters) for store in stores),
-                              key=lambda stored: (stored.record.time_ns, stored.id))
-        write = _write_csv(stores, filters) if args.format == "csv" else _WRITERS[args.format]
         if args.output is None:
-            write(sys.stdout, (s.record for s in records), progress.advance)
+            write_export(stores, args.format, filters, sys.stdout, progress.advance)
             sys.stdout.flush()
         else:
             try:
-                _write_file(args.output, lambda out: write(out, (s.record for s in records), progress.advance))
+                _write_file(args.output, lambda out: write_export(stores, args.format, filters, out, progress.advance))
             except OSError as exc:
                 print(f"pvtap export: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
                 return 1
@@ -111,6 +108,17 @@ def run(args: argparse.Namespace, config: Config) -> int:
     print(f"exported {progress.done:,} records ({args.format}) to {where} in {progress.elapsed:.1f} s",
           file=sys.stderr)
     return 0
+
+
+def write_export(stores: list[LocalStore], fmt: str, filters: Mapping[str, Any], out: TextIO,
+                 advance: Callable[[], None] = lambda: None) -> None:
+    """Write the records of `stores` matching `filters` (keyword arguments of LocalStore.records:
+    since_ns, until_ns, measurements, devices, vendors; TimedFilters from the command line) to
+    `out` in time order, in `fmt` (one of FORMATS); `pvtap web`'s download link uses it too."""
+    records = heapq.merge(*(store.records(by_time=True, **filters) for store in stores),
+                          key=lambda stored: (stored.record.time_ns, stored.id))
+    write = _write_csv(stores, filters) if fmt == "csv" else _WRITERS[fmt]
+    write(out, (s.record for s in records), advance)
 
 
 Writer = Callable[[TextIO, Iterator[Record], Callable[[], None]], None]
@@ -133,7 +141,7 @@ def _write_json(out: TextIO, records: Iterator[Record], advance: Callable[[], No
 _WRITERS: dict[str, Writer] = {"lp": _write_lp, "json": _write_json}
 
 
-def _write_csv(stores: list[LocalStore], filters: TimedFilters) -> Writer:
+def _write_csv(stores: list[LocalStore], filters: Mapping[str, Any]) -> Writer:
     """A CSV writer whose columns are every tag and field key the export will contain."""
     tag_keys: set[str] = set()
     field_keys: set[str] = set()

@@ -30,7 +30,7 @@ from typing import TextIO
 
 from pvtap import datadir
 from pvtap.cli.relay import default_listener_lines
-from pvtap.config import Config, ConfigError, split_host_port, unknown_env
+from pvtap.config import Config, ConfigError, is_loopback, split_host_port, unknown_env
 
 ADDON = Path(__file__).resolve().parents[2] / "addons" / "enphase.py"
 #: starts a command that gets SIGTERM when this process dies (runs without importing pvtap)
@@ -40,6 +40,8 @@ MITM_READY = re.compile(r"listening at (?P<host>\S+):(?P<port>\d+)\.\s*$")
 RELAY_PROG = "python -m proxy_tcp"
 #: the relay's start-up line, once every listener is up
 RELAY_READY = re.compile(r"relay ready: (?P<count>\d+) listener")
+#: `pvtap web`'s start-up line (pvtap.cli.web.READY_LINE)
+WEB_READY = re.compile(r"web view ready on http://(?P<host>\S+):(?P<port>\d+)/")
 READY_TIMEOUT = 30.0
 #: how long a service may take to stop before it is killed: more than the relay's own grace
 #: (proxy_tcp.service.RELAY_STOP_GRACE, which adds up its steps), or a clean stop would be cut short
@@ -61,6 +63,9 @@ what it starts:
   All state lives in data_dir, mitmproxy's CA included (<data_dir>/mitmproxy).
   Each serves /healthz, /readyz and /metrics: the relay on health.relay_listen (127.0.0.1:9108),
   mitmproxy on health.enphase_listen (127.0.0.1:9109); `pvtap health` asks both (docs/health.md).
+  the web view (pvtap web) on web.listen, http://127.0.0.1:8080/ by default: devices, live
+    values, charts, health; read-only, a process of its own. If it cannot start (the port is
+    taken), pvtap run says so and forwards without it; web.listen = "" turns it off.
 
 examples:
   pvtap run                                   transparent proxy on 0.0.0.0:8443, store in ./data
@@ -95,6 +100,8 @@ class Service:
     #: given its last output after it exited before it was ready, the config error to report (None: unknown)
     explain: Callable[[list[str]], str | None] = lambda tail: None
     env: dict[str, str] = field(default_factory=dict)
+    #: pvtap keeps forwarding without it: a failure to start or an exit is reported, not fatal
+    optional: bool = False
     proc: subprocess.Popen | None = None
     ready_match: re.Match[str] | None = None
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
@@ -185,11 +192,18 @@ class Supervisor:
         return service.ready_match
 
     def wait(self) -> Service | None:
-        """Block until a stop is requested (None) or a service exits (that service)."""
+        """Block until a stop is requested (None) or a service exits (that service); an optional
+        service that exits is reported once and left stopped."""
+        reported: set[str] = set()
         while not self._stop.wait(0.2):
             for service in self.services:
-                if service.proc is not None and service.proc.poll() is not None:
+                if service.proc is None or service.proc.poll() is None or service.name in reported:
+                    continue
+                if not service.optional:
                     return service
+                reported.add(service.name)
+                self.say(f"pvtap run: {service.name} exited with status {service.proc.returncode}; the proxies go on "
+                         "without it. Its last output:\n  " + "\n  ".join(service.tail))
         return None
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
@@ -209,6 +223,17 @@ class Supervisor:
                 proc.wait()
         for pump in self._pumps:
             pump.join(2)
+
+    def drop(self, service: Service, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop one service that failed to start and forget it."""
+        if service.proc is not None and service.proc.poll() is None:
+            service.proc.terminate()
+            try:
+                service.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                service.proc.kill()
+                service.proc.wait()
+        self.services.remove(service)
 
     def _pump(self, service: Service, ready: threading.Event) -> None:
         assert service.proc is not None and service.proc.stdout is not None
@@ -355,9 +380,25 @@ def relay_next_steps(config: Config) -> list[str]:
             f"records go to {Path(config.data_dir).resolve() / 'relay.sqlite'}"]
 
 
+def web_command(config: Config, config_path: Path | None) -> list[str]:
+    """`pvtap web` on the same stores: the read-only web view, a process of its own so that its
+    queries never run on a forwarding process's event loop."""
+    argv = [sys.executable, "-m", "pvtap"]
+    if config_path is not None:
+        argv += ["--config", str(Path(config_path).resolve())]
+    return [*argv, "--data-dir", str(Path(config.data_dir).resolve()), "web"]
+
+
+def web_next_steps(config: Config, ready: re.Match[str] | None) -> list[str]:
+    host, port = (ready["host"], ready["port"]) if ready else split_host_port(config.web.listen)
+    if is_loopback(host.strip("[]")):
+        return [f"open http://{host}:{port}/ in a browser on this machine: devices, live values, charts"]
+    return [f"open http://<this host>:{port}/ from the LAN (user name: any; password: web.password)"]
+
+
 def services(config: Config, args: argparse.Namespace) -> list[Service]:
     """Everything `pvtap run` keeps running, in start order."""
-    return [
+    planned = [
         Service("mitmproxy",
                 mitmdump_command(config, config_path=args.config, extra_sets=args.mitmproxy_set),
                 ready=MITM_READY, next_steps=lambda ready: enphase_next_steps(config, ready),
@@ -366,6 +407,10 @@ def services(config: Config, args: argparse.Namespace) -> list[Service]:
         Service("relay", relay_command(config, args.config), ready=RELAY_READY,
                 next_steps=lambda ready: relay_next_steps(config), explain=relay_config_error),
     ]
+    if config.web.listen:
+        planned.append(Service("web", web_command(config, args.config), ready=WEB_READY, optional=True,
+                               next_steps=lambda ready: web_next_steps(config, ready)))
+    return planned
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -405,7 +450,15 @@ def run(args: argparse.Namespace, config: Config) -> int:
         supervisor.say(f"pvtap run: storing in {data_dir}")
         for service in planned:
             supervisor.say(f"pvtap run: starting {service.name}: {service.command}")
-            match = supervisor.start(service)
+            try:
+                match = supervisor.start(service)
+            except SetupError as exc:
+                if not service.optional:
+                    raise
+                supervisor.drop(service)
+                supervisor.say(f"pvtap run: {exc}\npvtap run: going on without {service.name} (forwarding is not "
+                               "affected); fix the cause and restart pvtap run")
+                continue
             assert service.proc is not None  # start() ran it
             where = f" on {match['host']}:{match['port']}" if match and "port" in match.groupdict() else ""
             supervisor.say(f"pvtap run: {service.name} is up{where} (pid {service.proc.pid})")

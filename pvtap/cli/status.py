@@ -147,6 +147,13 @@ def describe_ingest(backlog: int, row: IngestStatus | None, now_ns: int) -> list
                                                           not (row.running and not stale) else ""),
              f"  dropped copies {row.dropped_copies}" + (" (ingest was busy or down; forwarding was not affected)"
                                                          if row.dropped_copies else "")]
+    counts = row.counts
+    if counts.get("connections"):
+        lines.append(f"  connections    {counts['connections']} relayed, {counts.get('connections_open', 0)} open")
+    if "decode_errors" in counts:
+        errors = counts["decode_errors"]
+        lines.append(f"  decode errors  {errors}" + (" (their payloads are kept: pvtap replay decodes them again)"
+                                                     if errors else ""))
     if row.forwarder != "off":
         loud = row.forwarder.upper() if row.forwarder in ("stuck", "failing", "restarting") else row.forwarder
         lines.append(f"  forwarder      {loud}" + (f": {row.forwarder_error}" if row.forwarder_error else ""))
