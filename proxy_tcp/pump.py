@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pvtap.ingest_framing import ConnectionRecord
-from pvtap.records import RawPayload
+from pvtap.records import RawPayload, Record
 
 log = logging.getLogger("proxy_tcp.pump")
 
@@ -42,6 +42,7 @@ class CopySink(Protocol):
         keeps one device's connections on one ingest worker."""
         ...
     def payload(self, raw: RawPayload) -> bool: ...
+    def record(self, record: Record) -> None: ...
 
 
 @dataclass

@@ -36,6 +36,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
+from pvtap import datadir
 from pvtap.config import MAX_STOP_DECODE_S, Config, ConfigError, InfluxConfig, ListenerConfig
 from pvtap.decode import Codec, StreamCodec, codec_for, stream_codec
 from pvtap.health import Health
@@ -189,6 +190,8 @@ async def serve(config: Config, listeners: Sequence[ListenerConfig] | None = Non
     """Run the relay until `stop` is set or the task is cancelled: its listeners and its ingest
     workers (`ingest.workers` processes, each writing `<data_dir>/relay*.sqlite` and forwarding
     it when [influx] url is set), which archive everything they got before this returns."""
+    data_dir = datadir.prepare(config.data_dir)  # ConfigError: one line naming the directory and the fix
+    datadir.check_stores(data_dir, "relay")
     privacy = Privacy.from_config(config)
     chosen = [in_data_dir(listener, config.data_dir)
               for listener in (listeners if listeners is not None else listeners_of(config))]

@@ -4,7 +4,8 @@ Each section is a dataclass; each setting carries its help text and, where a typ
 a check. Loading validates everything at start-up and stops with a `ConfigError` that names the
 key, the value, where it came from and the fix. Environment variables are named after the key:
 `data_dir` → `PVTAP_DATA_DIR`, `enphase.local_mode` → `PVTAP_ENPHASE_LOCAL_MODE`. Lists of
-tables (relay listeners) come only from the file.
+tables (relay listeners) come only from the file. A `PVTAP_*` variable that names no setting is
+reported (`env_warnings`) rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ class EnphaseConfig:
         "How the Envoy's traffic reaches mitmproxy: transparent (a firewall REDIRECT on this host), reverse (a DNS "
         "override or DNAT to this host; forwarded to enphase.upstream) or regular (the device uses it as HTTP proxy).",
         check=one_of("transparent", "reverse", "regular"))
+    tls_min_version: str = setting(
+        "TLS1_2", "Oldest TLS version mitmproxy accepts from the Envoy: TLS1_2 (mitmproxy's default), or TLS1 / TLS1_1 "
+        "for an old Envoy that speaks nothing newer (the old cipher suites it needs are then allowed too).",
+        check=one_of("TLS1", "TLS1_1", "TLS1_2", "TLS1_3"))
     upstream: str = setting(
         "https://reports.enphaseenergy.com:443", "The cloud reverse mode forwards to, https://host[:port].",
         check=lambda v: None if re.fullmatch(r"https?://[^/:\s]+(:\d{1,5})?/?", v) else "expected https://host[:port]")
@@ -573,6 +578,29 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     return _build(Config, data, env, prefix="", source=source)
 
 
+def unknown_env(env: Mapping[str, str] | None = None) -> list[str]:
+    """The `PVTAP_*` variables that name no setting, sorted."""
+    env = os.environ if env is None else env
+    known = _env_names()
+    return sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known)
+
+
+def env_warnings(env: Mapping[str, str] | None = None) -> list[str]:
+    """One line per `PVTAP_*` variable that names no setting (a typo is otherwise silently
+    ignored), with the nearest setting's variable."""
+    known = _env_names()
+    out = []
+    for name in unknown_env(env):
+        guess = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f"did you mean {guess[0]}?" if guess else "settings and their variables: docs/config.md"
+        out.append(f"warning: environment variable {name} is not a pvtap setting and is ignored; {hint}")
+    return out
+
+
+def _env_names() -> set[str]:
+    return {CONFIG_ENV, *(name for _key, name, _default, _help in describe())}
+
+
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     """(key, env var, default, help) for every setting, for `--help` and the docs."""
     out = []
@@ -615,6 +643,10 @@ def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: s
             values[f.name] = _build(hint, data.get(f.name, {}), env, key + ".", source)
             continue
         env_key = _env_name(key)
+        if env_key in env and _is_table_list(hint):
+            raise ConfigError(key, env[env_key], "listeners come only from the config file, not from the environment",
+                              f"unset {env_key} and write each listener in the config file as a [[{key}]] table "
+                              'with protocol, listen and policy on lines of their own (docs/relay.md)', env_key)
         if env_key in env:
             raw, where = env[env_key], env_key
             value = _from_env(key, hint, raw, where)
@@ -632,6 +664,14 @@ def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: s
             raise ConfigError(key, raw, problem, fix, where)
         values[f.name] = value
     return cls(**values)
+
+
+def _is_table_list(hint: Any) -> bool:
+    """A list of settings tables (`[[relay.listeners]]`), which only the file can hold."""
+    if typing.get_origin(hint) is not list:
+        return False
+    (item,) = typing.get_args(hint)
+    return isinstance(item, type) and dataclasses.is_dataclass(item)
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -655,6 +695,9 @@ def _coerce(key: str, hint: Any, raw: Any, where: str, env: Mapping[str, str]) -
         return None if raw in (None, "") else _coerce(key, args[0], raw, where, env)
     if origin is list:
         (item,) = typing.get_args(hint)
+        if isinstance(raw, Mapping) and _is_table_list(hint):
+            raise ConfigError(key, raw, f"[{key}] (single brackets) is one table, but {key} is a list of tables",
+                              f"write [[{key}]] (double brackets) above each one", where)
         if not isinstance(raw, list):
             raise ConfigError(key, raw, "expected a list", f"write {key} = [ ... ]", where)
         if isinstance(item, type) and dataclasses.is_dataclass(item):

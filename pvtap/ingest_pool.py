@@ -23,7 +23,7 @@ from pvtap.ingest_channel import Channel, CopyStream
 from pvtap.ingest_framing import ConnectionRecord
 from pvtap.ingest_worker import WorkerSettings
 from pvtap.privacy import Privacy
-from pvtap.records import RawPayload
+from pvtap.records import RawPayload, Record
 from pvtap.store.local import SUFFIX
 
 log = logging.getLogger("pvtap.ingest")
@@ -55,7 +55,7 @@ def left_over(data_dir: Path, name: str, workers: int) -> dict[int, Path]:
 
 
 class ChannelPool:
-    """The channels of one forwarding process, used like one (`open`, `payload`, `stats`)."""
+    """The channels of one forwarding process, used like one (`open`, `payload`, `record`, `stats`)."""
 
     def __init__(self, channels: list[Channel]) -> None:
         self.channels = channels
@@ -99,6 +99,11 @@ class ChannelPool:
 
     def payload(self, raw: RawPayload) -> bool:
         return self._for(raw.origin.connection).payload(raw)
+
+    def record(self, record: Record) -> None:
+        """Always to the first worker: the records of one condition (an alert on, then off) land
+        in one store, in order, so the latest one says how it stands."""
+        self.channels[0].record(record)
 
     def stats(self, poll: bool = True) -> dict[str, Any]:
         """Sums over the workers (numbers), and each worker's own under `workers` (`poll`: see

@@ -20,7 +20,10 @@ examples:
   pvtap devices --json | jq '.[] | select(.vendor == "enphase")'
 
 Last contact is when pvtap last received a payload from or for the device (proxy clock, UTC).
-A device not yet identified by a serial is listed under its connection's peer, or "(unknown)"."""
+What a connection sent before it named its device (an H1's version frame comes before its
+serial) counts for that device: one row per device. Payloads of connections that never named one
+(UDP broadcasts, say) are listed as "(unknown)". --device of `tail` and `export` takes the SERIAL
+shown here."""
 
 
 @dataclass
