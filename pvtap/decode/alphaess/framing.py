@@ -108,6 +108,10 @@ class Framer:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[AlphaFrame | Garbage]:
+        if not self._buf:  # a device writes one frame at a time: usually `data` is exactly one
+            frame = self._exactly_one(data)
+            if frame is not None:
+                return [frame]
         buf = self._buf
         buf += data
         out: list[AlphaFrame | Garbage] = []
@@ -166,6 +170,17 @@ class Framer:
         flush_garbage()
         del buf[:pos]
         return out
+
+    def _exactly_one(self, data: bytes) -> AlphaFrame | None:
+        """`data` as one frame, if it is exactly one valid frame (else the general path decides)."""
+        if len(data) < HEADER_LEN + CRC_LEN or data[0] != 1 or data[1] not in (REQUEST, RESPONSE) or \
+                type(data) is not bytes:
+            return None
+        length = int.from_bytes(data[3:7], "big")
+        carried = int.from_bytes(data[-2:], "big")
+        if length > self.max_body or len(data) != HEADER_LEN + length + CRC_LEN or crc16(data[:-2]) != carried:
+            return None
+        return AlphaFrame(data[1], data[2], data[HEADER_LEN:-2], carried)
 
     def _next_frame(self, buf: bytearray, start: int) -> int | None:
         """Where the first complete, CRC-valid frame after `start` begins, if one is buffered: a
