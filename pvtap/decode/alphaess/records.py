@@ -332,7 +332,7 @@ _FLOAT_PLANS_MAX = 256
 
 def _float_plan(keys: tuple[str, ...]) -> tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]] | None:
     names = tuple(k for k in keys if k not in _NOT_FIELDS)
-    if len(names) < 2 or any(n in INT_FIELDS or n in TEXT_FIELDS for n in names):  # (one name: not a tuple)
+    if len(names) < 2 or "" in names or any(n in INT_FIELDS or n in TEXT_FIELDS for n in names):  # (one name: no tuple)
         return None
     return names, operator.itemgetter(*names)
 
@@ -340,7 +340,8 @@ def _float_plan(keys: tuple[str, ...]) -> tuple[tuple[str, ...], Callable[[Any],
 def float_fields(body: Mapping[str, Any]) -> dict[str, FieldValue] | None:
     """`typed_fields(body.items())` for the common body whose every field is a float field
     given as decimal text (realtime and extended frames), converted in C; None when any field
-    needs typed_fields' care (an int or text field, a value that is not plain decimal text)."""
+    needs typed_fields' care (an int or text field, a value that is not plain decimal text, an
+    empty name). What it returns is typed by construction: finite floats under non-empty names."""
     keys = tuple(body)
     try:
         plan = _FLOAT_PLANS[keys]
@@ -436,13 +437,15 @@ def records_from_frame(reading: FrameReading, origin: Origin, received: datetime
         naive = device_time(body.first.get("Time", ""))
         if clock_offset_s is None and naive is not None:
             clock_offset_s = math.floor((received - as_utc(naive)).total_seconds())
-        fields = (body.plain and float_fields(body.first)) or typed_fields(_members(body))
+        fast = float_fields(body.first) if body.plain else None
+        fields = fast if fast is not None else typed_fields(_members(body))
         if naive is not None:
             fields["device_time"] = _iso(naive)
         if not fields:
             return []
         measurement = "alphaess_realtime" if frame.type == 16 else "alphaess_extended"
-        return [Record(measurement, _stamp(naive, clock_offset_s, received), tags, fields, origin)]
+        make = Record if fast is None else Record.typed  # float_fields' are typed by construction
+        return [make(measurement, _stamp(naive, clock_offset_s, received), tags, fields, origin)]
 
     if frame.type == 12 and frame.b1 == REQUEST:
         return _backfill_records(frame.body, origin, received, clock_offset_s)
