@@ -92,12 +92,6 @@ def _read_pairs(body: bytes) -> JsonObject | None:
     return JsonObject(value, dict(reversed(value)), False)  # reversed: the first of a repeated key wins
 
 
-def json_body(body: bytes) -> Body | None:
-    """The body's members as a Body, or None when it is not a JSON object."""
-    parsed = read_json(body)
-    return None if parsed is None else Body(parsed.members)
-
-
 def _keys_in_text(text: str) -> int:
     """How many keys a JSON text without escapes holds (repeated ones too): a quote followed by
     a colon, directly in the compact text devices send (counted in C), else after spaces."""
