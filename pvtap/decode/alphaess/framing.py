@@ -96,12 +96,14 @@ class Framer:
 
     A frame starts with `01 01` or `01 02`; its length field must be ≤ `max_body` and its CRC
     must match, otherwise the first byte is rejected and the scan resumes at the next `01 01` /
-    `01 02`. Between calls at most one incomplete frame (≤ MAX_FRAME bytes) is kept.
+    `01 02`. Between calls at most one incomplete frame (≤ MAX_FRAME bytes) is kept. After a
+    `feed`, `wire` holds the exact bytes of each frame it returned, in order.
     """
 
     def __init__(self, max_body: int = MAX_BODY) -> None:
         self.max_body = max_body
         self._buf = bytearray()
+        self.wire: list[bytes] = []  # the exact bytes of each frame of the last feed, in order
 
     @property
     def buffered(self) -> int:
@@ -112,7 +114,9 @@ class Framer:
         if not self._buf:  # a device writes one frame at a time: usually `data` is exactly one
             frame = self._exactly_one(data)
             if frame is not None:
+                self.wire = [data]
                 return [frame]
+        self.wire = []
         buf = self._buf
         buf += data
         out: list[AlphaFrame | Garbage] = []
@@ -166,7 +170,9 @@ class Framer:
                 pos += 1
                 continue
             flush_garbage()
-            out.append(AlphaFrame(buf[pos + 1], buf[pos + 2], bytes(buf[pos + HEADER_LEN:pos + total - 2]), carried))
+            wire = bytes(buf[pos:pos + total])
+            out.append(AlphaFrame(wire[1], wire[2], wire[HEADER_LEN:-2], carried))
+            self.wire.append(wire)
             pos += total
         flush_garbage()
         del buf[:pos]

@@ -28,6 +28,7 @@ _MAC = re.compile(r"(MAC:\s*)[0-9A-Fa-f]{2}(?:[ :-]?[0-9A-Fa-f]{2}){5}")
 #: strings (outside strings JSON has no quotes), so a token followed by `:` is a key.
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _COLON = re.compile(r"\s*:\s*")
+_JSON_SPACE = " \t\n\r"
 _VALUE = json.JSONDecoder(object_pairs_hook=Body)
 
 
@@ -116,7 +117,10 @@ class _Redaction:
                 at = text.find(f'"{key}":')  # (the pattern below finds a space before the colon too)
                 if at < 0:
                     break
-                found.append((_COLON.match(text, at + len(key) + 2).end(), key))  # type: ignore[union-attr]
+                start = at + len(key) + 3
+                while text[start] in _JSON_SPACE:  # a value follows the colon: the index stays in the text
+                    start += 1
+                found.append((start, key))
             else:
                 yield from ((key, start) for start, key in sorted(found))
                 return

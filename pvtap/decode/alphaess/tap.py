@@ -67,13 +67,16 @@ class Tap:
             if not SYNC.match(data):
                 return [self._go_opaque(data[:5], len(data), received)]
         out = []
-        for item in self._framers[direction].feed(data):
+        framer = self._framers[direction]
+        items = framer.feed(data)
+        wires = iter(framer.wire)
+        for item in items:
             if isinstance(item, Garbage):
                 self.rejected += len(item.data)
                 if self.rejected_sample.take(len(item.data)):
                     out.append(self._raw(direction, "garbage", item.data, received, {"reason": item.reason}))
             else:
-                out.append(self._frame(direction, item, received))
+                out.append(self._frame(direction, item, next(wires), received))
         return out
 
     def finish(self, received: datetime) -> list[RawPayload]:
@@ -96,11 +99,11 @@ class Tap:
         reason = "TLS handshake" if _TLS_RECORD.match(head) else "not AlphaESS framing"
         return self._raw(UP, "opaque", head, received, {"reason": reason})
 
-    def _frame(self, direction: str, frame: AlphaFrame, received: datetime) -> RawPayload:
+    def _frame(self, direction: str, frame: AlphaFrame, wire: bytes, received: datetime) -> RawPayload:
         self.frames += 1
         if frame.type not in KNOWN_TYPES:
             self.unknown += 1
-        reading = FrameReading(frame.encode(), frame)
+        reading = FrameReading(wire, frame)
         meta: dict[str, Any] = {"frame": frame.name, "length": len(frame.body)}
         try:  # a frame is kept whatever its body holds; serial and clock are extras
             self._learn_serial(reading)
