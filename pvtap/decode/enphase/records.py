@@ -344,13 +344,14 @@ def _int64(text: str) -> int:
 
 
 def _int64s(text: str) -> list[int]:
-    """A comma list of `_int64`s, converted in C when every item is short enough to be in range."""
+    """A comma list of `_int64`s, converted and range-checked in C."""
     items = text.split(",")
-    if len(text) <= 18 or max(map(len, items)) <= 18:
-        try:
-            return list(map(int, items))
-        except ValueError:
-            pass  # the first bad item raises below, as the items are read in turn
+    try:
+        numbers = list(map(int, items))
+    except ValueError:
+        numbers = []  # the first bad item raises below, as the items are read in turn
+    if numbers and min(numbers) >= -(2**63) and max(numbers) < 2**63:
+        return numbers
     return [_int64(item) for item in items]
 
 

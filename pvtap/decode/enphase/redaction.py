@@ -72,7 +72,7 @@ def redact_raw(raw: RawPayload, privacy: Privacy) -> RawPayload:
 
 
 _NETWORK_XPATH = etree.XPath("|".join(f"//@{name}" for name in NETWORK_ATTRIBUTES))
-_SERIAL_XPATH = etree.XPath("|".join(f"//@{name}" for name in SERIAL_ATTRIBUTES))
+_WITH_SERIAL = etree.XPath("//*[" + " or ".join(f"@{name}" for name in SERIAL_ATTRIBUTES) + "]")
 _NO_IDENTITY_ATTRIBUTES = _PLAIN_ATTRIBUTES | set(SERIAL_ATTRIBUTES)  # (serials: already replaced)
 #: Every text or tail that is not just whitespace: where identities found elsewhere may also turn
 #: up, as in any attribute but the known ones (found in C; a report has thousands of elements).
@@ -101,9 +101,15 @@ class _Scrubber:
                 self._remember(str(value), REDACTED)
                 del el.attrib[value.attrname]
         if self.privacy.pseudonym_key:
-            for value in _SERIAL_XPATH(root):
-                if value:
-                    value.getparent().set(value.attrname, self.eqid(str(value)))
+            done: dict[str, str] = {}  # a report names each device in many elements
+            for el in _WITH_SERIAL(root):
+                for name in SERIAL_ATTRIBUTES:
+                    value = el.get(name)
+                    if value:
+                        new = done.get(value)
+                        if new is None:
+                            new = done[value] = self.eqid(value)
+                        el.set(name, new)
         if self.replacements:
             plain = _NO_IDENTITY_ATTRIBUTES.issuperset
             for el in root.iter():
