@@ -57,9 +57,13 @@ header or with more cells than it.
 CRC-16/MODBUS comes from `fastcrc` (a compiled, stateless implementation: under a nanosecond a
 byte, safe to call from the relay's worker threads).
 
-Modules: `framing` (frames, CRC, the stream framer), `records` (bodies, field types, records),
-`redaction` (`redact_raw`), `tap` (the relay's Tap and LocalAnswerer); this package re-exports
-their public names.
+Read once: the Tap hands each frame on as a `FrameReading` (the frame, its body parsed as JSON
+on first use) in the payload's `parsed`; `redact_raw` passes it on (a new one for a changed
+body) and `decode_raw` decodes from it, reading the bytes only for a payload without one.
+
+Modules: `framing` (frames, CRC, the stream framer), `records` (bodies, readings, field types,
+records), `redaction` (`redact_raw`), `tap` (the relay's Tap and LocalAnswerer); this package
+re-exports their public names.
 """
 
 from __future__ import annotations

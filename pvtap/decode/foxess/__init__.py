@@ -12,6 +12,9 @@ One package serves every FoxESS channel: the frame format is the same on all of 
 cases the local answerer handles (M1 bootstrap, hub logins and heartbeats) never overlap. UDP
 datagrams arrive as RawPayloads of kind "datagram" and become presence records.
 
+Read once: the splitter checks and parses each frame; the Tap hands it on as a `FrameReading`
+in the payload's `parsed`, which `redact_raw` and `decode_raw` use instead of the bytes.
+
 Modules: `framing` (frames, CRC, splitter, function codes), `payloads` (pure payload parsers),
 `records` (`decode_raw`), `redaction` (`redact_raw`), `tap` (the relay's Tap and LocalAnswerer);
 this package re-exports their public names.
