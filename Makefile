@@ -4,14 +4,18 @@
 # and for development:
 #   make lint       the static checks alone: ruff and mypy (configured in pyproject.toml)
 #   make test-fast  the tests not marked slow, without lint
-.PHONY: run test test-fast lint install debian-packages demo clean
+#   make bench      every benchmark, about 10 minutes; writes docs/benchmarks.md (run it on a quiet machine)
+.PHONY: run test test-fast lint install debian-packages demo clean bench
 
 PYTHON ?= $(shell scripts/find-python)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # real servers and tools the tests drive (socat: bench/relay.py compares against it; tcpdump: the
-# `pvtap import` tests capture the simulators' traffic with it; mosquitto: the MQTT broker)
-DEBIAN_PACKAGES := influxdb victoria-metrics iptables nftables iproute2 socat tcpdump mosquitto mosquitto-clients
+# `pvtap import` tests capture the simulators' traffic with it; mosquitto: the MQTT broker; prometheus
+# scrapes /metrics; docker-compose parses compose.yaml; chromium: the web view's browser tests, driven by
+# Playwright from the venv, which downloads no browser of its own)
+DEBIAN_PACKAGES := influxdb victoria-metrics iptables nftables iproute2 socat tcpdump mosquitto mosquitto-clients \
+	prometheus docker-compose chromium
 
 run: install
 	$(VENV)/bin/pvtap run
@@ -47,6 +51,9 @@ lint: install
 # pytest exits 5 when it collected no test: make fails on it, so an empty run never passes.
 test: install lint debian-packages
 	$(PY) -m pytest
+
+bench: install debian-packages
+	$(PY) bench/all.py --out docs/benchmarks.md
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"

@@ -18,23 +18,31 @@ PVTAP_* variables, else the built-in defaults). See docs/enphase.md.
 
 The Envoy's LAN address appears in no log line unless `privacy.store_network_identity` is set:
 the addon's own lines name it as pvtap/peers.py does, and a filter does the same for the client
-address mitmproxy's proxy server puts in front of its lines ("[peer#1:50122] client connect").
+address mitmproxy's proxy server puts in front of its lines ("[peer#1:50122] client connect") and
+the line that replaces mitmproxy's "Transparent mode failure" (NotRedirectedLine).
 """
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import logging
-import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from enphase_fallback import CloudFallback  # beside this script (mitmproxy puts its directory on sys.path)
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, exceptions, http, platform
+from mitmproxy.net import tls as net_tls
+from OpenSSL import SSL
 
-from pvtap.config import Config, ConfigError, load_config, parse_duration
+from pvtap import datadir
+from pvtap.config import Config, ConfigError, env_warnings, load_config, parse_duration
 from pvtap.decode.enphase import build_response, event_ids, report_kind
+from pvtap.health import Health
 from pvtap.ingest_channel import Channel
 from pvtap.ingest_worker import WorkerSettings
+from pvtap.metrics import FlowTraffic, WorkerStats
 from pvtap.peers import PeerNames
 from pvtap.privacy import Privacy
 from pvtap.records import DOWN, UP, Origin, RawPayload, Record, now_utc
@@ -42,8 +50,10 @@ from pvtap.store.local import LocalStore
 
 log = logging.getLogger("pvtap.enphase")
 
-OPTIONS = {"pvtap_config", "enphase_data_dir", "enphase_local_mode", "enphase_hosts", "enphase_fallback_after",
-           "enphase_cloud_timeout", "connection_strategy"}
+OPTIONS = {"pvtap_config", "enphase_data_dir", "enphase_local_mode", "enphase_hosts", "enphase_tls_min_version",
+           "enphase_fallback_after", "enphase_cloud_timeout", "connection_strategy"}
+TLS_VERSIONS = ("TLS1", "TLS1_1", "TLS1_2", "TLS1_3")
+DEFAULT_TLS_MIN = "TLS1_2"  # mitmproxy's own default
 #: the logger whose records carry the client address (`extra={"client": peername}`)
 MITMPROXY_SERVER_LOG = "mitmproxy.proxy.server"
 LOCAL_RESPONSE_HEADERS = {"Content-Type": "application/x-deflate; charset=utf-8", "Connection": "close"}
@@ -56,6 +66,7 @@ class Settings:
     data_dir: Path
     local_mode: bool
     hosts: frozenset[str]
+    tls_min_version: str
     fallback_after: float  # seconds; 0: never answer locally because the cloud is unreachable
     cloud_timeout: float
     config: Config  # with data_dir as above; privacy is built from it when the store opens
@@ -68,9 +79,12 @@ class EnphaseTap:
         self.store_path: Path | None = None
         self.peers = PeerNames()  # the Envoy's address in the log, as the privacy settings allow
         self.fallback = CloudFallback(self._store_record)
+        self.health: Health | None = None  # /healthz, /readyz, /metrics (health.enphase_listen)
+        self.traffic = FlowTraffic("enphase")
 
     def load(self, loader) -> None:
         logging.getLogger(MITMPROXY_SERVER_LOG).addFilter(self._name_client)
+        _not_redirected.install(self._peer_endpoint)
         loader.add_option(
             "pvtap_config", str | None, None,
             "Path to the pvtap TOML config. Unset: $PVTAP_CONFIG, else the built-in defaults.",
@@ -85,6 +99,11 @@ class EnphaseTap:
             Answer /emu_reports/ posts here, as the cloud would, instead of forwarding them; needs
             connection_strategy=lazy. Also on when the pvtap config sets enphase.local_mode.
             """,
+        )
+        loader.add_option(
+            "enphase_tls_min_version", str | None, None,
+            "Oldest TLS version accepted from the Envoy (TLS1, TLS1_1, TLS1_2, TLS1_3); sets tls_version_client_min "
+            "safely. Unset: enphase.tls_min_version from the pvtap config (TLS1_2).",
         )
         loader.add_option(
             "enphase_hosts", Sequence[str], list(Config().enphase.hosts),
@@ -114,6 +133,9 @@ class EnphaseTap:
         if updated == {"connection_strategy"} and self.settings and not self.settings.local_mode:
             return  # nothing here depends on it (the fallback switches it while the cloud is gone)
         settings, old = self._settings(), self.settings
+        if old is None:  # once: pvtap run's children get an environment without the unknown variables
+            for warning in env_warnings():
+                log.warning("enphase: %s", warning)
         reopen = self.channel is not None and old is not None and \
             (settings.data_dir, settings.config.privacy) != (old.data_dir, old.config.privacy)
         self.settings = settings
@@ -123,13 +145,37 @@ class EnphaseTap:
         if reopen:
             self._stop_ingest()
             self._start_ingest()
+        _tls_minimum.apply(settings.tls_min_version)
         self.fallback.apply_settings(settings.fallback_after, settings.cloud_timeout, settings.hosts)
 
     def running(self) -> None:
         """Open the store and start the ingest worker: before the first request can complete
-        (mitmproxy runs this right after its servers start listening)."""
+        (mitmproxy runs this right after its servers start listening). Then serve the health
+        endpoints; an address that cannot be used stops mitmproxy, as a busy listen port does."""
         if self.channel is None:
             self._start_ingest()
+        if self.health is None and self.settings is not None:
+            health_config = self.settings.config.health
+            try:
+                self.health = Health("enphase", health_config).serve(health_config.enphase_listen,
+                                                                     "health.enphase_listen")
+            except ConfigError as exc:
+                log.error("enphase: %s", exc)
+                ctx.master.shutdown()
+                return
+            self.health.providers.traffic.append(self.traffic.snapshot)
+            self._attach_health()
+            self.health.listening("mitmproxy listening")
+            with contextlib.suppress(RuntimeError):  # no loop when a test calls the hook directly
+                loop = asyncio.get_running_loop()
+                self.health.watch_loop(loop)
+                self.health.record_stats(self._store_record, loop.call_soon_threadsafe)
+
+    def client_connected(self, client) -> None:
+        self.traffic.connected()
+
+    def client_disconnected(self, client) -> None:
+        self.traffic.disconnected("error" if client.error else "closed")
 
     async def request(self, flow: http.HTTPFlow) -> None:
         kind = self._report_kind(flow)
@@ -152,6 +198,7 @@ class EnphaseTap:
             return
         assert flow.response is not None  # mitmproxy calls this hook with the response
         self._submit(_payload(flow, flow.response, DOWN, f"{kind}_response"))
+        self.traffic.report(len(flow.request.raw_content or b""), len(flow.response.raw_content or b""))
         outcome = "answered locally" if flow.metadata.get("enphase_local") else "forwarded"
         if why := flow.metadata.get("enphase_cloud_unreachable"):
             outcome += f" (cloud unreachable: {why})"
@@ -163,18 +210,27 @@ class EnphaseTap:
         kind = flow.metadata.get("enphase_kind")
         if kind is not None:
             assert flow.error is not None  # mitmproxy calls this hook with the error
+            self.traffic.report(len(flow.request.raw_content or b""), 0)
             log.warning("enphase: %s from %s (flow %s): %d bytes up, no response: %s (the request is stored)",
                         kind, self._peer(flow), flow.id, len(flow.request.raw_content or b""), flow.error.msg)
 
     def done(self) -> None:
+        if self.health is not None:
+            self.health.stop()  # its last pvtap_stats payload goes to the worker before the channel closes
+            self.health = None
         self._stop_ingest()
         logging.getLogger(MITMPROXY_SERVER_LOG).removeFilter(self._name_client)
+        _not_redirected.uninstall()
 
     # -- helpers ---------------------------------------------------------------------------
 
     def _peer(self, flow: http.HTTPFlow) -> str:
         peer = flow.client_conn.peername
         return self.peers.name(str(peer[0])) if peer else "?"
+
+    def _peer_endpoint(self, sockname: tuple) -> str:
+        """A socket's peer for a log line, as the privacy settings allow (pvtap/peers.py)."""
+        return self.peers.endpoint(str(sockname[0]), sockname[1])
 
     def _name_client(self, record: logging.LogRecord) -> bool:
         """A logging filter: mitmproxy's `client` (host, port) becomes (name, port)."""
@@ -219,12 +275,16 @@ class EnphaseTap:
             raise exceptions.OptionsError(
                 f"connection_strategy = {opts.connection_strategy!r}: local mode must not connect to the cloud, "
                 "but the eager strategy connects before the addon can answer. Fix: --set connection_strategy=lazy.")
+        tls_min = opts.enphase_tls_min_version or config.enphase.tls_min_version
+        if tls_min not in TLS_VERSIONS:
+            raise exceptions.OptionsError(f"enphase_tls_min_version = {tls_min!r}: not a TLS version. Fix: one of "
+                                          f"{', '.join(TLS_VERSIONS)}.")
         return Settings(data_dir=data_dir, local_mode=local_mode, hosts=frozenset(h.strip().lower() for h in hosts),
-                        fallback_after=fallback_after, cloud_timeout=cloud_timeout,
+                        tls_min_version=tls_min, fallback_after=fallback_after, cloud_timeout=cloud_timeout,
                         config=dataclasses.replace(config, data_dir=data_dir))
 
     def _store_record(self, record: Record) -> None:
-        """A record of the addon's own (enphase_fallback), stored by the ingest worker."""
+        """A record of the addon's own (enphase_fallback, pvtap_stats), stored by the ingest worker."""
         if self.channel is not None:
             self.channel.record(record)
 
@@ -246,12 +306,17 @@ class EnphaseTap:
                       "Fix: point enphase_data_dir (or data_dir in the pvtap config) at a writable directory.",
                       settings.data_dir, exc)
             return
-        config = settings.config
-        worker = WorkerSettings.of(store.path, privacy, config.influx, config.ingest.queue_mb * 2**20,
-                                   config.log_level, mqtt=config.mqtt)
+        worker = WorkerSettings.of_config(store.path, privacy, settings.config)
         self.channel = Channel.process(worker, name="enphase ingest").start()
         self.peers = PeerNames(privacy)
         self.store_path = store.path
+        self._attach_health()
+
+    def _attach_health(self) -> None:
+        if self.health is not None and self.settings is not None:
+            channel = self.channel
+            self.health.attach([self.settings.data_dir / "enphase.sqlite"],
+                               (lambda: WorkerStats.of(channel.stats(poll=False))) if channel is not None else None)
 
     def _stop_ingest(self) -> None:
         """Hand the worker its last payloads and let it finish by itself (it archives them and
@@ -277,19 +342,11 @@ def _duration(opts, name: str, configured: float, example: str) -> float:
 
 
 def _check_data_dir(path: Path, name: str) -> None:
-    """The directory exists and is writable, or can be created: its nearest existing ancestor is
-    a writable directory."""
-    existing = path.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        problem = f"{existing} is not a directory"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = f"{existing} is not writable" if existing == path.absolute() else f"cannot create it in {existing}"
-    else:
-        return
-    raise exceptions.OptionsError(
-        f"{name} = {str(path)!r}: {problem}. Fix: set {name} to a directory pvtap may write to.")
+    """The directory is writable, or can be created (nothing is touched: see configure)."""
+    problem = datadir.problem(path)
+    if problem is not None:
+        raise exceptions.OptionsError(
+            f"{name} = {str(path)!r}: {problem}. Fix: set {name} to a directory pvtap may write to.")
 
 
 def _payload(flow: http.HTTPFlow, message: http.Message, direction: str, kind: str) -> RawPayload:
@@ -325,5 +382,107 @@ async def _local_answer(flow: http.HTTPFlow, kind: str) -> http.Response:
     return http.Response.make(200, build_response(ids), LOCAL_RESPONSE_HEADERS)
 
 
+class TlsMinimum:
+    """Sets mitmproxy's tls_version_client_min (for an old Envoy) once its version probe is safe:
+    mitmproxy 12.2 probes every TLS version when that option changes, and its probe raises for SSL 3
+    on an OpenSSL without it (cryptography 48 bundles OpenSSL 4), which ends mitmdump. Below TLS 1.2
+    mitmproxy then adds @SECLEVEL=0 and the old suites to its cipher list itself."""
+
+    def __init__(self) -> None:
+        self.names = {"TLS1": "1.0", "TLS1_1": "1.1", "TLS1_2": "1.2", "TLS1_3": "1.3"}
+        self.probe_patched = False
+
+    def apply(self, version: str) -> None:
+        if "tls_version_client_min" not in ctx.options:  # mitmproxy's TLS addon is not loaded (addon tests)
+            return
+        if version == ctx.options.tls_version_client_min or (version == DEFAULT_TLS_MIN and not self.probe_patched):
+            return  # nothing asked for, or already so (a --set tls_version_client_min is left alone)
+        if not self.probe_patched:
+            probe = net_tls.is_supported_version
+
+            @functools.cache
+            def is_supported_version(v: net_tls.Version) -> bool:
+                try:
+                    return probe(v)
+                except SSL.Error:  # this OpenSSL cannot even be asked about it
+                    return False
+
+            net_tls.is_supported_version = is_supported_version
+            self.probe_patched = True
+        ctx.options.update(tls_version_client_min=version)
+        log.info("enphase: accepting TLS %s and newer from the Envoy (enphase.tls_min_version)", self.names[version])
+
+
+_tls_minimum = TlsMinimum()
+
+
+class NotRedirected(Exception):
+    """A connection reached the transparent listener without a REDIRECT on this host, so it has no
+    original destination. Its repr is what mitmproxy logs ("Transparent mode failure: {e!r}")."""
+
+    def __init__(self, peer: str, detail: str) -> None:
+        super().__init__(peer, detail)
+        self.text = (f"connection from {peer} was not redirected here by a firewall rule on this host, so its "
+                     f"destination is unknown ({detail}); closed it. Fix: REDIRECT the Envoy's port 443 to this "
+                     "listener on this host (docs/enphase.md, firewall/README.md); if a DNS override or a DNAT on "
+                     'the router sends it here, set enphase.mode = "reverse"')
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class NotRedirectedLine(logging.Filter):
+    """mitmproxy's transparent mode asks the kernel for each connection's original destination
+    (`mitmproxy.platform.original_addr`) and logs a failure as `Transparent mode failure:
+    FileNotFoundError(2, ...)`. While installed, the lookup names the peer and the fix instead,
+    also refuses a destination that is the listener itself (a connection to it would loop), and
+    the line is a warning from the addon rather than an error."""
+
+    LOGGER = "mitmproxy.proxy.mode_servers"
+    PREFIX = "Transparent mode failure: "
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lookup: Callable[[socket.socket], tuple[str, int]] | None = None
+
+    def install(self, name_peer: Callable[[tuple], str]) -> None:
+        """`name_peer`: how a peer (host, port) appears in the line (its address only if opted in)."""
+        if self._lookup is not None or platform.original_addr is None:
+            return
+        self._lookup = lookup = platform.original_addr
+
+        def original_addr(sock: socket.socket) -> tuple[str, int]:
+            peer = name_peer(sock.getpeername())
+            try:
+                dest = lookup(sock)
+            except OSError as exc:
+                raise NotRedirected(peer, f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+            if _address(dest) == _address(sock.getsockname()):
+                raise NotRedirected(peer, "its original destination is this listener")
+            return dest
+
+        platform.original_addr = original_addr
+        logging.getLogger(self.LOGGER).addFilter(self)
+
+    def uninstall(self) -> None:
+        if self._lookup is not None:
+            platform.original_addr = self._lookup
+            self._lookup = None
+            logging.getLogger(self.LOGGER).removeFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX) and "was not redirected" in message:
+            record.msg, record.args = f"enphase: {message.removeprefix(self.PREFIX)}", ()
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
+
+
+def _address(sockname: tuple) -> str:
+    host, port = str(sockname[0]).removeprefix("::ffff:"), sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_not_redirected = NotRedirectedLine()
 tap = EnphaseTap()
 addons = [tap, tap.fallback]

@@ -14,6 +14,7 @@ After the addon's rounds the store is checked: every report and answer must be i
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def main() -> int:
     parser.add_argument("--micros", type=int, default=16, help="microinverters per report (default 16)")
     parser.add_argument("--intervals", type=int, help="intervals per report (default: one period = --micros)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per target (default 3)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file (bench/all.py reads it)")
     args = parser.parse_args()
 
     simulator = Simulator(micros=args.micros, start=1699956000)
@@ -107,14 +109,15 @@ def main() -> int:
         }
         rates: dict[str, list[float]] = {name: [] for name in targets}
         try:
+            warm_up = bodies[:20]
             for target in targets.values():  # warm-up: certificates generated, code paths loaded
-                post_all(bodies[:20], target, args.concurrency)
+                post_all(warm_up, target, args.concurrency)
             for round_no in range(1, args.rounds + 1):
                 for name, target in targets.items():
                     elapsed = post_all(bodies, target, args.concurrency)
                     rates[name].append(len(bodies) / elapsed)
                 print(f"round {round_no}: " + ", ".join(f"{n} {r[-1]:.0f}/s" for n, r in rates.items()), flush=True)
-            expected = 2 * (20 + args.rounds * args.requests)  # request + answer per report
+            expected = 2 * (len(warm_up) + args.rounds * args.requests)  # request + answer per report
             started = time.perf_counter()
             store_path = data_dir / "enphase.sqlite"
 
@@ -138,6 +141,10 @@ def main() -> int:
     print()
     print(f"addon / no addon: {median['mitmdump + addon'] / median['mitmdump']:.2f}")
     print(f"store: {raws:,} raw payloads, {records:,} records; caught up {catch_up:.1f} s after the last post")
+    if args.json:
+        args.json.write_text(json.dumps({"requests": args.requests, "concurrency": args.concurrency,
+                                         "reports_s": median, "raw": raws, "expected_raw": expected,
+                                         "records": records, "catch_up_s": catch_up}, indent=1))
     return 0
 
 

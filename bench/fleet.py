@@ -1,24 +1,27 @@
 """Bench: many devices behind one relay, each sending one AlphaESS realtime frame a second.
 
-    .venv/bin/python bench/fleet.py [--devices 100 1000] [--seconds 20] [--paths direct socat relay]
+    .venv/bin/python bench/fleet.py [--devices 100 1000] [--seconds 20] [--paths direct socat relay relay-uvloop]
 
 Three processes on 127.0.0.1: a stand-in cloud that answers every frame with the cloud's ack
 (`01 02 <type> … {"Status":"Success"}`), the hop under test (nothing, socat, or `python -m
 proxy_tcp` with one fixed alphaess listener), and this client, which opens one connection per
 device and, per device, sends a realtime frame once a second (devices spread evenly over the
-second) and times the round trip until the ack is back.
+second) and times the round trip until the ack is back. `relay` runs on the standard library's loop
+(the default), `relay-uvloop` on uvloop (relay.event_loop).
 
 Per path it prints the round trip's median / p99 / max, what the hop adds over the direct path
 (same run), and for the relay how many decoded copies were lost: every frame sent up and every
 ack sent down should end up in the relay's raw archive (decoded then, or after a restart), so
-lost = 2 × round trips − frames archived. The relay is stopped with SIGTERM after its decode
-backlog is empty (or after --drain seconds), as a user would stop it.
+lost = 2 × round trips − frames archived; `dropped` is what the relay itself counted as copies it
+could not hand to its worker (the connection records' dropped_copies). The relay is stopped with
+SIGTERM after its decode backlog is empty (or after --drain seconds), as a user would stop it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
 import os
 import random
@@ -130,22 +133,29 @@ def wait_listening(port: int, timeout: float = 20.0) -> None:
 
 def start_socat(upstream: int) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
+    proc = subprocess.Popen(["socat", "-b1048576", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
                              f"TCP:127.0.0.1:{upstream},nodelay"], stderr=subprocess.DEVNULL)
     wait_listening(port)
     return proc, port
 
 
-def start_relay(upstream: int, data_dir: Path, log: Path) -> tuple[subprocess.Popen, int]:
+def start_relay(upstream: int, data_dir: Path, log: Path, loop: str = "asyncio") -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = data_dir.parent / "fleet.toml"
-    config.write_text(f'[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "127.0.0.1:{port}"\n'
-                      f'upstream = "127.0.0.1:{upstream}"\nmax_connections = 20000\n')
+    config.write_text(f'[relay]\nevent_loop = "{loop}"\n[[relay.listeners]]\nprotocol = "alphaess"\n'
+                      f'listen = "127.0.0.1:{port}"\nupstream = "127.0.0.1:{upstream}"\nmax_connections = 20000\n')
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "proxy_tcp", "--config", str(config), "--data-dir",
                                  str(data_dir)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     wait_listening(port)
     return proc, port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (and its reaped children: socat forks one per connection)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def stores(data_dir: Path) -> list[Path]:
@@ -167,17 +177,19 @@ def decode_backlog(data_dir: Path) -> int | None:
     return total
 
 
-def archived(data_dir: Path) -> tuple[int, int]:
-    """(raw frames archived, alphaess_realtime records) over every store."""
-    frames = records = 0
+def archived(data_dir: Path) -> tuple[int, int, int]:
+    """(raw frames archived, alphaess_realtime records, copies the relay dropped) over every store."""
+    frames = records = dropped = 0
     for path in stores(data_dir):
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             frames += db.execute("SELECT COUNT(*) FROM raw WHERE kind='frame'").fetchone()[0]
             records += db.execute("SELECT COUNT(*) FROM records WHERE measurement='alphaess_realtime'").fetchone()[0]
+            dropped += db.execute("SELECT COALESCE(SUM(json_extract(fields, '$.dropped_copies')), 0) FROM records"
+                                  " WHERE measurement='pvtap_connection'").fetchone()[0]
         finally:
             db.close()
-    return frames, records
+    return frames, records, dropped
 
 
 def percentile(sorted_times: list[float], q: float) -> float:
@@ -191,16 +203,23 @@ def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path
     port = cloud_port
     if path == "socat":
         proc, port = start_socat(cloud_port)
-    elif path == "relay":
-        proc, port = start_relay(cloud_port, data_dir, data_dir.parent / "relay.log")
+    elif path.startswith("relay"):
+        proc, port = start_relay(cloud_port, data_dir, data_dir.parent / "relay.log",
+                                 "uvloop" if path == "relay-uvloop" else "asyncio")
+    cpu_before = cpu_seconds(proc.pid) if proc is not None else 0.0
     try:
         times, failed = asyncio.run(fleet(port, devices, seconds))
+        if path == "socat":
+            time.sleep(1.0)  # its per-connection children end and are reaped: their CPU time is counted then
+        cpu = cpu_seconds(proc.pid) - cpu_before if proc is not None else 0.0  # the relay's worker not included
         row: dict[str, Any] = {"path": path, "devices": devices, "frames": len(times), "failed": failed,
-               "load": os.getloadavg()[0]}
+                               "load": os.getloadavg()[0]}
+        if proc is not None and times:  # the hop's own CPU per round trip: much less sensitive to load than latency
+            row["cpu_us_per_round_trip"] = cpu / len(times) * 1e6
         times.sort()
         if times:
             row.update(p50=statistics.median(times) * 1e3, p99=percentile(times, 0.99) * 1e3, max=times[-1] * 1e3)
-        if path == "relay":
+        if path.startswith("relay"):
             deadline = time.monotonic() + drain
             while time.monotonic() < deadline and (decode_backlog(data_dir) or 0) > 0:
                 time.sleep(0.2)
@@ -209,9 +228,9 @@ def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path
         if proc is not None:
             proc.terminate()
             proc.wait(120)
-    if path == "relay":
-        frames, records = archived(data_dir)
-        row.update(archived=frames, records=records, lost=2 * row["frames"] - frames)
+    if path.startswith("relay"):
+        frames, records, dropped = archived(data_dir)
+        row.update(archived=frames, records=records, lost=2 * row["frames"] - frames, dropped=dropped)
     return row
 
 
@@ -219,8 +238,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, nargs="+", default=[100, 1000], help="fleet sizes (default 100 1000)")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds each fleet sends (default 20)")
-    parser.add_argument("--paths", nargs="+", default=["direct", "socat", "relay"],
-                        choices=["direct", "socat", "relay"], help="hops to measure, in this order")
+    parser.add_argument("--paths", nargs="+", default=["direct", "socat", "relay", "relay-uvloop"],
+                        choices=["direct", "socat", "relay", "relay-uvloop"], help="hops to measure, in this order")
+    parser.add_argument("--json", type=Path, help="also write the rows to this file (bench/all.py reads it)")
     parser.add_argument("--drain", type=float, default=60.0,
                         help="seconds to wait for the relay's decode backlog before stopping it (default 60)")
     args = parser.parse_args()
@@ -240,18 +260,22 @@ def main() -> int:
         cloud.terminate()
     print(f"\n{FRAME_SIZE}-byte AlphaESS realtime frame answered by a {len(ACK)}-byte ack; round trip in ms; "
           f"added = minus the direct path of the same fleet size; {os.cpu_count()} CPUs\n")
-    print(f"{'devices':>7} {'path':<7}{'frames':>8}{'p50':>8}{'p99':>8}{'max':>8}{'+p50':>8}{'+p99':>8}"
-          f"{'lost':>7}{'archived':>9}{'records':>8}{'load':>6}")
+    print(f"{'devices':>7} {'path':<14}{'frames':>8}{'p50':>8}{'p99':>8}{'max':>8}{'+p50':>8}{'+p99':>8}"
+          f"{'lost':>7}{'dropped':>8}{'archived':>9}{'records':>8}{'load':>6}{'CPU µs/rt':>10}")
     direct = {r["devices"]: r for r in rows if r["path"] == "direct"}
     for r in rows:
         base = direct.get(r["devices"])
         added = (f"{r['p50'] - base['p50']:>8.2f}{r['p99'] - base['p99']:>8.2f}" if base and "p50" in r
                  else f"{'-':>8}{'-':>8}")
-        lost = f"{r['lost']:>7}{r['archived']:>9}{r['records']:>8}" if "lost" in r else f"{'-':>7}{'-':>9}{'-':>8}"
+        lost = (f"{r['lost']:>7}{r['dropped']:>8}{r['archived']:>9}{r['records']:>8}" if "lost" in r
+                else f"{'-':>7}{'-':>8}{'-':>9}{'-':>8}")
         failed = f"  ({r['failed']} connections failed)" if r["failed"] else ""
         backlog = f"  (decode backlog {r['backlog_at_stop']} at stop)" if r.get("backlog_at_stop") else ""
-        print(f"{r['devices']:>7} {r['path']:<7}{r['frames']:>8}{r.get('p50', 0):>8.2f}{r.get('p99', 0):>8.2f}"
-              f"{r.get('max', 0):>8.1f}{added}{lost}{r['load']:>6.2f}{failed}{backlog}")
+        print(f"{r['devices']:>7} {r['path']:<14}{r['frames']:>8}{r.get('p50', 0):>8.2f}{r.get('p99', 0):>8.2f}"
+              f"{r.get('max', 0):>8.1f}{added}{lost}{r['load']:>6.2f}{r.get('cpu_us_per_round_trip', 0):>10.0f}"
+              f"{failed}{backlog}")
+    if args.json:
+        args.json.write_text(json.dumps({"seconds": args.seconds, "frame_bytes": FRAME_SIZE, "rows": rows}, indent=1))
     return 0
 
 

@@ -16,6 +16,7 @@ Counts in the server are checked after each phase, so a number is never from a l
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -61,11 +62,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=50_000, help="records per phase (default 50000)")
     parser.add_argument("--batch-size", type=int, default=1000, help="records per write (default 1000)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file (bench/all.py reads it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     n, size = args.records, args.batch_size
     t0 = (datetime.now(UTC) - timedelta(days=1)).replace(minute=0, second=0, microsecond=0)
     results: list[tuple[str, str]] = []
+    figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="pvtap-bench-") as tmp, VictoriaMetrics(tmp) as vm:
         tmp_path = Path(tmp)
         # 1. appends to the local store
@@ -74,6 +77,7 @@ def main() -> int:
         start = time.perf_counter()
         for i in range(0, n, 10):
             store.append(data[i:i + 10])
+        figures["append_10"] = n / (time.perf_counter() - start)
         results.append(("append to local store, 10 records per commit", rate(n, time.perf_counter() - start)))
         one_tx = LocalStore(tmp_path / "data" / "one-tx.sqlite")
         start = time.perf_counter()
@@ -90,6 +94,7 @@ def main() -> int:
         forwarder.stop()
         got = wait_count(vm, "bench_store", n * FIELDS_PER_RECORD)
         assert got == n * FIELDS_PER_RECORD, f"server holds {got} samples, expected {n * FIELDS_PER_RECORD}"
+        figures["forwarder"] = n / elapsed
         results.append((f"forwarder: store -> server, batches of {size}", rate(n, elapsed)))
         store.close()
 
@@ -105,6 +110,7 @@ def main() -> int:
             elapsed = time.perf_counter() - start
         got = wait_count(vm, "bench_batching", n * FIELDS_PER_RECORD)
         assert got == n * FIELDS_PER_RECORD, f"server holds {got} samples, expected {n * FIELDS_PER_RECORD}"
+        figures["batching_write_api"] = n / elapsed
         results.append((f"influxdb-client batching WriteApi, batches of {size} (memory only)", rate(n, elapsed)))
 
         # 4. influxdb-client synchronous, one POST per batch, no store
@@ -117,12 +123,15 @@ def main() -> int:
             elapsed = time.perf_counter() - start
         got = wait_count(vm, "bench_sync", n * FIELDS_PER_RECORD)
         assert got == n * FIELDS_PER_RECORD
+        figures["synchronous_prebuilt"] = n / elapsed
         results.append((f"influxdb-client synchronous, pre-built lines, batches of {size}", rate(n, elapsed)))
 
     width = max(len(name) for name, _ in results)
     print(f"{n} records, {FIELDS_PER_RECORD} numeric fields each, VictoriaMetrics {vm.url} on this machine")
     for name, figure in results:
         print(f"  {name:<{width}}  {figure}")
+    if args.json:
+        args.json.write_text(json.dumps({"records": n, "batch_size": size, **figures}, indent=1))
     return 0
 
 

@@ -1,12 +1,12 @@
 """Bench: what the relay costs, side by side with a direct connection and with socat.
 
-    .venv/bin/python bench/relay.py [--megabytes 256] [--runs 3] [--round-trips 2000]
+    .venv/bin/python bench/relay.py [--megabytes 256] [--runs 3] [--round-trips 2000] [--loops uvloop asyncio]
 
 Everything runs on 127.0.0.1 with ephemeral ports: a sink (and echo) server in its own process,
-socat (`TCP-LISTEN … TCP:…`), and `python -m proxy_tcp` with a fixed upstream, as a user would
-start it. Two relay rows: bulk AlphaESS frames (every chunk copied to the decoder, frames decoded
-and stored as far as the bounded queues allow) and an opaque stream (a TLS-like start: the
-decoder gives up at once, so that row is the bare pump).
+socat (`socat -b1048576 TCP-LISTEN … TCP:…`), and `python -m proxy_tcp` with a fixed upstream, as
+a user would start it, once per event loop (relay.event_loop). Relay rows: bulk AlphaESS frames
+(every chunk copied to the ingest worker, which archives every frame and decodes after) and an
+opaque stream (a TLS-like start: the worker gives up at once, so that row is the bare pump).
 
 Bulk: MB/s to send N MiB one way until the sink has all of it (best of the runs). Latency: round
 trip of one 263-byte realtime frame echoed back, median and 99th percentile over many round trips.
@@ -16,6 +16,7 @@ Ratios are against the direct connection and against socat, in one table.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import re
@@ -27,6 +28,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,7 +107,7 @@ class Hop:
 class Socat(Hop):
     def start(self, upstream: int) -> int:
         port = free_port()
-        self.proc = subprocess.Popen(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
+        self.proc = subprocess.Popen(["socat", "-b1048576", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
                                       f"TCP:127.0.0.1:{upstream},nodelay"], stderr=subprocess.DEVNULL)
         wait_listening(port)
         return port
@@ -113,16 +116,18 @@ class Socat(Hop):
 class Relay(Hop):
     READY = re.compile(r"relay listening: \S+ on 127\.0\.0\.1:(\d+) ")
 
-    def __init__(self, name: str, data_dir: Path) -> None:
+    def __init__(self, name: str, data_dir: Path, loop: str = "asyncio") -> None:
         super().__init__(name)
         self.data_dir = data_dir
+        self.loop = loop
         self.log: list[str] = []
 
     def start(self, upstream: int) -> int:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy_tcp", "--data-dir", str(self.data_dir), "--protocol", "alphaess",
              "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{upstream}"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PVTAP_RELAY_EVENT_LOOP": self.loop})
         assert self.proc.stdout is not None
         while line := self.proc.stdout.readline():
             self.log.append(line)
@@ -192,6 +197,9 @@ def main() -> int:
     parser.add_argument("--round-trips", type=int, default=2000, help="echoed frames per path (default 2000)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="repeat everything, paths interleaved; the best figures count (default 3)")
+    parser.add_argument("--loops", nargs="+", default=["asyncio", "uvloop"], choices=["asyncio", "uvloop"],
+                        help="the relay's event loops to measure (default both)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file (bench/all.py reads it)")
     args = parser.parse_args()
     if shutil.which("socat") is None:
         print("bench/relay.py: socat is not installed (Debian package socat)", file=sys.stderr)
@@ -204,9 +212,13 @@ def main() -> int:
     echo, echo_port = start_server("echo")
     best: dict[str, list[float]] = {}  # label → [MB/s, median µs, p99 µs], best over the repeats
     with tempfile.TemporaryDirectory(prefix="pvtap-bench-") as tmp:
-        paths = [("direct", lambda: Hop("direct"), frames), ("socat", lambda: Socat("socat"), frames),
-                 ("relay, AlphaESS frames", lambda: Relay("relay", Path(tmp) / "frames"), frames),
-                 ("relay, opaque stream", lambda: Relay("relay", Path(tmp) / "opaque"), opaque)]
+        paths: list[tuple[str, Callable[[], Hop], bytes]] = [
+            ("direct", lambda: Hop("direct"), frames), ("socat", lambda: Socat("socat"), frames)]
+        for loop in args.loops:
+            paths += [(f"relay ({loop}), AlphaESS frames", partial(Relay, "relay", Path(tmp) / f"f-{loop}", loop),
+                       frames),
+                      (f"relay ({loop}), opaque stream", partial(Relay, "relay", Path(tmp) / f"o-{loop}", loop),
+                       opaque)]
         try:
             for repeat in range(1, args.repeat + 1):
                 for label, make, payload in paths:  # interleaved, so load from elsewhere hits every path
@@ -221,6 +233,9 @@ def main() -> int:
                     if isinstance(hop, Relay):
                         stopped = next((line for line in hop.log if "relay stopped:" in line), "")
                         print(f"    {stopped.partition('proxy_tcp: ')[2].strip()}", file=sys.stderr)
+                        lost = [line for line in hop.log if " lost" in line]
+                        if lost:
+                            print(f"    {lost[0].strip()}", file=sys.stderr)
                     old = best.setdefault(label, [mbps, median, p99])
                     old[0], old[1:] = max(old[0], mbps), min(old[1:], [median, p99])
         finally:
@@ -232,11 +247,16 @@ def main() -> int:
     print(f"\nbulk {args.megabytes} MiB one way (best of {args.runs} × {args.repeat}); round trip of a "
           f"{len(FRAME)}-byte frame (median / p99 of {args.round_trips}, best of {args.repeat}); "
           f"{os.cpu_count()} CPUs\n")
-    print(f"{'path':<24}{'MB/s':>9}{'÷direct':>9}{'÷socat':>8}{'RTT µs':>9}{'p99 µs':>9}"
+    print(f"{'path':<34}{'MB/s':>9}{'÷direct':>9}{'÷socat':>8}{'RTT µs':>9}{'p99 µs':>9}"
           f"{'+µs direct':>12}{'×direct':>9}{'×socat':>8}")
     for label, mbps, median, p99 in rows:
-        print(f"{label:<24}{mbps:>9.0f}{mbps / direct[1]:>9.2f}{mbps / socat_row[1]:>8.2f}{median:>9.0f}{p99:>9.0f}"
+        print(f"{label:<34}{mbps:>9.0f}{mbps / direct[1]:>9.2f}{mbps / socat_row[1]:>8.2f}{median:>9.0f}{p99:>9.0f}"
               f"{median - direct[2]:>12.0f}{median / direct[2]:>9.2f}{median / socat_row[2]:>8.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "megabytes": args.megabytes, "round_trips": args.round_trips, "frame_bytes": len(FRAME),
+            "paths": {label: {"mb_s": mbps, "rtt_median_us": median, "rtt_p99_us": p99}
+                      for label, mbps, median, p99 in rows}}, indent=1))
     return 0
 
 

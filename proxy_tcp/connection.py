@@ -52,7 +52,7 @@ class Connection:
             started=now_utc(), peer=relay.peers.endpoint(self.peer.host, self.peer.port))
         self.label = f"{config.protocol} {self.record.id} {self.record.peer}"
         initial_device = str(self.peer.host) if relay.privacy.keep_network_identity else ""
-        self.copies = relay.copies.open(self.record, initial_device)
+        self.copies = relay.copies.open(self.record, initial_device, spread_by=str(self.peer.host))
         self.activity = Activity(asyncio.get_running_loop().time())
         #: loop time by which the device must have sent a byte (first_byte_timeout)
         self.first_byte_by = self.activity.last + config.first_byte_timeout
@@ -60,6 +60,7 @@ class Connection:
         self._serving: asyncio.Task[None] | None = None
         self.device_lost = False  # the device's socket is already closed (a failed TLS handshake)
         self._stopping = False
+        self.counted = False  # its counts moved into the relay's totals (proxy_tcp/stats.py)
 
     def end(self, outcome: str, detail: str = "") -> None:
         """Note how the connection ended; the first word wins."""
@@ -330,6 +331,7 @@ class Connection:
         """Hand the record to the ingest worker, which completes it (frames, device), logs it and
         stores it after the connection's last copies."""
         self.record.duration = time.monotonic() - self._t0
+        self.listener.relay.stats.ended(self)
         self.copies.close(self.record)
 
 

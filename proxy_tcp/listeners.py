@@ -75,7 +75,7 @@ class Listener:
         self.resolver = (UpstreamResolver(config.upstream, config.resolver, config.connect_timeout)
                          if config.policy in ("fixed", "auto") else None)
         self.device_tls: ssl.SSLContext | None = None  # set by start() when tls_cert is configured
-        self.upstream_tls = UpstreamTLS.of(config)
+        self.upstream_tls = UpstreamTLS.of(config, alerts=relay.copies.record)  # pin alerts: stored by ingest
         self.endpoints: list[Endpoint] = []
         self.connections: dict[asyncio.Task, Connection] = {}
         self.allow = AllowList(config.allow_from)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pvtap.ingest_framing import ConnectionRecord
-from pvtap.records import RawPayload
+from pvtap.records import RawPayload, Record
 
 log = logging.getLogger("proxy_tcp.pump")
 
@@ -37,8 +37,12 @@ class CopyStream(Protocol):
 class CopySink(Protocol):
     """Where the relay sends copies (pvtap.ingest_channel.Channel, pvtap.ingest_pool.ChannelPool)."""
 
-    def open(self, record: ConnectionRecord, device: str = "") -> CopyStream: ...
+    def open(self, record: ConnectionRecord, device: str = "", spread_by: str = "") -> CopyStream:
+        """The copies of a new connection; `spread_by` (the device's address, never sent on)
+        keeps one device's connections on one ingest worker."""
+        ...
     def payload(self, raw: RawPayload) -> bool: ...
+    def record(self, record: Record) -> None: ...
 
 
 @dataclass

@@ -6,16 +6,23 @@ open connection still sends its record. `serve` adds the relay's ingest workers 
 frame, archive and decode the copies; the relay process does only I/O); `run` is the blocking
 entry point of `pvtap relay` and `python -m proxy_tcp`.
 
-Stopping, and how long it may take (each grace bounds one step; the steps add up):
+Stopping, and how long it may take. This is the one place the numbers are written down; each
+grace bounds one step and the steps add up:
 
-    connections close both sides at once      CLOSE_GRACE  5 s  (connection.py)
-    the listener waits for its connections    STOP_GRACE   8 s  (listeners.py; > CLOSE_GRACE)
-    the workers get the rest of the copies,   WORKER_STOP_GRACE_S   (ingest_worker.py: archiving
-      archive them, decode a little more,       5 s, decoding 2 s, the forwarder 4 s, 1 s spare)
-      stop their forwarders and exit
-    in all                                    RELAY_STOP_GRACE = STOP_GRACE + WORKER_STOP_GRACE_S
+    connections close both sides at once        CLOSE_GRACE           5 s  (connection.py)
+    the listener waits for its connections      STOP_GRACE            8 s  (listeners.py; > CLOSE_GRACE)
+    each ingest worker gets the rest of the copies and
+      archives them                             ARCHIVE_STOP_GRACE_S  5 s  (ingest_worker.py)
+      decodes on, leaving the rest archived     ingest.stop_decode_s  2 s  (0 to 10 s, config)
+      stops its forwarders and MQTT publisher together, a second spare  5 + 1 s
+    in all: relay_stop_grace(config)                                21 s by default, 29 s at most
 
-`pvtap run` waits STOP_TIMEOUT (more than RELAY_STOP_GRACE) before it kills a service.
+A worker still running after its grace is killed; the copies it had not archived are counted as
+lost (`relay stopped: …` in the log, `lost at stop` in `pvtap status`). `pvtap run` gives each
+service STOP_TIMEOUT (30 s, more than the 29 s) before it kills it, the relay first, then
+mitmdump (whose addon hands its worker the last payloads within 10 s and waits for it to exit:
+5 + stop_decode_s + 5 + 1 s). So a supervisor around `pvtap run` (Docker: compose's
+stop_grace_period) must allow 2 × STOP_TIMEOUT = 60 s.
 """
 
 from __future__ import annotations
@@ -23,22 +30,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
-from pvtap.config import Config, ConfigError, InfluxConfig, ListenerConfig
+from pvtap import datadir
+from pvtap.config import MAX_STOP_DECODE_S, Config, ConfigError, InfluxConfig, ListenerConfig
 from pvtap.decode import Codec, StreamCodec, codec_for, stream_codec
+from pvtap.health import Health
 from pvtap.ingest_channel import Channel, IngestStartError
 from pvtap.ingest_pool import ChannelPool
-from pvtap.ingest_worker import WORKER_STOP_GRACE_S, WorkerSettings
+from pvtap.ingest_worker import WORKER_STOP_GRACE_S, WorkerSettings, worker_stop_grace
+from pvtap.metrics import WorkerStats
 from pvtap.peers import PeerNames
 from pvtap.privacy import Privacy
 from pvtap.store.local import LocalStore
 
 from .listeners import STOP_GRACE, Listener, default_listeners
 from .pump import CopySink
+from .stats import RelayStats
 from .tls import in_data_dir
 from .upstream import SelfGuard
 
@@ -46,8 +58,16 @@ log = logging.getLogger("proxy_tcp")
 
 #: the line that tells a supervisor (`pvtap run`) the relay is listening
 READY = "relay ready:"
-#: the longest a relay takes to stop (see the module docstring)
+
+
+def relay_stop_grace(config: Config) -> float:
+    """The longest this relay takes to stop (see the module docstring)."""
+    return STOP_GRACE + worker_stop_grace(config.ingest.stop_decode_s)
+
+
+#: the longest a relay takes to stop with the default settings, and with any allowed setting
 RELAY_STOP_GRACE = STOP_GRACE + WORKER_STOP_GRACE_S
+RELAY_STOP_GRACE_MAX = STOP_GRACE + worker_stop_grace(MAX_STOP_DECODE_S)
 #: bytes of copies buffered for an in-process worker (relay_running without `copies`)
 TEST_QUEUE_BYTES = 32 * 2**20
 
@@ -70,6 +90,7 @@ class Relay:
         self.codecs = codecs
         self.keys = keys
         self.guard = SelfGuard()
+        self.stats = RelayStats()
         self.listeners: list[Listener] = []
 
     async def start(self) -> None:
@@ -143,7 +164,7 @@ async def relay_running(listeners: Sequence[ListenerConfig], *, copies: CopySink
             try:
                 await channel.idle(timeout=60)  # tests read the store next: all decoded
             finally:
-                channel.close(WORKER_STOP_GRACE_S)
+                channel.close(channel.settings.stop_grace)
 
 
 def listeners_of(config: Config) -> list[ListenerConfig]:
@@ -154,44 +175,97 @@ def listeners_of(config: Config) -> list[ListenerConfig]:
     return default_listeners()
 
 
+def warn_obsolete(listeners: Sequence[ListenerConfig], keys: Callable[[int, str], str], config: Config) -> None:
+    """Settings that are still accepted (so that an older config starts) but do nothing."""
+    for index, listener in enumerate(listeners):
+        if listener.decode_queue:
+            key = keys(index, "decode_queue")
+            log.warning("%s = %d is no longer used: the copies of every listener share ingest.queue_mb (%d MiB) "
+                        "on their way to the ingest worker. Fix: remove %s from the config", key,
+                        listener.decode_queue, config.ingest.queue_mb, key)
+
+
 async def serve(config: Config, listeners: Sequence[ListenerConfig] | None = None, *,
                 keys: Callable[[int, str], str] = config_key, stop: asyncio.Event | None = None) -> None:
     """Run the relay until `stop` is set or the task is cancelled: its listeners and its ingest
     workers (`ingest.workers` processes, each writing `<data_dir>/relay*.sqlite` and forwarding
     it when [influx] url is set), which archive everything they got before this returns."""
+    data_dir = datadir.prepare(config.data_dir)  # ConfigError: one line naming the directory and the fix
+    datadir.check_stores(data_dir, "relay")
     privacy = Privacy.from_config(config)
     chosen = [in_data_dir(listener, config.data_dir)
               for listener in (listeners if listeners is not None else listeners_of(config))]
+    warn_obsolete(chosen, keys, config)
+    health = Health("relay", config.health).serve(config.health.relay_listen, "health.relay_listen")
+    health.watch_loop(asyncio.get_running_loop())
     try:
         pool = ChannelPool.start(config, "relay", privacy)  # on this thread: PR_SET_PDEATHSIG follows it
     except IngestStartError as exc:
+        health.stop()
         raise ConfigError("data_dir", str(config.data_dir), str(exc), "see the message before the colon") from None
     pool.attach()
+    # what /readyz and /metrics read (pvtap/health.py): the stores, the workers' snapshot, the relay
+    health.attach([Path(channel.settings.store) for channel in pool.channels],
+                  lambda: WorkerStats.of(pool.stats(poll=False)))
+    health.record_stats(pool.channels[0].record, asyncio.get_running_loop().call_soon_threadsafe)
     try:
-        async with relay_running(chosen, copies=pool, privacy=privacy, keys=keys):
+        async with relay_running(chosen, copies=pool, privacy=privacy, keys=keys) as relay:
+            health.providers.traffic.append(lambda: relay.stats.traffic(relay))
+            health.listening(f"{len(relay.listeners)} listener(s) up")
             await (stop or asyncio.Event()).wait()
             log.info("relay stopping")
     finally:
-        stats = pool.stats()
-        finished = pool.close(WORKER_STOP_GRACE_S)
-        log.info("relay stopped: %d copies sent to %d ingest worker(s), %d dropped (ingest busy or down)%s",
-                 stats.get("copies_sent", 0), len(pool.channels), stats.get("copies_dropped", 0),
-                 "" if finished else "; a worker had to be killed")
+        health.stop()  # its last pvtap_stats payload goes to the workers before they close
+        finished = pool.close(pool.stop_grace)
+        stats = pool.stats()  # after the close: copies not taken in time, and lost at the stop, are counted
+        lost = stats.get("copies_lost", 0)
+        log.log(logging.ERROR if lost else logging.INFO,
+                "relay stopped: %d copies sent to %d ingest worker(s), %d dropped (ingest busy or down), %d lost%s",
+                stats.get("copies_sent", 0), len(pool.channels), stats.get("copies_dropped", 0), lost,
+                "" if finished else " (a worker had to be killed before it archived them)")
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """relay.event_loop: uvloop (libuv) or the standard library's loop."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def raise_open_files_limit() -> None:
+    """Each relayed connection holds two sockets: lift the soft limit on open files (often 1024)
+    to the hard one, so a fleet is not refused at a few hundred devices."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.debug("open files limit raised from %d to %d", soft, hard)
 
 
 def run(config: Config, listeners: Sequence[ListenerConfig] | None = None, *,
         keys: Callable[[int, str], str] = config_key, prog: str = "pvtap relay") -> int:
     """Run the relay in the foreground until SIGINT or SIGTERM; 0 after a clean stop, 2 when
     the configuration or start-up failed (the message names the setting and the fix)."""
+    chosen = listeners if listeners is not None else listeners_of(config)
+    if config.relay.event_loop == "uvloop" and any(listener.tls_cert for listener in chosen):
+        error = ConfigError("relay.event_loop", "uvloop", "a listener terminates TLS (tls_cert; the default listeners "
+                            "include FoxESS M1's), which the relay does only on the asyncio loop",
+                            'set relay.event_loop = "asyncio", or configure listeners without TLS')
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 2
+    raise_open_files_limit()
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        await serve(config, listeners, keys=keys, stop=stop)
+        await serve(config, chosen, keys=keys, stop=stop)
 
     try:
-        asyncio.run(main())
+        asyncio.run(main(), loop_factory=loop_factory(config.relay.event_loop))
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from pvtap.certs import parse_subject, self_signed, sha256_fingerprint, write_files
 from pvtap.config import ConfigError, ListenerConfig, split_host_port
+from pvtap.records import Record
 
+from .alerts import PinMismatch
 from .upstream import Endpoint, UpstreamError
 
 log = logging.getLogger("proxy_tcp.tls")
@@ -76,9 +78,10 @@ class UpstreamTLS:
     context: ssl.SSLContext
     pin: str  # lowercase hex SHA-256 of the certificate, or ""
     server_hostname: str | None  # the upstream's name for SNI and the CA check, None: the address
+    alarm: PinMismatch | None = None  # with a pin: what a mismatch tells a person (proxy_tcp.alerts)
 
     @classmethod
-    def of(cls, config: ListenerConfig) -> UpstreamTLS | None:
+    def of(cls, config: ListenerConfig, alerts: Callable[[Record], None]) -> UpstreamTLS | None:
         if not config.upstream_tls:
             return None
         if config.upstream_ca_file:
@@ -88,7 +91,8 @@ class UpstreamTLS:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         name = split_host_port(config.upstream)[0] if config.upstream else None
-        return cls(context, normalized_pin(config.upstream_pin_sha256), name)
+        pin = normalized_pin(config.upstream_pin_sha256)
+        return cls(context, pin, name, PinMismatch(config, alerts) if pin else None)
 
     async def open(self, endpoint: Endpoint, limit: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect, handshake and check the pin; UpstreamRefused when the certificate is not the
@@ -101,8 +105,12 @@ class UpstreamTLS:
             seen = hashlib.sha256(der).hexdigest() if der else "none"
             if seen != self.pin:
                 writer.transport.abort()
+                if self.alarm is not None:
+                    self.alarm.mismatch(str(endpoint), seen)
                 raise UpstreamRefused(f"its certificate has SHA-256 {seen}, not the pinned {self.pin} "
                                       "(upstream_pin_sha256)")
+            if self.alarm is not None:
+                self.alarm.passed()
         return reader, writer
 
 

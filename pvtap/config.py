@@ -4,7 +4,8 @@ Each section is a dataclass; each setting carries its help text and, where a typ
 a check. Loading validates everything at start-up and stops with a `ConfigError` that names the
 key, the value, where it came from and the fix. Environment variables are named after the key:
 `data_dir` → `PVTAP_DATA_DIR`, `enphase.local_mode` → `PVTAP_ENPHASE_LOCAL_MODE`. Lists of
-tables (relay listeners) come only from the file.
+tables (relay listeners) come only from the file. A `PVTAP_*` variable that names no setting is
+reported (`env_warnings`) rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ class ConfigError(ValueError):
 
 
 def setting(default: Any, help: str, check: Callable[[Any], str | None] | None = None,
-            fix: str = "") -> Any:
-    """A config field: its default, one line of help, an optional check returning a problem."""
+            fix: str = "", secret: bool = False) -> Any:
+    """A config field: its default, one line of help, an optional check returning a problem.
+    A `secret` one is left out of the config's repr, so a logged config never shows it."""
     metadata = {"help": help, "check": check, "fix": fix}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: default, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata, repr=not secret)
 
 
 # -- reusable checks --------------------------------------------------------------------------
@@ -125,6 +127,10 @@ class EnphaseConfig:
         "How the Envoy's traffic reaches mitmproxy: transparent (a firewall REDIRECT on this host), reverse (a DNS "
         "override or DNAT to this host; forwarded to enphase.upstream) or regular (the device uses it as HTTP proxy).",
         check=one_of("transparent", "reverse", "regular"))
+    tls_min_version: str = setting(
+        "TLS1_2", "Oldest TLS version mitmproxy accepts from the Envoy: TLS1_2 (mitmproxy's default), or TLS1 / TLS1_1 "
+        "for an old Envoy that speaks nothing newer (the old cipher suites it needs are then allowed too).",
+        check=one_of("TLS1", "TLS1_1", "TLS1_2", "TLS1_3"))
     upstream: str = setting(
         "https://reports.enphaseenergy.com:443", "The cloud reverse mode forwards to, https://host[:port].",
         check=lambda v: None if re.fullmatch(r"https?://[^/:\s]+(:\d{1,5})?/?", v) else "expected https://host[:port]")
@@ -214,8 +220,9 @@ class ListenerConfig:
                                      "(auto then answers locally).", check=positive)
     idle_timeout: float = setting(3600.0, "Seconds without a byte either way before a connection is closed "
                                   "(devices hold connections for hours).", check=positive)
-    decode_queue: int = setting(256, "Not used any more: copies share the ingest.queue_mb budget. Accepted so that "
-                                "older configs still load.", check=positive)
+    decode_queue: int = setting(0, "Obsolete, ignored: the copies of every listener share ingest.queue_mb now. A "
+                                "value set here logs a warning when the relay starts; remove it.",
+                                check=lambda v: None if v >= 0 else "must be 0 or more (better: remove it)")
     max_connections: int = setting(64, "Connections open at once on this listener; more are refused as they are "
                                    "accepted (before any TLS handshake), counted and logged at most every 10 s.",
                                    check=positive)
@@ -301,6 +308,10 @@ class RelayConfig:
     listeners: list[ListenerConfig] = setting(
         [], "The relay's listeners ([[relay.listeners]] tables); none: one per supported device on its usual "
             "port (see docs/relay.md).")
+    event_loop: str = setting(
+        "asyncio", "The relay's event loop: asyncio (the standard library's) or uvloop (libuv: about a third less CPU "
+                   "per relayed frame, docs/benchmarks.md; not with listeners that terminate TLS).",
+        check=one_of("asyncio", "uvloop"))
 
     def __post_init__(self) -> None:
         seen: dict[tuple[str, str], int] = {}
@@ -315,6 +326,11 @@ class RelayConfig:
                                   f"relay.listeners[{seen[where]}] already listens there",
                                   "give every listener its own address or port")
             seen[where] = i
+        tls = [i for i, listener in enumerate(self.listeners) if listener.tls_cert]
+        if self.event_loop == "uvloop" and tls:  # the device's first TLS bytes reach the stream before start_tls does
+            raise ConfigError("relay.event_loop", "uvloop", f"relay.listeners[{tls[0]}] terminates TLS (tls_cert), "
+                              "which the relay does only on the asyncio loop",
+                              'set relay.event_loop = "asyncio", or use uvloop in a relay without TLS listeners')
 
 
 def _influx_url(value: str) -> str | None:
@@ -377,6 +393,10 @@ class InfluxConfig:
                               "set verify_tls = true to use the CA file, or drop ca_file")
 
 
+#: the longest ingest.stop_decode_s, so that a relay's whole stop stays under `pvtap run`'s STOP_TIMEOUT
+MAX_STOP_DECODE_S = 10.0
+
+
 def _workers(value: int) -> str | None:
     return None if 0 <= value <= 64 else "must be between 0 (one per core beyond the first) and 64"
 
@@ -393,6 +413,11 @@ class IngestConfig:
         32, "MiB of copies a forwarding process holds for its ingest worker while the worker is busy (and the worker "
             "for its archive); beyond it copies are dropped and counted (pvtap status). Forwarding never waits.",
         check=lambda v: None if 1 <= v <= 4096 else "must be between 1 and 4096")
+    stop_decode_s: float = setting(
+        2.0, "Seconds a stopping ingest worker goes on decoding its backlog before it leaves the rest for the next "
+             "start (nothing is lost: the backlog stays in the raw archive). It bounds how long a stop takes, which "
+             "matters under a supervisor's stop grace (Docker: stop_grace_period); docs/relay.md, \"Stopping\".",
+        check=lambda v: None if 0 <= v <= MAX_STOP_DECODE_S else f"must be between 0 and {MAX_STOP_DECODE_S:g}")
 
 
 _MQTT_URL = re.compile(r"(mqtts?)://(\[[0-9a-fA-F:]+\]|[^/:\s@\[\]]+)(?::(\d{1,5}))?/?")
@@ -464,6 +489,59 @@ class MqttConfig:
                               "give pvtap's topics their own prefix (the default is pvtap)")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable from this machine only (`localhost`, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The read-only web view (`pvtap web`, started by `pvtap run`): see docs/web.md."""
+
+    listen: str = setting(
+        "127.0.0.1:8080", "Where the web view listens, host:port; empty: `pvtap run` starts no web view. Any "
+        "address but loopback opens it to the LAN and then needs web.password.",
+        check=optional(listen_address))
+    password: str = setting(
+        "", "Password the browser must give (HTTP basic authentication, any user name) when web.listen is not "
+            "a loopback address; there is no default one. At least 8 characters.", secret=True)
+    refresh_s: float = setting(5.0, "Seconds between the page's live updates.",
+                               check=lambda v: None if 0.2 <= v <= 3600 else "must be between 0.2 and 3600")
+    silent_after_s: float = setting(
+        900.0, "A device without contact for this many seconds is shown as silent (an Envoy reports every 5 min).",
+        check=positive)
+
+    def __post_init__(self) -> None:
+        if self.password and len(self.password) < 8:
+            raise ConfigError("web.password", "(hidden)", "shorter than 8 characters",
+                              "set web.password (or PVTAP_WEB_PASSWORD) to a longer password of your own")
+        if self.listen and not self.password and not is_loopback(split_host_port(self.listen)[0]):
+            raise ConfigError("web.password", "", f"web.listen = {self.listen!r} opens the web view to the LAN, "
+                              "and it has no password",
+                              "set web.password (or PVTAP_WEB_PASSWORD) to a password of your own (8 characters "
+                              "or more), or listen on 127.0.0.1 only (web.listen = \"127.0.0.1:8080\")")
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """The health and metrics endpoints of each process (docs/health.md)."""
+
+    relay_listen: str = setting(
+        "127.0.0.1:9108", "Where the relay serves /healthz, /readyz and /metrics, host:port (port 0: any free port; "
+        "empty: no endpoint). Keep it on a local or management address: it is not authenticated.",
+        check=optional(listen_address))
+    enphase_listen: str = setting(
+        "127.0.0.1:9109", "The same for mitmproxy with the Enphase addon.", check=optional(listen_address))
+    stats_every_s: float = setting(
+        60.0, "Every this many seconds each process stores its own counts (connections, bytes, errors, InfluxDB "
+        "backlog) as a pvtap_stats record, for the pvtap health dashboard; 0: never.", check=_at_least(0.0))
+
+
 @dataclass(frozen=True)
 class Config:
     data_dir: Path = setting(Path("./data"), "Directory holding the local SQLite stores.")
@@ -474,6 +552,8 @@ class Config:
     influx: InfluxConfig = setting(InfluxConfig(), "")
     ingest: IngestConfig = setting(IngestConfig(), "")
     mqtt: MqttConfig = setting(MqttConfig(), "")
+    health: HealthConfig = setting(HealthConfig(), "")
+    web: WebConfig = setting(WebConfig(), "")
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -496,6 +576,29 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             raise ConfigError("config file", str(p), f"not valid TOML ({exc})", "correct the TOML syntax") from None
         source = str(p)
     return _build(Config, data, env, prefix="", source=source)
+
+
+def unknown_env(env: Mapping[str, str] | None = None) -> list[str]:
+    """The `PVTAP_*` variables that name no setting, sorted."""
+    env = os.environ if env is None else env
+    known = _env_names()
+    return sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known)
+
+
+def env_warnings(env: Mapping[str, str] | None = None) -> list[str]:
+    """One line per `PVTAP_*` variable that names no setting (a typo is otherwise silently
+    ignored), with the nearest setting's variable."""
+    known = _env_names()
+    out = []
+    for name in unknown_env(env):
+        guess = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f"did you mean {guess[0]}?" if guess else "settings and their variables: docs/config.md"
+        out.append(f"warning: environment variable {name} is not a pvtap setting and is ignored; {hint}")
+    return out
+
+
+def _env_names() -> set[str]:
+    return {CONFIG_ENV, *(name for _key, name, _default, _help in describe())}
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
@@ -540,6 +643,10 @@ def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: s
             values[f.name] = _build(hint, data.get(f.name, {}), env, key + ".", source)
             continue
         env_key = _env_name(key)
+        if env_key in env and _is_table_list(hint):
+            raise ConfigError(key, env[env_key], "listeners come only from the config file, not from the environment",
+                              f"unset {env_key} and write each listener in the config file as a [[{key}]] table "
+                              'with protocol, listen and policy on lines of their own (docs/relay.md)', env_key)
         if env_key in env:
             raw, where = env[env_key], env_key
             value = _from_env(key, hint, raw, where)
@@ -557,6 +664,14 @@ def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: s
             raise ConfigError(key, raw, problem, fix, where)
         values[f.name] = value
     return cls(**values)
+
+
+def _is_table_list(hint: Any) -> bool:
+    """A list of settings tables (`[[relay.listeners]]`), which only the file can hold."""
+    if typing.get_origin(hint) is not list:
+        return False
+    (item,) = typing.get_args(hint)
+    return isinstance(item, type) and dataclasses.is_dataclass(item)
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -580,6 +695,9 @@ def _coerce(key: str, hint: Any, raw: Any, where: str, env: Mapping[str, str]) -
         return None if raw in (None, "") else _coerce(key, args[0], raw, where, env)
     if origin is list:
         (item,) = typing.get_args(hint)
+        if isinstance(raw, Mapping) and _is_table_list(hint):
+            raise ConfigError(key, raw, f"[{key}] (single brackets) is one table, but {key} is a list of tables",
+                              f"write [[{key}]] (double brackets) above each one", where)
         if not isinstance(raw, list):
             raise ConfigError(key, raw, "expected a list", f"write {key} = [ ... ]", where)
         if isinstance(item, type) and dataclasses.is_dataclass(item):

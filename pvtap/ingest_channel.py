@@ -27,6 +27,7 @@ import logging
 import os
 import select
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -44,6 +45,7 @@ from pvtap.ingest_wire import Kind
 from pvtap.ingest_worker import WorkerSettings, run_in_thread
 from pvtap.privacy import Privacy
 from pvtap.records import RawPayload, Record
+from pvtap.store.local import LocalStore
 
 log = logging.getLogger("pvtap.ingest")
 
@@ -81,6 +83,7 @@ class ChannelCounts:
     bytes_sent: int = 0
     copies_dropped: int = 0  # never reached the worker: the buffer was full or the worker down
     bytes_dropped: int = 0
+    copies_lost: int = 0  # reached a worker that ended (killed at a stop, or crashed) before it archived them
     worker_restarts: int = 0
     worker_exits: int = 0
     snapshot: dict[str, Any] = field(default_factory=dict)  # the worker's last SNAPSHOT
@@ -139,6 +142,8 @@ class Channel:
         self._synced: set[int] = set()
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._counts_sent = (0.0, -1)
+        self._sent_now = 0  # copies sent to the current worker
+        self._archived_now = 0  # of those, how many it said it archived (ARCHIVED)
         self.ready: dict[str, Any] = {}
         self.failed: str | None = None
 
@@ -195,6 +200,7 @@ class Channel:
         ours.setblocking(False)
         self._sock = ours
         self._reader = wire.Reader()
+        self._sent_now = self._archived_now = 0
         self._started = time.monotonic()
         self.ready, self.failed = {}, None
         first = [_Message.of_control(wire.control(Kind.SETTINGS, self.settings.to_wire()))]
@@ -219,6 +225,7 @@ class Channel:
         self._send_counts(force=True)
         self._drain_blocking(deadline)
         self._closed = True
+        self._drop_unsent()
         self._detach_loop()
         if self._sock is not None:
             with contextlib.suppress(OSError):
@@ -226,35 +233,43 @@ class Channel:
 
     def wait_closed(self, deadline: float) -> bool:
         """After hang_up: read the back-channel until the worker closes its end (it archived
-        everything), then reap it."""
+        everything), then reap it. A worker still running at `deadline` is killed: the copies it
+        had not archived are counted as lost, logged, and noted in the store's status row."""
+        lost_before = self.counts.copies_lost
         while self._sock is not None and time.monotonic() < deadline:
             self._poll_back(min(0.2, max(0.0, deadline - time.monotonic())))
-        return self._reap(max(0.0, deadline - time.monotonic()))
+        finished = self._reap(max(0.0, deadline - time.monotonic()))
+        while self._poll_back(0):  # what a killed worker said before it died: its last ARCHIVED
+            pass
+        if self._sock is not None:  # a worker thread that did not end in time
+            self._worker_lost()
+        if self.counts.copies_lost > lost_before:
+            self._note_lost(self.counts.copies_lost - lost_before)
+        return finished
+
+    def _note_lost(self, lost: int) -> None:
+        """Add copies lost at the stop to the status row the worker left (pvtap status shows it)."""
+        try:
+            with LocalStore(self.settings.store) as store:
+                store.note_lost(lost, self.counts.copies_lost)
+        except (sqlite3.Error, OSError) as exc:
+            log.error("%s: could not note the %d lost copies in %s (%s)", self.name, lost, self.settings.store, exc)
 
     def close_soon(self, timeout: float = 10.0) -> None:
-        """End the channel without waiting on this thread (a mitmproxy hook must not block).
-        What the socket does not take at once is sent by a thread the interpreter waits for at
-        exit (up to `timeout`); the worker then archives it and exits by itself."""
+        """End the channel without waiting on this thread (a mitmproxy hook must not block): a
+        thread the interpreter waits for at exit sends what is buffered (up to `timeout`), ends
+        the channel and waits for the worker to archive it and exit (up to its stop grace),
+        counting what it could not archive as `close` does."""
         if self._closed:
             return
         self._send_counts(force=True)
         self._flush()
         self._detach_loop()
-        if not self._out:
-            self._hang_up()
-            return
         def finish() -> None:
-            self._drain_blocking(time.monotonic() + timeout)
-            self._hang_up()
+            deadline = time.monotonic() + timeout
+            self.hang_up(deadline)
+            self.wait_closed(max(deadline, time.monotonic()) + self.settings.stop_grace)
         threading.Thread(target=finish, name=f"pvtap-{self.name}-close", daemon=False).start()
-
-    def _hang_up(self) -> None:
-        self._closed = True
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)
-            sock.close()
 
     def _reap(self, timeout: float) -> bool:
         worker, self.worker = self.worker, None
@@ -278,7 +293,7 @@ class Channel:
 
     # -- what the relay and the addon call -------------------------------------------------------
 
-    def open(self, record: ConnectionRecord, device: str = "") -> CopyStream:
+    def open(self, record: ConnectionRecord, device: str = "", spread_by: str = "") -> CopyStream:
         conn = next(self._numbers)
         doc = {"record": record.to_wire(), "device": device}
         stream = CopyStream(self, conn, doc)
@@ -294,13 +309,16 @@ class Channel:
         """Queue a record that needs no decoding (rare, so always queued, like a control message)."""
         self._enqueue_control(wire.record(record))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, poll: bool = True) -> dict[str, Any]:
         """Both ends' counts, flat: this side's (copies sent and dropped, buffered bytes, worker
-        restarts) and the worker's last snapshot (about a second old)."""
-        self._poll_back(0)
+        restarts) and the worker's last snapshot (about a second old). `poll=False` does not read
+        the back-channel: the only way to call it from another thread than the event loop's (the
+        health endpoints), on a channel the loop reads (attached)."""
+        if poll:
+            self._poll_back(0)
         c = self.counts
         return {**c.snapshot, "copies_sent": c.copies_sent, "bytes_sent": c.bytes_sent,
-                "copies_dropped": c.copies_dropped, "bytes_dropped": c.bytes_dropped,
+                "copies_dropped": c.copies_dropped, "bytes_dropped": c.bytes_dropped, "copies_lost": c.copies_lost,
                 "buffered_bytes": self._buffered, "worker_alive": self.alive,
                 "worker_restarts": c.worker_restarts, "worker_exits": c.worker_exits}
 
@@ -416,6 +434,7 @@ class Channel:
         else:
             self._buffered -= message.size
             self.counts.copies_sent += 1
+            self._sent_now += 1
             self.counts.bytes_sent += len(message.parts[-1])
 
     def _want_writable(self, want: bool) -> None:
@@ -435,14 +454,26 @@ class Channel:
                 select.select([], [self._sock], [], max(0.0, min(0.2, deadline - time.monotonic())))
                 self._poll_back(0)  # the worker may wait for us to read its back-channel
 
+    def _drop_unsent(self) -> None:
+        """At the end: copies the worker did not take in time (a half-sent one too: the worker
+        cannot read a part) are dropped and counted."""
+        self._offset = 0
+        for message in self._out:
+            if not message.control:
+                self.counts.copies_dropped += 1
+                self.counts.bytes_dropped += message.size
+        self._out.clear()
+        self._buffered = self._control = 0
+
     def _send_counts(self, force: bool = False) -> None:
         """Tell the worker this side's drops (for the status row), now and then."""
         now = time.monotonic()
         last, dropped = self._counts_sent
-        if force or (self.counts.copies_dropped != dropped and now - last >= COUNTS_EVERY_S):
-            self._counts_sent = (now, self.counts.copies_dropped)
+        losses = self.counts.copies_dropped + self.counts.copies_lost
+        if force or (losses != dropped and now - last >= COUNTS_EVERY_S):
+            self._counts_sent = (now, losses)
             doc = {"copies_dropped": self.counts.copies_dropped, "bytes_dropped": self.counts.bytes_dropped,
-                   "worker_restarts": self.counts.worker_restarts}
+                   "copies_lost": self.counts.copies_lost, "worker_restarts": self.counts.worker_restarts}
             message = _Message.of_control(wire.control(Kind.COUNTS, doc))
             self._control += message.size
             self._out.append(message)
@@ -504,6 +535,8 @@ class Channel:
             stream = self._streams.get(conn)
             if stream is not None:
                 stream.opaque = True
+        elif kind is Kind.ARCHIVED:
+            self._archived_now = wire.read_archived(body)
         elif kind is Kind.SNAPSHOT:
             self.counts.snapshot = wire.doc(body)
         elif kind is Kind.SYNCED:
@@ -532,12 +565,13 @@ class Channel:
                     self._loop.remove_writer(sock.fileno())
             self._writing = False
             sock.close()
+        if self._offset and self._out and not self._closed:  # half sent: the new worker cannot read the rest
+            self._account_sent(self._out.popleft())  # sent to the worker that is gone: counted as lost below
+            self._offset = 0
+        self._count_lost()
         if self._closed:
             return
         self.counts.worker_exits += 1
-        if self._offset and self._out:  # half sent: the new worker cannot read the rest
-            self._account_sent(self._out.popleft())
-            self._offset = 0
         kept: deque[_Message] = deque()
         for message in self._out:  # OPENs are sent again for the connections still open
             if message.control and message.kind not in (Kind.OPEN, Kind.SETTINGS):
@@ -563,6 +597,18 @@ class Channel:
                   f" (pid {pid})" if pid else "", f" with status {code}" if code is not None else "", ran, delay)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_later(delay, self._restart_if_due)
+
+    def _count_lost(self) -> None:
+        """The worker is gone and its back-channel read to the end: what it got and did not say
+        it archived is lost (it was killed at a stop, or crashed), counted and logged once."""
+        lost, self._sent_now = max(0, self._sent_now - self._archived_now), 0
+        self._archived_now = 0
+        if lost:
+            self.counts.copies_lost += lost
+            log.error("%s: %d copies the ingest worker had received were not archived before it ended; they are "
+                      "lost (forwarding was not affected)%s", self.name, lost,
+                      "" if not self._closed else ". Fix: give the stop more time (a slow disk or an overload: "
+                      "docs/relay.md, \"Stopping\")")
 
     def _restart_if_due(self) -> None:
         if self._restart_at is None or time.monotonic() < self._restart_at or self._closed:

@@ -87,13 +87,17 @@ class ConnectionRecord:
                       Origin(protocol=self.protocol, device=self.device, connection=self.id))
 
     def to_wire(self) -> dict[str, Any]:
-        doc = dataclasses.asdict(self)
-        doc["started"] = to_ns(self.started)
+        # not dataclasses.asdict: its deep copy was a tenth of the relay's time per connection
+        doc = {f.name: getattr(self, f.name) for f in _RECORD_FIELDS}
+        doc["started"], doc["bytes"] = to_ns(self.started), dict(self.bytes)
         return doc
 
     @classmethod
     def from_wire(cls, doc: dict[str, Any]) -> ConnectionRecord:
         return cls(**{**doc, "started": from_ns(doc["started"])})
+
+
+_RECORD_FIELDS = dataclasses.fields(ConnectionRecord)
 
 
 @dataclass

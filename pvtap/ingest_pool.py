@@ -23,7 +23,7 @@ from pvtap.ingest_channel import Channel, CopyStream
 from pvtap.ingest_framing import ConnectionRecord
 from pvtap.ingest_worker import WorkerSettings
 from pvtap.privacy import Privacy
-from pvtap.records import RawPayload
+from pvtap.records import RawPayload, Record
 from pvtap.store.local import SUFFIX
 
 log = logging.getLogger("pvtap.ingest")
@@ -55,7 +55,7 @@ def left_over(data_dir: Path, name: str, workers: int) -> dict[int, Path]:
 
 
 class ChannelPool:
-    """The channels of one forwarding process, used like one (`open`, `payload`, `stats`)."""
+    """The channels of one forwarding process, used like one (`open`, `payload`, `record`, `stats`)."""
 
     def __init__(self, channels: list[Channel]) -> None:
         self.channels = channels
@@ -72,9 +72,7 @@ class ChannelPool:
         try:
             for index in range(workers):
                 adopt = [path for k, path in orphans.items() if k % workers == index]
-                settings = WorkerSettings.of(store_path(data_dir, name, index), privacy, config.influx,
-                                             config.ingest.queue_mb * 2**20, config.log_level, adopt,
-                                             config.mqtt)
+                settings = WorkerSettings.of_config(store_path(data_dir, name, index), privacy, config, adopt)
                 channels.append(Channel.process(settings, name=f"{name} ingest {index}").start(wait_ready))
         except BaseException:
             for channel in channels:
@@ -94,16 +92,23 @@ class ChannelPool:
             return self.channels[0]
         return self.channels[zlib.crc32(key.encode()) % len(self.channels)]
 
-    def open(self, record: ConnectionRecord, device: str = "") -> CopyStream:
-        host = record.peer.rpartition(":")[0] or record.peer
-        return self._for(host).open(record, device)
+    def open(self, record: ConnectionRecord, device: str = "", spread_by: str = "") -> CopyStream:
+        """`spread_by`: the device's address (the record's peer is only a name for it when the
+        privacy settings do not keep addresses, and numbered per process)."""
+        return self._for(spread_by or record.peer.rpartition(":")[0] or record.peer).open(record, device)
 
     def payload(self, raw: RawPayload) -> bool:
         return self._for(raw.origin.connection).payload(raw)
 
-    def stats(self) -> dict[str, Any]:
-        """Sums over the workers (numbers), and each worker's own under `workers`."""
-        each = [channel.stats() for channel in self.channels]
+    def record(self, record: Record) -> None:
+        """Always to the first worker: the records of one condition (an alert on, then off) land
+        in one store, in order, so the latest one says how it stands."""
+        self.channels[0].record(record)
+
+    def stats(self, poll: bool = True) -> dict[str, Any]:
+        """Sums over the workers (numbers), and each worker's own under `workers` (`poll`: see
+        Channel.stats)."""
+        each = [channel.stats(poll) for channel in self.channels]
         total: dict[str, Any] = {}
         for stats in each:
             for key, value in stats.items():
@@ -117,6 +122,11 @@ class ChannelPool:
     async def idle(self, timeout: float = 30.0) -> None:
         for channel in self.channels:
             await channel.idle(timeout)
+
+    @property
+    def stop_grace(self) -> float:
+        """How long the workers may take to exit once their channels ended (ingest.stop_decode_s included)."""
+        return max(channel.settings.stop_grace for channel in self.channels)
 
     def close(self, timeout: float) -> bool:
         """End every channel and wait (up to `timeout` in all) for the workers to exit."""

@@ -12,8 +12,8 @@ forwarding process's GIL.
 One worker per store file; a lock file (`<store>.writer.lock`) makes a second writer fail at
 start with a message instead of sharing the file. The worker ends by itself when its channel
 ends (EOF: the parent stopped or died; PR_SET_PDEATHSIG covers a parent killed before it could
-close the socket): it archives what it received, decodes for at most DECODE_STOP_GRACE_S more,
-and leaves the rest of the backlog in the archive for the next start.
+close the socket): it archives what it received, decodes for at most `ingest.stop_decode_s`
+more, and leaves the rest of the backlog in the archive for the next start.
 
 A full or failing disk: the archiver keeps its batch and retries with back-off; meanwhile new
 copies are dropped and counted once the archive queue is full. One error when it starts, a
@@ -30,6 +30,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import signal
 import socket
 import sqlite3
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pvtap import ingest_wire as wire
-from pvtap.config import InfluxConfig, MqttConfig
+from pvtap.config import Config, InfluxConfig, MqttConfig
 from pvtap.decode import codec_for
 from pvtap.files import open_private
 from pvtap.ingest import Codecs, Ingest
@@ -60,18 +61,39 @@ if TYPE_CHECKING:
 log = logging.getLogger("pvtap.ingest")
 
 #: after its channel ended, how long the worker keeps decoding its backlog before leaving the rest
+#: (the default of ingest.stop_decode_s)
 DECODE_STOP_GRACE_S = 2.0
 #: after its channel ended, how long archiving what was received may take (a failing disk)
 ARCHIVE_STOP_GRACE_S = 5.0
+#: how long the worker's outputs may take to stop, together: its forwarders (pvtap/store/forwarder.py
+#: STOP_TIMEOUT_S, 4 s) and its MQTT publisher (pvtap/mqtt/thread.py STOP_TIMEOUT_S, 5 s); and a second to spare
+OUTPUTS_STOP_S = 5.0
+SPARE_S = 1.0
 #: how long a new worker waits for the previous writer of its store to finish
 WRITER_LOCK_WAIT_S = 15.0
 #: a group commit waits this long for more payloads after the first, unless GROUP_MAX are there
 GROUP_WAIT_S = 0.005
 GROUP_MAX = 2000
-#: the longest a worker takes to exit after its channel ended: archiving, decoding, the forwarder
-#: (pvtap/store/forwarder.py STOP_TIMEOUT_S = 4 s) and a second to spare; the relay waits this long
-WORKER_STOP_GRACE_S = ARCHIVE_STOP_GRACE_S + DECODE_STOP_GRACE_S + 4.0 + 1.0
+
+
+def worker_stop_grace(stop_decode_s: float = DECODE_STOP_GRACE_S) -> float:
+    """The longest a worker takes to exit after its channel ended: archiving, decoding for
+    `stop_decode_s` (ingest.stop_decode_s), its forwarders and a second to spare. Its parent waits
+    this long before it kills it."""
+    return ARCHIVE_STOP_GRACE_S + stop_decode_s + OUTPUTS_STOP_S + SPARE_S
+
+
+WORKER_STOP_GRACE_S = worker_stop_grace()
 SNAPSHOT_EVERY_S = 1.0
+#: one read of the channel
+RECV_SIZE = 1 << 20
+#: while the reader finds more waiting each time it reads, the decoder takes short turns (a few
+#: payloads) and pauses between them, so that framing and archiving (raw first) get the GIL;
+#: decoding catches up when the load drops
+BUSY_S = 0.05
+BUSY_DECODE = 50
+BUSY_DECODE_S = 0.01
+BUSY_PAUSE_S = 0.1
 STATUS_EVERY_S = 5.0
 FAILURE_SUMMARY_EVERY_S = 60.0
 RETRY_MAX_S = 5.0
@@ -89,18 +111,32 @@ class WorkerSettings:
     queue_bytes: int = 32 * 2**20
     log_level: str = "info"
     parent_pid: int = 0
+    stop_decode_s: float = DECODE_STOP_GRACE_S  # ingest.stop_decode_s
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def of(cls, store: Path, privacy: Privacy, influx: InfluxConfig, queue_bytes: int, log_level: str = "info",
-           adopt: list[Path] | None = None, mqtt: MqttConfig | None = None) -> WorkerSettings:
+           adopt: list[Path] | None = None, mqtt: MqttConfig | None = None,
+           stop_decode_s: float = DECODE_STOP_GRACE_S) -> WorkerSettings:
         fields = {f.name: getattr(privacy, f.name) for f in dataclasses.fields(privacy)}
         return cls(store=str(store), adopt=[str(p) for p in adopt or []],
                    privacy={k: v.hex() if isinstance(v, bytes) else v for k, v in fields.items()},
                    influx=dataclasses.asdict(influx), mqtt=dataclasses.asdict(mqtt) if mqtt else {},
-                   queue_bytes=queue_bytes, log_level=log_level, parent_pid=os.getpid())
+                   queue_bytes=queue_bytes, log_level=log_level, parent_pid=os.getpid(), stop_decode_s=stop_decode_s)
+
+    @classmethod
+    def of_config(cls, store: Path, privacy: Privacy, config: Config,
+                  adopt: list[Path] | None = None) -> WorkerSettings:
+        """The settings of a worker for `store` from the pvtap config ([ingest], [influx], [mqtt], log level)."""
+        return cls.of(store, privacy, config.influx, config.ingest.queue_mb * 2**20, config.log_level, adopt,
+                      config.mqtt, config.ingest.stop_decode_s)
+
+    @property
+    def stop_grace(self) -> float:
+        """How long the parent waits for this worker to exit after the channel ended."""
+        return worker_stop_grace(self.stop_decode_s)
 
     def make_privacy(self) -> Privacy:
         hints = {f.name: str(f.type) for f in dataclasses.fields(Privacy)}
@@ -140,51 +176,62 @@ def writer_lock(store: Path) -> Any:
         os.close(fd)
 
 
+@dataclass
+class _Batch:
+    """What the archiver commits at once: payloads, records, the sync tokens it answers, the
+    copies it completes (`through`: the first n copies the worker received) and its bytes."""
+
+    raws: list[RawPayload] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    syncs: list[int] = field(default_factory=list)
+    through: int = 0
+    size: int = 0
+
+
 class _ArchiveQueue:
     """What the reader framed and redacted, waiting for the archiver; bounded in bytes."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.bytes = 0
-        self.items: deque[tuple[list[RawPayload], list[Record], int | None]] = deque()
+        self.items: deque[tuple[list[RawPayload], list[Record], int | None, int]] = deque()
         self.cond = threading.Condition()
 
     def put(self, raws: list[RawPayload], records: Sequence[Record] = (), sync: int | None = None,
-            give_up: Callable[[], bool] = lambda: False) -> int:
-        """Queue payloads, records and a sync token. While the queue is over its budget this
-        waits (the channel backs up and the forwarding side drops and counts, per connection),
-        unless `give_up()` says the worker is stopping: then the payloads are dropped (returns
-        how many)."""
+            through: int = 0, give_up: Callable[[], bool] = lambda: False) -> int:
+        """Queue payloads, records, a sync token and the count of copies they complete. While
+        the queue is over its budget this waits (the channel backs up and the forwarding side
+        drops and counts, per connection), unless `give_up()` says the worker is stopping: then
+        the payloads are dropped (returns how many)."""
         size = _budget(raws, self.limit)
         with self.cond:
             while raws and self.bytes and self.bytes + size > self.limit:
                 if give_up():
                     return len(raws)
                 self.cond.wait(0.2)
-            if raws or records or sync is not None:
-                self.items.append((raws, list(records), sync))
-                self.bytes += size
-                self.cond.notify_all()
+            self.items.append((raws, list(records), sync, through))
+            self.bytes += size
+            self.cond.notify_all()
         return 0
 
-    def take(self, wait: float) -> tuple[list[RawPayload], list[Record], list[int], int]:
+    def take(self, wait: float) -> _Batch:
         """Everything queued (after waiting up to `wait` for the first item, then GROUP_WAIT_S for
-        more): payloads, records, sync tokens, and their bytes (release them with `done`)."""
+        more), as one batch; release its bytes with `done` once it is committed."""
         with self.cond:
             if not self.items:
                 self.cond.wait(wait)
             if self.items and len(self.items) < GROUP_MAX:
                 self.cond.wait(GROUP_WAIT_S)
-            raws: list[RawPayload] = []
-            records: list[Record] = []
-            syncs: list[int] = []
+            batch = _Batch()
             while self.items:
-                more, recs, sync = self.items.popleft()
-                raws += more
-                records += recs
+                raws, records, sync, through = self.items.popleft()
+                batch.raws += raws
+                batch.records += records
                 if sync is not None:
-                    syncs.append(sync)
-            return raws, records, syncs, _budget(raws, self.limit)
+                    batch.syncs.append(sync)
+                batch.through = max(batch.through, through)
+            batch.size = _budget(batch.raws, self.limit)
+            return batch
 
     def done(self, size: int) -> None:
         with self.cond:
@@ -205,6 +252,7 @@ def _budget(raws: list[RawPayload], limit: int) -> int:
 @dataclass
 class WorkerCounts:
     copies_received: int = 0  # chunks and whole payloads from the channel
+    copies_archived: int = 0  # of those, the first n are archived (told to the parent: ARCHIVED)
     bytes_received: int = 0
     connections: int = 0
     dropped_copies: int = 0  # framed and redacted, but not archived (the disk failed until the worker stopped)
@@ -232,6 +280,9 @@ class Worker:
         self._syncs_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._unsent = bytearray()
+        self._queued_through = 0  # copies whose payloads are queued for the archiver
+        self._acknowledging = True  # tell the parent what is archived (until something had to be dropped)
+        self._busy_at = -1.0  # when the reader last found more waiting than one read takes
         self._failing_since: float | None = None
         self._threads: list[threading.Thread] = []
         self._locks = contextlib.ExitStack()  # the writer locks of adopted stores
@@ -324,14 +375,15 @@ class Worker:
         with self.queue.cond:
             self.queue.cond.notify_all()
         for thread in self._threads:
-            thread.join(ARCHIVE_STOP_GRACE_S + DECODE_STOP_GRACE_S + 5)
+            thread.join(ARCHIVE_STOP_GRACE_S + self.settings.stop_decode_s + 5)
         for forwarder in self.forwarders:
             forwarder.stop_soon()
         if self.mqtt is not None:
             self.mqtt.publisher.stop()
+        outputs_deadline = time.monotonic() + OUTPUTS_STOP_S  # they were all told above: they stop together
         for forwarder in self.forwarders:
-            forwarder.stop()
-        if self.mqtt is not None and not self.mqtt.stop():
+            forwarder.stop(max(0.0, outputs_deadline - time.monotonic()))
+        if self.mqtt is not None and not self.mqtt.stop(max(0.0, outputs_deadline - time.monotonic())):
             log.warning("ingest worker: the MQTT publisher did not stop in time")
         self._write_status(running=False)
         self._locks.close()
@@ -346,8 +398,10 @@ class Worker:
             if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
                 log.warning("ingest worker: told to stop; leaving the channel with %d bytes unread", reader.pending)
                 return
+            if select.select([self.sock], [], [], 0)[0]:  # more was waiting: the decoder gives way (raw first)
+                self._busy_at = time.monotonic()
             try:
-                data = self.sock.recv(1 << 20)
+                data = self.sock.recv(RECV_SIZE)
             except TimeoutError:
                 continue
             except OSError as exc:
@@ -358,6 +412,8 @@ class Worker:
                 return
             for kind, body in reader.feed(data):
                 self._handle(kind, body)
+            if self.counts.copies_received > self._queued_through:  # copies still being framed count too
+                self._queue([])
 
     def _handle(self, kind: Kind, body: bytes) -> None:
         if kind is Kind.CHUNK:
@@ -388,7 +444,7 @@ class Worker:
             pass
         elif kind is Kind.SYNC:
             token, _ = wire.conn_of(body)
-            self.queue.put([], sync=token)
+            self.queue.put([], sync=token, through=self._queued_through)
         else:
             log.warning("ingest worker: unexpected %s message ignored", kind.name)
 
@@ -397,9 +453,13 @@ class Worker:
         return self.ingest.redact(raw)
 
     def _queue(self, raws: list[RawPayload], records: Sequence[Record] = ()) -> None:
-        dropped = self.queue.put(raws, records, give_up=self._past_stop_deadline)
+        """Queue for the archiver what the copies received so far gave."""
+        through = self.counts.copies_received
+        dropped = self.queue.put(raws, records, through=through, give_up=self._past_stop_deadline)
+        self._queued_through = through
         if dropped:
             self.counts.dropped_copies += dropped
+            self._acknowledging = False  # the parent counts every copy after the last acknowledged one as lost
             log.error("ingest: stopping with the archive behind: %d payloads dropped", dropped)
 
     def _past_stop_deadline(self) -> bool:
@@ -412,34 +472,39 @@ class Worker:
 
     def _archiver(self) -> None:
         assert self.ingest is not None
-        held: tuple[list[RawPayload], list[Record], list[int], int] | None = None
+        held: _Batch | None = None
         delay = 0.1
         while True:
             if held is None:
                 if self.stopping.is_set() and not len(self.queue):
                     return
                 held = self.queue.take(0.5)
-            raws, records, syncs, size = held
-            if raws or records:
+            batch = held
+            if batch.raws or batch.records:
                 try:
-                    self.ingest.archive(raws, records)
+                    self.ingest.archive(batch.raws, batch.records)
                 except sqlite3.Error as exc:
-                    self._archive_failed(exc, len(raws))
+                    self._archive_failed(exc, len(batch.raws))
                     if self.stopping.is_set() and self._past_grace():
-                        self.counts.dropped_copies += len(raws)
-                        log.error("ingest: stopping with %d payloads that could not be archived (%s)", len(raws), exc)
-                        self.queue.done(size)
+                        self.counts.dropped_copies += len(batch.raws)
+                        self._acknowledging = False
+                        log.error("ingest: stopping with %d payloads that could not be archived (%s)",
+                                  len(batch.raws), exc)
+                        self.queue.done(batch.size)
                         return
                     time.sleep(delay)
                     delay = min(RETRY_MAX_S, delay * 2)
                     continue
                 self._archive_works()
                 delay = 0.1
-            self.queue.done(size)
+            self.queue.done(batch.size)
             held = None
-            cursor_target = self.ingest.store.newest_raw_id() if syncs else 0
+            if self._acknowledging and batch.through > self.counts.copies_archived:
+                self.counts.copies_archived = batch.through
+                self._send(wire.archived(batch.through))
+            cursor_target = self.ingest.store.newest_raw_id() if batch.syncs else 0
             with self._syncs_lock:
-                self._syncs += [(token, cursor_target) for token in syncs]
+                self._syncs += [(token, cursor_target) for token in batch.syncs]
             self._archived.set()
 
     def _past_grace(self) -> bool:
@@ -475,13 +540,15 @@ class Worker:
         stop_at: float | None = None
         delay = 0.1
         while True:
-            if self.stopping.is_set():
-                stop_at = stop_at or time.monotonic() + DECODE_STOP_GRACE_S
+            if self.stopping.is_set():  # decode for stop_decode_s more at most: the rest waits in the archive
+                stop_at = stop_at or time.monotonic() + self.settings.stop_decode_s
                 archiver_done = not self._threads[0].is_alive()  # started first
-                if archiver_done and (time.monotonic() > stop_at or not self._any_backlog(engines)):
+                if time.monotonic() >= stop_at or (archiver_done and not self._any_backlog(engines)):
                     return
+            busy = time.monotonic() - self._busy_at < BUSY_S
             try:
-                decoded = sum(engine.decode_pending() for engine in engines)
+                decoded = sum(engine.decode_pending(*((BUSY_DECODE, BUSY_DECODE_S) if busy else ()))
+                              for engine in engines)
             except sqlite3.Error as exc:
                 log.error("ingest: cannot store decoded records (%s); retrying in %.1f s", exc, delay)
                 time.sleep(delay)
@@ -489,7 +556,9 @@ class Worker:
                 continue
             delay = 0.1
             self._answer_syncs()
-            if not decoded:
+            if busy:
+                time.sleep(BUSY_PAUSE_S)
+            elif not decoded:
                 self._archived.wait(0.2)
                 self._archived.clear()
 
@@ -532,7 +601,7 @@ class Worker:
             backlog = -1
         out: dict[str, Any] = {
             "pid": os.getpid(), "store": self.settings.store, "copies_received": c.copies_received,
-            "bytes_received": c.bytes_received, "connections": c.connections,
+            "bytes_received": c.bytes_received, "copies_archived": c.copies_archived, "connections": c.connections,
             "connections_open": len(self.connections), "frames": self.connections.frames,
             "tap_errors": self.connections.tap_errors, "raw_archived": i.stored_raw, "archive_errors": c.archive_errors,
             "archive_failing": self._failing_since is not None, "dropped_copies": c.dropped_copies,
@@ -585,12 +654,17 @@ class Worker:
 def forwarder_state(forwarders: list[SupervisedForwarder]) -> dict[str, Any]:
     """The worst forwarder's state, for the snapshot and the status row."""
     if not forwarders:
-        return {"forwarder": "off", "forwarder_error": None, "forwarder_backlog": 0, "forwarder_restarts": 0}
+        return {"forwarder": "off", "forwarder_error": None, "forwarder_backlog": 0, "forwarder_restarts": 0,
+                "forwarder_delivered": 0, "forwarder_failures": 0}
     states = [f.state() for f in forwarders]
     worst = max(states, key=lambda s: forwarders[0].SEVERITY.index(s.state))
+    running = [f.forwarder for f in forwarders if f.forwarder is not None]
     return {"forwarder": worst.state, "forwarder_error": worst.error,
             "forwarder_backlog": sum(s.backlog for s in states),
-            "forwarder_restarts": sum(f.restarts for f in forwarders)}
+            "forwarder_restarts": sum(f.restarts for f in forwarders),
+            # since the current forwarder threads started (for /metrics)
+            "forwarder_delivered": sum(f.delivered for f in running),
+            "forwarder_failures": sum(f.failed_attempts for f in running)}
 
 
 def mqtt_state(publisher: PublisherThread | None) -> dict[str, Any]:
@@ -599,7 +673,8 @@ def mqtt_state(publisher: PublisherThread | None) -> dict[str, Any]:
     if publisher is None:
         return {"mqtt": "off"}
     snap = publisher.snapshot()
-    return {"mqtt": snap.state if publisher.running else "dead", "mqtt_published": snap.published,
+    return {"mqtt": snap.state if publisher.running else "dead", "mqtt_broker": snap.broker,
+            "mqtt_published": snap.published,
             "mqtt_backlog": snap.backlog, "mqtt_devices": snap.devices, "mqtt_error": snap.last_error,
             "mqtt_refused": snap.refused}
 

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Every relay and mitmdump the tests start serves its health endpoints on a free port of its own,
+# never on the fixed defaults: several test runs share this machine, and a user's pvtap may run here.
+# And they store no pvtap_stats records, which tests counting a store's records would find; the
+# tests of those records ask for them.
+HEALTH_ENV = {"PVTAP_HEALTH_RELAY_LISTEN": "127.0.0.1:0", "PVTAP_HEALTH_ENPHASE_LISTEN": "127.0.0.1:0",
+              "PVTAP_HEALTH_STATS_EVERY_S": "0"}
+for _key, _value in HEALTH_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -104,6 +104,10 @@ class RecordingServer:
         self.cafile, keyfile = write_pair(tmp_path, f"server-{cert_name}", cert, key)
         self.answer = answer or Answer()
         self.received: list[Received] = []
+        #: requests after this many wait for `release` before they are answered (None: none waits)
+        self.hold_after: int | None = None
+        self.release = threading.Event()
+        self.arrived = threading.Condition()  # notified with each request received
         self._names: dict[int, str | None] = {}
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.cafile, keyfile)
@@ -115,8 +119,12 @@ class RecordingServer:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                server.received.append(Received(self.requestline, list(self.headers.items()), body,
-                                                server._names.get(id(self.connection))))
+                with server.arrived:
+                    server.received.append(Received(self.requestline, list(self.headers.items()), body,
+                                                    server._names.get(id(self.connection))))
+                    server.arrived.notify_all()
+                if server.hold_after is not None and len(server.received) > server.hold_after:
+                    server.release.wait(30)
                 self.send_response(server.answer.status)
                 for name, value in server.answer.headers:
                     self.send_header(name, value)
@@ -148,7 +156,13 @@ class RecordingServer:
         self._thread.start()
         return self
 
+    def wait_for(self, count: int, timeout: float = 30.0) -> None:
+        """Until `count` requests have arrived."""
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.received) >= count, timeout), self.received
+
     def __exit__(self, *exc: object) -> None:
+        self.release.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()

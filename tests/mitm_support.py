@@ -45,17 +45,18 @@ class Cloud(Protocol):
 class Mitmdump:
     """One mitmdump process; `port` is where it listens, `output()` what it printed so far."""
 
-    def __init__(self, workdir: Path, argv: list[str]) -> None:
+    def __init__(self, workdir: Path, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.argv = argv
+        self.env = dict(env or {})  # PVTAP_* settings for the addon, on top of this process's environment
         self.log_path = self.workdir / f"mitmdump-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
     @classmethod
     def reverse(cls, workdir: Path, cloud: Cloud, *, data_dir: Path | None, local_mode: bool = False,
-                extra: Sequence[str] = ()) -> Mitmdump:
+                extra: Sequence[str] = (), env: dict[str, str] | None = None) -> Mitmdump:
         """mitmdump in reverse mode in front of `cloud`, with the Enphase addon storing in
         `data_dir` (None: without the addon, for the bench's baseline)."""
         confdir = Path(workdir) / "mitmproxy-conf"
@@ -66,7 +67,7 @@ class Mitmdump:
             argv += ["-s", str(ADDON), "--set", f"enphase_data_dir={data_dir}"]
         if local_mode:
             argv += ["--set", "enphase_local_mode=true", "--set", "connection_strategy=lazy"]
-        return cls(workdir, [*argv, *extra])
+        return cls(workdir, [*argv, *extra], env)
 
     @property
     def confdir(self) -> Path:
@@ -80,6 +81,7 @@ class Mitmdump:
     def start(self) -> Mitmdump:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("PVTAP_CONFIG", None)
+        env.update(self.env)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, cwd=self.workdir)

@@ -228,6 +228,60 @@ def test_devices_json(capsys, device_stores):
     ]
 
 
+def test_export_names_what_exists_when_a_filter_names_nothing(stores):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PVTAP_")}
+
+    def export(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pvtap", "--data-dir", str(stores), "export", *args],
+                              capture_output=True, text=True, env=env, check=False)
+
+    done = export("--measurement", "enphase_readings")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == ("pvtap export: no record of measurement 'enphase_readings'; measurements in the stores: "
+                           "alpha_rt, enphase_event, enphase_reading\n")
+    done = export("--device", "SIM-ENVOY-2", "--vendor", "foxess", "--format", "csv")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == ("pvtap export: no record of device 'SIM-ENVOY-2'; devices in the stores: SIM-ALPHA-1, "
+                           "SIM-ENVOY-1; no record of vendor 'foxess'; vendors in the stores: alphaess, enphase\n")
+
+
+def test_tail_filters_by_device_and_vendor(capsys, stores):
+    assert pvtap(capsys, stores, "tail", "--device", "SIM-ENVOY-1", "-n", "2") == (0, f"{TAIL[3]}\n{TAIL[4]}\n", "")
+    assert pvtap(capsys, stores, "tail", "--vendor", "alphaess") == (0, f"{TAIL[2]}\n", "")
+    assert pvtap(capsys, stores, "tail", "--vendor", "fox") == (
+        2, "", "pvtap tail: no record of vendor 'fox'; vendors in the stores: alphaess, enphase\n")
+
+
+FOX_CONNECTION = "c-0000f0c5"
+
+
+@pytest.fixture
+def fox_store(data_dir: Path) -> Path:
+    """A FoxESS H1 connection: its version frame comes before the frame that names its serial."""
+    def origin(device: str) -> Origin:
+        return Origin("foxess", device, FOX_CONNECTION, "up")
+
+    with LocalStore.for_process(data_dir, "relay") as s:
+        early = s.add_raw(RawPayload(origin(""), "frame", b"0x01", T0))
+        s.append([Record("foxess_product_info", T0, {}, {"model": "H1-3.7-E"}, origin(""))], raw_id=early)
+        named = s.add_raw(RawPayload(origin("H1SIM"), "frame", b"0x06", T0 + timedelta(seconds=1)))
+        s.append([Record("foxess_module_info", T0 + timedelta(seconds=1), {"serial": "H1SIM"},
+                         {"protocol_version": "H10600"}, origin("H1SIM"))], raw_id=named)
+        s.add_raw(RawPayload(Origin("foxess", "", "udp-3334", "up"), "datagram", b"hb", T0 + timedelta(seconds=2)))
+    return data_dir
+
+
+def test_devices_lists_a_device_once_with_what_its_connection_sent_before_naming_it(capsys, fox_store):
+    _, out, _ = pvtap(capsys, fox_store, "devices", "--json")
+    assert [(d["vendor"], d["serial"], d["records"], d["raw_payloads"]) for d in json.loads(out)] == [
+        ("foxess", "", 0, 1),  # a broadcast: no connection names a device
+        ("foxess", "H1SIM", 2, 2)]
+    code, out, _ = pvtap(capsys, fox_store, "export", "--device", "H1SIM", "--format", "json")
+    assert code == 0
+    assert [json.loads(line)["measurement"] for line in out.splitlines()] == ["foxess_product_info",
+                                                                              "foxess_module_info"]
+
+
 def test_devices_with_empty_stores(capsys, data_dir):
     LocalStore.for_process(data_dir, "enphase").close()
     assert pvtap(capsys, data_dir, "devices") == (0, f"no devices seen yet in {data_dir}\n", "")
@@ -289,7 +343,12 @@ def test_export_json_keeps_types(capsys, stores):
     (["--measurement", "enphase_reading"], [1, 3]),
     (["--measurement", "alpha_rt", "--measurement", "enphase_event"], [2, 4]),
     (["--measurement", "enphase_reading", "--since", "2024-06-01T12:00:00.000001Z"], [3]),
-    (["--measurement", "nonesuch"], []),
+    (["--vendor", "alphaess"], [2]),
+    (["--vendor", "alphaess", "--vendor", "enphase"], [1, 2, 3, 4]),
+    (["--device", "SIM-ENVOY-1"], [1, 3, 4]),
+    (["--device", "SIM-ENVOY-1", "--measurement", "enphase_event"], [4]),
+    (["--device", "SIM-ALPHA-1", "--vendor", "enphase"], []),  # both exist, no record is both
+    (["--measurement", "alpha_rt", "--until", "2024-06-01T12:00:30Z"], []),  # exists, not in that time
 ])
 def test_export_filters(capsys, stores, args, expected):
     code, out, err = pvtap(capsys, stores, "export", *args)

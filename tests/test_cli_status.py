@@ -39,3 +39,13 @@ def test_a_stopped_worker_with_a_backlog_says_when_it_is_decoded(data_dir, capsy
     assert "  ingest worker  stopped " in out
     assert "  decode backlog 1 payloads (decoded when pvtap runs again)" in out
     assert "  dropped copies 0\n" in out and "forwarder      " not in out
+
+
+def test_connections_and_decode_errors_from_the_status_row(data_dir, capsys):
+    with LocalStore.for_process(data_dir, "relay") as store:
+        store.write_status(IngestStatus(running=True, pid=7, dropped_copies=0, decode_backlog=0,
+                                        counts={"connections": 12, "connections_open": 2, "decode_errors": 3}))
+    assert main(["--data-dir", str(data_dir), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "  connections    12 relayed, 2 open\n" in out
+    assert "  decode errors  3 (their payloads are kept: pvtap replay decodes them again)\n" in out

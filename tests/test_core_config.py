@@ -125,6 +125,8 @@ def test_empty_list_from_environment_fails_its_check():
     ("[enphase]\nhosts = 'a.example'", "enphase.hosts", "expected a list", "write enphase.hosts = [ ... ]"),
     ("[enphase]\nhosts = ['a.example', 7]", "enphase.hosts[1]", "expected a string", None),
     ("privacy = 3", "privacy", "expected a table", "write [privacy]"),
+    ("[ingest]\nstop_decode_s = 11", "ingest.stop_decode_s", "must be between 0 and 10", None),
+    ("[ingest]\nstop_decode_s = -1", "ingest.stop_decode_s", "must be between 0 and 10", None),
 ])
 def test_file_errors(tmp_path, text, key, problem, fix):
     path = write(tmp_path, text + "\n")

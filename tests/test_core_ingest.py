@@ -182,6 +182,24 @@ async def test_through_the_channel_payloads_are_archived_and_decoded(store, code
             stats["decode_errors"], stats["decode_backlog"]) == (51, 0, 51, 50, 1, 0)
 
 
+async def test_records_made_by_the_forwarding_side_are_stored_as_they_are(store, codec):
+    """An alert: the relay makes the record (it has no store), its worker stores it, exactly."""
+    tags = {"alert": "upstream_pin_mismatch", "listener": "0.0.0.0:14431", "protocol": "foxess"}
+    sent = [Record("pvtap_alert", T0, tags, {"active": True, "message": "cloud gets NO data \u2013 re-pin",
+                                             "connections": 3, "share": 0.5}, Origin(protocol="foxess")),
+            Record("pvtap_alert", T0.replace(minute=10), tags, {"active": False, "message": "over"},
+                   Origin(protocol="foxess"))]
+    channel = Channel.thread(settings(store), codecs=lambda _p: codec).start(wait_ready=30)
+    try:
+        for record in sent:
+            channel.record(record)
+        await channel.idle()
+    finally:
+        assert channel.close(10)
+    assert [s.record for s in store.records()] == sent
+    assert store.count_raw() == 0
+
+
 def test_a_stuck_worker_costs_dropped_counted_copies_and_never_blocks(store, codec):
     entered, release = threading.Event(), threading.Event()
 

@@ -151,7 +151,7 @@ def test_a_data_dir_that_cannot_be_a_directory_is_rejected(tap, tmp_path: Path) 
     a_file.write_text("x")
     with pytest.raises(exceptions.OptionsError) as info:
         tctx.configure(addon, enphase_data_dir=str(a_file / "data"))
-    assert f"enphase_data_dir = {str(a_file / 'data')!r}: {a_file} is not a directory. Fix:" in str(info.value)
+    assert f"enphase_data_dir = {str(a_file / 'data')!r}: {a_file} is a file, not a directory. Fix:" in str(info.value)
 
 
 @pytest.mark.parametrize("toml, words", [

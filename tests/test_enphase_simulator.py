@@ -3,10 +3,15 @@ real TLS to a real local server with the Envoy's exact headers."""
 
 from __future__ import annotations
 
+import os
 import select
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
+import time
 import urllib.parse
 import zlib
 from collections import Counter
@@ -264,6 +269,63 @@ def test_cli_reports_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert code == 1 and out.count("FAILED") == 2
     assert out.splitlines()[-1] == "2 reports posted, 0 answered 2xx, 2 failed or refused; 0 events acknowledged"
+
+
+class SimulatorProcess:
+    """`pvtap simulate enphase ARGS` as a user runs it, its output read as it comes."""
+
+    def __init__(self, server: RecordingServer, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PVTAP_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pvtap", "simulate", "enphase", "--url", f"https://{REPORT_HOST}",
+             "--connect", f"127.0.0.1:{server.port}", "--micros", "2", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**env, "PYTHONUNBUFFERED": "1"})
+        self.lines: list[str] = []
+
+    def expect(self, text: str) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if text in line:
+                return
+        raise AssertionError(f"no line with {text!r} in {self.lines}")
+
+    def interrupt(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        out, _ = self.proc.communicate(timeout=30)
+        self.lines += out.splitlines()
+        return self.proc.returncode
+
+
+def test_cli_never_posts_a_report_before_its_time(tmp_path: Path) -> None:
+    start = int(time.time()) // PERIOD * PERIOD - 2 * PERIOD
+    with RecordingServer(tmp_path) as server:
+        sim = SimulatorProcess(server, "--reports", "0", "--every", "0.01", "--start", str(start))
+        sim.expect("caught up with the clock: the next report is due at ")
+        arrived = time.time()  # every report that was posted had arrived by now
+        assert sim.interrupt() == 0
+    assert 1 <= len(server.received) <= 2  # the last period ends after now, or within the report delay
+    for received in server.received:
+        (envoy,) = [r for r in decode_raw(redact_raw(request_raw(received.body), Privacy()))
+                    if r.measurement == "enphase_envoy"]
+        assert envoy.time.timestamp() <= arrived
+        assert all(r.time.timestamp() <= arrived for r in decode_raw(redact_raw(request_raw(received.body),
+                                                                                 Privacy())))
+    assert sim.lines[-2:] == ["interrupted",
+                              f"{len(server.received)} report{'s' if len(server.received) > 1 else ''} posted, "
+                              f"{len(server.received)} answered 2xx, 0 failed or refused; 0 events acknowledged"]
+
+
+def test_cli_does_not_count_the_report_cut_by_ctrl_c_as_failed(tmp_path: Path) -> None:
+    with RecordingServer(tmp_path) as server:
+        server.hold_after = 2  # the third report waits for an answer
+        sim = SimulatorProcess(server, "--reports", "5", "--every", "0.01", "--start", "2024-06-21T10:00Z")
+        server.wait_for(3)
+        status = sim.interrupt()
+    assert status == 0
+    assert [line.split(";")[0] for line in sim.lines[1:3]] == ["report 1/5: 200 OK", "report 2/5: 200 OK"]
+    assert sim.lines[-2:] == ["interrupted; the report being posted is not counted",
+                              "2 reports posted, 2 answered 2xx, 0 failed or refused; 0 events acknowledged"]
 
 
 def test_cli_help_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:

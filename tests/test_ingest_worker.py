@@ -20,6 +20,7 @@ from pvtap.ingest_channel import Channel, IngestStartError
 from pvtap.ingest_worker import WorkerSettings
 from pvtap.privacy import Privacy
 from pvtap.records import Origin, RawPayload
+from pvtap.simulate.enphase import Simulator, encode_body
 from pvtap.store.local import LocalStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -106,6 +107,7 @@ async def test_a_worker_that_dies_is_restarted_and_the_gap_is_counted(tmp_path):
     finally:
         channel.close(10)
     assert stats["worker_restarts"] == 1 and stats["worker_exits"] == 1
+    assert stats["copies_lost"] == 0  # the killed worker had archived everything it got (idle() above)
     with LocalStore(tmp_path / "relay.sqlite", readonly=True) as store:
         kept = [s.raw.payload for s in store.raw_payloads()]
     assert kept[:10] == [f"n={n}".encode() for n in range(10)]
@@ -125,3 +127,28 @@ def test_a_second_writer_of_a_store_is_refused_naming_the_fix(tmp_path):
         assert "give each relay or mitmproxy its own data_dir" in str(error.value)
     finally:
         first.close(10)
+
+
+def test_copies_a_worker_killed_at_the_stop_had_not_archived_are_counted_as_lost(tmp_path):
+    """The parent knows what it sent and what the worker said it archived (ARCHIVED after each
+    group commit): a worker killed after its grace leaves exactly the difference unarchived, and
+    the count reaches the log, the channel's stats and the store's status row."""
+    store = tmp_path / "enphase.sqlite"
+    simulator = Simulator(micros=3, start=1699956000, seed=5)
+    body = encode_body(simulator.next_report(intervals=1500).xml)  # slow to redact: the worker falls behind
+    meta = {"method": "POST", "host": "reports.enphaseenergy.com", "path": "/emu_reports/performance_report",
+            "query": "", "content_type": "application/x-deflate"}
+    channel = Channel.process(WorkerSettings.of(store, Privacy(), InfluxConfig(), 64 << 20)).start(wait_ready=30)
+    for n in range(200):
+        raw = RawPayload(Origin("enphase", "", f"flow-{n}", "up"), "performance_report", body, T0, meta)
+        assert channel.payload(raw)
+    assert not channel.close(timeout=2.0)  # the worker had 2 s for all of it: killed
+    stats = channel.stats()
+    assert stats["copies_sent"] + stats["copies_dropped"] == 200  # not taken in time: dropped
+    assert stats["copies_lost"] > 0
+    with LocalStore(store, readonly=True) as s:
+        archived = s.count_raw()
+        status = s.status()
+    assert 0 < archived == stats["copies_sent"] - stats["copies_lost"]
+    assert status is not None
+    assert status.counts["lost_at_stop"] == status.counts["parent_copies_lost"] == stats["copies_lost"]

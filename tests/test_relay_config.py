@@ -88,7 +88,7 @@ def test_fixed_and_auto_without_upstream_name_the_key_and_the_fix(tmp_path, poli
     ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\nconnect_timeout = 0', "connect_timeout",
      "greater than 0"),
     ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\ndecode_queue = -1', "decode_queue",
-     "greater than 0"),
+     "must be 0 or more (better: remove it)"),
     ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\nidle_timout = 5', "idle_timout",
      "did you mean relay.listeners[0].idle_timeout"),
     ('protocol = "alphaess"\nlisten = "0.0.0.0:1"\npolicy = "local"\nfirst_byte_timeout = 0', "first_byte_timeout",
@@ -230,14 +230,54 @@ def test_a_config_file_error_exits_2(tmp_path):
 
 
 def test_the_stop_graces_add_up():
-    """`pvtap run` kills a service only after the relay's own stop could have finished."""
+    """`pvtap run` kills a service only after the relay's own stop could have finished, whatever
+    ingest.stop_decode_s says (it is bounded for that)."""
     from proxy_tcp.connection import CLOSE_GRACE
     from proxy_tcp.listeners import STOP_GRACE
-    from proxy_tcp.service import RELAY_STOP_GRACE
+    from proxy_tcp.service import RELAY_STOP_GRACE, RELAY_STOP_GRACE_MAX, relay_stop_grace
     from pvtap.cli.run import STOP_TIMEOUT
-    from pvtap.ingest_worker import ARCHIVE_STOP_GRACE_S, DECODE_STOP_GRACE_S, WORKER_STOP_GRACE_S
-    from pvtap.store.forwarder import STOP_TIMEOUT_S
+    from pvtap.config import MAX_STOP_DECODE_S, Config, IngestConfig
+    from pvtap.ingest_worker import ARCHIVE_STOP_GRACE_S, OUTPUTS_STOP_S, WORKER_STOP_GRACE_S, worker_stop_grace
+    from pvtap.mqtt.thread import STOP_TIMEOUT_S as MQTT_STOP_S
+    from pvtap.store.forwarder import STOP_TIMEOUT_S as FORWARDER_STOP_S
 
     assert CLOSE_GRACE < STOP_GRACE
-    assert WORKER_STOP_GRACE_S > ARCHIVE_STOP_GRACE_S + DECODE_STOP_GRACE_S + STOP_TIMEOUT_S
-    assert RELAY_STOP_GRACE == STOP_GRACE + WORKER_STOP_GRACE_S < STOP_TIMEOUT
+    assert max(FORWARDER_STOP_S, MQTT_STOP_S) <= OUTPUTS_STOP_S  # they stop together
+    assert worker_stop_grace(0.0) > ARCHIVE_STOP_GRACE_S + OUTPUTS_STOP_S
+    assert worker_stop_grace(3.0) == worker_stop_grace(0.0) + 3.0
+    assert RELAY_STOP_GRACE == STOP_GRACE + WORKER_STOP_GRACE_S == relay_stop_grace(Config()) == 21.0
+    slowest = Config(ingest=IngestConfig(stop_decode_s=MAX_STOP_DECODE_S))
+    assert relay_stop_grace(slowest) == RELAY_STOP_GRACE_MAX < STOP_TIMEOUT
+
+
+def test_an_obsolete_decode_queue_starts_with_a_warning_naming_its_replacement(tmp_path):
+    from tests.relay_support import RelayProcess
+
+    config = tmp_path / "pvtap.toml"
+    config.write_text('[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "127.0.0.1:0"\npolicy = "local"\n'
+                      'decode_queue = 256\n')
+    relay = RelayProcess(["--config", str(config)], tmp_path / "data").start()
+    assert relay.stop() == 0
+    assert ("relay.listeners[0].decode_queue = 256 is no longer used: the copies of every listener share "
+            "ingest.queue_mb (32 MiB) on their way to the ingest worker. Fix: remove relay.listeners[0].decode_queue"
+            " from the config") in relay.text
+
+
+def test_uvloop_with_a_tls_listener_is_refused_naming_the_fix(tmp_path):
+    error = error_of(tmp_path, """
+        [relay]
+        event_loop = "uvloop"
+        [[relay.listeners]]
+        protocol = "foxess"
+        listen = "0.0.0.0:14431"
+        policy = "local"
+        tls_cert = "certs/a.crt"
+        tls_key = "certs/a.key"
+    """)
+    assert error.key == "relay.event_loop" and "relay.listeners[0] terminates TLS" in error.problem
+    assert error.fix == 'set relay.event_loop = "asyncio", or use uvloop in a relay without TLS listeners'
+    # the default listeners include the M1's TLS one: refused when the relay starts
+    config = tmp_path / "uvloop.toml"
+    config.write_text('[relay]\nevent_loop = "uvloop"\n')
+    result = run_relay("--config", str(config), tmp_path=tmp_path)
+    assert result.returncode == 2 and "relay.event_loop = 'uvloop'" in result.stderr

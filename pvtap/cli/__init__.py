@@ -13,10 +13,10 @@ import logging
 import sys
 from pathlib import Path
 
-from pvtap.config import Config, ConfigError, load_config
+from pvtap.config import Config, ConfigError, env_warnings, load_config
 
 COMMANDS = ("run", "relay", "forward", "status", "deadletters", "tail", "devices", "export", "replay", "import_",
-            "simulate", "demo", "certs", "mqtt")
+            "simulate", "demo", "certs", "mqtt", "init", "health", "firewall", "web")
 
 DESCRIPTION = """\
 pvtap sits between your solar/battery devices and their vendor clouds, forwards every byte
@@ -45,6 +45,8 @@ def setup_logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for warning in env_warnings():
+        print(f"pvtap: {warning}", file=sys.stderr)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

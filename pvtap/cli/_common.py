@@ -8,18 +8,72 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypedDict
 
 from pvtap.records import FieldValue, now_utc
-from pvtap.store.local import SUFFIX, store_paths
+from pvtap.store.local import SUFFIX, LocalStore, store_paths
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
 TIME_HELP = ("ISO 8601 (2024-06-01, 2024-06-01T12:00:00Z, 2024-06-01T14:00+02:00; no offset means UTC) "
              "or an age such as 30m, 2h, 7d, 1w")
+
+
+def add_record_filters(parser: argparse.ArgumentParser) -> None:
+    """--measurement, --device and --vendor, each repeatable; `record_filters(args)` reads them."""
+    parser.add_argument("--measurement", action="append", default=[], metavar="NAME",
+                        help="only this measurement (repeat for several)")
+    parser.add_argument("--device", action="append", default=[], metavar="SERIAL",
+                        help="only records of this device, as `pvtap devices` names it (repeat for several)")
+    parser.add_argument("--vendor", action="append", default=[], metavar="NAME",
+                        help="only records of this vendor: alphaess, enphase, foxess (repeat for several)")
+
+
+class RecordFilters(TypedDict):
+    """Keyword arguments of LocalStore.records(), count_records() and keys()."""
+
+    measurements: list[str]
+    devices: list[str]
+    vendors: list[str]
+
+
+class TimedFilters(RecordFilters):
+    since_ns: int | None
+    until_ns: int | None
+
+
+def record_filters(args: argparse.Namespace) -> RecordFilters:
+    """The filters of add_record_filters."""
+    return {"measurements": args.measurement, "devices": args.device, "vendors": args.vendor}
+
+
+def unknown_names(stores: Iterable[LocalStore], filters: RecordFilters) -> str | None:
+    """When a filter names something no store holds: which, and what there is instead (a typo
+    must not look like "no data")."""
+    wanted = {key: values for key, values in (("measurements", filters["measurements"]),
+                                              ("devices", filters["devices"]), ("vendors", filters["vendors"]))
+              if values}
+    if not wanted:
+        return None
+    known: dict[str, set[str]] = {"measurements": set(), "devices": set(), "vendors": set()}
+    for store in stores:
+        known["measurements"].update(store.measurements())
+        for summary in store.devices():
+            known["vendors"].add(summary.protocol)
+            if summary.device:
+                known["devices"].add(summary.device)
+    problems = []
+    for key, values in wanted.items():
+        missing = [v for v in values if v not in known[key]]
+        if missing:
+            singular = key.removesuffix("s")
+            there = ", ".join(sorted(known[key])) or "none"
+            problems.append(f"no record of {singular} {', '.join(map(repr, missing))}; {key} in the stores: {there}")
+    return "; ".join(problems) or None
 
 
 class NoStores(Exception):

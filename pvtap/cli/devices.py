@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pvtap.cli._common import NoStores, ago, find_stores, iso_utc
 from pvtap.config import Config
+from pvtap.health import STATS_ORIGIN
 from pvtap.records import from_ns, now_utc, to_ns
 from pvtap.store.local import LocalStore
 
@@ -19,7 +20,10 @@ examples:
   pvtap devices --json | jq '.[] | select(.vendor == "enphase")'
 
 Last contact is when pvtap last received a payload from or for the device (proxy clock, UTC).
-A device not yet identified by a serial is listed under its connection's peer, or "(unknown)"."""
+What a connection sent before it named its device (an H1's version frame comes before its
+serial) counts for that device: one row per device. Payloads of connections that never named one
+(UDP broadcasts, say) are listed as "(unknown)". --device of `tail` and `export` takes the SERIAL
+shown here."""
 
 
 @dataclass
@@ -64,6 +68,8 @@ def collect(paths: list[Path]) -> list[Device]:
     for path in paths:
         with LocalStore(path, readonly=True) as store:
             for summary in store.devices():
+                if summary.protocol == STATS_ORIGIN:  # pvtap's own pvtap_stats records: not a device
+                    continue
                 key = (summary.protocol, summary.device)
                 device = merged.setdefault(key, Device(summary.protocol, summary.device, summary.last_contact_ns))
                 device.last_contact_ns = max(device.last_contact_ns, summary.last_contact_ns)

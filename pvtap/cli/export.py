@@ -12,12 +12,22 @@ import heapq
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from pvtap.cli._common import NoStores, Progress, find_stores, iso_utc, parse_when
+from pvtap.cli._common import (
+    NoStores,
+    Progress,
+    TimedFilters,
+    add_record_filters,
+    find_stores,
+    iso_utc,
+    parse_when,
+    record_filters,
+    unknown_names,
+)
 from pvtap.config import Config
 from pvtap.records import FieldValue, Record, to_ns
 from pvtap.store.lineprotocol import to_line
@@ -30,6 +40,7 @@ examples:
   pvtap export > all.lp                                  everything, InfluxDB line protocol
   pvtap export --since 7d --format csv -o week.csv       the last 7 days as CSV
   pvtap export --since 2024-06-01 --until 2024-07-01 --measurement enphase_interval --format json
+  pvtap export --device 60MSIMULATED001 --vendor foxess --format csv     one device (names as in `pvtap devices`)
   pvtap export --since 2h | curl --data-binary @- 'http://localhost:8086/write?db=pvtap&precision=ns'
 
 formats:
@@ -42,7 +53,9 @@ times (--since is inclusive, --until exclusive):
   ISO 8601    2024-06-01, 2024-06-01T12:00:00Z, 2024-06-01T14:00+02:00 (no offset: UTC)
   an age      30m, 2h, 7d, 1w (before now)
 
-The record count, and progress on a terminal, go to stderr."""
+A --measurement, --device or --vendor that no store holds is an error that lists the names there
+are (exit status 2), so a typo does not pass for "no data". The record count, and progress on a
+terminal, go to stderr."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,8 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", choices=FORMATS, default="lp", help="output format (default: lp)")
     parser.add_argument("--since", type=parse_when, metavar="TIME", help="only records at or after TIME")
     parser.add_argument("--until", type=parse_when, metavar="TIME", help="only records before TIME")
-    parser.add_argument("--measurement", action="append", default=[], metavar="NAME",
-                        help="only this measurement (repeat for several)")
+    add_record_filters(parser)
     parser.add_argument("-o", "--output", type=Path, metavar="FILE",
                         help="write to FILE (complete or not at all) instead of stdout")
     parser.add_argument("--progress", action="store_true",
@@ -73,22 +85,21 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"pvtap export: --since {iso_utc(args.since)} is not before --until {iso_utc(args.until)}",
               file=sys.stderr)
         return 2
-    filters = {"since_ns": to_ns(args.since) if args.since else None,
-               "until_ns": to_ns(args.until) if args.until else None,
-               "measurements": args.measurement}
+    filters: TimedFilters = {"since_ns": to_ns(args.since) if args.since else None,
+                             "until_ns": to_ns(args.until) if args.until else None, **record_filters(args)}
     with ExitStack() as stack:
         stores = [stack.enter_context(LocalStore(p, readonly=True)) for p in paths]
         total = sum(store.count_records(**filters) for store in stores)
+        if total == 0 and (unknown := unknown_names(stores, record_filters(args))):
+            print(f"pvtap export: {unknown}", file=sys.stderr)
+            return 2
         progress = Progress("exporting", total, enabled=Progress.wanted(args.progress))
-        records = heapq.merge(*(store.records(by_time=True, **filters) for store in stores),
-                              key=lambda stored: (stored.record.time_ns, stored.id))
-        write = _write_csv(stores, filters) if args.format == "csv" else _WRITERS[args.format]
         if args.output is None:
-            write(sys.stdout, (s.record for s in records), progress.advance)
+            write_export(stores, args.format, filters, sys.stdout, progress.advance)
             sys.stdout.flush()
         else:
             try:
-                _write_file(args.output, lambda out: write(out, (s.record for s in records), progress.advance))
+                _write_file(args.output, lambda out: write_export(stores, args.format, filters, out, progress.advance))
             except OSError as exc:
                 print(f"pvtap export: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
                 return 1
@@ -97,6 +108,17 @@ def run(args: argparse.Namespace, config: Config) -> int:
     print(f"exported {progress.done:,} records ({args.format}) to {where} in {progress.elapsed:.1f} s",
           file=sys.stderr)
     return 0
+
+
+def write_export(stores: list[LocalStore], fmt: str, filters: Mapping[str, Any], out: TextIO,
+                 advance: Callable[[], None] = lambda: None) -> None:
+    """Write the records of `stores` matching `filters` (keyword arguments of LocalStore.records:
+    since_ns, until_ns, measurements, devices, vendors; TimedFilters from the command line) to
+    `out` in time order, in `fmt` (one of FORMATS); `pvtap web`'s download link uses it too."""
+    records = heapq.merge(*(store.records(by_time=True, **filters) for store in stores),
+                          key=lambda stored: (stored.record.time_ns, stored.id))
+    write = _write_csv(stores, filters) if fmt == "csv" else _WRITERS[fmt]
+    write(out, (s.record for s in records), advance)
 
 
 Writer = Callable[[TextIO, Iterator[Record], Callable[[], None]], None]
@@ -119,7 +141,7 @@ def _write_json(out: TextIO, records: Iterator[Record], advance: Callable[[], No
 _WRITERS: dict[str, Writer] = {"lp": _write_lp, "json": _write_json}
 
 
-def _write_csv(stores: list[LocalStore], filters: dict) -> Writer:
+def _write_csv(stores: list[LocalStore], filters: Mapping[str, Any]) -> Writer:
     """A CSV writer whose columns are every tag and field key the export will contain."""
     tag_keys: set[str] = set()
     field_keys: set[str] = set()

@@ -23,10 +23,35 @@ Relay device connections to their vendor cloud byte for byte, and decode a copy 
                answer locally, and try the cloud again for the next connection
 The relay never connects back to itself: an upstream that resolves to this host is refused."""
 
+def describe_listener(listener: ListenerConfig) -> str:
+    """One listener in a line: `foxess  tcp 0.0.0.0:14431  tls, auto → tls 8.209.116.72:14431 (pinned)`."""
+    tls = "tls, " if listener.tls_cert else ""
+    if listener.transport == "udp":
+        where = "listen only"
+    elif listener.policy == "local":
+        where = f"{tls}local answers"
+    elif listener.policy == "transparent":
+        where = f"{tls}transparent → the original destination"
+    else:
+        pinned = " (pinned)" if listener.upstream_pin_sha256 else ""
+        where = f"{tls}{listener.policy} → {'tls ' if listener.upstream_tls else ''}{listener.upstream}{pinned}"
+    return f"{listener.protocol:<9} {listener.transport} {listener.listen:<14} {where}"
+
+
+def default_listener_lines() -> list[str]:
+    """The relay's listeners when none is configured, one line each (for --help)."""
+    from proxy_tcp.listeners import DEFAULT_LISTENERS
+
+    return [describe_listener(listener) for listener in DEFAULT_LISTENERS]
+
+
 EPILOG = """\
+without [[relay.listeners]] in the config and without --protocol, one listener per supported
+device on its usual port (auto: forward to the cloud, answer locally while it cannot be reached):
+  {defaults}
+
 examples:
-  pvtap relay                      the [[relay.listeners]] of the config, else the defaults:
-                                   alphaess on 0.0.0.0:7777, auto → www.alphaess.com:7777
+  pvtap relay                      the [[relay.listeners]] of the config, else the defaults above
   pvtap relay --protocol alphaess --listen 0.0.0.0:7777 --upstream www.alphaess.com:7777
   pvtap relay --protocol alphaess --listen 0.0.0.0:7777 --upstream www.alphaess.com:7777 \\
               --resolver 192.0.2.53            the local DNS overrides www.alphaess.com
@@ -37,6 +62,10 @@ examples:
 
 Each connection ends with one log line (device, upstream, policy, bytes, frames, outcome) and a
 pvtap_connection record. SIGINT/SIGTERM stop it cleanly. See docs/relay.md."""
+
+def epilog(prog: str = "pvtap relay") -> str:
+    return EPILOG.replace("pvtap relay", prog).format(defaults="\n  ".join(default_listener_lines()))
+
 
 #: the quick-start flags and the listener settings they set
 FLAGS = ("protocol", "listen", "policy", "upstream", "resolver", "connect_timeout", "idle_timeout",
@@ -69,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("relay", help="run the raw-TCP relay (AlphaESS, FoxESS)", description=DESCRIPTION,
-                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                            epilog=epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=run)
 

@@ -1,5 +1,5 @@
-"""`pvtap status`: per local store, how ingest (archive, decoding, dropped copies) and delivery to
-InfluxDB are going."""
+"""`pvtap status`: per local store, the alerts that need a person (proxy_tcp.alerts), and how ingest
+(archive, decoding, dropped copies) and delivery to InfluxDB and MQTT are going."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 
+from pvtap.cli._common import iso_utc
 from pvtap.config import Config
 from pvtap.mqtt.follow import MqttStatus
 from pvtap.mqtt.follow import read_status as read_mqtt
-from pvtap.records import from_ns
+from pvtap.records import Record, from_ns
 from pvtap.store.delivery import DeliveryStatus, read_status
 from pvtap.store.local import IngestStatus, LocalStore, store_paths
 
@@ -21,8 +23,9 @@ STALE_S = 30.0
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "status", help="decode backlog, dropped copies, delivery to InfluxDB and MQTT of each local store",
-        description="Show, per local store in the data directory, its ingest worker (running or not, payloads "
+        "status", help="alerts, decode backlog, dropped copies, delivery to InfluxDB and MQTT of each local store",
+        description="Show, per local store in the data directory, the alerts that need you (e.g. a cloud "
+                    "certificate that no longer matches its pin), its ingest worker (running or not, payloads "
                     "archived but not decoded yet, copies dropped because it was busy or down) and what InfluxDB "
                     "has not received yet (backlog and its oldest record), the last accepted write, the last "
                     "error, the delivery rate, the forwarder's state and the dead letters, and the MQTT "
@@ -32,6 +35,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+@dataclasses.dataclass(frozen=True)
+class Alert:
+    """A condition the relay reported as needing a person (proxy_tcp.alerts), still on at its last report."""
+
+    alert: str
+    listener: str
+    since: str  # when it started (UTC), as far as the store remembers
+    last: str  # when it was last reported
+    message: str
+
+
+def active_alerts(path: Path) -> list[Alert]:
+    """The alerts of one store whose latest record says they are still on."""
+    from proxy_tcp.alerts import MEASUREMENT
+
+    latest: dict[tuple[str, str], list[Record]] = {}  # newest first, while still active
+    done: set[tuple[str, str]] = set()
+    with LocalStore(path, readonly=True) as store:
+        for stored in store.records(measurements=[MEASUREMENT], newest_first=True, by_time=True):
+            record = stored.record
+            key = (record.tags.get("alert", ""), record.tags.get("listener", ""))
+            if key in done:
+                continue
+            if record.fields.get("active") is True:
+                latest.setdefault(key, []).append(record)
+            else:
+                done.add(key)
+
+    def second(record: Record) -> str:
+        return iso_utc(record.time.replace(microsecond=0))
+
+    return [Alert(key[0], key[1], second(records[-1]), second(records[0]),
+                  str(records[0].fields.get("message", ""))) for key, records in sorted(latest.items())]
+
+
 def run(args: argparse.Namespace, config: Config) -> int:
     paths = store_paths(config.data_dir)
     if not paths:
@@ -39,11 +77,13 @@ def run(args: argparse.Namespace, config: Config) -> int:
         return 0
     states = [read_status(p) for p in paths]
     ingests = [read_ingest(p) for p in paths]
+    alerts = [active_alerts(p) for p in paths]
     mqtts = [read_mqtt(p) for p in paths]
     if args.json:
-        for s, (backlog, row), mqtt in zip(states, ingests, mqtts):
+        for s, (backlog, row), active, mqtt in zip(states, ingests, alerts, mqtts):
             doc = dataclasses.asdict(s)
             doc["ingest"] = {"decode_backlog": backlog, **(dataclasses.asdict(row) if row else {})}
+            doc["alerts"] = [dataclasses.asdict(a) for a in active]
             doc["mqtt"] = dataclasses.asdict(mqtt) if mqtt else None
             print(json.dumps(doc, sort_keys=True))
         return 0
@@ -53,9 +93,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
     bound = f"{config.influx.max_store_mb} MiB each" if config.influx.max_store_mb else "none"
     print(f"data dir: {config.data_dir}  (store size bound: {bound})")
     print(f"MQTT: {config.mqtt.url or 'not configured (mqtt.url is empty)'}")
-    for s, (backlog, row), mqtt in zip(states, ingests, mqtts):
+    for s, (backlog, row), active, mqtt in zip(states, ingests, alerts, mqtts):
         print()
-        print("\n".join(describe(s, ingest=(backlog, row)) + describe_mqtt(mqtt)))
+        lines = describe(s, ingest=(backlog, row)) + describe_mqtt(mqtt)
+        lines[1:1] = [f"  ALERT          since {a.since}, last {a.last}: {a.message}" for a in active]
+        print("\n".join(lines))
     return 0
 
 
@@ -105,9 +147,22 @@ def describe_ingest(backlog: int, row: IngestStatus | None, now_ns: int) -> list
                                                           not (row.running and not stale) else ""),
              f"  dropped copies {row.dropped_copies}" + (" (ingest was busy or down; forwarding was not affected)"
                                                          if row.dropped_copies else "")]
+    lost, at_stop = int(row.counts.get("parent_copies_lost", 0)), int(row.counts.get("lost_at_stop", 0))
+    if lost:
+        lines.append(f"  LOST COPIES    {lost}" + (f", {at_stop} at the last stop" if at_stop else "")
+                     + " (the worker ended before archiving them: killed at a stop, or crashed)")
+    counts = row.counts
+    if counts.get("connections"):
+        lines.append(f"  connections    {counts['connections']} relayed, {counts.get('connections_open', 0)} open")
+    if "decode_errors" in counts:
+        errors = counts["decode_errors"]
+        lines.append(f"  decode errors  {errors}" + (" (their payloads are kept: pvtap replay decodes them again)"
+                                                     if errors else ""))
     if row.forwarder != "off":
         loud = row.forwarder.upper() if row.forwarder in ("stuck", "failing", "restarting") else row.forwarder
-        lines.append(f"  forwarder      {loud}" + (f": {row.forwarder_error}" if row.forwarder_error else ""))
+        restarts = int(row.counts.get("forwarder_restarts", 0))
+        lines.append(f"  forwarder      {loud}" + (f": {row.forwarder_error}" if row.forwarder_error else "")
+                     + (f" (restarted {restarts} time{'s' * (restarts != 1)})" if restarts else ""))
     return lines
 
 

@@ -13,7 +13,16 @@ import sys
 import time
 from pathlib import Path
 
-from pvtap.cli._common import NoStores, find_stores, iso_utc, show_value
+from pvtap.cli._common import (
+    NoStores,
+    RecordFilters,
+    add_record_filters,
+    find_stores,
+    iso_utc,
+    record_filters,
+    show_value,
+    unknown_names,
+)
 from pvtap.config import Config
 from pvtap.records import Record
 from pvtap.store.local import LocalStore, StoredRecord, store_paths
@@ -23,6 +32,7 @@ examples:
   pvtap tail                          the 20 latest records
   pvtap tail -n 100 --measurement enphase_interval
   pvtap tail --follow                 keep printing new records until Ctrl-C
+  pvtap tail --vendor foxess --device 60MSIMULATED001     one device (names as in `pvtap devices`)
 
 Each line is: time (UTC)  measurement  tag=value,...  field=value ...
 (string fields are quoted, so "12" is a string and 12 a number)."""
@@ -41,8 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="how many of the latest records to show first (default: 20)")
     parser.add_argument("-f", "--follow", action="store_true",
                         help="keep printing new records until interrupted (Ctrl-C)")
-    parser.add_argument("--measurement", action="append", default=[], metavar="NAME",
-                        help="only this measurement (repeat for several)")
+    add_record_filters(parser)
     parser.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS",
                         help="with --follow: seconds between polls (default: 1)")
     parser.set_defaults(func=run)
@@ -58,10 +67,16 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"pvtap tail: waiting for records in {config.data_dir} (Ctrl-C to stop)", file=sys.stderr)
         paths = []
     stores: dict[Path, LocalStore] = {p: store for p in paths if (store := _open_when_ready(p)) is not None}
+    filters = record_filters(args)
     try:
-        cursors, shown = _show_latest(stores, args.lines, args.measurement)
+        cursors, shown, printed = _show_latest(stores, args.lines, filters)
+        if not printed and (unknown := unknown_names(stores.values(), filters)):
+            if not args.follow:
+                print(f"pvtap tail: {unknown}", file=sys.stderr)
+                return 2
+            print(f"pvtap tail: {unknown} (yet); waiting", file=sys.stderr)
         if args.follow:
-            _follow(config.data_dir, stores, cursors, shown, args.measurement, args.interval)
+            _follow(config.data_dir, stores, cursors, shown, filters, args.interval)
     except KeyboardInterrupt:  # the way --follow ends
         pass
     finally:
@@ -71,26 +86,27 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 
 def _show_latest(stores: dict[Path, LocalStore], lines: int,
-                 measurements: list[str]) -> tuple[dict[Path, int], set[tuple[Path, int]]]:
+                 filters: RecordFilters) -> tuple[dict[Path, int], set[tuple[Path, int]], int]:
     """Print the `lines` latest records by record time over all stores. Returns each store's
-    cursor (its last record id before the query) and the records shown that lie beyond it,
-    which arrived while querying: --follow must not print those again."""
+    cursor (its last record id before the query), the records shown that lie beyond it,
+    which arrived while querying (--follow must not print those again), and how many it printed."""
     cursors: dict[Path, int] = {}
     latest: list[tuple[int, str, int, Path, StoredRecord]] = []
     for path, store in stores.items():
         newest = next(store.records(limit=1, newest_first=True), None)
         cursors[path] = newest.id if newest else 0
         if lines:
-            for stored in store.records(measurements=measurements, limit=lines, newest_first=True, by_time=True):
+            for stored in store.records(**filters, limit=lines, newest_first=True, by_time=True):
                 latest.append((stored.record.time_ns, path.name, stored.id, path, stored))
     shown = heapq.nlargest(lines, latest, key=lambda entry: entry[:3]) if lines else []
     for *_, stored in reversed(shown):
         print(format_record(stored.record), flush=True)
-    return cursors, {(path, stored.id) for *_, path, stored in shown if stored.id > cursors[path]}
+    beyond = {(path, stored.id) for *_, path, stored in shown if stored.id > cursors[path]}
+    return cursors, beyond, len(shown)
 
 
 def _follow(data_dir: Path, stores: dict[Path, LocalStore], cursors: dict[Path, int],
-            shown: set[tuple[Path, int]], measurements: list[str], interval: float) -> None:
+            shown: set[tuple[Path, int]], filters: RecordFilters, interval: float) -> None:
     while True:
         time.sleep(interval)
         for path in store_paths(data_dir):  # a producer started since: all its records are new
@@ -99,7 +115,7 @@ def _follow(data_dir: Path, stores: dict[Path, LocalStore], cursors: dict[Path, 
                 cursors[path] = 0
         for path, store in stores.items():
             while True:
-                batch = list(store.records(after_id=cursors[path], measurements=measurements, limit=_BATCH))
+                batch = list(store.records(after_id=cursors[path], **filters, limit=_BATCH))
                 for stored in batch:
                     if (path, stored.id) not in shown:
                         print(format_record(stored.record), flush=True)

@@ -164,6 +164,13 @@ class Simulator:
             events=events, devices=devices, xml=b"")
         return replace(report, xml=render(report))
 
+    def next_due(self, intervals: int | None = None) -> int:
+        """The report_timestamp of `next_report(intervals)`: a real Envoy cannot post a report
+        before then, so neither does `pvtap simulate enphase`."""
+        count = len(self.micros) if intervals is None else intervals
+        periods = max(0, -(-(count - len(self._backlog)) // len(self.micros)))
+        return self.clock + periods * PERIOD + REPORT_DELAY
+
     # -- one period ------------------------------------------------------------------------
 
     def _advance(self) -> None:
@@ -366,7 +373,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="pause between reports (default: 300 with --reports 0, else 0)")
     parser.add_argument("--start", type=_moment, metavar="TIME",
                         help="simulated time of the first period, ISO 8601 (2024-06-21T09:00Z) or Unix seconds "
-                             "(default: so that the last report ends now)")
+                             "(default: so that the last report ends now). Reports are never posted before their "
+                             "time: once simulated time reaches the clock, one follows every 5 minutes")
     parser.add_argument("--seed", type=int, default=1, help="random seed for the values (default 1)")
     parser.add_argument("--webcomm-version", default=WEBCOMM_VERSION,
                         help=f"webcomm_version in the query of a URL without a path (default {WEBCOMM_VERSION})")
@@ -388,42 +396,55 @@ def run(args: argparse.Namespace, config: object = None) -> int:
     per_report = args.intervals or args.micros
     periods = -(-per_report // args.micros)
     start = args.start
-    if start is None:  # finish at the current period; running forever starts now
+    if start is None:  # the last report ends now; running until interrupted starts with the current period
         now = int(time.time()) // PERIOD * PERIOD
         start = now - periods * PERIOD * max(args.reports, 1)
     every = args.every if args.every is not None else (PERIOD if args.reports == 0 else 0)
     simulator = Simulator(micros=args.micros, start=start, seed=args.seed)
     total = f"/{args.reports}" if args.reports else ""
-    sent = answered = acknowledged = 0
+    posted = answered = acknowledged = 0
+    in_flight = caught_up = False
     print(f"posting to {url}" + (f" via {args.connect[0]}:{args.connect[1]}" if args.connect else "")
           + (f" through proxy {args.proxy[0]}:{args.proxy[1]}" if args.proxy else "")
           + f": {args.micros} micros, {per_report} intervals per report", flush=True)
     try:
-        while args.reports == 0 or sent < args.reports:
-            if sent and every:
+        while args.reports == 0 or posted < args.reports:
+            if posted and every:
                 time.sleep(every)
+            ahead = simulator.next_due(args.intervals) - time.time()
+            if ahead > 0:  # simulated time never runs ahead of the wall clock (tail would hide newer records)
+                if not caught_up:
+                    due = datetime.fromtimestamp(simulator.next_due(args.intervals), UTC)
+                    print(f"caught up with the clock: the next report is due at {due:%H:%M:%S} UTC, then one every "
+                          f"{PERIOD // 60} minutes, as an Envoy posts them", flush=True)
+                    caught_up = True
+                time.sleep(ahead)
             report = simulator.next_report(args.intervals)
             body = encode_body(report.xml)
-            sent += 1
             what = (f"sent {len(body)} bytes ({len(report.intervals)} intervals, {len(report.readings)} readings, "
                     f"{len(report.events)} events)")
+            in_flight = True
             try:
                 response = post_report(url, body, connect=args.connect, proxy=args.proxy, cafile=args.cafile,
                                        timeout=args.timeout)
             except (OSError, http.client.HTTPException) as exc:
-                print(f"report {sent}{total}: FAILED: {what}; {type(exc).__name__}: {exc}", flush=True)
+                in_flight = False
+                posted += 1
+                print(f"report {posted}{total}: FAILED: {what}; {type(exc).__name__}: {exc}", flush=True)
                 continue
+            in_flight = False  # (a Ctrl-C during the post leaves it set: that report is not counted)
+            posted += 1
             acked = _acknowledged(response)
             if 200 <= response.status < 300:
                 answered += 1
             acknowledged += acked or 0
-            print(f"report {sent}{total}: {response.status} {response.reason}; {what}; received "
+            print(f"report {posted}{total}: {response.status} {response.reason}; {what}; received "
                   f"{len(response.body)} bytes, {'?' if acked is None else acked} events acknowledged", flush=True)
     except KeyboardInterrupt:
-        print("interrupted", flush=True)
-    print(f"{sent} report{'' if sent == 1 else 's'} posted, {answered} answered 2xx, "
-          f"{sent - answered} failed or refused; {acknowledged} events acknowledged", flush=True)
-    return 0 if sent == answered else 1
+        print(f"interrupted{'; the report being posted is not counted' if in_flight else ''}", flush=True)
+    print(f"{posted} report{'' if posted == 1 else 's'} posted, {answered} answered 2xx, "
+          f"{posted - answered} failed or refused; {acknowledged} events acknowledged", flush=True)
+    return 0 if posted == answered else 1
 
 
 def report_url(url: str, webcomm_version: str = WEBCOMM_VERSION) -> str:

@@ -266,7 +266,9 @@ class Forwarder:
         self._drain: tuple[float, int] | None = None  # (monotonic start, records delivered since)
         self._last_progress = 0.0
         self.delivered = 0  # records accepted by this instance
+        self.failed_attempts = 0  # failed write attempts by this instance (each is retried; for /metrics)
         self.dead_lettered = 0
+        self.died_of: str | None = None  # the error that ended the thread, if one did
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -320,7 +322,8 @@ class Forwarder:
                 if self._stop.wait(self.config.retry_max_s):
                     return
             self._loop()
-        except Exception:
+        except Exception as exc:
+            self.died_of = f"{type(exc).__name__}: {exc}"
             log.exception("%s: the forwarder stopped on an unexpected error; records stay in the store",
                           self.path.name)
         finally:
@@ -534,6 +537,7 @@ class Forwarder:
     def _failed(self, failure: Failure) -> float:
         """Note a failure, log it (not every time), and return the back-off before the next try."""
         self._failures += 1
+        self.failed_attempts += 1
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since = now

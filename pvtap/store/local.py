@@ -235,6 +235,18 @@ class LocalStore:
                 (time.time_ns(), int(status.running), status.pid, status.dropped_copies, status.decode_backlog,
                  status.forwarder, status.forwarder_error, json.dumps(status.counts, sort_keys=True)))
 
+    def note_lost(self, at_stop: int, total: int) -> None:
+        """The forwarding process, after its worker ended: `at_stop` copies the worker got were
+        not archived (it had to be killed), `total` with those lost before (crashes). Noted in
+        the worker's last status row, which now says it is not running (pvtap status)."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO ingest_status (id, updated_ns, running, counts) VALUES (1, ?, 0,"
+                " json_object('lost_at_stop', ?, 'parent_copies_lost', ?)) ON CONFLICT (id) DO UPDATE SET running=0,"
+                " updated_ns=excluded.updated_ns,"
+                " counts=json_set(counts, '$.lost_at_stop', ?, '$.parent_copies_lost', ?)",
+                (time.time_ns(), at_stop, total, at_stop, total))
+
     def status(self) -> IngestStatus | None:
         """The ingest worker's last status row; None if no worker has written one."""
         if not has_table(self._db, "ingest_status"):
@@ -255,12 +267,16 @@ class LocalStore:
         since_ns: int | None = None,
         until_ns: int | None = None,
         measurements: Sequence[str] = (),
+        devices: Sequence[str] = (),
+        vendors: Sequence[str] = (),
         limit: int | None = None,
         newest_first: bool = False,
         by_time: bool = False,
     ) -> Iterator[StoredRecord]:
-        """Stored records in id order (`by_time`: record-time order), streamed from the database."""
-        where, args = _filters(since_ns, until_ns, measurements)
+        """Stored records in id order (`by_time`: record-time order), streamed from the database;
+        `devices` as `devices()` names them (a record of a connection counts for the device the
+        connection revealed), `vendors` by protocol."""
+        where, args = _filters(since_ns, until_ns, measurements, devices, vendors)
         where.append("id > ?")
         args.append(after_id)
         order = "time_ns, id" if by_time else "id"
@@ -274,15 +290,17 @@ class LocalStore:
             yield StoredRecord(id=row[0], raw_id=row[1], record=record_from_row(row[2:]))
 
     def count_records(self, *, since_ns: int | None = None, until_ns: int | None = None,
-                      measurements: Sequence[str] = ()) -> int:
-        where, args = _filters(since_ns, until_ns, measurements)
+                      measurements: Sequence[str] = (), devices: Sequence[str] = (),
+                      vendors: Sequence[str] = ()) -> int:
+        where, args = _filters(since_ns, until_ns, measurements, devices, vendors)
         return self._db.execute(f"SELECT COUNT(*) FROM records WHERE {' AND '.join(where)}", args).fetchone()[0]
 
     def keys(self, *, since_ns: int | None = None, until_ns: int | None = None,
-             measurements: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+             measurements: Sequence[str] = (), devices: Sequence[str] = (),
+             vendors: Sequence[str] = ()) -> tuple[list[str], list[str]]:
         """(tag keys, field keys) used by the matching records, sorted: the columns of a CSV
         export, found by SQLite without loading the records."""
-        where, args = _filters(since_ns, until_ns, measurements)
+        where, args = _filters(since_ns, until_ns, measurements, devices, vendors)
         found = []
         for column in ("tags", "fields"):
             found.append([key for (key,) in self._db.execute(
@@ -306,18 +324,27 @@ class LocalStore:
         return self._db.execute("SELECT COUNT(*) FROM raw").fetchone()[0]
 
     def devices(self) -> list[DeviceSummary]:
-        counts = {(p, d): n for p, d, n in self._db.execute(
-            "SELECT protocol, device, COUNT(*) FROM records GROUP BY protocol, device")}
+        """One summary per device. Payloads and records of a connection sent before its device
+        was known (an H1's version frame precedes its serial) count for the device the
+        connection revealed; only those of connections that never revealed one stay under ''."""
+        def grouped(table: str, columns: str) -> str:
+            return (f"WITH revealed AS ({_REVEALED}) SELECT t.protocol, COALESCE(NULLIF(t.device, ''), rv.device, '')"
+                    f" AS dev, {columns} FROM {table} AS t LEFT JOIN revealed AS rv ON t.device = ''"
+                    " AND rv.protocol = t.protocol AND rv.connection = t.connection GROUP BY t.protocol, dev")
+
+        records = {(p, d): (n, last) for p, d, n, last in self._db.execute(
+            grouped("records", "COUNT(*), MAX(t.time_ns)"))}
         out = []
-        for protocol, device, last, n_raw in self._db.execute(
-            "SELECT protocol, device, MAX(received_ns), COUNT(*) FROM raw GROUP BY protocol, device"
-        ):
-            out.append(DeviceSummary(protocol, device, last, counts.pop((protocol, device), 0), n_raw))
-        for (protocol, device), n in counts.items():  # records stored without a raw payload
-            last = self._db.execute(
-                "SELECT MAX(time_ns) FROM records WHERE protocol=? AND device=?", (protocol, device)).fetchone()[0]
-            out.append(DeviceSummary(protocol, device, last, n, 0))
+        for protocol, name, last, n_raw in self._db.execute(grouped("raw", "MAX(t.received_ns), COUNT(*)")):
+            n, _ = records.pop((protocol, name), (0, None))
+            out.append(DeviceSummary(protocol, name, last, n, n_raw))
+        for (protocol, name), (n, last) in records.items():  # records stored without a raw payload
+            out.append(DeviceSummary(protocol, name, last, n, 0))
         return out
+
+    def measurements(self) -> list[str]:
+        """Every measurement that has records, sorted."""
+        return [name for (name,) in self._db.execute("SELECT DISTINCT measurement FROM records ORDER BY 1")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,8 +414,13 @@ def _stored_raw(row: Sequence) -> StoredRaw:
     return StoredRaw(id=row[0], raw=raw, decode_error=row[9])
 
 
-def _filters(since_ns: int | None, until_ns: int | None,
-             measurements: Sequence[str]) -> tuple[list[str], list[int | str]]:
+#: the device each connection revealed (for its rows stored before it did)
+_REVEALED = ("SELECT protocol, connection, MAX(device) AS device FROM raw WHERE device != '' AND connection != ''"
+             " GROUP BY protocol, connection")
+
+
+def _filters(since_ns: int | None, until_ns: int | None, measurements: Sequence[str],
+             devices: Sequence[str] = (), vendors: Sequence[str] = ()) -> tuple[list[str], list[int | str]]:
     where: list[str] = ["1"]
     args: list[int | str] = []
     if since_ns is not None:
@@ -400,4 +432,12 @@ def _filters(since_ns: int | None, until_ns: int | None,
     if measurements:
         where.append(f"measurement IN ({','.join('?' * len(measurements))})")
         args.extend(measurements)
+    if vendors:
+        where.append(f"protocol IN ({','.join('?' * len(vendors))})")
+        args.extend(vendors)
+    if devices:
+        marks = ",".join("?" * len(devices))
+        where.append(f"(device IN ({marks}) OR (device = '' AND connection != '' AND connection IN"
+                     f" (SELECT connection FROM raw WHERE device IN ({marks}))))")
+        args.extend([*devices, *devices])
     return where, args

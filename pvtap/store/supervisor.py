@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pvtap.config import InfluxConfig
 from pvtap.store.delivery import read_status
-from pvtap.store.forwarder import Forwarder
+from pvtap.store.forwarder import STOP_TIMEOUT_S, Forwarder
 
 log = logging.getLogger("pvtap.forward")
 
@@ -67,8 +67,8 @@ class SupervisedForwarder:
             if now - self._started > RESTART_MAX_S:
                 self._delay = 1.0
             self._restart_at = now + self._delay
-            log.error("%s: the forwarder stopped unexpectedly; restarting it in %.0f s (records stay in the store)",
-                      self.path.name, self._delay)
+            log.error("%s: the forwarder stopped unexpectedly (%s); restarting it in %.0f s (records stay in the "
+                      "store)", self.path.name, self.forwarder.died_of or "no error given", self._delay)
             self._delay = min(RESTART_MAX_S, self._delay * 2)
         elif now >= self._restart_at:
             self._restart_at = None
@@ -85,7 +85,9 @@ class SupervisedForwarder:
 
     def _read(self, now: float) -> ForwarderState:
         if self._restart_at is not None:
-            return ForwarderState("restarting", "the forwarder thread died")
+            why = self.forwarder.died_of if self.forwarder is not None else None
+            return ForwarderState("restarting", f"the forwarder thread died ({why or 'no error given'}); "
+                                                f"restart {self.restarts + 1} due in {self._restart_at - now:.0f} s")
         try:
             s = read_status(self.path)
         except Exception as exc:
@@ -105,6 +107,6 @@ class SupervisedForwarder:
         if self.forwarder is not None:
             self.forwarder.stop_soon()
 
-    def stop(self) -> bool:
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> bool:
         self._stopping = True
-        return self.forwarder.stop() if self.forwarder is not None else True
+        return self.forwarder.stop(timeout) if self.forwarder is not None else True

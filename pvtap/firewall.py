@@ -1,0 +1,220 @@
+"""The firewall rules and DNS overrides that bring devices' cloud traffic to pvtap.
+
+A `Plan` is worked out from the devices (kind and address) and pvtap's own config (the ports it
+listens on); the renderers turn it into an iptables script, an nftables file, a dnsmasq/Pi-hole
+override file and the OPNsense/pfSense steps. Pure functions: `pvtap firewall` prints them, the
+files in firewall/ are their output for the example setup, and a test applies them in network
+namespaces.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from pvtap.config import Config, ConfigError, ListenerConfig, split_host_port
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of device: what it dials and which pvtap listener takes it."""
+
+    label: str
+    ports: tuple[tuple[int, str], ...]  # (TCP port it dials, protocol of the pvtap listener)
+    hosts: tuple[str, ...]  # cloud names it looks up (none: it dials an IP address)
+
+
+KINDS = {
+    "enphase": Kind("Enphase Envoy", ((443, "enphase"),), ("reports.enphaseenergy.com",)),
+    "alphaess": Kind("AlphaESS battery", ((7777, "alphaess"),), ("www.alphaess.com",)),
+    "foxess-m1": Kind("FoxESS M1 microinverter", ((14431, "foxess"), (6666, "foxess")), ()),
+    "foxess-h1": Kind("FoxESS H1/H3/KH dongle", ((10001, "foxess"),), ("www.foxesscloud.com",)),
+}
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str
+    address: str
+
+    @property
+    def family(self) -> int:
+        return ipaddress.ip_address(self.address).version
+
+    @classmethod
+    def parse(cls, text: str) -> Device:
+        """`KIND=ADDRESS`, e.g. `alphaess=192.0.2.10` or `enphase=2001:db8::11`."""
+        kind, sep, address = text.partition("=")
+        if not sep or kind not in KINDS:
+            raise ValueError(f"{text!r}: expected KIND=ADDRESS with KIND one of {', '.join(KINDS)}")
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"{text!r}: {address!r} is not an IP address (the device's address in the LAN)") from None
+        return cls(kind, address)
+
+
+@dataclass(frozen=True)
+class Redirect:
+    device: Device
+    port: int  # what the device dials
+    to_port: int  # where pvtap listens for it
+    listener: str  # which pvtap setting says so
+
+
+@dataclass(frozen=True)
+class Plan:
+    devices: tuple[Device, ...]
+    redirects: tuple[Redirect, ...]
+    lan_if: str  # "" = any interface
+    pvtap_host: str  # "" = not given (needed for DNS overrides and policy routes)
+    command: str  # the command line that made it, for the generated files' headers
+
+    @property
+    def families(self) -> set[int]:
+        return {d.family for d in self.devices}
+
+
+def plan(devices: list[Device], config: Config, *, lan_if: str = "", pvtap_host: str = "",
+         command: str = "pvtap firewall") -> Plan:
+    """Which port of each device goes to which port of pvtap. Raises ConfigError when pvtap's
+    config has no listener for a device."""
+    from proxy_tcp.listeners import default_listeners  # the relay's defaults, when none are configured
+
+    listeners = list(config.relay.listeners) or default_listeners()
+    redirects = []
+    for device in devices:
+        for port, protocol in KINDS[device.kind].ports:
+            if protocol == "enphase":
+                to_port, setting = split_host_port(config.enphase.listen)[1], "enphase.listen"
+            else:
+                to_port, setting = _relay_port(listeners, protocol, port, bool(config.relay.listeners))
+            if to_port == 0:
+                raise ConfigError(setting, "port 0", "the rules need a fixed port to redirect to",
+                                  f"give {setting} a fixed port")
+            redirects.append(Redirect(device, port, to_port, setting))
+    return Plan(tuple(devices), tuple(redirects), lan_if, pvtap_host, command)
+
+
+def _relay_port(listeners: list[ListenerConfig], protocol: str, port: int, configured: bool) -> tuple[int, str]:
+    tcp = [(i, split_host_port(listener.listen)[1]) for i, listener in enumerate(listeners)
+           if listener.protocol == protocol and listener.transport == "tcp"]
+    same = [(i, p) for i, p in tcp if p == port]
+    chosen = same[0] if same else (tcp[0] if len(tcp) == 1 else None)
+    if chosen is None:
+        raise ConfigError("relay.listeners", f"{protocol} port {port}", f"no {protocol} listener on port {port}"
+                          + (f" and {len(tcp)} other {protocol} listeners" if tcp else ""),
+                          f"add a [[relay.listeners]] with protocol = \"{protocol}\" and listen = \"*:{port}\"")
+    index, found = chosen
+    return found, f"relay.listeners[{index}].listen" if configured else f"the relay's default {protocol} listener"
+
+
+# -- renderers ------------------------------------------------------------------------------------
+
+def _header(p: Plan, comment: str) -> list[str]:
+    return [f"{comment} Generated by: {p.command}"]
+
+
+def _what(r: Redirect) -> str:
+    label = KINDS[r.device.kind].label
+    target = "mitmproxy of `pvtap run`" if r.listener == "enphase.listen" else "the pvtap relay"
+    return f"{label} {r.device.address}, TCP {r.port} → {target} on port {r.to_port} ({r.listener})"
+
+
+def iptables(p: Plan) -> str:
+    iface = ' -i "$LAN_IF"' if p.lan_if else ""
+    lines = ["#!/bin/sh", *_header(p, "#"),
+             "# Sends the devices' cloud traffic to pvtap on THIS host with iptables REDIRECT. Run as root on the",
+             "# pvtap host, which must be the devices' gateway or receive their traffic by a policy route on the",
+             "# router (the OPNsense/pfSense steps of `pvtap firewall`). pvtap reads each connection's original",
+             "# destination, so nothing else changes for the device. Remove the rules: sh iptables.sh -D",
+             "set -eu", "", 'ACTION="${1:--A}"  # -A adds the rules, -D deletes them']
+    if p.lan_if:
+        lines.append(f'LAN_IF="{p.lan_if}"  # the interface the devices\' traffic arrives on')
+    lines += ["", 'if [ "$ACTION" = -A ]; then',
+              "    sysctl -qw net.ipv4.ip_forward=1               # the devices' other traffic still goes out"]
+    if 6 in p.families:
+        lines.append("    sysctl -qw net.ipv6.conf.all.forwarding=1")
+    lines += ["    sysctl -qw net.ipv4.conf.all.send_redirects=0  # do not tell the devices to bypass this host",
+              "fi"]
+    for r in p.redirects:
+        tool = "iptables " if r.device.family == 4 else "ip6tables"
+        lines += ["", f"# {_what(r)}",
+                  f'{tool} -t nat "$ACTION" PREROUTING{iface} -s {r.device.address} -p tcp --dport {r.port} '
+                  f"-j REDIRECT --to-ports {r.to_port}"]
+    return "\n".join(lines) + "\n"
+
+
+def nftables(p: Plan) -> str:
+    match = ' iifname $lan_if' if p.lan_if else ""
+    lines = ["#!/usr/sbin/nft -f", *_header(p, "#"),
+             "# Sends the devices' cloud traffic to pvtap on THIS host with an nftables redirect, IPv4 and IPv6",
+             "# in one table. Load as root on the pvtap host (the devices' gateway, or reached by a policy route):",
+             "# nft -f pvtap.nft; remove: nft delete table inet pvtap. Also enable forwarding:",
+             "# sysctl -w net.ipv4.ip_forward=1 net.ipv4.conf.all.send_redirects=0"
+             + (" net.ipv6.conf.all.forwarding=1" if 6 in p.families else ""), ""]
+    if p.lan_if:
+        lines += [f'define lan_if = "{p.lan_if}"', ""]
+    lines += ["table inet pvtap", "delete table inet pvtap", "", "table inet pvtap {", "    chain prerouting {",
+              "        type nat hook prerouting priority dstnat; policy accept;"]
+    for r in p.redirects:
+        family = "ip" if r.device.family == 4 else "ip6"
+        lines += ["", f"        # {_what(r)}",
+                  f"       {match} {family} saddr {r.device.address} tcp dport {r.port} redirect to :{r.to_port}"]
+    lines += ["    }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def dnsmasq(p: Plan) -> str:
+    host = p.pvtap_host or "PVTAP-HOST-ADDRESS"
+    names = sorted({name for d in p.devices for name in KINDS[d.kind].hosts})
+    lines = [*_header(p, "#"),
+             "# DNS overrides for dnsmasq, or Pi-hole (put this file in /etc/dnsmasq.d/ and set",
+             "# misc.etc_dnsmasq_d = true; or add each name under Local DNS > DNS Records). The devices then",
+             "# dial pvtap's address instead of the cloud's. The original destination is lost this way, so:",
+             "# - pvtap itself must resolve the real names through a DNS server WITHOUT these overrides",
+             "#   (relay listeners: resolver = \"<that server>\"; the pvtap host's own resolv.conf for mitmproxy);",
+             "# - the Envoy dials port 443: run enphase.mode = \"reverse\" and enphase.listen = \"0.0.0.0:443\",",
+             "#   or REDIRECT 443 to enphase.listen on the pvtap host;",
+             "# - the relay's listeners need an upstream (policy fixed or auto, as the defaults are)."]
+    skipped = sorted({KINDS[d.kind].label for d in p.devices if not KINDS[d.kind].hosts})
+    if skipped:
+        lines.append(f"# Not by DNS: {', '.join(skipped)} (it dials an IP address): use the firewall rules.")
+    lines += [f"address=/{name}/{host}" for name in names]
+    return "\n".join(lines) + "\n"
+
+
+def opnsense(p: Plan) -> str:
+    host = p.pvtap_host or "PVTAP-HOST-ADDRESS"
+    lines = [*_header(p, "#"), "",
+             "OPNsense / pfSense: policy-route the devices' cloud ports to the pvtap host",
+             "=========================================================================", "",
+             "The router stays the devices' gateway; only their cloud connections are routed through pvtap,",
+             "which redirects them locally (the iptables or nftables rules) and keeps the original destination.", "",
+             f"1. Gateway for the pvtap host ({host}):",
+             "   OPNsense: System > Gateways > Configuration > Add: Interface LAN, IP address " + host + ",",
+             "             name PVTAP, 'Disable Gateway Monitoring' on if the host does not answer pings.",
+             "   pfSense:  System > Routing > Gateways > Add: the same.",
+             "2. One rule per device, ABOVE the default allow rule: Firewall > Rules > LAN > Add:"]
+    for device in p.devices:
+        ports = sorted({r.port for r in p.redirects if r.device == device})
+        lines.append(f"   - Pass, Interface LAN, TCP/IPv{device.family}, Source {device.address} "
+                     f"({KINDS[device.kind].label}),")
+        lines.append("     Destination any, port " + ", ".join(map(str, ports))
+                     + "; advanced options: Gateway PVTAP.")
+    lines += ["3. Device and pvtap host on the same LAN: the replies go from the pvtap host straight to the",
+              "   device, around the router, which then sees only half of each connection. In the rule's",
+              "   advanced options set State type to 'sloppy state' (OPNsense and pfSense), or put the pvtap",
+              "   host on its own VLAN/interface.",
+              "4. On the pvtap host: the iptables or nftables rules of `pvtap firewall`, and forwarding on",
+              "   (net.ipv4.ip_forward=1), so that the devices' other traffic routed there still goes out.",
+              "5. Check: `pvtap health` on the pvtap host, then the pvtap health dashboard: each device appears",
+              "   green within its reporting interval (Envoy 5 min, AlphaESS 10 s, FoxESS about 90 s).", "",
+              "Port forward (DNAT) instead of a policy route: Firewall > NAT > Port Forward (OPNsense:",
+              "Destination NAT), Source the device, Destination port as above, Redirect target " + host + " and",
+              "the same port. The original destination is then lost: relay listeners need an upstream (policy",
+              "fixed or auto) and the Envoy proxy enphase.mode = \"reverse\". See firewall/README.md."]
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"iptables": iptables, "nftables": nftables, "dnsmasq": dnsmasq, "opnsense": opnsense}
