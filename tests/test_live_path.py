@@ -98,7 +98,8 @@ def test_foxess_live_path_equals_the_bytes_path(data):
 
 _DECIMAL = st.one_of(st.integers(-99999, 99999).map(str), st.floats(-1e6, 1e6).map(lambda f: f"{f:.4f}"))
 _VALUE = st.one_of(_DECIMAL, _DECIMAL, st.text(max_size=12), st.integers(-10**20, 10**20), st.floats(), st.booleans(),
-                   st.none(), st.sampled_from(["12.5", "-0", "1e3", "1_0", "nan", "inf", "", "REDACTED", " 7 ", "0x10"]))
+                   st.none(),
+                   st.sampled_from(["12.5", "-0", "1e3", "1_0", "nan", "inf", "", "REDACTED", " 7 ", "0x10"]))
 _KEYS = st.sampled_from(["Time", "SN", "Ppv1", "Pbat", "SOC", "InvWorkMode", "EmsStatus", "Password", "Country",
                          "UserName", "MsgContent", "", "Sn", "BatterySN1"])
 
