@@ -86,8 +86,10 @@ class Connection:
             log.exception("%s: relay error", self.label)
             self.end(Outcome.ERROR, f"{type(exc).__name__}: {exc}")
         finally:
-            await self._close()
-            self._report()
+            try:
+                await self._close()
+            finally:  # even when closing was cancelled: the record is the connection's only trace
+                self._report()
 
     def stop(self) -> None:
         """End the serving (the relay is stopping); closing and the record follow in `run`."""
@@ -294,6 +296,14 @@ class Connection:
 
     async def _close(self) -> None:
         writers = [w for w in (None if self.device_lost else self.device_writer, self.cloud_writer) if w is not None]
+        try:
+            await self._close_within_grace(writers)
+        except asyncio.CancelledError:
+            for writer in writers:  # no time left: let go of both sockets now
+                writer.transport.abort()
+            raise
+
+    async def _close_within_grace(self, writers: list[asyncio.StreamWriter]) -> None:
         if self.record.outcome.endswith("_reset"):
             for writer in writers:
                 reset(writer)  # pass the reset on
@@ -306,12 +316,14 @@ class Connection:
             return
         # both sides at once, so that a connection ends within one CLOSE_GRACE (< STOP_GRACE)
         waits = [asyncio.ensure_future(_wait_closed(writer)) for writer in writers]
-        _, late = await asyncio.wait(waits, timeout=CLOSE_GRACE)
-        for wait, writer in zip(waits, writers):
-            if wait in late:
-                wait.cancel()
-                writer.transport.abort()
-        await asyncio.gather(*waits, return_exceptions=True)
+        try:
+            await asyncio.wait(waits, timeout=CLOSE_GRACE)
+        finally:  # a side still closing after the grace (or when this is cancelled) is aborted
+            for wait, writer in zip(waits, writers):
+                if not wait.done():
+                    wait.cancel()
+                    writer.transport.abort()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _discard_unread(self) -> None:
         """Half-close towards the device and read what it already sent, so that closing sends
