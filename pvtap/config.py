@@ -392,6 +392,8 @@ class InfluxConfig:
     prune_undelivered: bool = setting(
         True, "When pruning delivered rows is not enough to stay under max_store_mb, also drop the oldest "
               "undelivered records (logged as an error with the count); false keeps them and lets the store grow.")
+    stuck_after_s: float = setting(300.0, "With records waiting, seconds without delivery progress before the "
+                                          "forwarder counts as stuck (`pvtap status`, /readyz fails).", check=positive)
 
     def __post_init__(self) -> None:
         if self.url and not self.org.strip():

@@ -25,6 +25,11 @@ def store(tmp_path):
     s.close()
 
 
+def connection_code(task: asyncio.Task) -> bool:
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and code.co_filename.endswith(CONNECTION_CODE)
+
+
 def socket_inode(writer: asyncio.StreamWriter) -> str:
     return os.readlink(f"/proc/self/fd/{writer.get_extra_info('socket').fileno()}")
 
@@ -67,7 +72,7 @@ async def test_cancelling_a_closing_connection_propagates_and_leaves_nothing_beh
                 await task
             assert task.cancelled()
 
-            left = [t for t in asyncio.all_tasks() if t.get_coro().cr_code.co_filename.endswith(CONNECTION_CODE)]
+            left = [t for t in asyncio.all_tasks() if connection_code(t)]
             assert not left, left  # no pump, no close waiter
             async with asyncio.timeout(5):  # aborted transports give their sockets back on the next loop turn
                 while sockets & open_sockets():
