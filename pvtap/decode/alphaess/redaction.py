@@ -76,9 +76,9 @@ class _Redaction:
         if parsed is None:
             return None
         if parsed.plain:
-            plain = self._plain(body, parsed)
-            if plain is not None:
-                return plain
+            spliced = self._plain(body, parsed)
+            if spliced is not None:
+                return spliced
         text = body.decode("utf-8")
         out: list[str] = []
         changed: dict[str, Any] = {}
@@ -136,7 +136,7 @@ class _Redaction:
             cuts.append((start, text.index('"', start + 1) + 1, dump(new)))
         if len(cuts) > 1:
             cuts.sort()
-        out = []
+        out: list[str] = []
         pos = 0
         for start, end, value_text in cuts:
             out += (text[pos:start], value_text)
