@@ -220,7 +220,7 @@ def _redacted(reading: FrameReading, redaction: _Redaction) -> FrameReading | No
     if body is frame.body or body == frame.body:
         return reading
     wire = encode_frame(frame.b1, frame.type, body)
-    return FrameReading(wire, AlphaFrame(frame.b1, frame.type, body, int.from_bytes(wire[-2:], "big")), json)
+    return FrameReading(wire, AlphaFrame(frame.b1, frame.type, body, wire[-2] << 8 | wire[-1]), json)
 
 
 _REJECTED = {"garbage": "bytes in no frame", "partial": "a frame cut off at the end of the connection",
