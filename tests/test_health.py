@@ -22,6 +22,7 @@ from pvtap.records import UP, Origin, RawPayload, Record
 from pvtap.store.local import LocalStore
 from tests.health_support import get, url_of
 from tests.relay_support import StandInCloud, listener, read_to_eof, running_relay
+from tests.waiting import until
 
 
 def samples(health: Health) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -168,9 +169,7 @@ async def test_relay_counts_are_exact_while_open_and_after_the_end(data_dir: Pat
             release.set()
             writer.close()
             await read_to_eof(reader)
-            async with asyncio.timeout(10):
-                while relay.connections:
-                    await asyncio.sleep(0.01)
+            await until(lambda: not relay.connections, what="the relay to end every connection")
             ended = relay.stats.traffic(relay)
     assert ended.open == Counter({"alphaess": 0})
     (((protocol, outcome), count),) = ended.closed.items()  # whichever side closed first

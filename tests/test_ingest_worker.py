@@ -22,6 +22,7 @@ from pvtap.privacy import Privacy
 from pvtap.records import Origin, RawPayload
 from pvtap.simulate.enphase import Simulator, encode_body
 from pvtap.store.local import LocalStore
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -90,9 +91,7 @@ async def test_a_worker_that_dies_is_restarted_and_the_gap_is_counted(tmp_path):
         await channel.idle()
         first = channel.ready["pid"]
         os.kill(first, signal.SIGKILL)
-        async with asyncio.timeout(10):
-            while is_alive(channel):  # the EOF reaches the loop
-                await asyncio.sleep(0.01)
+        await until(lambda: not is_alive(channel), what="the worker's EOF to reach the loop")
         gap = [channel.payload(frame(n)) for n in range(10, 15)]  # no worker: dropped, counted, never blocking
         assert gap == [False] * 5
         async with asyncio.timeout(30):

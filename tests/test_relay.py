@@ -34,18 +34,13 @@ from tests.relay_support import (
     stream,
     test_codec,
 )
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def connection_records(store: LocalStore) -> list:
     return [s.record for s in store.records(measurements=["pvtap_connection"])]
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def stored_record(store: LocalStore, index: int = 0, timeout: float = 5.0):
