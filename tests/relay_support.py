@@ -64,7 +64,7 @@ class ChunkTap:
 
     def feed(self, direction: str, data: bytes, received) -> list[RawPayload]:
         if self.feed_delay:
-            time.sleep(self.feed_delay)
+            time.sleep(self.feed_delay)  # a slow decoder: the delay is the behaviour under test
         if self.feed_gate is not None:
             self.feed_gate.wait(30)
         if self.raise_on_feed:
