@@ -3,12 +3,15 @@ for AlphaESS realtime (1-1-16) and FoxESS M1 telemetry (0x02) frames, and the mi
 Envoy catch-up report (500 intervals + 500 readings) takes through redact_raw + decode_raw.
 
     .venv/bin/python bench/decoders.py [--frames 20000] [--repeat 5] [--privacy pseudonyms] [--short]
+    .venv/bin/python bench/decoders.py --profile alphaess|foxess|enphase   (where the time goes)
 
 Each frame is fed to the Tap as its own read (as a device sending one frame at a time does), its
 RawPayload redacted and decoded. Times are the thread's CPU time (one core's work, less sensitive
 to other load than the wall clock); the best of `--repeat` rounds is printed (the median beside
 it), since other work on the machine only ever makes a round slower. No store: `bench/enphase_parse.py`
 and the relay benches measure that. `--short` runs a few hundred frames, for the smoke test.
+`--profile PATH` runs one path under pyinstrument (a sampling profiler, in the test extra) and
+prints its call tree instead of the figures.
 Targets (issue 14): ≥ 50,000 frames/s for both frame protocols, ≤ 20 ms for the Envoy report.
 """
 
@@ -26,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pvtap.decode import alphaess, enphase, foxess
+from pvtap.decode import Codec, TapFactory, alphaess, enphase, foxess
 from pvtap.privacy import Privacy
 from pvtap.records import UP, Origin, RawPayload, now_utc
 from pvtap.simulate.alphaess import _Battery
@@ -54,7 +57,11 @@ def foxess_frames(n: int) -> list[bytes]:
             for i in range(n)]
 
 
-def frames_per_second(protocol: str, make_tap: Callable[[Origin], alphaess.Tap | foxess.Tap],
+PATHS: dict[str, tuple[TapFactory, Codec, Callable[[int], list[bytes]]]] = {
+    "alphaess": (alphaess.Tap, alphaess, alphaess_frames), "foxess": (foxess.Tap, foxess, foxess_frames)}
+
+
+def frames_per_second(protocol: str, make_tap: TapFactory,
                       redact: Callable[[RawPayload, Privacy], RawPayload], decode: Callable[[RawPayload], list],
                       frames: list[bytes], privacy: Privacy, repeat: int) -> tuple[float, float, int]:
     """(best, median) frames/s and the records per round."""
@@ -86,6 +93,24 @@ def enphase_ms(intervals: int, privacy: Privacy, repeat: int) -> tuple[float, fl
     return min(times[1:]), statistics.median(times[1:]), records
 
 
+def profile(path: str, args: argparse.Namespace, privacy: Privacy) -> None:
+    """One path's rounds under pyinstrument, its call tree printed (time per function, callers above)."""
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.0002)
+    if path == "enphase":
+        settle()
+        with profiler:
+            enphase_ms(args.intervals, privacy, args.repeat)
+    else:
+        tap, codec, make = PATHS[path]
+        frames = make(args.frames)
+        settle()
+        with profiler:
+            frames_per_second(path, tap, codec.redact_raw, codec.decode_raw, frames, privacy, args.repeat)
+    print(profiler.output_text(unicode=True, show_all=False, short_mode=False))
+
+
 def calibration_us() -> float:
     """A yardstick of this core's speed in the same run: the best of 200 `sum(range(1000))`."""
     best = float("inf")
@@ -111,17 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--privacy", choices=PRIVACY, default="pseudonyms",
                         help="redaction settings (default pseudonyms: the most work)")
     parser.add_argument("--short", action="store_true", help="a few hundred frames, two rounds: does it still run")
+    parser.add_argument("--profile", choices=[*PATHS, "enphase"],
+                        help="print where one path's time goes (pyinstrument) instead of the figures")
     args = parser.parse_args(argv)
     if args.short:
         args.frames, args.repeat, args.intervals = 300, 2, 50
     privacy = PRIVACY[args.privacy]
+    if args.profile:
+        profile(args.profile, args, privacy)
+        return 0
     print(f"privacy {args.privacy}; {args.frames} frames x {args.repeat} rounds; load average "
           f"{os.getloadavg()[0]:.2f} (figures are indicative while other work runs); this core runs "
           f"sum(range(1000)) in {calibration_us():.1f} µs (a recent desktop core: some 8–10 µs)")
     print(f"{'path':<52}{'best':>12}{'median':>12}  records/round")
-    for name, tap, codec, make in (
-            ("AlphaESS realtime 1-1-16, Tap+redact+decode", alphaess.Tap, alphaess, alphaess_frames),
-            ("FoxESS M1 telemetry 0x02, Tap+redact+decode", foxess.Tap, foxess, foxess_frames)):
+    for name, (tap, codec, make) in zip(("AlphaESS realtime 1-1-16, Tap+redact+decode",
+                                         "FoxESS M1 telemetry 0x02, Tap+redact+decode"), PATHS.values()):
         frames = make(args.frames)
         settle()
         best, median, records = frames_per_second(name.split()[0].lower(), tap, codec.redact_raw, codec.decode_raw,

@@ -10,22 +10,30 @@ The engine has no threads and no transport. The ingest worker (pvtap/ingest_work
 it from its archive and decode threads, fed by the relay and the addon through a channel;
 `Ingest(store, privacy).process(raw)` does all of it for one payload, synchronously (replay,
 import, tests). A decoder exception is logged with the payload's origin and kept with the
-payload for a later `pvtap replay`; a payload that cannot be redacted is kept as its size,
-SHA-256 and the reason only.
+payload for a later `pvtap replay`; a payload that cannot be redacted is withheld like any bytes
+a codec cannot vouch for (pvtap/decode/withhold.py: size, SHA-256 and the reason only, unless
+privacy.keep_unredacted).
+
+What the live path read of a payload (`RawPayload.parsed`: the Tap's frame, the redacted
+report's tree) is kept by raw id from archiving until decoding (`LiveReadings`, bounded), so
+the decoder, which reads the payload back from the archive, need not parse its bytes again;
+a payload whose reading is not kept (over the bound, or archived before a restart) is decoded
+from its bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from pvtap.decode import Codec, codec_for
-from pvtap.privacy import REDACTED, Privacy
-from pvtap.records import Origin, RawPayload, Record
+from pvtap.decode.withhold import is_withheld, withhold
+from pvtap.privacy import Privacy
+from pvtap.records import Origin, Parsed, RawPayload, Record
 from pvtap.store.local import Decoded, LocalStore, StoredRaw
 
 log = logging.getLogger("pvtap.ingest")
@@ -36,6 +44,54 @@ DECODE_BUDGET_S = 0.25
 _KNOWN_CONNECTIONS = 4096  # connections whose device is remembered for their later payloads
 
 Codecs = Callable[[str], Codec]
+
+#: readings kept for payloads archived and not decoded yet: at most this many, of this many
+#: payload bytes (a reading takes a few times its payload's memory; a report's tree some ten)
+LIVE_READINGS = 8192
+LIVE_READINGS_BYTES = 4 * 2**20
+
+
+class LiveReadings:
+    """The live path's readings of archived payloads, by raw id, until the decoder takes them.
+    Bounded: past the bound the oldest go (their payloads are decoded from their bytes). The
+    archiver thread keeps, the decoder thread takes."""
+
+    def __init__(self, limit: int = LIVE_READINGS, limit_bytes: int = LIVE_READINGS_BYTES) -> None:
+        self.limit, self.limit_bytes = limit, limit_bytes
+        self.bytes = 0
+        self._by_id: OrderedDict[int, Parsed] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keep(self, ids: Sequence[int], raws: Sequence[RawPayload]) -> None:
+        with self._lock:
+            for raw_id, raw in zip(ids, raws):
+                if raw.parsed is not None and raw.parsed.source == raw.payload:
+                    self._by_id[raw_id] = raw.parsed
+                    self.bytes += len(raw.payload)
+            while self._by_id and (len(self._by_id) > self.limit or self.bytes > self.limit_bytes):
+                self.bytes -= len(self._by_id.popitem(last=False)[1].source)
+
+    def take(self, raw: RawPayload, raw_id: int) -> RawPayload:
+        """`raw` (read back from the archive) with its live reading, when one is kept."""
+        with self._lock:
+            parsed = self._by_id.pop(raw_id, None)
+            if parsed is None:
+                return raw
+            self.bytes -= len(parsed.source)
+        return RawPayload(raw.origin, raw.kind, raw.payload, raw.received, raw.meta, parsed)
+
+    def forget(self, upto_id: int) -> None:
+        """Drop the readings of payloads up to `upto_id` (decoded, or skipped)."""
+        with self._lock:
+            while self._by_id:
+                raw_id, parsed = next(iter(self._by_id.items()))
+                if raw_id > upto_id:
+                    return
+                del self._by_id[raw_id]
+                self.bytes -= len(parsed.source)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
 
 
 @dataclass
@@ -56,6 +112,7 @@ class Ingest:
         self.privacy = privacy or Privacy()
         self.codecs = codecs or codec_for
         self.counts = IngestCounts()
+        self.readings = LiveReadings()
         self._devices: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     def process(self, raw: RawPayload) -> int:
@@ -75,21 +132,23 @@ class Ingest:
         try:
             safe = self.codecs(raw.origin.protocol).redact_raw(raw, self.privacy)
         except Exception as exc:  # never store (or log) what could not be redacted
-            # Only the exception's type: its message may quote the unredacted bytes; the origin's
-            # device may be an unredacted serial too.
+            # Only the exception's type: its message may quote the unredacted bytes. The device may
+            # be an unredacted serial and the meta may quote the bytes too (a query string): neither is
+            # kept, unless privacy.keep_unredacted keeps everything in clear.
             self.counts.redact_errors += 1
-            log.error("could not redact a %s %s payload (%s); storing only its size and SHA-256",
-                      raw.origin.protocol, raw.kind, type(exc).__name__)
-            meta: dict[str, str | int] = {
-                "payload": REDACTED, "size": len(raw.payload), "sha256": hashlib.sha256(raw.payload).hexdigest(),
-                "reason": f"redaction failed ({type(exc).__name__})"}
-            return RawPayload(replace(raw.origin, device=""), raw.kind, b"", raw.received, meta)
+            reason = f"redaction failed ({type(exc).__name__})"
+            keep = self.privacy.keep_unredacted
+            log.error("could not redact a %s %s payload (%s); %s", raw.origin.protocol, raw.kind, type(exc).__name__,
+                      "keeping it in clear (privacy.keep_unredacted)" if keep else "storing only its size and SHA-256")
+            return withhold(raw, reason, self.privacy, origin=replace(raw.origin, device=""),
+                            meta=raw.meta if keep or is_withheld(raw) else {})  # a withheld one's is redacted
         self._remember_device(safe.origin)
         return safe
 
     def archive(self, safe: Sequence[RawPayload], records: Iterable[Record] = ()) -> list[int]:
         """Commit redacted payloads (and records that need no decoding) in one transaction."""
         ids = self.store.archive(safe, records)
+        self.readings.keep(ids, safe)
         self.counts.stored_raw += len(ids)
         for raw in safe:
             self.counts.by_kind[raw.kind] = self.counts.by_kind.get(raw.kind, 0) + 1
@@ -111,11 +170,12 @@ class Ingest:
             if time.monotonic() > deadline:
                 break
         self.counts.records += self.store.commit_decoded(decoded, cursor=decoded[-1].raw_id)
+        self.readings.forget(decoded[-1].raw_id)
         self.counts.decoded += len(decoded)
         return len(decoded)
 
     def decode(self, stored: StoredRaw) -> Decoded:
-        raw = stored.raw
+        raw = self.readings.take(stored.raw, stored.id)
         try:
             return Decoded(stored.id, self.codecs(raw.origin.protocol).decode_raw(raw))
         except Exception as exc:

@@ -8,13 +8,22 @@ ingest worker and `pvtap replay` call through `codec_for`:
 
 Decoding always runs on the redacted payload, so a replay gives what the live decode gave.
 
+Each step reads the bytes once. On the live path a payload carries what its decoder read of it
+in `RawPayload.parsed` — the frame the Tap split off (its body parsed on first use), the tree
+redaction parsed and redacted — and `redact_raw` and `decode_raw` use that reading when it is of
+exactly the payload's bytes (`RawPayload.parsed_as`), else read the bytes (a replay, an import,
+a payload archived before a restart). A reading is a pure function of its bytes, so both ways
+give the same stored payload and the same records (tests/test_live_path.py); the ingest engine
+keeps readings from archiving to decoding (`pvtap.ingest.LiveReadings`).
+
 Protocols carried by the TCP relay (alphaess, foxess, …) also offer two classes, the only
 things the relay knows of them (`StreamCodec`, with the `Tap` and `LocalAnswerer` protocols):
 
 - `Tap(origin)`: the decode side of one relayed connection. `feed(direction, data, received)
   -> list[RawPayload]` reassembles frames per direction (any segmentation, garbage, bad CRCs,
-  absurd lengths, bounded buffers) and returns one RawPayload per complete frame (kind "frame")
-  or per run of rejected bytes (kind "garbage"); it never raises on bad input.
+  absurd lengths, bounded buffers) and returns one RawPayload per complete frame (kind "frame",
+  the frame as read in `parsed`) or per run of rejected bytes (kind "garbage"); it never raises
+  on bad input.
   `finish(received) -> list[RawPayload]` returns bytes left over at the end (kind "partial").
   Attributes: `frames` and `rejected` (counts), `opaque` (True once the stream is recognisably
   not this protocol, e.g. a TLS handshake: the relay then just forwards and notes it), and

@@ -46,8 +46,23 @@ def is_withheld(raw: RawPayload) -> bool:
 
 
 def redacted_origin(origin: Origin, privacy: Privacy) -> Origin:
+    """The origin with its device label as it may be stored (`device_label`)."""
+    hit = _REDACTED_ORIGINS.get(id(origin))
+    if hit is not None and hit[0] is origin and hit[1] is privacy:
+        return hit[2]
     device = device_label(origin.device, privacy)
-    return origin if device == origin.device else Origin(origin.protocol, device, origin.connection, origin.direction)
+    redacted = origin if device == origin.device else Origin(origin.protocol, device, origin.connection,
+                                                               origin.direction)
+    if len(_REDACTED_ORIGINS) >= _REDACTED_ORIGINS_MAX:
+        _REDACTED_ORIGINS.clear()
+    _REDACTED_ORIGINS[id(origin)] = (origin, privacy, redacted)
+    return redacted
+
+
+#: Origins redacted lately, by identity (a Tap hands out one Origin object for all the payloads
+#: of a direction); each entry holds the objects it was made for, so an id is never mistaken.
+_REDACTED_ORIGINS: dict[int, tuple[Origin, Privacy, Origin]] = {}
+_REDACTED_ORIGINS_MAX = 4096
 
 
 def device_label(device: str, privacy: Privacy) -> str:

@@ -57,9 +57,13 @@ header or with more cells than it.
 CRC-16/MODBUS comes from `fastcrc` (a compiled, stateless implementation: under a nanosecond a
 byte, safe to call from the relay's worker threads).
 
-Modules: `framing` (frames, CRC, the stream framer), `records` (bodies, field types, records),
-`redaction` (`redact_raw`), `tap` (the relay's Tap and LocalAnswerer); this package re-exports
-their public names.
+Read once: the Tap hands each frame on as a `FrameReading` (the frame, its body parsed as JSON
+on first use) in the payload's `parsed`; `redact_raw` passes it on (a new one for a changed
+body) and `decode_raw` decodes from it, reading the bytes only for a payload without one.
+
+Modules: `framing` (frames, CRC, the stream framer), `records` (bodies, readings, field types,
+records), `redaction` (`redact_raw`), `tap` (the relay's Tap and LocalAnswerer); this package
+re-exports their public names.
 """
 
 from __future__ import annotations
@@ -87,13 +91,16 @@ from .records import (
     INT_FIELDS,
     TEXT_FIELDS,
     Body,
+    FrameReading,
+    JsonObject,
     csv_rows,
     decode_raw,
     device_time,
     encode_json,
     first_device_time,
-    json_body,
     numbered,
+    read_frame,
+    read_json,
     records_from_frame,
     typed_fields,
 )
@@ -118,8 +125,10 @@ __all__ = [
     "TEXT_FIELDS",
     "AlphaFrame",
     "Body",
+    "FrameReading",
     "Framer",
     "Garbage",
+    "JsonObject",
     "LocalAnswerer",
     "Tap",
     "ack_frame",
@@ -130,9 +139,10 @@ __all__ = [
     "encode_frame",
     "encode_json",
     "first_device_time",
-    "json_body",
     "numbered",
     "parse_frame",
+    "read_frame",
+    "read_json",
     "records_from_frame",
     "redact_raw",
     "typed_fields",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import fastcrc
 
@@ -35,9 +36,9 @@ def crc16(data: bytes) -> int:
 
 # -- frames -----------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class AlphaFrame:
-    """One frame. B0 is always 1 and so not kept."""
+class AlphaFrame(NamedTuple):
+    """One frame. B0 is always 1 and so not kept. (A NamedTuple: made for every frame, and a
+    tuple is made in a third of a frozen dataclass's time.)"""
 
     b1: int  # 1 request / push, 2 response / ack
     type: int  # B2
@@ -95,12 +96,14 @@ class Framer:
 
     A frame starts with `01 01` or `01 02`; its length field must be ≤ `max_body` and its CRC
     must match, otherwise the first byte is rejected and the scan resumes at the next `01 01` /
-    `01 02`. Between calls at most one incomplete frame (≤ MAX_FRAME bytes) is kept.
+    `01 02`. Between calls at most one incomplete frame (≤ MAX_FRAME bytes) is kept. After a
+    `feed`, `wire` holds the exact bytes of each frame it returned, in order.
     """
 
     def __init__(self, max_body: int = MAX_BODY) -> None:
         self.max_body = max_body
         self._buf = bytearray()
+        self.wire: list[bytes] = []  # the exact bytes of each frame of the last feed, in order
 
     @property
     def buffered(self) -> int:
@@ -108,6 +111,12 @@ class Framer:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[AlphaFrame | Garbage]:
+        if not self._buf:  # a device writes one frame at a time: usually `data` is exactly one
+            frame = self._exactly_one(data)
+            if frame is not None:
+                self.wire = [data]
+                return [frame]
+        self.wire = []
         buf = self._buf
         buf += data
         out: list[AlphaFrame | Garbage] = []
@@ -161,11 +170,24 @@ class Framer:
                 pos += 1
                 continue
             flush_garbage()
-            out.append(AlphaFrame(buf[pos + 1], buf[pos + 2], bytes(buf[pos + HEADER_LEN:pos + total - 2]), carried))
+            wire = bytes(buf[pos:pos + total])
+            out.append(AlphaFrame(wire[1], wire[2], wire[HEADER_LEN:-2], carried))
+            self.wire.append(wire)
             pos += total
         flush_garbage()
         del buf[:pos]
         return out
+
+    def _exactly_one(self, data: bytes) -> AlphaFrame | None:
+        """`data` as one frame, if it is exactly one valid frame (else the general path decides)."""
+        if len(data) < HEADER_LEN + CRC_LEN or data[0] != 1 or data[1] not in (REQUEST, RESPONSE) or \
+                type(data) is not bytes:
+            return None
+        length = int.from_bytes(data[3:7], "big")
+        carried = int.from_bytes(data[-2:], "big")
+        if length > self.max_body or len(data) != HEADER_LEN + length + CRC_LEN or crc16(data[:-2]) != carried:
+            return None
+        return AlphaFrame(data[1], data[2], data[HEADER_LEN:-2], carried)
 
     def _next_frame(self, buf: bytearray, start: int) -> int | None:
         """Where the first complete, CRC-valid frame after `start` begins, if one is buffered: a

@@ -9,17 +9,19 @@ real key is skipped), so no value is lost and each field name keeps one meaning 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
+import operator
 import re
-from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 import orjson
 
 from pvtap.privacy import REDACTED
-from pvtap.records import FieldValue, Origin, RawPayload, Record
+from pvtap.records import EPOCH, FieldValue, Origin, RawPayload, Record
 
 from ..withhold import is_withheld
 from .framing import REQUEST, RESPONSE, AlphaFrame, parse_frame
@@ -37,54 +39,65 @@ class Body(list[tuple[str, Any]]):
         return default
 
 
+class JsonObject(NamedTuple):
+    """A JSON body, read once.
+
+    `members`: every member in order, a repeated key as often as it comes (nested objects as
+    Bodies); `first`: each key's first value, for lookups; `plain`: the text has no escapes, no
+    repeated keys and no nested objects or arrays, so each key is in it exactly once, as a
+    top-level key, spelled as in `first` (what lets redaction skip a body that holds no secret)."""
+
+    members: Collection[tuple[str, Any]]
+    first: Mapping[str, Any]
+    plain: bool
+
+
 _PAIRS = json.JSONDecoder(object_pairs_hook=Body)
 _CONTAINERS = frozenset({dict, list})
 #: The end of a key: in JSON without escapes no string holds a quote, so this is found after
 #: every key and nowhere else.
-_KEY_END = re.compile(rb'"\s*:')
-
-#: Bodies parsed lately: the Tap, `redact_raw` and `decode_raw` read the same body in turn.
-#: Bounded (cleared when full, small bodies only); the Bodies in it are never modified.
-_PARSED: dict[bytes, Body | None] = {}
-_PARSED_MAX = 512
-_PARSED_BODY_MAX = 8192
+_KEY_END = re.compile(r'"\s*:')
 
 
-def json_body(body: bytes) -> Body | None:
-    """The body as a JSON object, or None when it is not one. Do not modify what it returns."""
-    found = _PARSED.get(body, _PARSED)
-    if found is not _PARSED:
-        return found  # type: ignore[return-value]
-    parsed = _parse(body)
-    if len(body) <= _PARSED_BODY_MAX:
-        if len(_PARSED) >= _PARSED_MAX:
-            _PARSED.clear()
-        _PARSED[bytes(body)] = parsed
-    return parsed
+def read_json(body: bytes) -> JsonObject | None:
+    """The body as a JSON object, or None when it is not one.
 
-
-def _parse(body: bytes) -> Body | None:
-    """orjson (some four times as fast as json) when that loses nothing: it keeps only the last
+    orjson (some four times as fast as json) when that loses nothing: it keeps only the last
     of repeated keys, so a body with escapes, or with more keys in its text than in the parse,
     goes to the json module's pairs decoder, as does anything orjson refuses (json reads NaN)."""
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return _parse_pairs(body)
+        return _read_pairs(body)
     if type(value) is not dict:
         return None
-    flat = _CONTAINERS.isdisjoint(map(type, value.values()))  # the usual case: strings and numbers
-    if b"\\" in body or len(_KEY_END.findall(body)) != (len(value) if flat else _keys(value)):
-        return _parse_pairs(body)
-    return Body(value.items()) if flat else _as_body(value)
+    text = body.decode("utf-8")  # valid: orjson took it (and str searches run faster here than bytes ones)
+    # flat, the usual case: strings and numbers (no nested container without a second `{` or a `[`)
+    flat = (text.find("{", 1) < 0 and "[" not in text) or _CONTAINERS.isdisjoint(map(type, value.values()))
+    if "\\" in text or _keys_in_text(text) != (len(value) if flat else _keys(value)):
+        return _read_pairs(body)
+    if flat:
+        return JsonObject(value.items(), value, True)
+    members = _as_body(value)
+    return JsonObject(members, dict(members), False)
 
 
-def _parse_pairs(body: bytes) -> Body | None:
+def _read_pairs(body: bytes) -> JsonObject | None:
     try:
         value = _PAIRS.decode(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
-    return value if isinstance(value, Body) else None
+    if not isinstance(value, Body):
+        return None
+    return JsonObject(value, dict(reversed(value)), False)  # reversed: the first of a repeated key wins
+
+
+def _keys_in_text(text: str) -> int:
+    """How many keys a JSON text without escapes holds (repeated ones too): a quote followed by
+    a colon, directly in the compact text devices send (counted in C), else after spaces."""
+    if '" ' in text or '"\t' in text or '"\n' in text or '"\r' in text:
+        return len(_KEY_END.findall(text))
+    return text.count('":')
 
 
 def _keys(value: Any) -> int:
@@ -105,12 +118,51 @@ def _as_body(value: Any) -> Any:
     return value
 
 
+class Unread(enum.Enum):
+    """A part of a FrameReading not read yet."""
+
+    UNREAD = enum.auto()
+
+
+UNREAD = Unread.UNREAD
+
+
+class FrameReading:
+    """A frame as the live path reads it, once: the Tap splits it off, `redact_raw` and
+    `decode_raw` take it from the payload (`RawPayload.parsed`) instead of checking and parsing
+    the bytes again. `source` is the frame's exact bytes; `json` its body read as a JSON object
+    on first use (None when it is not one)."""
+
+    __slots__ = ("_json", "frame", "source")
+
+    def __init__(self, source: bytes, frame: AlphaFrame, json: JsonObject | Unread | None = UNREAD) -> None:
+        self.source = source
+        self.frame = frame
+        self._json = json
+
+    @property
+    def json(self) -> JsonObject | None:
+        if self._json is UNREAD:
+            self._json = read_json(self.frame.body) if self.frame.body else None
+        return self._json
+
+
+def read_frame(data: bytes) -> FrameReading:
+    """Exactly one frame, checked (`parse_frame`: ValueError if the bytes are not one)."""
+    return FrameReading(data, parse_frame(data))
+
+
+_dump_str = json.encoder.encode_basestring  # the C one, when built
+
+
 def encode_json(obj: dict[str, Any] | Body) -> bytes:
     """Compact, like the device writes it (a Body with its repeated keys)."""
     return dump(obj).encode("utf-8")
 
 
 def dump(value: Any) -> str:
+    if type(value) is str:
+        return _dump_str(value)  # what json.dumps(value, ensure_ascii=False) does, without its keywords
     if isinstance(value, Body):
         return "{" + ",".join(f"{dump(k)}:{dump(v)}" for k, v in value) + "}"
     if isinstance(value, dict):
@@ -120,7 +172,7 @@ def dump(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def numbered(items: list[tuple[str, Any]]) -> list[tuple[str, Any]] | Iterator[tuple[str, Any]]:
+def numbered(items: Collection[tuple[str, Any]]) -> Collection[tuple[str, Any]] | Iterator[tuple[str, Any]]:
     """Members with a repeated key renamed `key_2`, `key_3`, … (module docstring)."""
     if len({name for name, _ in items}) == len(items):
         return items  # the usual case: nothing repeated
@@ -150,11 +202,17 @@ _EVENT_ENTRY = re.compile(r"(\d{2})/(\d{2})/(\d{2}) (\d{2}):(\d{2}):(\d{2}) (\d+
 
 def device_time(text: object) -> datetime | None:
     """`YYYY/MM/DD HH:MM:SS` (device local clock) as a naive datetime; None if it is not one.
-    The device's own zero-padded form is read by slicing; other spellings by the pattern."""
+    The device's own zero-padded form is read in C (`fromisoformat`, ASCII digits); other
+    digits and spellings by slicing and the pattern."""
     if not isinstance(text, str):
         return None
-    if len(text) == 19 and text[4] == text[7] == "/" and text[10] == " " and text[13] == text[16] == ":" \
-            and (text[:4] + text[5:7] + text[8:10] + text[11:13] + text[14:16] + text[17:]).isdigit():
+    if len(text) == 19 and text[4] == text[7] == "/" and text[10] == " " and text[13] == text[16] == ":":
+        try:
+            return datetime.fromisoformat(text.replace("/", "-"))
+        except ValueError:
+            pass
+        if not (text[:4] + text[5:7] + text[8:10] + text[11:13] + text[14:16] + text[17:]).isdigit():
+            return None
         try:
             return datetime(int(text[:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]), int(text[14:16]),
                             int(text[17:]))
@@ -170,14 +228,15 @@ def device_time(text: object) -> datetime | None:
         return None
 
 
-def first_device_time(frame: AlphaFrame) -> datetime | None:
+def first_device_time(reading: FrameReading) -> datetime | None:
     """The first device clock reading a frame carries (realtime/extended `Time`, first CSV row,
     first event-log entry)."""
+    frame = reading.frame
     if frame.b1 != REQUEST:
         return None
     if frame.type in (5, 16):
-        body = json_body(frame.body)
-        return device_time(body.get("Time", "")) if body else None
+        body = reading.json
+        return device_time(body.first.get("Time", "")) if body else None
     if frame.type == 12:
         for row in csv_rows(frame.body):
             t = device_time(f"{row.get('Date', '')} {row.get('Time', '')}")
@@ -185,8 +244,8 @@ def first_device_time(frame: AlphaFrame) -> datetime | None:
                 return t
         return None
     if frame.type == 9:
-        body = json_body(frame.body)
-        content = body.get("MsgContent") if body else None
+        body = reading.json
+        content = body.first.get("MsgContent") if body else None
         if isinstance(content, str) and (m := _EVENT_ENTRY.search(content)):
             return _event_time(m)
     return None
@@ -259,6 +318,44 @@ def typed_fields(items: Iterable[tuple[str, Any]]) -> dict[str, FieldValue]:
     return fields
 
 
+#: Per key order seen (bounded): the field names and a getter for their values, when every
+#: field of the body is a float field (a realtime frame), else None.
+_FLOAT_PLANS: dict[tuple[str, ...], tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]] | None] = {}
+_FLOAT_PLANS_MAX = 256
+
+
+def _float_plan(keys: tuple[str, ...]) -> tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]] | None:
+    names = tuple(k for k in keys if k not in _NOT_FIELDS)
+    if len(names) < 2 or "" in names or any(n in INT_FIELDS or n in TEXT_FIELDS for n in names):  # (one name: no tuple)
+        return None
+    return names, operator.itemgetter(*names)
+
+
+def float_fields(body: Mapping[str, Any]) -> dict[str, FieldValue] | None:
+    """`typed_fields(body.items())` for the common body whose every field is a float field
+    given as decimal text (realtime and extended frames), converted in C; None when any field
+    needs typed_fields' care (an int or text field, a value that is not plain decimal text, an
+    empty name). What it returns is typed by construction: finite floats under non-empty names."""
+    keys = tuple(body)
+    try:
+        plan = _FLOAT_PLANS[keys]
+    except KeyError:
+        if len(_FLOAT_PLANS) >= _FLOAT_PLANS_MAX:
+            _FLOAT_PLANS.clear()
+        plan = _FLOAT_PLANS[keys] = _float_plan(keys)
+    if plan is None:
+        return None
+    names, values_of = plan
+    values = values_of(body)
+    try:  # "", REDACTED and None fail float(); a non-str fails join(); fsum is not finite if any is not
+        numbers = list(map(float, values))
+        if "_" in "".join(values) or not math.isfinite(math.fsum(numbers)):
+            return None
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return dict(zip(names, numbers))
+
+
 def _whole(value: Any, number: float) -> int | None:
     """An int field's value: exact from digits, else from an integral float; None beyond int64."""
     if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("+-").isdigit()):
@@ -293,61 +390,85 @@ def _number(value: Any) -> float | None:
 def _stamp(naive: datetime | None, offset_s: int | None, received: datetime) -> datetime:
     if naive is None:
         return received
-    return naive.replace(tzinfo=UTC) + timedelta(seconds=offset_s or 0)
+    return as_utc(naive, offset_s or 0)
+
+
+_NAIVE_EPOCH = datetime(1970, 1, 1)
+_OFFSETS: dict[int, timedelta] = {}  # a connection's clock offset recurs in every frame
+
+
+def as_utc(naive: datetime, offset_s: int = 0) -> datetime:
+    """`naive.replace(tzinfo=UTC) + timedelta(seconds=offset_s)`, without the keyword calls that
+    cost more here than the arithmetic."""
+    offset = _OFFSETS.get(offset_s)
+    if offset is None:
+        if len(_OFFSETS) >= 1024:
+            _OFFSETS.clear()
+        offset = _OFFSETS[offset_s] = timedelta(seconds=offset_s)
+    return EPOCH + ((naive - _NAIVE_EPOCH) + offset)
 
 
 def _iso(naive: datetime) -> str:
-    return naive.isoformat(timespec="seconds")
+    return naive.isoformat()  # device readings are whole seconds: no fraction shown
 
 
-def records_from_frame(frame: AlphaFrame, origin: Origin, received: datetime,
+def records_from_frame(reading: FrameReading, origin: Origin, received: datetime,
                        clock_offset_s: int | None = None) -> list[Record]:
     """The records one frame holds. `origin.direction` is the socket's; `clock_offset_s`
     converts the device clock to UTC (module docstring); redacted values are left out."""
-    body = json_body(frame.body) if frame.type != 12 else None
+    frame = reading.frame
+    body = reading.json if frame.type != 12 else None
     serial = origin.device
     if body is not None:
-        found = body.get("SN") or body.get("UserName")
+        found = body.first.get("SN") or body.first.get("UserName")
         if isinstance(found, str) and found:
             serial = found
-            origin = Origin(origin.protocol, found, origin.connection, origin.direction)
+            if found != origin.device:
+                origin = Origin(origin.protocol, found, origin.connection, origin.direction)
     tags = {"serial": serial} if serial else {}
 
     if frame.type in (5, 16) and frame.b1 == REQUEST and body is not None:
-        naive = device_time(body.get("Time", ""))
+        naive = device_time(body.first.get("Time", ""))
         if clock_offset_s is None and naive is not None:
-            clock_offset_s = math.floor((received - naive.replace(tzinfo=UTC)).total_seconds())
-        fields = typed_fields(numbered(body))
+            clock_offset_s = math.floor((received - as_utc(naive)).total_seconds())
+        fast = float_fields(body.first) if body.plain else None
+        fields = fast if fast is not None else typed_fields(_members(body))
         if naive is not None:
             fields["device_time"] = _iso(naive)
         if not fields:
             return []
         measurement = "alphaess_realtime" if frame.type == 16 else "alphaess_extended"
-        return [Record(measurement, _stamp(naive, clock_offset_s, received), tags, fields, origin)]
+        make = Record if fast is None else Record.typed  # float_fields' are typed by construction
+        return [make(measurement, _stamp(naive, clock_offset_s, received), tags, fields, origin)]
 
     if frame.type == 12 and frame.b1 == REQUEST:
         return _backfill_records(frame.body, origin, received, clock_offset_s)
 
     if frame.type == 9 and frame.b1 == REQUEST and body is not None:
-        return _event_records(body, tags, origin, received, clock_offset_s)
+        return _event_records(body.first, tags, origin, received, clock_offset_s)
 
-    if frame.type == 8 and body is not None and body.get("Command"):
-        fields = {_snake(k): _text(v) for k, v in numbered(body) if v != REDACTED}
+    if frame.type == 8 and body is not None and body.first.get("Command"):
+        fields = {_snake(k): _text(v) for k, v in _members(body) if v != REDACTED}
         kind = "request" if frame.b1 == REQUEST else "ack"
         return [Record("alphaess_command", received, {**tags, "kind": kind}, fields, origin)]
 
     if (frame.type, frame.b1) in ((4, REQUEST), (3, RESPONSE)) and body is not None:
-        fields = {k: _text(v) for k, v in numbered(body) if k not in ("SN", "Status") and v != REDACTED}
+        fields = {k: _text(v) for k, v in _members(body) if k not in ("SN", "Status") and v != REDACTED}
         if not fields:
             return []
         source = "device" if frame.b1 == REQUEST else "cloud"
         return [Record("alphaess_device", received, {**tags, "source": source}, fields, origin)]
 
     if frame.type == 2 and frame.b1 == REQUEST and body is not None:
-        company = body.get("CompanyName", "")
+        company = body.first.get("CompanyName", "")
         return [Record("alphaess_login", received, tags, {"CompanyName": _text(company)}, origin)]
 
     return []
+
+
+def _members(body: JsonObject) -> Collection[tuple[str, Any]] | Iterator[tuple[str, Any]]:
+    """The body's members, a repeated key numbered (module docstring)."""
+    return body.members if body.plain else numbered(body.members)
 
 
 def _text(value: Any) -> str:
@@ -374,7 +495,7 @@ def _backfill_records(body: bytes, origin: Origin, received: datetime, offset: i
     return records
 
 
-def _event_records(body: Body, tags: dict[str, str], origin: Origin, received: datetime,
+def _event_records(body: Mapping[str, Any], tags: dict[str, str], origin: Origin, received: datetime,
                    offset: int | None) -> list[Record]:
     msg_type = _text(body.get("MsgType", ""))
     content = _text(body.get("MsgContent", ""))
@@ -394,13 +515,12 @@ def _event_records(body: Body, tags: dict[str, str], origin: Origin, received: d
 
 
 def decode_raw(raw: RawPayload) -> list[Record]:
-    """Records of a stored (redacted) payload. Garbage, partial, opaque and withheld payloads
-    hold none."""
+    """Records of a stored (redacted) payload: from the live path's reading when it carries one,
+    else from the bytes. Garbage, partial, opaque and withheld payloads hold none."""
     if raw.kind in ("garbage", "partial", "opaque") or is_withheld(raw):
         return []
     if raw.kind != "frame":
         raise ValueError(f"unknown AlphaESS payload kind {raw.kind!r}")
     offset = raw.meta.get("clock_offset_s")
-    return records_from_frame(parse_frame(raw.payload), raw.origin, raw.received,
+    return records_from_frame(raw.parsed_as(FrameReading) or read_frame(raw.payload), raw.origin, raw.received,
                               int(offset) if offset is not None else None)
-

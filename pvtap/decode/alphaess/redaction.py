@@ -6,15 +6,15 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pvtap.privacy import REDACTED, Privacy
 from pvtap.records import RawPayload
 
 from ..withhold import is_withheld, redacted_origin, withhold
-from .framing import REQUEST, AlphaFrame, encode_frame, parse_frame
-from .records import Body, dump, json_body
+from .framing import REQUEST, AlphaFrame, encode_frame
+from .records import UNREAD, Body, FrameReading, JsonObject, Unread, dump, read_frame
 
 #: Redacted always (reference §4).
 SECRET_KEYS = frozenset({"Password", "License", "Address", "ZipCode", "PhoneNumber"})
@@ -28,6 +28,7 @@ _MAC = re.compile(r"(MAC:\s*)[0-9A-Fa-f]{2}(?:[ :-]?[0-9A-Fa-f]{2}){5}")
 #: strings (outside strings JSON has no quotes), so a token followed by `:` is a key.
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _COLON = re.compile(r"\s*:\s*")
+_JSON_SPACE = " \t\n\r"
 _VALUE = json.JSONDecoder(object_pairs_hook=Body)
 
 
@@ -68,16 +69,20 @@ class _Redaction:
             return cleaned
         return value
 
-    def json(self, body: bytes) -> bytes | None:
-        """A JSON body with only the secret values replaced, every other byte (repeated keys,
-        spacing, key order) as it was; None when the body is not a JSON object."""
-        if json_body(body) is None:
+    def json(self, body: bytes, parsed: JsonObject | None) -> tuple[bytes, JsonObject | Unread | None] | None:
+        """A JSON body (`parsed`: as read) with only the secret values replaced, every other byte
+        (repeated keys, spacing, key order) as it was, and the redacted body as read when that
+        is known without reading it (else UNREAD); None when the body is not a JSON object."""
+        if parsed is None:
             return None
+        if parsed.plain and self.keys.isdisjoint(parsed.first):  # each key is in `first`: nothing to change
+            return body, parsed
         text = body.decode("utf-8")
         out: list[str] = []
+        changed: dict[str, Any] = {}
         pos = skip_to = 0
         plain = "\\" not in text
-        for key, start in self._keys_in(text):
+        for key, start in self._keys_in(text, parsed):
             if start < skip_to:
                 continue  # inside a value already replaced
             if plain and text[start] == '"':  # a string without escapes: it ends at the next quote
@@ -89,16 +94,36 @@ class _Redaction:
             if new == value and type(new) is type(value):
                 continue
             out += (text[pos:start], dump(new))
+            changed[key] = new
             pos = skip_to = end
         if not out:
-            return body
+            return body, parsed
         out.append(text[pos:])
-        return "".join(out).encode("utf-8")
+        if not parsed.plain:
+            return "".join(out).encode("utf-8"), UNREAD
+        # Each key once, at the top level: the text now reads as `first` with the new values (the
+        # new values are strings without escapes, or the old ones), and stays plain.
+        first = {**parsed.first, **changed}
+        return "".join(out).encode("utf-8"), JsonObject(first.items(), first, True)
 
-    def _keys_in(self, text: str) -> Iterator[tuple[str, int]]:
-        """(key, where its value starts) for each key of interest in a valid JSON text. Without a
-        backslash no string can hold a quote, so every `"Key":` the pattern finds is a key;
-        otherwise every string token is looked at, escaped keys decoded."""
+    def _keys_in(self, text: str, parsed: JsonObject) -> Iterator[tuple[str, int]]:
+        """(key, where its value starts) for each key of interest in a valid JSON text, in text
+        order. Without a backslash no string can hold a quote, so every `"Key":` is a key: a
+        plain body's keys of interest (known from `first`) are looked up directly, others found
+        by the pattern; with a backslash every string token is looked at, escaped keys decoded."""
+        if parsed.plain:
+            found = []
+            for key in self.keys.intersection(parsed.first):
+                at = text.find(f'"{key}":')  # (the pattern below finds a space before the colon too)
+                if at < 0:
+                    break
+                start = at + len(key) + 3
+                while text[start] in _JSON_SPACE:  # a value follows the colon: the index stays in the text
+                    start += 1
+                found.append((start, key))
+            else:
+                yield from ((key, start) for start, key in sorted(found))
+                return
         if "\\" not in text:
             for match in self.key_pattern.finditer(text):
                 yield match.group(1), match.end()
@@ -129,7 +154,7 @@ class _Redaction:
             lines[i] = ",".join(self.value(header[j], c) if c else c for j, c in enumerate(cells))
         return "\n".join(lines).encode("utf-8", errors="surrogateescape")
 
-    def meta(self, meta: dict[str, Any]) -> dict[str, Any]:
+    def meta(self, meta: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(meta)
         if self.redacted:
             out["redacted"] = ",".join(sorted(self.redacted))
@@ -138,13 +163,24 @@ class _Redaction:
         return out
 
 
-def _redacted_body(frame: AlphaFrame, redaction: _Redaction) -> bytes | None:
-    """The body as it may be stored; None when it cannot be vouched for."""
+def _redacted(reading: FrameReading, redaction: _Redaction) -> FrameReading | None:
+    """The frame as it may be stored (the same reading when nothing changed); None when its
+    body cannot be vouched for."""
+    frame = reading.frame
     if not frame.body:
-        return frame.body
+        return reading
+    json: JsonObject | Unread | None = UNREAD
     if frame.type == 12 and frame.b1 == REQUEST:
-        return redaction.csv(frame.body)
-    return redaction.json(frame.body)
+        body = redaction.csv(frame.body)
+    else:
+        redacted = redaction.json(frame.body, reading.json)
+        body, json = redacted if redacted is not None else (None, UNREAD)
+    if body is None:
+        return None
+    if body is frame.body or body == frame.body:
+        return reading
+    wire = encode_frame(frame.b1, frame.type, body)
+    return FrameReading(wire, AlphaFrame(frame.b1, frame.type, body, int.from_bytes(wire[-2:], "big")), json)
 
 
 _REJECTED = {"garbage": "bytes in no frame", "partial": "a frame cut off at the end of the connection",
@@ -161,14 +197,16 @@ def redact_raw(raw: RawPayload, privacy: Privacy) -> RawPayload:
         return withhold(raw, str(raw.meta["withheld"]), privacy, origin=origin)
     if raw.kind != "frame":
         return withhold(raw, _REJECTED.get(raw.kind, f"payload kind {raw.kind!r}"), privacy, origin=origin)
-    try:
-        frame = parse_frame(raw.payload)
-    except ValueError as exc:
-        return withhold(raw, f"not one frame: {exc}", privacy, origin=origin)
+    reading = raw.parsed_as(FrameReading)
+    if reading is None:  # a payload from elsewhere (a replay, an import): read its bytes
+        try:
+            reading = read_frame(raw.payload)
+        except ValueError as exc:
+            return withhold(raw, f"not one frame: {exc}", privacy, origin=origin)
     redaction = _Redaction(privacy)
-    body = _redacted_body(frame, redaction)
-    if body is None:
-        return withhold(raw, f"{frame.name} body is neither a JSON object nor the back-fill CSV", privacy,
+    redacted = _redacted(reading, redaction)
+    if redacted is None:
+        return withhold(raw, f"{reading.frame.name} body is neither a JSON object nor the back-fill CSV", privacy,
                         origin=origin)
-    payload = raw.payload if body is frame.body or body == frame.body else encode_frame(frame.b1, frame.type, body)
-    return RawPayload(origin, raw.kind, payload, raw.received, redaction.meta(dict(raw.meta)))
+    payload = raw.payload if redacted is reading else redacted.source  # an unchanged frame: stored as it came
+    return RawPayload(origin, raw.kind, payload, raw.received, redaction.meta(raw.meta), redacted)

@@ -13,7 +13,7 @@ from pvtap.records import DOWN, UP, Origin, RawPayload
 
 from ..sampling import RejectedSample
 from .framing import KNOWN_TYPES, PROTOCOL, REQUEST, SYNC, AlphaFrame, Framer, Garbage, ack_frame
-from .records import csv_rows, first_device_time, json_body
+from .records import FrameReading, as_utc, csv_rows, first_device_time
 
 # -- the relay's side -------------------------------------------------------------------------
 
@@ -25,7 +25,8 @@ class Tap:
 
     `feed(direction, data, received)` returns one RawPayload per complete frame (kind "frame",
     meta `frame` = "1-1-16" etc., `length`, and for frames carrying device times
-    `clock_offset_s` / `clock`) or per run of rejected bytes (kind "garbage", meta `reason`).
+    `clock_offset_s` / `clock`; the frame as read, a `FrameReading`, in `parsed`) or per run
+    of rejected bytes (kind "garbage", meta `reason`).
     If the device's first two bytes are not `01 01` / `01 02` (e.g. a TLS ClientHello) the
     connection is `opaque`: one "opaque" payload holding the first 5 bytes (which `redact_raw`
     withholds), then nothing.
@@ -66,13 +67,16 @@ class Tap:
             if not SYNC.match(data):
                 return [self._go_opaque(data[:5], len(data), received)]
         out = []
-        for item in self._framers[direction].feed(data):
+        framer = self._framers[direction]
+        items = framer.feed(data)
+        wires = iter(framer.wire)
+        for item in items:
             if isinstance(item, Garbage):
                 self.rejected += len(item.data)
                 if self.rejected_sample.take(len(item.data)):
                     out.append(self._raw(direction, "garbage", item.data, received, {"reason": item.reason}))
             else:
-                out.append(self._frame(direction, item, received))
+                out.append(self._frame(direction, item, next(wires), received))
         return out
 
     def finish(self, received: datetime) -> list[RawPayload]:
@@ -95,45 +99,47 @@ class Tap:
         reason = "TLS handshake" if _TLS_RECORD.match(head) else "not AlphaESS framing"
         return self._raw(UP, "opaque", head, received, {"reason": reason})
 
-    def _frame(self, direction: str, frame: AlphaFrame, received: datetime) -> RawPayload:
+    def _frame(self, direction: str, frame: AlphaFrame, wire: bytes, received: datetime) -> RawPayload:
         self.frames += 1
         if frame.type not in KNOWN_TYPES:
             self.unknown += 1
+        reading = FrameReading(wire, frame)
         meta: dict[str, Any] = {"frame": frame.name, "length": len(frame.body)}
         try:  # a frame is kept whatever its body holds; serial and clock are extras
-            self._learn_serial(frame)
-            naive = first_device_time(frame)
+            self._learn_serial(reading)
+            naive = first_device_time(reading)
             if naive is not None:
                 meta.update(self._clock(frame, naive, received))
         except (ValueError, OverflowError, OSError) as exc:  # absurd device dates
             meta["clock_error"] = str(exc)
-        return self._raw(direction, "frame", frame.encode(), received, meta)
+        return self._raw(direction, "frame", reading.source, received, meta, reading)
 
     def _clock(self, frame: AlphaFrame, naive: datetime, received: datetime) -> dict[str, Any]:
         """The device-clock offset for this frame (module docstring)."""
         if frame.type in (5, 16):
-            lag = (received - naive.replace(tzinfo=UTC)).total_seconds()
+            lag = (received - as_utc(naive)).total_seconds()
             self._min_lag = lag if self._min_lag is None else min(self._min_lag, lag)
         if self._min_lag is not None:
             return {"clock_offset_s": math.floor(self._min_lag), "clock": "learned"}
-        as_utc = naive.astimezone(UTC).replace(tzinfo=None)  # naive = host local time
-        return {"clock_offset_s": round((as_utc - naive).total_seconds()), "clock": "host-timezone"}
+        host_utc = naive.astimezone(UTC).replace(tzinfo=None)  # naive = host local time
+        return {"clock_offset_s": round((host_utc - naive).total_seconds()), "clock": "host-timezone"}
 
-    def _learn_serial(self, frame: AlphaFrame) -> None:
-        if frame.type == 12:
-            serial = next((row.get("SN", "") for row in csv_rows(frame.body)), "")
+    def _learn_serial(self, reading: FrameReading) -> None:
+        if reading.frame.type == 12:
+            serial = next((row.get("SN", "") for row in csv_rows(reading.frame.body)), "")
         else:
-            body = json_body(frame.body) if frame.body else None
-            serial = (body.get("SN") or body.get("UserName") or "") if body else ""
+            body = reading.json
+            serial = (body.first.get("SN") or body.first.get("UserName") or "") if body else ""
         if isinstance(serial, str) and serial and serial != self.origin.device:
             self.origin = dataclasses.replace(self.origin, device=serial)
 
-    def _raw(self, direction: str, kind: str, payload: bytes, received: datetime, meta: dict[str, Any]) -> RawPayload:
+    def _raw(self, direction: str, kind: str, payload: bytes, received: datetime, meta: dict[str, Any],
+             reading: FrameReading | None = None) -> RawPayload:
         origin = self._origins.get(direction)
         if origin is None or origin.device != self.origin.device:  # made once per direction and device
             origin = self._origins[direction] = Origin(PROTOCOL, self.origin.device, self.origin.connection,
                                                        direction)
-        return RawPayload(origin, kind, payload, received, meta)
+        return RawPayload(origin, kind, payload, received, meta, reading)
 
 
 class LocalAnswerer:

@@ -27,6 +27,9 @@ field has one type everywhere (InfluxDB rejects a field that changes type): ids,
 joules and seconds are int; physical quantities (V, Hz, A, °C, W, Wh, degrees) are float;
 everything else, and every attribute this module does not know, is str.
 
+Read once: `redact_raw` parses the report, redacts the tree and stores its serialisation; the
+tree goes on in the payload's `parsed` (`ReportReading`), so `decode_raw` does not parse again.
+
 Modules: `envelope` (paths, zlib, the form, safe XML, the cloud's answer), `redaction`
 (`redact_raw`), `records` (`decode_raw`); this package re-exports their public names.
 """
@@ -41,6 +44,7 @@ from .envelope import (
     REPORTS_PREFIX,
     PayloadTooLarge,
     ReportError,
+    ReportReading,
     build_response,
     event_ids,
     inflate,
@@ -67,6 +71,7 @@ __all__ = [
     "SERIAL_ATTRIBUTES",
     "PayloadTooLarge",
     "ReportError",
+    "ReportReading",
     "build_response",
     "decode_raw",
     "event_ids",

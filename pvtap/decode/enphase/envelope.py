@@ -8,6 +8,7 @@ import threading
 import urllib.parse
 import zlib
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from lxml import etree
 
@@ -149,7 +150,7 @@ def _parser() -> etree.XMLParser:
     return parser
 
 
-def _parse_xml(xml: bytes) -> etree._Element:
+def parse_xml(xml: bytes) -> etree._Element:
     """The root element of a report or response. Refuses DOCTYPE/ENTITY declarations outright
     (no Envoy sends them; they are the shape of entity-expansion attacks) and anything above
     MAX_XML; malformed or truncated XML raises ReportError."""
@@ -169,25 +170,13 @@ def _parse_xml(xml: bytes) -> etree._Element:
     return root
 
 
-_handed_over = threading.local()
+class ReportReading(NamedTuple):
+    """A report as the live path reads it, once: `redact_raw` parses and redacts the tree and
+    serialises it as the stored payload (`source`); `decode_raw` takes the tree from the payload
+    (`RawPayload.parsed`) instead of parsing those bytes again. Nothing changes the tree after."""
 
-
-def hand_over(xml: bytes, root: etree._Element) -> None:
-    """Keep the tree `xml` was serialised from for this thread's next `parse_xml` of the same
-    bytes: `redact_raw` serialises the report it redacted and `decode_raw` reads those bytes
-    next, so the one parse serves both. One tree per thread, taken once."""
-    _handed_over.tree = (xml, root)
-
-
-def parse_xml(xml: bytes) -> etree._Element:
-    """The root element of a report or response (the tree `hand_over` kept for these bytes, or a
-    new parse, see `_parse_xml`)."""
-    kept = getattr(_handed_over, "tree", None)
-    if kept is not None:
-        _handed_over.tree = None
-        if kept[0] is xml or kept[0] == xml:
-            return kept[1]
-    return _parse_xml(xml)
+    source: bytes
+    root: etree._Element
 
 
 def event_ids(body: bytes, content_type: str | None) -> list[str]:

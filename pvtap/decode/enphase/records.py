@@ -11,7 +11,7 @@ from lxml import etree
 from pvtap.records import FieldValue, Origin, RawPayload, Record, utc_from_unix
 
 from ..withhold import is_withheld
-from .envelope import PROTOCOL, ReportError, inflated, parse_xml, split_form
+from .envelope import PROTOCOL, ReportError, ReportReading, inflated, parse_xml, split_form
 
 EVENT_STATES = {0: "one-shot", 1: "set", 2: "clear"}
 #: Event codes with a public meaning (reference §2.3, from larsks' constants.py).
@@ -35,13 +35,17 @@ def decode_raw(raw: RawPayload) -> list[Record]:
         if strict:
             raise ReportError(f"payload withheld: {raw.meta['withheld']}")
         return []
-    try:
-        xml, _ = split_form(inflated(raw))
-        root = parse_xml(xml)
-    except ReportError:
-        if strict:
-            raise
-        return []
+    reading = raw.parsed_as(ReportReading)
+    if reading is not None:
+        root = reading.root
+    else:
+        try:
+            xml, _ = split_form(inflated(raw))
+            root = parse_xml(xml)
+        except ReportError:
+            if strict:
+                raise
+            return []
     if root.tag == "perf_report":
         return _Report(root, raw).records()
     if root.tag == "perf_report_response":
@@ -181,7 +185,7 @@ class _Report:
         joules (webcomm 4.6.0); a comma list (possibly the 3.0 form, meaning unconfirmed) is kept
         as the text `stats`. Intervals of one channel with the same end_date (a catch-up roll-up
         ending with a 5-minute one) are one InfluxDB point; filter on interval_duration_s."""
-        a = dict(el.attrib)
+        a = dict(el.items())
         duration = _int(a, "interval_duration", el)
         fields: dict[str, FieldValue] = {"id": _int(a, "id", el), "interval_duration_s": duration}
         if "stat_duration" in a:
@@ -195,7 +199,7 @@ class _Report:
                 fields["avg_power_w"] = joules / duration
         elif stats:
             fields["stats"] = stats
-        if a.keys() - _INTERVAL_ATTRIBUTES:
+        if not _INTERVAL_ATTRIBUTES.issuperset(a):
             fields.update(_unknown(a, _INTERVAL_ATTRIBUTES, fields))
         return self._record("enphase_interval", self._time(_int(a, "end_date", el)), a.get("eqid"), fields)
 
@@ -205,8 +209,8 @@ class _Report:
         stats = AC mV, AC mHz, DC mV, DC mA, °C, two unknown counters, and (8-value form) joules
         over the duration (reference §2.6). The two unknowns are kept as `stats_5`/`stats_6`: they
         may be pwrConvErrSecs/pwrConvMaxErrCycles, but that is unverified."""
-        a = dict(el.attrib)
-        stats = [_int64(v) for v in a.get("stats", "").split(",")]
+        a = dict(el.items())
+        stats = _int64s(a.get("stats", ""))
         if len(stats) < 5:
             raise ValueError(f"reading stats has {len(stats)} values, expected at least 5")
         duration = _int(a, "duration", el)
@@ -221,14 +225,18 @@ class _Report:
         }
         if "flags" in a:
             fields["flags"] = _int(a, "flags", el)
-        for index, value in enumerate(stats[5:], start=5):
-            if index == 7:
-                fields["energy_j"] = value
-                if duration > 0:
-                    fields["avg_power_w"] = value / duration
-            else:
-                fields[f"stats_{index}"] = value
-        if a.keys() - _READING_ATTRIBUTES:
+        count = len(stats)
+        if count > 5:
+            fields["stats_5"] = stats[5]
+        if count > 6:
+            fields["stats_6"] = stats[6]
+        if count > 7:
+            fields["energy_j"] = stats[7]
+            if duration > 0:
+                fields["avg_power_w"] = stats[7] / duration
+        for index in range(8, count):
+            fields[f"stats_{index}"] = stats[index]
+        if not _READING_ATTRIBUTES.issuperset(a):
             fields.update(_unknown(a, _READING_ATTRIBUTES, fields))
         return self._record("enphase_reading", self._time(_int(a, "date", el)), a.get("eqid"), fields)
 
@@ -241,11 +249,12 @@ class _Report:
 
     def _record(self, measurement: str, time: datetime, eqid: str | None, fields: dict[str, FieldValue],
                 **extra_tags: str) -> Record:
-        tags = dict(self.tags)
-        if eqid:
-            tags["eqid"] = eqid
-        tags.update(extra_tags)
-        return Record(measurement, time, tags, fields, self.origin)
+        """A known element's record. Its fields are typed by construction (`Record.typed`): ints
+        within 64 bits (`_int64`), floats from them by arithmetic, attribute text as str."""
+        tags = {**self.tags, "eqid": eqid} if eqid else dict(self.tags)
+        if extra_tags:
+            tags.update(extra_tags)
+        return Record.typed(measurement, time, tags, fields, self.origin)
 
 
 #: What a malformed known element raises (missing or non-integer attribute, a date out of range):
@@ -309,6 +318,14 @@ def _unknown(attrib: Mapping[str, str] | etree._Attrib, known: frozenset[str] | 
 def _int(source: etree._Element | Mapping[str, str], name: str, el: etree._Element | None = None) -> int:
     """An integer attribute of an element (or of its attributes, `el` naming it in errors)."""
     value = source.get(name)
+    if value is not None:
+        try:
+            number = int(value)
+        except ValueError:
+            pass
+        else:
+            if len(value) <= 18 or -(2**63) <= number < 2**63:  # 18 characters: within 64 bits
+                return number
     tag = (el if el is not None else source).tag  # type: ignore[union-attr]
     if value is None:
         raise KeyError(f"<{tag!s}> has no {name}")
@@ -321,9 +338,21 @@ def _int(source: etree._Element | Mapping[str, str], name: str, el: etree._Eleme
 def _int64(text: str) -> int:
     """An integer InfluxDB can store (a bigger one would make it reject the whole write)."""
     number = int(text)
-    if not -(2**63) <= number < 2**63:
+    if len(text) > 18 and not -(2**63) <= number < 2**63:  # 18 characters: within 64 bits
         raise ValueError(f"{text!r} is out of the 64-bit range")
     return number
+
+
+def _int64s(text: str) -> list[int]:
+    """A comma list of `_int64`s, converted and range-checked in C."""
+    items = text.split(",")
+    try:
+        numbers = list(map(int, items))
+    except ValueError:
+        numbers = []  # the first bad item raises below, as the items are read in turn
+    if numbers and min(numbers) >= -(2**63) and max(numbers) < 2**63:
+        return numbers
+    return [_int64(item) for item in items]
 
 
 def _float_or_none(value: str) -> float | None:

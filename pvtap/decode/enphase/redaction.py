@@ -15,7 +15,7 @@ from ..withhold import is_withheld, redacted_origin, withhold
 from .envelope import (
     PayloadTooLarge,
     ReportError,
-    hand_over,
+    ReportReading,
     inflated,
     parse_xml,
     split_form,
@@ -61,7 +61,6 @@ def redact_raw(raw: RawPayload, privacy: Privacy) -> RawPayload:
     scrub = _Scrubber(privacy)
     scrub.tree(root)
     payload = etree.tostring(root, encoding="utf-8", xml_declaration=True)
-    hand_over(payload, root)
     envoy = next(root.iter("envoy"), None)
     device = envoy.get("serial_num", "") if envoy is not None else ""
     if fields:
@@ -69,12 +68,15 @@ def redact_raw(raw: RawPayload, privacy: Privacy) -> RawPayload:
     meta["encoding"] = "xml"
     if device:
         origin = Origin(origin.protocol, device, origin.connection, origin.direction)
-    return RawPayload(origin, raw.kind, payload, raw.received, meta)
+    return RawPayload(origin, raw.kind, payload, raw.received, meta, ReportReading(payload, root))
 
 
 _NETWORK_XPATH = etree.XPath("|".join(f"//@{name}" for name in NETWORK_ATTRIBUTES))
-_SERIAL_XPATH = etree.XPath("|".join(f"//@{name}" for name in SERIAL_ATTRIBUTES))
+_WITH_SERIAL = etree.XPath("//*[" + " or ".join(f"@{name}" for name in SERIAL_ATTRIBUTES) + "]")
 _NO_IDENTITY_ATTRIBUTES = _PLAIN_ATTRIBUTES | set(SERIAL_ATTRIBUTES)  # (serials: already replaced)
+#: Every text or tail that is not just whitespace: where identities found elsewhere may also turn
+#: up, as in any attribute but the known ones (found in C; a report has thousands of elements).
+_FREE_TEXT = etree.XPath("//text()[normalize-space()]")
 _PSEUDONYM = re.compile(r"anon-[0-9a-f]{12}")
 #: Identity-shaped tokens in free text (serials, IPs, MACs, coordinates), looked up in the values
 #: found in this report's identity attributes.
@@ -91,25 +93,36 @@ class _Scrubber:
 
     def tree(self, root: etree._Element) -> None:
         """Redact a parsed report in place (XPath finds the attributes in C: a 500 + 500 report
-        has some 7000 attributes, of which only the eqids need touching)."""
+        has some 7000 attributes, of which only the eqids need touching; an element's other
+        attributes are looked at only when it has one outside the known ones)."""
         if not self.privacy.keep_network_identity:
             for value in _NETWORK_XPATH(root):
                 el = value.getparent()
                 self._remember(str(value), REDACTED)
                 del el.attrib[value.attrname]
         if self.privacy.pseudonym_key:
-            for value in _SERIAL_XPATH(root):
-                if value:
-                    value.getparent().set(value.attrname, self.eqid(str(value)))
+            done: dict[str, str] = {}  # a report names each device in many elements
+            for el in _WITH_SERIAL(root):
+                for name in SERIAL_ATTRIBUTES:
+                    value = el.get(name)
+                    if value:
+                        new = done.get(value)
+                        if new is None:
+                            new = done[value] = self.eqid(value)
+                        el.set(name, new)
         if self.replacements:
+            plain = _NO_IDENTITY_ATTRIBUTES.issuperset
             for el in root.iter():
-                for name, value in el.items():
-                    if name not in _NO_IDENTITY_ATTRIBUTES:
-                        el.set(name, self.value(value))
-                if el.text and el.text.strip():
-                    el.text = self.value(el.text)
-                if el.tail and el.tail.strip():
-                    el.tail = self.value(el.tail)
+                if not plain(el.keys()):
+                    for name, value in el.items():
+                        if name not in _NO_IDENTITY_ATTRIBUTES:
+                            el.set(name, self.value(value))
+            for text in _FREE_TEXT(root):
+                parent = text.getparent()
+                if text.is_tail:
+                    parent.tail = self.value(str(text))
+                else:
+                    parent.text = self.value(str(text))
 
     def eqid(self, value: str) -> str:
         """A serial or `serial.N` channel id with the serial pseudonymised; idempotent."""

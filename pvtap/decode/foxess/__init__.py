@@ -12,6 +12,9 @@ One package serves every FoxESS channel: the frame format is the same on all of 
 cases the local answerer handles (M1 bootstrap, hub logins and heartbeats) never overlap. UDP
 datagrams arrive as RawPayloads of kind "datagram" and become presence records.
 
+Read once: the splitter checks and parses each frame; the Tap hands it on as a `FrameReading`
+in the payload's `parsed`, which `redact_raw` and `decode_raw` use instead of the bytes.
+
 Modules: `framing` (frames, CRC, splitter, function codes), `payloads` (pure payload parsers),
 `records` (`decode_raw`), `redaction` (`redact_raw`), `tap` (the relay's Tap and LocalAnswerer);
 this package re-exports their public names.
@@ -55,11 +58,13 @@ from .framing import (
     TAILS,
     Frame,
     FrameError,
+    FrameReading,
     FrameSplitter,
     build_frame,
     crc16,
     hub_channel,
     parse_frame,
+    read_frame,
 )
 from .payloads import (
     FOUR_STRING_MODELS,
@@ -129,6 +134,7 @@ __all__ = [
     "FirmwareMetadata",
     "Frame",
     "FrameError",
+    "FrameReading",
     "FrameSplitter",
     "LocalAnswerer",
     "ModbusMessage",
@@ -152,6 +158,7 @@ __all__ = [
     "parse_registration",
     "parse_wifi_setup",
     "presence_records",
+    "read_frame",
     "redact_raw",
     "s16",
     "serial_in",

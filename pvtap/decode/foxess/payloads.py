@@ -77,10 +77,6 @@ _M1_WORDS = struct.Struct(f">{M1_TELEMETRY_LENGTH // 2}H")
 FOUR_STRING_MODELS = ("Q1",)
 
 
-def _signed(word: int) -> int:
-    return word - 0x10000 if word & 0x8000 else word
-
-
 def decode_m1_telemetry(p: bytes, model: str = "") -> dict[str, FieldValue]:
     """The 238-byte M1/Q1 telemetry block (foxess_local_gateway `telemetry.py` offsets), read
     as big-endian words in one unpack.
@@ -95,27 +91,30 @@ def decode_m1_telemetry(p: bytes, model: str = "") -> dict[str, FieldValue]:
     w = _M1_WORDS.unpack(p)  # w[i] is the word at byte offset 2 * i
     state, pv_strings = w[77], w[78]
     four = pv_strings >= 4 or model.upper().startswith(FOUR_STRING_MODELS) or any(w[24:30])
+    ac, export, temperature = w[3], w[1], w[31]
     fields: dict[str, FieldValue] = {
-        "ac_power_w": _signed(w[3]),
-        "export_power_w": -_signed(w[1]),
+        "ac_power_w": ac - 0x10000 if ac & 0x8000 else ac,
+        "export_power_w": -(export - 0x10000 if export & 0x8000 else export),
         "ac_voltage_v": w[6] / 32,
         "ac_current_a": w[7] / 512,
         "frequency_hz": w[8] / 128,
+        "pv1_voltage_v": w[18] / 256, "pv1_current_a": w[19] / 512, "pv1_power_w": w[20],
+        "pv2_voltage_v": w[21] / 256, "pv2_current_a": w[22] / 512, "pv2_power_w": w[23],
     }
-    for n in range(1, 5 if four else 3):
-        base = 18 + (n - 1) * 3
-        fields[f"pv{n}_voltage_v"] = w[base] / 256
-        fields[f"pv{n}_current_a"] = w[base + 1] / 512
-        fields[f"pv{n}_power_w"] = w[base + 2]
-    fields["temperature_c"] = _signed(w[31]) / 32
-    fields["sequence"] = w[33]
-    fields["generation_total_kwh"] = (w[35] | w[36] << 16) / 128
-    fields["export_total_kwh"] = (w[37] | w[38] << 16) / 128
-    for i in range(5):
-        fields[f"fault_word_{i + 1}"] = w[49 + i]
-    fields["state"] = state
-    fields["state_text"] = _STATES.get(state, "unknown")
-    fields["pv_strings"] = pv_strings
+    if four:
+        fields.update({"pv3_voltage_v": w[24] / 256, "pv3_current_a": w[25] / 512, "pv3_power_w": w[26],
+                       "pv4_voltage_v": w[27] / 256, "pv4_current_a": w[28] / 512, "pv4_power_w": w[29]})
+    fields.update({
+        "temperature_c": (temperature - 0x10000 if temperature & 0x8000 else temperature) / 32,
+        "sequence": w[33],
+        "generation_total_kwh": (w[35] | w[36] << 16) / 128,
+        "export_total_kwh": (w[37] | w[38] << 16) / 128,
+        "fault_word_1": w[49], "fault_word_2": w[50], "fault_word_3": w[51], "fault_word_4": w[52],
+        "fault_word_5": w[53],
+        "state": state,
+        "state_text": _STATES.get(state, "unknown"),
+        "pv_strings": pv_strings,
+    })
     return fields
 
 

@@ -37,6 +37,7 @@ from .framing import (
     REPLY,
     Frame,
     FrameError,
+    FrameReading,
     hub_channel,
     parse_frame,
 )
@@ -79,7 +80,8 @@ def decode_raw(raw: RawPayload) -> list[Record]:
                              "payload_length": _meta_int(raw, "payload_length", 0)})]
         return []
     if raw.kind == "frame":
-        return decode_frame(parse_frame(raw.payload), raw)
+        reading = raw.parsed_as(FrameReading)
+        return decode_frame(reading.frame if reading is not None else parse_frame(raw.payload), raw)
     if raw.kind == "datagram":
         return presence_records(raw.payload, _meta_int(raw, "port", 0), raw.origin, raw.received)
     if raw.kind in ("garbage", "partial", "opaque"):
@@ -96,9 +98,11 @@ def decode_frame(frame: Frame, raw: RawPayload) -> list[Record]:
 
 
 def _record(measurement: str, raw: RawPayload, tags: dict[str, str], fields: dict[str, FieldValue],
-            serial: str = "") -> Record:
+            serial: str = "", *, typed: bool = False) -> Record:
+    """`typed`: the fields are a telemetry block's, typed by construction (`Record.typed`)."""
     serial = serial or str(raw.meta.get("serial", ""))
-    return Record(measurement, raw.received, {**({"serial": serial} if serial else {}), **tags}, fields, raw.origin)
+    return (Record.typed if typed else Record)(measurement, raw.received,
+                                               {"serial": serial, **tags} if serial else tags, fields, raw.origin)
 
 
 def _product_info(frame: Frame, raw: RawPayload) -> list[Record]:
@@ -109,12 +113,12 @@ def _realtime(frame: Frame, raw: RawPayload) -> list[Record]:
     p = frame.payload
     if len(p) == M1_TELEMETRY_LENGTH:
         fields = decode_m1_telemetry(p, str(raw.meta.get("model", "")))
-        return [_record("foxess_telemetry", raw, {"layout": "m1"}, fields)]
+        return [_record("foxess_telemetry", raw, {"layout": "m1"}, fields, typed=True)]
     if len(p) == H1_REALTIME_LENGTH:
-        return [_record("foxess_h1_realtime", raw, {}, decode_h1_realtime(p))]
+        return [_record("foxess_h1_realtime", raw, {}, decode_h1_realtime(p), typed=True)]
     if len(p) in T_REALTIME_VERSIONS:
         return [_record("foxess_t_realtime", raw, {"payload_version": str(T_REALTIME_VERSIONS[len(p)])},
-                        decode_t_realtime(p))]
+                        decode_t_realtime(p), typed=True)]
     return [_record("foxess_unknown_frame", raw, {"family": f"{frame.family:02x}"},
                     {"function": frame.function, "payload_length": len(p)})]
 

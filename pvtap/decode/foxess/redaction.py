@@ -36,8 +36,9 @@ from .framing import (
     REGISTRATION,
     Frame,
     FrameError,
+    FrameReading,
     hub_channel,
-    parse_frame,
+    read_frame,
 )
 from .payloads import (
     REALTIME_LENGTHS,
@@ -74,10 +75,13 @@ def redact_raw(raw: RawPayload, privacy: Privacy) -> RawPayload:
 
 
 def _redact_frame_payload(raw: RawPayload, privacy: Privacy, origin, meta: dict, serial: str) -> RawPayload:
-    try:
-        frame = parse_frame(raw.payload)
-    except FrameError as exc:
-        return withhold(raw, f"not one frame: {exc}", privacy, origin=origin, meta=meta)
+    reading = raw.parsed_as(FrameReading)
+    if reading is None:  # a payload from elsewhere (a replay, an import, a datagram): read its bytes
+        try:
+            reading = read_frame(raw.payload)
+        except FrameError as exc:
+            return withhold(raw, f"not one frame: {exc}", privacy, origin=origin, meta=meta)
+    frame = reading.frame
     try:
         redacted = _redact_frame(frame, privacy, meta)
     except _Unknown as exc:
@@ -90,11 +94,12 @@ def _redact_frame_payload(raw: RawPayload, privacy: Privacy, origin, meta: dict,
     if privacy.pseudonym_key and _shows_serial(redacted, serial, raw.origin.device):
         return withhold(raw, "the device serial shows outside the fields pseudonymised", privacy, origin=origin,
                         meta=meta)
-    payload = raw.payload
     if redacted != frame.payload:
-        payload = Frame(frame.family, frame.function, frame.stamp, redacted).encode()
+        frame = Frame(frame.family, frame.function, frame.stamp, redacted)
+        reading = FrameReading(frame.encode(), frame)
         meta["redacted"] = True
-    return RawPayload(origin, raw.kind, payload, raw.received, meta)
+        return RawPayload(origin, raw.kind, reading.source, raw.received, meta, reading)
+    return RawPayload(origin, raw.kind, raw.payload, raw.received, meta, reading)
 
 
 def _shows_serial(payload: bytes, *serials: str) -> bool:

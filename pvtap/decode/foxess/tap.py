@@ -27,6 +27,7 @@ from .framing import (
     REPLY,
     Frame,
     FrameError,
+    FrameReading,
     FrameSplitter,
     build_frame,
     hub_channel,
@@ -60,7 +61,8 @@ class Tap:
     the runs beyond it. The model a product-info frame names goes into the meta of the frames
     after it (`model`), so an M1/Q1 telemetry block knows whether it has four strings.
     Modbus requests are remembered by their stamp so the reply that echoes it carries the
-    register and count (meta), which the reply itself does not.
+    register and count (meta), which the reply itself does not. A frame's payload carries the
+    frame as the splitter read it (`FrameReading`, in `parsed`).
     """
 
     MAX_PENDING = 256
@@ -131,7 +133,8 @@ class Tap:
             meta["serial"] = self.serial
         if self.model:
             meta["model"] = self.model
-        return RawPayload(self._origins[direction], kind, chunk, received, meta)
+        return RawPayload(self._origins[direction], kind, chunk, received, meta,
+                          None if frame is None else FrameReading(chunk, frame))
 
     def _inspect(self, frame: Frame) -> dict[str, int]:
         if frame.function not in DECODERS:
