@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from datetime import UTC, datetime
 
 import pytest
@@ -22,6 +21,7 @@ from pvtap.privacy import Privacy
 from pvtap.records import Origin, RawPayload
 from pvtap.simulate.enphase import Simulator, encode_body
 from pvtap.store.local import LocalStore
+from tests.waiting import until, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,7 +35,7 @@ PARENT = textwrap.dedent("""
     from pvtap.privacy import Privacy
     channel = Channel.process(WorkerSettings.of(sys.argv[1], Privacy(), InfluxConfig(), 1 << 20)).start(30)
     print(channel.ready["pid"], flush=True)
-    time.sleep(600)
+    time.sleep(600)  # a parent that only lives until the test kills it
 """)
 
 
@@ -67,10 +67,7 @@ def test_the_worker_ends_by_itself_when_its_parent_is_killed(tmp_path):
         assert alive(worker)
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
-        deadline = time.monotonic() + 30
-        while alive(worker) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not alive(worker), "the worker outlived its parent"
+        wait_until(lambda: not alive(worker), 30, what="the worker to end after its parent was killed")
     finally:
         parent.kill()
     with LocalStore(tmp_path / "relay.sqlite", readonly=True) as store:
@@ -90,9 +87,7 @@ async def test_a_worker_that_dies_is_restarted_and_the_gap_is_counted(tmp_path):
         await channel.idle()
         first = channel.ready["pid"]
         os.kill(first, signal.SIGKILL)
-        async with asyncio.timeout(10):
-            while is_alive(channel):  # the EOF reaches the loop
-                await asyncio.sleep(0.01)
+        await until(lambda: not is_alive(channel), what="the worker's EOF to reach the loop")
         gap = [channel.payload(frame(n)) for n in range(10, 15)]  # no worker: dropped, counted, never blocking
         assert gap == [False] * 5
         async with asyncio.timeout(30):
