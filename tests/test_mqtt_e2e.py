@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,3 +284,65 @@ async def test_broker_down_holds_up_neither_forwarding_nor_storing(tmp_path):
             broker.stop()
     assert "mqtt: connected to" in relay.text and "cannot connect" in relay.text
 
+
+
+async def test_pvtap_mqtt_on_its_own_follows_what_a_relay_stores(tmp_path, broker):
+    """`pvtap mqtt` as its own process over a data directory that a relay (without MQTT) fills:
+    retained discovery and state for the battery, its bridge online, records stored while it runs
+    published too; SIGTERM ends it with exit 0 and its bridge offline (said before it disconnects)."""
+    data = tmp_path / "data"
+    store = data / "relay.sqlite"
+    topic, bridge = state_topic("alphaess", ALPHA_SERIAL), "pvtap/bridge/mqtt/availability"
+    node = f"homeassistant/sensor/pvtap_alphaess_{ALPHA_SERIAL}"
+    async with AlphaCloud() as alpha:
+        relay = RelayProcess(["--protocol", "alphaess", "--listen", "127.0.0.1:0", "--upstream",
+                              f"127.0.0.1:{alpha.port}"], data)
+        await asyncio.to_thread(relay.start)
+        mqtt = None
+        try:
+            await run_simulator("127.0.0.1", relay.port, interval=0.05, extended_every=0.2, count=3, backfill_rows=0)
+            wait_until(lambda: len(records(store, "alphaess_realtime")) == 3, what="3 realtime records stored")
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PVTAP_")}
+            env.update(PVTAP_MQTT_URL=broker.url, PVTAP_MQTT_MIN_INTERVAL_S="0", PYTHONUNBUFFERED="1")
+            with Watcher(broker) as watch:
+                mqtt = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "pvtap", "--data-dir", str(data), "mqtt", env=env,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                first = records(store, "alphaess_realtime", "alphaess_extended")
+                await asyncio.to_thread(watch.wait_for, lambda: topic in watch.last and f"{node}/soc/config"
+                                        in watch.last and watch.last.get(bridge) == b"online", 60,
+                                        "state, discovery and online")
+                held = await asyncio.to_thread(broker.retained)
+                assert json.loads(held[topic])["soc"] == newest(first, "SOC")
+                assert json.loads(held[topic])["battery_power"] == newest(first, "Pbat")
+                # stored while it runs: published as well
+                await run_simulator("127.0.0.1", relay.port, interval=0.05, extended_every=0.2, count=2,
+                                    backfill_rows=0)
+                wait_until(lambda: len(records(store, "alphaess_realtime")) == 5, what="2 more records stored")
+                wait_until(lambda: mqtt_cursor(store)[0] == mqtt_cursor(store)[1], what="pvtap mqtt to catch up")
+                later = records(store, "alphaess_realtime", "alphaess_extended")
+                want = {"soc": newest(later, "SOC"), "battery_power": newest(later, "Pbat")}
+                await asyncio.to_thread(watch.wait_for, lambda: {k: json.loads(watch.last[topic]).get(k)
+                                                                 for k in want} == want, 30, "the newer state")
+                mqtt.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(30):
+                    output, _ = await mqtt.communicate()
+                assert mqtt.returncode == 0, output.decode()
+                await asyncio.to_thread(watch.wait_for, lambda: watch.last.get(bridge) == b"offline", 10,
+                                        "offline on the bridge")
+        finally:
+            if mqtt is not None and mqtt.returncode is None:
+                mqtt.kill()
+                await mqtt.wait()
+            assert await asyncio.to_thread(relay.stop) == 0
+    text = output.decode()
+    assert "mqtt: following relay.sqlite" in text and "mqtt: connected to" in text
+    assert "mqtt: disconnecting from" in text and "Traceback" not in text
+    held = await asyncio.to_thread(broker.retained)
+    assert held[bridge] == b"offline"
+    assert held[f"pvtap/alphaess/{ALPHA_SERIAL}/availability"] == b"online"  # the device was not silent
+    configs = {t: json.loads(p) for t, p in held.items() if t.startswith(node)}
+    assert {f"{node}/{key}/config" for key in ("soc", "battery_power", "pv_power", "grid_power")} <= set(configs)
+    for config in configs.values():
+        assert config["availability"][0]["topic"] == bridge  # the standalone publisher's own bridge
+        assert config["state_topic"] == topic
