@@ -153,6 +153,30 @@ async def test_every_device_through_the_addon_and_the_relay(tmp_path, broker):
     assert {f"pvtap_alphaess_{ALPHA_SERIAL}_pv_energy", f"pvtap_foxess_{M1_SERIAL}_energy",
             *(f"pvtap_enphase_{m}_energy" for m in micros)} <= energy
     assert first["pvtap/bridge/relay/availability"] == first["pvtap/bridge/enphase/availability"] == b"online"
+
+    # -- the device blocks: manufacturer, model and firmware as the stores have them, via_device
+    blocks = {t.split("/")[2]: c["device"] for t, c in configs.items()}
+    for node, block in blocks.items():  # every sensor of a device carries the same block
+        assert all(c["device"] == block for t, c in configs.items() if t.split("/")[2] == node)
+    alpha_device = [r for r in records(relay_store, "alphaess_device") if r.tags.get("source") == "device"][-1]
+    m1_info = [r for r in records(relay_store, "foxess_product_info") if r.tags.get("serial") == M1_SERIAL][-1]
+    (envoy,) = {(r.fields["part_num"], r.fields["sw_version"]) for r in records(enphase_store, "enphase_envoy")}
+    micro_parts = {r.tags["eqid"].partition(".")[0]: r.fields["part_num"] for r in records(enphase_store,
+                                                                                          "enphase_device")}
+    want = {
+        ("alphaess", ALPHA_SERIAL): ("AlphaESS", alpha_device.fields["Minv"], alpha_device.fields["EMSVersion"],
+                                     "pvtap"),
+        ("foxess", M1_SERIAL): ("FoxESS", m1_info.fields["model"], m1_info.fields["firmware"], "pvtap"),
+        ("foxess", H1_SERIAL): ("FoxESS", "Hybrid inverter", None, "pvtap"),  # the H1 tells no model or firmware
+        ("enphase", ENVOY): ("Enphase", envoy[0], envoy[1], "pvtap"),
+        **{("enphase", m): ("Enphase", micro_parts[m], None, f"pvtap_enphase_{ENVOY}") for m in micros},
+    }
+    for (vendor, serial), (manufacturer, model, firmware, via) in want.items():
+        block = blocks[f"pvtap_{vendor}_{serial}"]
+        assert model and (block["manufacturer"], block["model"], block.get("sw_version"), block["via_device"]) \
+            == (manufacturer, model, firmware, via), block
+        assert block["serial_number"] == serial and block["identifiers"] == [f"pvtap_{vendor}_{serial}"]
+    assert set(blocks) == {f"pvtap_{v}_{s}" for v, s in want}
     stopped = broker.retained()  # both stopped: each said so
     assert stopped["pvtap/bridge/relay/availability"] == stopped["pvtap/bridge/enphase/availability"] == b"offline"
 
