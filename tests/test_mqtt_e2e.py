@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from pvtap.certs import foxess_pair
+from pvtap.privacy import pseudonym, pseudonym_key
 from pvtap.simulate.alphaess import PLACEHOLDER_SERIAL as ALPHA_SERIAL
 from pvtap.simulate.alphaess import run_simulator
 from pvtap.simulate.alphaess_cloud import AlphaCloud
@@ -370,3 +371,56 @@ async def test_pvtap_mqtt_on_its_own_follows_what_a_relay_stores(tmp_path, broke
     for config in configs.values():
         assert config["availability"][0]["topic"] == bridge  # the standalone publisher's own bridge
         assert config["state_topic"] == topic
+
+
+async def test_pseudonymised_serials_are_all_the_broker_sees(tmp_path, broker):
+    """privacy.pseudonymize_serials on: a battery through the relay and an Envoy with its micros
+    through the addon. Topics, unique_ids and device blocks (serial_number, identifiers, the micros'
+    via_device) carry the pseudonyms; no real serial is in any topic or payload the broker saw."""
+    data = tmp_path / "data"
+    config = relay_config(tmp_path / "pvtap.toml", broker, None, None)
+    config.write_text(config.read_text() + "\n[privacy]\npseudonymize_serials = true\n")
+    micros = [f"{ENVOY[:-1]}{i + 1}" for i in range(2)]
+    real = [ALPHA_SERIAL, ENVOY, *micros]
+    with EnphaseCloud(cert_dir=tmp_path / "enphase-cloud") as enphase_cloud:
+        async with AlphaCloud() as alpha:
+            relay = RelayProcess(["--config", str(config), "--protocol", "alphaess", "--listen", "127.0.0.1:0",
+                                  "--upstream", f"127.0.0.1:{alpha.port}"], data)
+            await asyncio.to_thread(relay.start)
+            proxy = Mitmdump.reverse(tmp_path, enphase_cloud, data_dir=data,
+                                     extra=["--set", f"pvtap_config={config}"])
+            await asyncio.to_thread(proxy.start)
+            try:
+                key = pseudonym_key(data)
+                alias = {serial: pseudonym(serial, key) for serial in real}
+                devices = [("alphaess", alias[ALPHA_SERIAL]), ("enphase", alias[ENVOY]),
+                           *[("enphase", alias[m]) for m in micros]]
+                with Watcher(broker) as watch:
+                    await run_simulator("127.0.0.1", relay.port, interval=0.05, extended_every=0.2, count=4,
+                                        backfill_rows=2)
+                    sim = Simulator(micros=2, start=DAYTIME)
+                    response = await asyncio.to_thread(post_report, REPORT, encode_body(sim.next_report().xml),
+                                                       connect=("127.0.0.1", proxy.port), cafile=str(proxy.ca_cert))
+                    assert response.status == 200
+                    await asyncio.to_thread(watch.wait_for, lambda: all(state_topic(*d) in watch.last
+                                                                        for d in devices), 60, "every device's state")
+                    held = await asyncio.to_thread(broker.retained)
+                    seen = list(watch.messages)
+            finally:
+                await asyncio.to_thread(proxy.stop)
+                assert await asyncio.to_thread(relay.stop) == 0, relay.text
+    everything = [(m.topic, m.payload) for m in seen] + list(held.items())
+    for serial in real:
+        leaks = [topic for topic, payload in everything if serial in topic or serial.encode() in payload]
+        assert not leaks, f"{serial} in {leaks[:5]}"
+    configs = {t: json.loads(p) for t, p in held.items() if t.startswith("homeassistant/sensor/")}
+    blocks = {c["device"]["serial_number"]: c["device"] for c in configs.values()}
+    assert set(blocks) == {alias[s] for s in real}
+    for serial in real:
+        node = f"pvtap_{'alphaess' if serial == ALPHA_SERIAL else 'enphase'}_{alias[serial]}"
+        assert blocks[alias[serial]]["identifiers"] == [node]
+        assert alias[serial] in blocks[alias[serial]]["name"]
+    for micro in micros:
+        assert blocks[alias[micro]]["via_device"] == f"pvtap_enphase_{alias[ENVOY]}"
+    assert {c["unique_id"] for c in configs.values()} >= {f"pvtap_alphaess_{alias[ALPHA_SERIAL]}_soc",
+                                                          *(f"pvtap_enphase_{alias[m]}_power" for m in micros)}
