@@ -27,10 +27,23 @@ ENV_PREFIX = "PVTAP_"
 CONFIG_ENV = "PVTAP_CONFIG"
 
 
+#: what a config error, `pvtap status` or the web view show in place of a secret
+HIDDEN = "(hidden)"
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/:@\s]*):[^/@\s]*@")
+
+
+def mask_url(text: str) -> str:
+    """`scheme://user:password@host` with the password hidden, wherever such a URL is in `text`."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{HIDDEN}@", text)
+
+
 class ConfigError(ValueError):
-    """A setting is wrong; the message says which, why, and how to fix it."""
+    """A setting is wrong; the message says which, why, and how to fix it. A password in a URL
+    (`mqtt://user:password@host`) is masked: the message goes to logs and terminals."""
 
     def __init__(self, key: str, value: object, problem: str, fix: str, source: str = "") -> None:
+        value = mask_url(value) if isinstance(value, str) else value
         self.key, self.value, self.problem, self.fix, self.source = key, value, problem, fix, source
         where = f" (from {source})" if source else ""
         super().__init__(f"config error: {key} = {value!r}{where}: {problem}. Fix: {fix}")
@@ -39,8 +52,9 @@ class ConfigError(ValueError):
 def setting(default: Any, help: str, check: Callable[[Any], str | None] | None = None,
             fix: str = "", secret: bool = False) -> Any:
     """A config field: its default, one line of help, an optional check returning a problem.
-    A `secret` one is left out of the config's repr, so a logged config never shows it."""
-    metadata = {"help": help, "check": check, "fix": fix}
+    A `secret` one is left out of the config's repr and its value out of config errors, so a
+    logged config or a typo never shows it."""
+    metadata = {"help": help, "check": check, "fix": fix, "secret": secret}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: default, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata, repr=not secret)
@@ -353,7 +367,7 @@ class InfluxConfig:
 
     url: str = setting("", "InfluxDB URL (e.g. http://influxdb:8086); empty keeps records in the local store only.",
                        check=_influx_url)
-    token: str = setting("", "API token (InfluxDB 1.8: user:password; InfluxDB 3: a database token).")
+    token: str = setting("", "API token (InfluxDB 1.8: user:password; InfluxDB 3: a database token).", secret=True)
     org: str = setting("", "Organisation (InfluxDB 1.8: -; InfluxDB 3: ignored, any value).")
     bucket: str = setting("pvtap", "Bucket (InfluxDB 1.8: database/retention_policy; InfluxDB 3: the database).",
                           check=lambda v: None if v.strip() else "must not be empty")
@@ -451,7 +465,7 @@ class MqttConfig:
     url: str = setting("", "Broker URL: mqtt://host[:port] (1883) or mqtts://host[:port] (8883, TLS); empty: no MQTT.",
                        check=_mqtt_url)
     username: str = setting("", "User name at the broker (empty: connect without one).")
-    password: str = setting("", "Password at the broker (with mqtt.username).")
+    password: str = setting("", "Password at the broker (with mqtt.username).", secret=True)
     ca_file: str = setting("", "PEM file with the CA that signed the broker's certificate, for mqtts:// (empty: the "
                            "system CAs).", check=_existing_file,
                            fix="point mqtt.ca_file at an existing PEM file or leave it empty")
@@ -479,7 +493,7 @@ class MqttConfig:
 
     def __post_init__(self) -> None:
         if self.password and not self.username:
-            raise ConfigError("mqtt.password", "***", "a password without a user name",
+            raise ConfigError("mqtt.password", HIDDEN, "a password without a user name",
                               "set mqtt.username too, or remove mqtt.password")
         if self.ca_file and not self.url.startswith("mqtts://"):
             raise ConfigError("mqtt.ca_file", self.ca_file, "a CA file is only used for TLS",
@@ -518,7 +532,7 @@ class WebConfig:
 
     def __post_init__(self) -> None:
         if self.password and len(self.password) < 8:
-            raise ConfigError("web.password", "(hidden)", "shorter than 8 characters",
+            raise ConfigError("web.password", HIDDEN, "shorter than 8 characters",
                               "set web.password (or PVTAP_WEB_PASSWORD) to a longer password of your own")
         if self.listen and not self.password and not is_loopback(split_host_port(self.listen)[0]):
             raise ConfigError("web.password", "", f"web.listen = {self.listen!r} opens the web view to the LAN, "
@@ -618,6 +632,18 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, 
     return out
 
 
+def secret_keys(cls: type = Config, prefix: str = "") -> set[str]:
+    """The keys of settings declared `secret`: never echoed in output or error messages."""
+    out = set()
+    for f in dataclasses.fields(cls):
+        hint = _hint(cls, f.name)
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            out |= secret_keys(hint, f"{prefix}{f.name}.")
+        elif f.metadata.get("secret"):
+            out.add(f"{prefix}{f.name}")
+    return out
+
+
 def _hint(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls)[name]
 
@@ -631,39 +657,59 @@ def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: s
         raise ConfigError(prefix.rstrip(".") or "config", data, "expected a table", f"write [{prefix.rstrip('.')}]")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    secrets = {f.name for f in dataclasses.fields(cls) if f.metadata.get("secret")}
     for key in data:
         if key not in names:
             guess = difflib.get_close_matches(key, names, n=1)
             hint = f"did you mean {prefix}{guess[0]}?" if guess else f"known keys: {', '.join(names)}"
-            raise ConfigError(f"{prefix}{key}", data[key], "unknown setting", hint, source)
+            # a misspelt secret (`pasword`) is as secret as the right one
+            value = HIDDEN if set(guess) & secrets or _SECRET_NAME.search(key) else data[key]
+            raise ConfigError(f"{prefix}{key}", value, "unknown setting", hint, source)
     values = {}
     for f in dataclasses.fields(cls):
         key, hint = f"{prefix}{f.name}", hints[f.name]
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[f.name] = _build(hint, data.get(f.name, {}), env, key + ".", source)
             continue
-        env_key = _env_name(key)
-        if env_key in env and _is_table_list(hint):
-            raise ConfigError(key, env[env_key], "listeners come only from the config file, not from the environment",
-                              f"unset {env_key} and write each listener in the config file as a [[{key}]] table "
-                              'with protocol, listen and policy on lines of their own (docs/relay.md)', env_key)
-        if env_key in env:
-            raw, where = env[env_key], env_key
-            value = _from_env(key, hint, raw, where)
-        elif f.name in data:
-            raw, where = data[f.name], source
-            value = _coerce(key, hint, raw, where, env)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(key, None, "missing", f"add {key} ({f.metadata['help']})", source)
-        else:
+        if f.name in secrets:
+            try:
+                values[f.name] = _setting(f, key, hint, data, env, source)
+            except ConfigError as exc:
+                raise ConfigError(exc.key, HIDDEN, exc.problem, exc.fix, exc.source) from None
             continue
-        check = f.metadata.get("check")
-        problem = check(value) if check else None
-        if problem:
-            fix = f.metadata.get("fix") or f"set {key} to a valid value ({f.metadata['help']})"
-            raise ConfigError(key, raw, problem, fix, where)
-        values[f.name] = value
-    return cls(**values)
+        values[f.name] = _setting(f, key, hint, data, env, source)
+    return cls(**{k: v for k, v in values.items() if v is not _UNSET})
+
+
+#: names of settings that hold a secret, for the "unknown setting" error of a misspelt one
+_SECRET_NAME = re.compile(r"pass|token|secret|key", re.IGNORECASE)
+_UNSET = object()
+
+
+def _setting(f: dataclasses.Field[Any], key: str, hint: Any, data: Mapping[str, Any], env: Mapping[str, str],
+             source: str) -> Any:
+    """One setting's value from the environment, the file or its default (`_UNSET`), checked."""
+    env_key = _env_name(key)
+    if env_key in env and _is_table_list(hint):
+        raise ConfigError(key, env[env_key], "listeners come only from the config file, not from the environment",
+                          f"unset {env_key} and write each listener in the config file as a [[{key}]] table "
+                          'with protocol, listen and policy on lines of their own (docs/relay.md)', env_key)
+    if env_key in env:
+        raw, where = env[env_key], env_key
+        value = _from_env(key, hint, raw, where)
+    elif f.name in data:
+        raw, where = data[f.name], source
+        value = _coerce(key, hint, raw, where, env)
+    elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        raise ConfigError(key, None, "missing", f"add {key} ({f.metadata['help']})", source)
+    else:
+        return _UNSET
+    check = f.metadata.get("check")
+    problem = check(value) if check else None
+    if problem:
+        fix = f.metadata.get("fix") or f"set {key} to a valid value ({f.metadata['help']})"
+        raise ConfigError(key, raw, problem, fix, where)
+    return value
 
 
 def _is_table_list(hint: Any) -> bool:
