@@ -126,7 +126,7 @@ def test_a_second_writer_of_a_store_is_refused_naming_the_fix(tmp_path):
 
 def test_copies_a_worker_killed_at_the_stop_had_not_archived_are_counted_as_lost(tmp_path):
     """The parent knows what it sent and what the worker said it archived (ARCHIVED after each
-    group commit): a worker killed after its grace leaves exactly the difference unarchived, and
+    group commit): a worker killed after its grace leaves at most the difference unarchived, and
     the count reaches the log, the channel's stats and the store's status row."""
     store = tmp_path / "enphase.sqlite"
     simulator = Simulator(micros=3, start=1699956000, seed=5)
@@ -144,6 +144,7 @@ def test_copies_a_worker_killed_at_the_stop_had_not_archived_are_counted_as_lost
     with LocalStore(store, readonly=True) as s:
         archived = s.count_raw()
         status = s.status()
-    assert 0 < archived == stats["copies_sent"] - stats["copies_lost"]
+    # an upper bound: a kill between a group commit and its ARCHIVED counts that commit as lost
+    assert 0 < stats["copies_sent"] - stats["copies_lost"] <= archived <= stats["copies_sent"]
     assert status is not None
     assert status.counts["lost_at_stop"] == status.counts["parent_copies_lost"] == stats["copies_lost"]
