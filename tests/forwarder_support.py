@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -15,6 +14,7 @@ from pvtap.records import Origin, Record
 from pvtap.store.delivery import DeliveryLog
 from pvtap.store.forwarder import Forwarder, influx_line
 from pvtap.store.local import LocalStore
+from tests.waiting import wait_until as wait_until  # re-exported: the name its tests import
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -81,15 +81,6 @@ def forwarding(store: LocalStore | Path, cfg: InfluxConfig) -> Iterator[Forwarde
         yield forwarder
     finally:
         forwarder.stop(4.0)
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 class Producer:
