@@ -294,6 +294,8 @@ def test_demo_shows_records_within_seconds_and_stops_on_ctrl_c(tmp_path: Path) -
     demo.expect(r"record \| \S+Z  alphaess_realtime  serial=ALSIM0000000001 ", timeout=90)
     demo.expect(r"record \| \S+Z  foxess_telemetry  layout=m1,serial=60MSIMULATED001  ac_power_w=", timeout=90)
     demo.expect(r"record \| \S+Z  foxess_h1_realtime  serial=H1SIMULATED0001  pv1_voltage_v=", timeout=90)
+    # the T-series, last: its bridge's first frame goes out as it connects (no serial: no serial tag)
+    demo.expect(r"record \| \S+Z  foxess_t_realtime  payload_version=0  grid_power_w=", timeout=90)
     assert demo.stop(signal.SIGINT) == 0
     stopped_at = time.time()
     stopped = re.search(r"stopped; (\d+) records shown", demo.lines[-1])
@@ -308,7 +310,22 @@ def test_demo_shows_records_within_seconds_and_stops_on_ctrl_c(tmp_path: Path) -
         # the simulated Envoy never runs ahead of the clock: `tail` shows the newest records last
         assert all(s.record.time.timestamp() <= stopped_at for s in enphase.records())
         assert relay.count_records(measurements=["alphaess_realtime"]) >= 1
-        assert {d.device for d in relay.devices()} == {"ALSIM0000000001", "60MSIMULATED001", "H1SIMULATED0001"}
+        assert {d.device for d in relay.devices()} == {"ALSIM0000000001", "60MSIMULATED001", "H1SIMULATED0001", ""}
+        t_records = [s.record for s in relay.records(measurements=["foxess_t_realtime"])]
+    # each T-series record holds the values the bridge logged for its frame, and the bridge's
+    # closing count is the number of records (it stops before the relay, which stores all it got)
+    sent = [line for line in demo.lines if " t-series | " in line and "realtime frames sent" in line]
+    assert len(sent) == 1 and (count := re.search(r"foxess-t: (\d+) realtime frames sent to 127\.0\.0\.1:", sent[0]))
+    assert len(t_records) == int(count.group(1)) >= 1
+    built = [m for line in demo.lines if (m := re.search(
+        r" t-series \| .*realtime (\d+): generation (-?\d+) W, grid (-?\d+) W, load (-?\d+) W, "
+        r"PV1 ([\d.]+) V ([\d.]+) A, total yield ([\d.]+) kWh$", line))]
+    assert [int(m.group(1)) for m in built] == list(range(1, len(t_records) + 1))
+    assert [(r.fields["generation_power_w"], r.fields["grid_power_w"], r.fields["load_power_w"],
+             f"{r.fields['pv1_voltage_v']:.1f}", f"{r.fields['pv1_current_a']:.1f}",
+             f"{r.fields['total_yield_kwh']:.1f}", dict(r.tags)) for r in t_records] == [
+        (int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5), m.group(6), m.group(7),
+         {"payload_version": "0"}) for m in built]
     assert not (tmp_path / "data" / "enphase.sqlite").exists()  # the real store is not touched
     assert not _pid_alive(mitmdump_pid)
 

@@ -3,7 +3,8 @@
 Each demo device brings a stand-in cloud (a real local server speaking the vendor protocol), the
 real proxy piece in front of it, and a simulator talking through it: the Envoy through mitmproxy
 with the addon, and the AlphaESS battery, the FoxESS M1 microinverter (TLS, pinned upstream) and
-the FoxESS H1 dongle through one relay, as `pvtap run` has them. The decoded records are printed
+the FoxESS H1 dongle through one relay, as `pvtap run` has them, and a FoxESS T-series whose
+RS485-to-TCP bridge connects to the same relay (it has no cloud). The decoded records are printed
 as they reach the store, like `pvtap tail --follow`; Ctrl-C stops everything.
 """
 
@@ -50,9 +51,11 @@ what runs (all on 127.0.0.1, nothing leaves this machine):
   AlphaESS battery  stand-in www.alphaess.com:7777 (python -m pvtap.simulate.alphaess_cloud)
   FoxESS M1         stand-in FoxESS cloud, TLS as on port 14431, its certificate pinned by the relay
   FoxESS H1         stand-in FoxESS cloud, cleartext as on port 10001
+  FoxESS T-series   no cloud: its RS485 broadcast, bridged to TCP, ends at a listener with policy local
                     <- one relay (python -m proxy_tcp) with a listener for each, forwarding and
                        decoding a copy
-                    <- `pvtap simulate alphaess`, `foxess-m1`, `foxess-h1`: data every --every seconds
+                    <- `pvtap simulate alphaess`, `foxess-m1`, `foxess-h1`, `foxess-t` (the
+                       T-series' RS485-to-TCP bridge): data every --every seconds
 
   the web view    `pvtap web` on the demo's records, on web.listen (127.0.0.1:8080) or, when
                   that is taken, on a free port: the demo prints the address to open
@@ -204,6 +207,24 @@ class FoxDevice:
             "--interval", f"{ctx.every:g}"]))
 
 
+class TSeriesDevice:
+    """A FoxESS T-series behind an RS485-to-TCP bridge: no cloud, a listener with policy local
+    (docs/foxess.md), the bridge connecting to it."""
+
+    name = "FoxESS T-series inverter"
+
+    def start_cloud(self, ctx: DemoContext) -> None:
+        pass  # the T-series only broadcasts: there is no cloud to stand in for
+
+    def listener(self, ctx: DemoContext) -> dict[str, Any]:
+        return {"protocol": "foxess", "listen": "127.0.0.1:0", "policy": "local"}
+
+    def start_device(self, ctx: DemoContext, port: int) -> None:
+        ctx.supervisor.start(Service("t-series", [
+            sys.executable, "-m", "pvtap", "simulate", "foxess-t", "--connect", f"127.0.0.1:{port}",
+            "--interval", f"{ctx.every:g}"]))
+
+
 class RelayDemo:
     """The relay devices behind one relay process, as `pvtap run` runs it."""
 
@@ -212,7 +233,7 @@ class RelayDemo:
     LISTENING = re.compile(r"relay listening: (?P<protocol>\S+) on (?P<host>[\d.]+):(?P<port>\d+)")
 
     def __init__(self) -> None:
-        self.devices: list[RelayDevice] = [AlphaDevice(), FoxDevice("m1"), FoxDevice("h1")]
+        self.devices: list[RelayDevice] = [AlphaDevice(), FoxDevice("m1"), FoxDevice("h1"), TSeriesDevice()]
 
     def start(self, ctx: DemoContext) -> None:
         for device in self.devices:

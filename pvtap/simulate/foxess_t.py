@@ -89,29 +89,44 @@ class ThreePhaseSun:
                          today_yield_kwh=round(self.today_kwh, 1), total_yield_kwh=round(self.total_kwh, 1))
 
 
+class Bridge:
+    """One simulated bridge; `sent` counts the frames written so far, also after an interrupt."""
+
+    def __init__(self, *, version: int = 0, seed: int | None = None, clock=time.time) -> None:
+        self.version, self.clock = version, clock
+        self.sun = ThreePhaseSun(seed)
+        self.sent = 0
+
+    async def run(self, host: str, port: int, *, count: int, interval: float) -> int:
+        """Connect and write `count` realtime frames (0: until cancelled), logging the values of
+        each; returns the count."""
+        _reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while not count or self.sent < count:
+                now = self.clock()
+                values = self.sun.sample(now)
+                writer.write(foxess.build_frame(foxess.REALTIME, t_realtime_payload(values, self.version),
+                                                stamp=int(now) & 0xFFFFFFFF))
+                self.sent += 1
+                log.info("realtime %d%s: generation %d W, grid %d W, load %d W, PV1 %.1f V %.1f A, "
+                         "total yield %.1f kWh", self.sent, f"/{count}" if count else "", values.generation_power_w,
+                         values.grid_power_w, values.load_power_w, *values.pv[0], values.total_yield_kwh)
+                await writer.drain()
+                if not count or self.sent < count:
+                    await asyncio.sleep(interval)
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+        return self.sent
+
+
 async def run_bridge(host: str, port: int, *, count: int, interval: float, version: int = 0,
                      seed: int | None = None, clock=time.time) -> int:
     """Connect as a bridge and write `count` realtime frames (0: until cancelled); returns the count."""
-    sun = ThreePhaseSun(seed)
-    _reader, writer = await asyncio.open_connection(host, port)
-    sent = 0
-    try:
-        while not count or sent < count:
-            now = clock()
-            frame = foxess.build_frame(foxess.REALTIME, t_realtime_payload(sun.sample(now), version),
-                                       stamp=int(now) & 0xFFFFFFFF)
-            writer.write(frame)
-            await writer.drain()
-            sent += 1
-            if not count or sent < count:
-                await asyncio.sleep(interval)
-    finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except OSError:
-            pass
-    return sent
+    return await Bridge(version=version, seed=seed, clock=clock).run(host, port, count=count, interval=interval)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -135,12 +150,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, config: object) -> int:
     host, port = split_host_port(args.connect)
+    bridge = Bridge(version=args.payload_version, seed=args.seed)
     try:
-        sent = asyncio.run(run_bridge(host, port, count=args.count, interval=args.interval,
-                                      version=args.payload_version, seed=args.seed))
+        asyncio.run(bridge.run(host, port, count=args.count, interval=args.interval))
     except OSError as exc:
         log.error("foxess-t: cannot reach %s: %s; is a relay listener (protocol foxess, policy local) there?",
                   args.connect, exc)
         return 1
-    log.info("foxess-t: %d realtime frames sent to %s", sent, args.connect)
+    except KeyboardInterrupt:
+        log.info("foxess-t: interrupted")
+    log.info("foxess-t: %d realtime frames sent to %s", bridge.sent, args.connect)
     return 0
