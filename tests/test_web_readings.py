@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from datetime import UTC, datetime, timedelta
 
+from proxy_tcp import relay_running
 from pvtap.cli.status import describe, describe_mqtt
-from pvtap.config import Config, Duration, EnphaseConfig, WebConfig
+from pvtap.config import Config, Duration, EnphaseConfig, ListenerConfig, WebConfig
+from pvtap.decode import foxess
 from pvtap.health import STATS_MEASUREMENT, STATS_ORIGIN
 from pvtap.mqtt.follow import Follower
 from pvtap.mqtt.follow import read_status as read_mqtt
+from pvtap.privacy import Privacy
 from pvtap.records import Origin, RawPayload, Record
+from pvtap.simulate.foxess_t import TRealtime, t_realtime_payload
 from pvtap.store.delivery import read_status
 from pvtap.store.local import IngestStatus, LocalStore
-from pvtap.web import readings
-from pvtap.web.stores import readable_stores
+from pvtap.web import readings, series
+from pvtap.web.stores import read_only, readable_stores
+from tests.waiting import until
 
 from .web_support import ALPHA, ENVOY, MICROS, add_alpha, add_alpha_identity, add_connection, add_envoy, ns, stores
 
 T0 = datetime(2024, 6, 1, 12, tzinfo=UTC)
+#: a T-series' two frames (foxess.md §3.5 layout, built by the simulator): the newest is the one shown
+T_NEWEST = TRealtime(
+    grid_power_w=-1234, generation_power_w=8765, load_power_w=4321,
+    phases=[(231.4, 12.7, 50.01, 2921), (229.8, 12.6, 49.99, 2900), (232.0, 12.9, 50.02, 2944)],
+    pv=[(612.3, 4.1), (598.7, 4.0), (577.5, 3.2), (0.0, 0.0)],
+    boost_temperature_c=41, inverter_temperature_c=-3, ambient_temperature_c=24,
+    today_yield_kwh=23.4, total_yield_kwh=123_456.7)
+T_FIRST = dataclasses.replace(T_NEWEST, grid_power_w=500, generation_power_w=2000, load_power_w=1500,
+                              inverter_temperature_c=30)
 
 
 def test_devices_with_identity_contact_records_today_and_path(data_dir):
@@ -182,3 +197,52 @@ def test_pvtaps_own_stats_records_are_not_a_device(data_dir):
         relay.append([Record(STATS_MEASUREMENT, T0, {"process": "relay"}, {"connections_open": 1},
                              Origin(STATS_ORIGIN))])
     assert [d.serial for d in readings.devices(readable_stores(data_dir), Config(), 0, ns(T0))] == [ALPHA]
+
+
+async def test_a_t_series_without_serial_is_the_device_t_series_with_its_contact_and_values(data_dir):
+    """A T-series' bridge through the real relay into the real store: the page lists it as
+    `T-series` (the MQTT name), with the contact and values of its newest frame; a connection
+    that revealed nothing (garbage) is no device."""
+    frames = [foxess.build_frame(foxess.REALTIME, t_realtime_payload(values), stamp=n)
+              for n, values in enumerate((T_FIRST, T_NEWEST))]
+    store = LocalStore.for_process(data_dir, "relay")
+    path = data_dir / "relay.sqlite"
+    try:
+        listener = ListenerConfig(protocol="foxess", listen="127.0.0.1:0", policy="local")
+        async with relay_running([listener], store=store, privacy=Privacy()) as relay:
+            port = relay.listeners[0].endpoints[0].port
+            _reader, noise = await asyncio.open_connection("127.0.0.1", port)
+            noise.write(b"not a frame at all")
+            await noise.drain()
+            noise.close()
+            _reader, bridge = await asyncio.open_connection("127.0.0.1", port)
+            bridge.write(frames[0])
+            await bridge.drain()
+            await until(lambda: store.count_records(measurements=["foxess_t_realtime"]) == 1, what="the first frame")
+            (device,) = readings.devices([path], Config(), 0)
+            assert (device.serial, device.path, device.cloud) == (
+                "T-series", "relay (its connection is open)", "known when the connection ends")
+            bridge.write(frames[1])
+            await bridge.drain()
+            bridge.close()
+            await until(lambda: not relay.connections, what="the relay to end both connections")
+        newest = next(store.records(measurements=["foxess_t_realtime"], newest_first=True, limit=1))
+        (received,) = store._db.execute("SELECT raw.received_ns FROM records JOIN raw ON raw.id = records.raw_id"
+                                        " WHERE records.id = ?", (newest.id,)).fetchone()
+    finally:
+        store.close()
+    now = received + 5 * 10**9
+    (device,) = readings.devices(readable_stores(data_dir), Config(web=WebConfig(silent_after_s=60)), 0, now)
+    assert (device.vendor, device.serial, device.store, device.model) == ("foxess", "T-series", "relay.sqlite", "")
+    assert (device.last_contact_ns, device.silent_for_s, device.silent) == (received, 5.0, False)
+    assert device.records_today == 2
+    assert (device.path, device.cloud) == ("relay, policy local (listener 127.0.0.1:0)",  # the listener as configured
+                                           "answered locally (policy local)")
+    assert {q: (v["value"], v["unit"], v["time_ns"]) for q, v in device.now.items()} == {
+        "pv_w": (8765.0, "W", newest.record.time_ns), "grid_w": (-1234.0, "W", newest.record.time_ns),
+        "house_w": (4321.0, "W", newest.record.time_ns), "temperature_c": (-3.0, "°C", newest.record.time_ns)}
+    # the charts name it alike: its power under `T-series`, not under an empty device
+    with read_only(path) as db:
+        charted = series.points(db, 0, now)
+    assert sorted(k for k in charted if k[2] == "pv_w") == [("foxess", "T-series", "pv_w")]
+    assert sorted(v[0] for v in charted[("foxess", "T-series", "pv_w")].values()) == [2000.0, 8765.0]

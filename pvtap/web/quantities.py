@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pvtap.mqtt.catalog import T_SERIES_DEVICE
 from pvtap.records import FieldValue
 
 #: what the page shows, in its order, with units
@@ -63,9 +64,23 @@ SOURCES: tuple[Source, ...] = (
     Source("foxess_telemetry", "temperature_c", ("temperature_c",), combine="max"),
     Source("foxess_h1_realtime", "pv_w", ("pv1_power_w", "pv2_power_w")),
     Source("foxess_h1_realtime", "grid_w", ("grid_power_w",)),
+    Source("foxess_t_realtime", "pv_w", ("generation_power_w",)),  # the AC it makes, as the M1's ac_power_w
+    Source("foxess_t_realtime", "grid_w", ("grid_power_w",)),
+    Source("foxess_t_realtime", "house_w", ("load_power_w",)),
+    Source("foxess_t_realtime", "temperature_c", ("inverter_temperature_c",), combine="max"),
 )
 
+#: the device name of a measurement whose records carry no serial: a T-series' broadcast has none
+#: (docs/foxess.md), so its records are the device MQTT also calls `T-series`
+UNNAMED_DEVICES: dict[str, str] = {"foxess_t_realtime": T_SERIES_DEVICE}
+
 MEASUREMENTS: tuple[str, ...] = tuple(dict.fromkeys(s.measurement for s in SOURCES))
+
+
+def device_name(measurement: str, device: str) -> str:
+    """The name the page shows for the device of a record: its serial, or for a measurement that
+    carries none, the name in UNNAMED_DEVICES."""
+    return device or UNNAMED_DEVICES.get(measurement, "")
 
 
 def sources_for(quantities: tuple[str, ...] | None = None) -> list[Source]:

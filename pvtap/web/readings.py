@@ -24,7 +24,7 @@ from pvtap.ingest_framing import MEASUREMENT as CONNECTION_MEASUREMENT
 from pvtap.mqtt.follow import read_status as read_mqtt
 from pvtap.store.delivery import read_status
 from pvtap.store.local import LocalStore
-from pvtap.web.quantities import QUANTITIES, SOURCES, Source, combine
+from pvtap.web.quantities import QUANTITIES, SOURCES, UNNAMED_DEVICES, Source, combine
 from pvtap.web.stores import read_only
 
 #: where a family keeps its model and firmware: (measurement, model fields, firmware fields)
@@ -77,7 +77,8 @@ class DeviceIndex:
 
 def devices(paths: Sequence[Path], config: Config, day_start_ns: int, now_ns: int | None = None,
             index: DeviceIndex | None = None) -> list[Device]:
-    """Every device with a payload in the stores, by vendor and serial."""
+    """Every device with a payload in the stores, by vendor and serial; a device whose records
+    carry no serial (a T-series) by the name quantities.UNNAMED_DEVICES gives it."""
     now_ns = now_ns or time.time_ns()
     index = index or DeviceIndex()
     found: list[Device] = []
@@ -98,7 +99,34 @@ def devices(paths: Sequence[Path], config: Config, day_start_ns: int, now_ns: in
                 device.path, device.cloud = _path(db, device, config)
                 device.now = current_values(db, protocol, serial)
                 found.append(device)
+            found.extend(_unnamed_devices(db, path, config, day_start_ns, now_ns))
     return sorted(found, key=lambda d: (d.vendor, d.serial))
+
+
+def _unnamed_devices(db: sqlite3.Connection, path: Path, config: Config, day_start_ns: int,
+                     now_ns: int) -> list[Device]:
+    """The devices whose records carry no serial (a T-series): named by their measurement
+    (quantities.UNNAMED_DEVICES), last heard from when the payload behind their newest record came."""
+    found = []
+    for measurement, name in UNNAMED_DEVICES.items():
+        row = db.execute("SELECT rec.protocol, rec.connection, raw.received_ns FROM records AS rec"
+                         " JOIN raw ON raw.id = rec.raw_id WHERE rec.measurement=? AND rec.device=''"
+                         " ORDER BY rec.time_ns DESC, rec.id DESC LIMIT 1", (measurement,)).fetchone()
+        if row is None:  # none stored, or their payloads were pruned
+            continue
+        protocol, connection, last = row
+        (today,) = db.execute("SELECT COUNT(*) FROM records WHERE measurement=? AND device='' AND time_ns >= ?",
+                              (measurement, day_start_ns)).fetchone()
+        silent_for = max(0.0, (now_ns - last) / 1e9)
+        device = Device(protocol, name, path.name, last, round(silent_for, 1),
+                        silent_for > config.web.silent_after_s, today)
+        ended = db.execute("SELECT tags, fields FROM records WHERE measurement=? AND connection=?"
+                           " ORDER BY time_ns DESC, id DESC LIMIT 1", (CONNECTION_MEASUREMENT, connection)).fetchone()
+        device.path, device.cloud = (_relay_path(ended) if ended else
+                                     ("relay (its connection is open)", "known when the connection ends"))
+        device.now = current_values(db, protocol, "", measurements=(measurement,))
+        found.append(device)
+    return found
 
 
 def _newest(db: sqlite3.Connection, measurement: str, device: str, columns: str = "tags, fields") -> tuple | None:
@@ -138,6 +166,11 @@ def _path(db: sqlite3.Connection, device: Device, config: Config) -> tuple[str, 
     row = _newest(db, CONNECTION_MEASUREMENT, device.serial)
     if row is None:  # the relay records a connection's policy and outcome when it ends
         return "relay (its first connection is still open)", "known when the connection ends"
+    return _relay_path(row)
+
+
+def _relay_path(row: tuple[str, str]) -> tuple[str, str]:
+    """(path, cloud) from a relay connection record's tags and fields (JSON)."""
     tags, fields = json.loads(row[0]), json.loads(row[1])
     path = f"relay, policy {tags.get('policy', '?')} (listener {tags.get('listener', '?')})"
     action = tags.get("action")
@@ -150,12 +183,16 @@ def _path(db: sqlite3.Connection, device: Device, config: Config) -> tuple[str, 
     return path, f"refused ({tags.get('outcome', '?')}{': ' + str(fields['detail']) if fields.get('detail') else ''})"
 
 
-def current_values(db: sqlite3.Connection, protocol: str, device: str) -> dict[str, dict[str, Any]]:
-    """The newest value of each quantity the device reports: {quantity: {value, unit, time_ns,
-    parts}}; `parts` lists an Envoy's microinverters one by one."""
+def current_values(db: sqlite3.Connection, protocol: str, device: str,
+                   measurements: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """The newest value of each quantity the device reports (from `measurements` only, when
+    given): {quantity: {value, unit, time_ns, parts}}; `parts` lists an Envoy's microinverters
+    one by one."""
     out: dict[str, dict[str, Any]] = {}
     for source in SOURCES:
         if not source.measurement.startswith(protocol + "_"):
+            continue
+        if measurements and source.measurement not in measurements:
             continue
         found = _newest_value(db, source, device)
         if found is not None and (source.quantity not in out or found["time_ns"] > out[source.quantity]["time_ns"]):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pvtap.web.quantities import POWER, SOURCES, Source
+from pvtap.web.quantities import POWER, SOURCES, Source, device_name
 from pvtap.web.stores import read_only
 
 NS = 1_000_000_000
@@ -66,7 +66,8 @@ def points(db: sqlite3.Connection, since_ns: int, until_ns: int,
     out: dict[Key, dict[int, list[float]]] = defaultdict(dict)
     for measurement, sources in _by_measurement(quantities).items():
         rows = db.execute(_per_time(sources), (measurement, since_ns, until_ns))
-        for protocol, device, time_ns, *values in rows:
+        for protocol, stored, time_ns, *values in rows:
+            device = device_name(measurement, stored)
             for source, value in zip(sources, values):
                 if value is not None:
                     acc = out[(protocol, device, source.quantity)].setdefault(time_ns, [0.0, 0])
@@ -84,7 +85,8 @@ def hourly(db: sqlite3.Connection, since_ns: int, until_ns: int,
         sums = ", ".join(f"SUM(v{i}), COUNT(v{i})" for i in range(len(sources)))
         rows = db.execute(f"SELECT protocol, device, time_ns / {HOUR_NS}, {sums} FROM ({_per_time(sources)})"
                           f" GROUP BY protocol, device, time_ns / {HOUR_NS}", (measurement, since_ns, until_ns))
-        for protocol, device, hour, *values in rows:
+        for protocol, stored, hour, *values in rows:
+            device = device_name(measurement, stored)
             for i, source in enumerate(sources):
                 total, n = values[2 * i], values[2 * i + 1]
                 if n:
