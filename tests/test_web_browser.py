@@ -30,6 +30,8 @@ CHROMIUM = "/usr/bin/chromium"
 JS_NS = 1000
 SCREENSHOT = REPO / "build" / "web-screenshot.png"
 SECOND = "ALSIM0000000002"
+#: the web view's name for the demo's T-series, whose records carry no serial
+T_SERIES = "T-series"
 ALPHA_MEASUREMENTS = ("alphaess_realtime", "alphaess_extended", "alphaess_backfill")
 #: Chromium as root in CI: no sandbox, nothing of its own on the network, and every host but
 #: 127.0.0.1 unresolvable, any proxied request sent to a port where nothing listens
@@ -141,7 +143,7 @@ def check_page(browser, origin: str, data: Path, second: subprocess.Popen) -> No
     page.wait_for_function("() => window.pvtap && window.pvtap.ready", timeout=60_000)
 
     # every device, with its serial and a last contact that is seconds old
-    for serial in ("ALSIM0000000001", SECOND, "999900000000", M1_SERIAL, H1_SERIAL):
+    for serial in ("ALSIM0000000001", SECOND, "999900000000", M1_SERIAL, H1_SERIAL, T_SERIES):
         row = page.wait_for_selector(f'#devices tr[data-serial="{serial}"][data-state="ok"]', timeout=60_000)
         assert row.query_selector(".serial").inner_text() == serial
         assert row.query_selector(".contact").inner_text().endswith(" s ago")
@@ -160,7 +162,7 @@ def check_page(browser, origin: str, data: Path, second: subprocess.Popen) -> No
                                " return c && Math.abs(Number(c.dataset.timeNs) - when) < 1000; }",
                                arg=[cell, when], timeout=30_000)
         assert float(page.locator(cell).get_attribute("data-value") or "nan") == pytest.approx(value, abs=1e-9)
-    # the Envoy's PV, micro by micro, and the FoxESS M1's and H1's current values, as stored at the
+    # the Envoy's PV, micro by micro, and the FoxESS M1's, H1's and T-series' current values, as stored at the
     # time the page shows (the demo's devices keep sending: the page and the store move on)
     shown = shown_now(page, "999900000000", "pv_w")
     when, total, parts = newest(enphase_store, "999900000000", "pv_w", ("enphase_interval",),
@@ -171,9 +173,12 @@ def check_page(browser, origin: str, data: Path, second: subprocess.Popen) -> No
     for serial, quantity, measurement in ((M1_SERIAL, "pv_w", "foxess_telemetry"),
                                           (M1_SERIAL, "temperature_c", "foxess_telemetry"),
                                           (H1_SERIAL, "pv_w", "foxess_h1_realtime"),
-                                          (H1_SERIAL, "grid_w", "foxess_h1_realtime")):
+                                          (H1_SERIAL, "grid_w", "foxess_h1_realtime"),
+                                          (T_SERIES, "pv_w", "foxess_t_realtime"),
+                                          (T_SERIES, "grid_w", "foxess_t_realtime")):
         shown = shown_now(page, serial, quantity)
-        when, value, _ = newest(relay_store, serial, quantity, (measurement,), shown["time_ns"] + JS_NS)
+        stored_as = "" if serial == T_SERIES else serial  # the T-series' records carry no serial
+        when, value, _ = newest(relay_store, stored_as, quantity, (measurement,), shown["time_ns"] + JS_NS)
         assert abs(when - shown["time_ns"]) < JS_NS and shown["value"] == pytest.approx(value), (serial, quantity)
 
     # the SoC chart holds every stored point of the second battery (6 hours: no averaging)
