@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from pvtap.decode import Tap, stream_codec
-from pvtap.ingest import Codecs
+from pvtap.ingest.engine import Codecs
 from pvtap.privacy import Privacy
 from pvtap.records import DOWN, UP, Origin, RawPayload, Record, from_ns, now_utc, to_ns
 

@@ -37,12 +37,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pvtap import ingest_wire as wire
 from pvtap.decode import codec_for
-from pvtap.ingest import Codecs
-from pvtap.ingest_framing import ConnectionRecord
-from pvtap.ingest_wire import Kind
-from pvtap.ingest_worker import WorkerSettings, run_in_thread
+from pvtap.ingest import wire
+from pvtap.ingest.engine import Codecs
+from pvtap.ingest.framing import ConnectionRecord
+from pvtap.ingest.wire import Kind
+from pvtap.ingest.worker import WorkerSettings, run_in_thread
 from pvtap.privacy import Privacy
 from pvtap.records import RawPayload, Record
 from pvtap.store.local import LocalStore
@@ -149,10 +149,10 @@ class Channel:
 
     @classmethod
     def process(cls, settings: WorkerSettings, name: str = "ingest") -> Channel:
-        """A worker process: `python -m pvtap.ingest_worker`."""
+        """A worker process: `python -m pvtap.ingest.worker`."""
         def spawn(sock: socket.socket) -> subprocess.Popen:
             fd = sock.fileno()
-            return subprocess.Popen([sys.executable, "-m", "pvtap.ingest_worker", "--fd", str(fd)], pass_fds=[fd],
+            return subprocess.Popen([sys.executable, "-m", "pvtap.ingest.worker", "--fd", str(fd)], pass_fds=[fd],
                                     stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         return cls(settings, spawn, name)
 

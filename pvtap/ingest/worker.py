@@ -43,13 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pvtap import ingest_wire as wire
 from pvtap.config import Config, InfluxConfig, MqttConfig
 from pvtap.decode import codec_for
 from pvtap.files import open_private
-from pvtap.ingest import Codecs, Ingest
-from pvtap.ingest_framing import ConnectionRecord, Connections
-from pvtap.ingest_wire import Kind
+from pvtap.ingest import wire
+from pvtap.ingest.engine import Codecs, Ingest
+from pvtap.ingest.framing import ConnectionRecord, Connections
+from pvtap.ingest.wire import Kind
 from pvtap.privacy import Privacy
 from pvtap.records import RawPayload, Record
 from pvtap.store.local import IngestStatus, LocalStore
@@ -710,7 +710,7 @@ def read_settings(sock: socket.socket, timeout: float = 30.0) -> WorkerSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pvtap.ingest_worker",
+    parser = argparse.ArgumentParser(prog="python -m pvtap.ingest.worker",
                                      description="The ingest worker of a relay or mitmdump process (started by it).")
     parser.add_argument("--fd", type=int, required=True, help="the channel socket inherited from the parent")
     args = parser.parse_args(argv)
