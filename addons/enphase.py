@@ -41,7 +41,7 @@ from pvtap.config import Config, ConfigError, env_warnings, load_config, parse_d
 from pvtap.decode.enphase import build_response, event_ids, report_kind
 from pvtap.health import Health
 from pvtap.ingest.channel import Channel
-from pvtap.ingest.worker import WorkerSettings
+from pvtap.ingest.settings import WorkerSettings
 from pvtap.metrics import FlowTraffic, WorkerStats
 from pvtap.peers import PeerNames
 from pvtap.privacy import Privacy

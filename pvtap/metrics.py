@@ -84,7 +84,7 @@ class FlowTraffic:
 
 #: the forwarder states of pvtap/store/supervisor.py, least to most severe
 FORWARDER_STATES = ("off", "idle", "delivering", "restarting", "failing", "stuck")
-#: the MQTT publisher states of the worker snapshot (pvtap/ingest/worker.py `mqtt_state`), least to
+#: the MQTT publisher states of the worker snapshot (pvtap/ingest/outputs.py `mqtt_state`), least to
 #: most severe: "stopped" only while pvtap shuts down, "dead" when its thread ended on an error
 MQTT_STATES = ("off", "connected", "connecting", "stopped", "failing", "dead")
 

@@ -17,7 +17,7 @@ import pvtap.ingest.engine
 from pvtap.config import InfluxConfig
 from pvtap.ingest import Ingest
 from pvtap.ingest.channel import Channel
-from pvtap.ingest.worker import WorkerSettings
+from pvtap.ingest.settings import WorkerSettings
 from pvtap.privacy import REDACTED, Privacy
 from pvtap.records import Origin, RawPayload, Record
 from pvtap.store.local import LocalStore

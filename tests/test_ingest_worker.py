@@ -17,7 +17,7 @@ import pytest
 
 from pvtap.config import InfluxConfig
 from pvtap.ingest.channel import Channel, IngestStartError
-from pvtap.ingest.worker import WorkerSettings
+from pvtap.ingest.settings import WorkerSettings
 from pvtap.privacy import Privacy
 from pvtap.records import Origin, RawPayload
 from pvtap.simulate.enphase import Simulator, encode_body
@@ -31,7 +31,7 @@ PARENT = textwrap.dedent("""
     import sys, time
     from pvtap.config import InfluxConfig
     from pvtap.ingest.channel import Channel
-    from pvtap.ingest.worker import WorkerSettings
+    from pvtap.ingest.settings import WorkerSettings
     from pvtap.privacy import Privacy
     channel = Channel.process(WorkerSettings.of(sys.argv[1], Privacy(), InfluxConfig(), 1 << 20)).start(30)
     print(channel.ready["pid"], flush=True)

@@ -16,7 +16,7 @@ from pvtap.decode.alphaess import FrameReading
 from pvtap.ingest import Ingest, LiveReadings
 from pvtap.ingest.channel import Channel
 from pvtap.ingest.framing import ConnectionRecord
-from pvtap.ingest.worker import WorkerSettings
+from pvtap.ingest.settings import WorkerSettings
 from pvtap.privacy import Privacy
 from pvtap.records import UP, Origin, RawPayload
 from pvtap.store.local import LocalStore

@@ -41,8 +41,9 @@ from pvtap.decode import codec_for
 from pvtap.ingest import wire
 from pvtap.ingest.engine import Codecs
 from pvtap.ingest.framing import ConnectionRecord
+from pvtap.ingest.settings import WorkerSettings
 from pvtap.ingest.wire import Kind
-from pvtap.ingest.worker import WorkerSettings, run_in_thread
+from pvtap.ingest.worker import run_in_thread
 from pvtap.privacy import Privacy
 from pvtap.records import RawPayload, Record
 from pvtap.store.local import LocalStore

@@ -21,7 +21,7 @@ from pvtap.config import Config
 from pvtap.files import private_dir
 from pvtap.ingest.channel import Channel, CopyStream
 from pvtap.ingest.framing import ConnectionRecord
-from pvtap.ingest.worker import WorkerSettings
+from pvtap.ingest.settings import WorkerSettings
 from pvtap.privacy import Privacy
 from pvtap.records import RawPayload, Record
 from pvtap.store.local import SUFFIX
