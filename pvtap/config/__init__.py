@@ -22,7 +22,7 @@ from pvtap.config.checks import (
     setting,
     split_host_port,
 )
-from pvtap.config.listeners import RELAY_POLICIES, RELAY_PROTOCOLS, ListenerConfig, RelayConfig, check_listener
+from pvtap.config.listeners import RELAY_POLICIES, RELAY_PROTOCOLS, ListenerConfig, check_listener
 from pvtap.config.loading import CONFIG_ENV, ENV_PREFIX, describe, env_warnings, load_config, unknown_env
 from pvtap.config.sections import (
     MAX_STOP_DECODE_S,
@@ -40,7 +40,7 @@ from pvtap.config.sections import (
 __all__ = [
     "CONFIG_ENV", "ENV_PREFIX", "MAX_STOP_DECODE_S", "RELAY_POLICIES", "RELAY_PROTOCOLS", "Config", "ConfigError",
     "Duration", "EnphaseConfig", "HealthConfig", "InfluxConfig", "IngestConfig", "ListenerConfig", "MqttConfig",
-    "PrivacyConfig", "RelayConfig", "WebConfig", "broker_address", "check_listener", "describe", "env_warnings",
+    "PrivacyConfig", "WebConfig", "broker_address", "check_listener", "describe", "env_warnings",
     "is_loopback", "listen_address", "load_config", "parse_duration", "positive", "setting", "split_host_port",
     "unknown_env",
 ]

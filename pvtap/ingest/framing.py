@@ -188,10 +188,6 @@ class Connections:
             records.append(record)
         return payloads, records
 
-    def record_of(self, conn: int) -> ConnectionRecord | None:
-        state = self._open.get(conn)
-        return state.record if state else None
-
     def _tap_failed(self, state: _Connection, what: str) -> None:
         state.tap_errors += 1
         self.tap_errors += 1
