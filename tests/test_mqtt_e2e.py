@@ -215,8 +215,15 @@ async def test_kill_9_gives_the_last_will_and_a_restart_resumes_without_history(
             await run_simulator("127.0.0.1", relay.port, interval=0.05, extended_every=0.2, count=4, backfill_rows=2)
             wait_until(lambda: 0 < mqtt_cursor(store)[0] == mqtt_cursor(store)[1], what="the publisher to catch up")
             watch.wait_for(lambda: watch.last.get("pvtap/bridge/relay/availability") == b"online")
-            last_state = json.loads(await asyncio.to_thread(lambda: broker.retained()[state_topic("alphaess",
-                                                                                                 ALPHA_SERIAL)]))
+            # the cursor commits with the folded state; the publish follows it: wait for the newest values
+            topic = state_topic("alphaess", ALPHA_SERIAL)
+            samples = records(store, "alphaess_realtime", "alphaess_extended", "alphaess_backfill")
+            expected = {"battery_power": newest(samples, "Pbat"), "soc": newest(samples, "SOC"),
+                        "pv_energy": newest(samples, "EpvTotal")}
+            watch.wait_for(lambda: topic in watch.last
+                           and {k: json.loads(watch.last[topic]).get(k) for k in expected} == expected,
+                           what="the battery's newest state published")
+            last_state = json.loads(await asyncio.to_thread(lambda: broker.retained()[topic]))
             cursor = mqtt_cursor(store)[0]
             os.kill(worker_pid(relay), signal.SIGKILL)  # the MQTT connection's process, then the relay
             assert relay.proc is not None
