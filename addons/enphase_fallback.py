@@ -34,7 +34,15 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.tls import TlsData
 from mitmproxy.utils.asyncio_utils import create_task
 
-from pvtap.enphase_fallback import CloudWatch, Decision, Transition, plain_reason, probe, upstream_name
+from pvtap.enphase_fallback import (
+    CloudWatch,
+    Decision,
+    Transition,
+    plain_reason,
+    probe,
+    upstream_name,
+    verifying_context,
+)
 from pvtap.records import Record
 
 log = logging.getLogger("pvtap.enphase")
@@ -162,7 +170,13 @@ class CloudFallback:
         if task is None:
             host, port = flow.server_conn.address
             server_name = (flow.server_conn.sni or flow.request.pretty_host) if flow.request.scheme == "https" else None
-            task = asyncio.ensure_future(probe(host, port, server_name=server_name, timeout=self.watch.timeout))
+            context = None
+            if server_name is not None and "ssl_insecure" in ctx.options:  # check it as mitmproxy will
+                opts = ctx.options
+                context = verifying_context(insecure=opts.ssl_insecure, cafile=opts.ssl_verify_upstream_trusted_ca,
+                                            capath=opts.ssl_verify_upstream_trusted_confdir)
+            task = asyncio.ensure_future(probe(host, port, server_name=server_name, timeout=self.watch.timeout,
+                                               context=context))
             self._probes[upstream] = task
             task.add_done_callback(lambda _: self._probes.pop(upstream, None))
         return await asyncio.shield(task)

@@ -19,7 +19,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
-from pvtap.ingest.framing import ConnectionRecord
+from pvtap.ingest.framing import ConnectionRecord, Outcome
 from pvtap.records import DOWN, UP, now_utc
 
 from .admission import reset
@@ -62,10 +62,10 @@ class Connection:
         self._stopping = False
         self.counted = False  # its counts moved into the relay's totals (proxy_tcp/stats.py)
 
-    def end(self, outcome: str, detail: str = "") -> None:
+    def end(self, outcome: Outcome, detail: str = "") -> None:
         """Note how the connection ended; the first word wins."""
         if not self.record.outcome:
-            self.record.outcome, self.record.detail = outcome, detail
+            self.record.outcome, self.record.detail = outcome.value, detail
 
     async def run(self) -> None:
         """Serve, then close both sides and report. `stop()` ends the serving only, so that a
@@ -81,13 +81,15 @@ class Connection:
             assert task is not None  # run() is a task's coroutine
             if task.cancelling():  # run itself was cancelled: no time left
                 raise
-            self.end("shutdown", "the relay stopped")
+            self.end(Outcome.SHUTDOWN, "the relay stopped")
         except Exception as exc:  # a relay bug ends this connection only
             log.exception("%s: relay error", self.label)
-            self.end("error", f"{type(exc).__name__}: {exc}")
+            self.end(Outcome.ERROR, f"{type(exc).__name__}: {exc}")
         finally:
-            await self._close()
-            self._report()
+            try:
+                await self._close()
+            finally:  # even when closing was cancelled: the record is the connection's only trace
+                self._report()
 
     def stop(self) -> None:
         """End the serving (the relay is stopping); closing and the record follow in `run`."""
@@ -121,7 +123,7 @@ class Connection:
                 await self._answer_locally()
                 return
             self.record.action = "refused"
-            self.end("upstream_failed", reason)
+            self.end(Outcome.UPSTREAM_FAILED, reason)
             return
         self.record.upstream = str(endpoint)
         await self._forward(cloud_reader, self.cloud_writer)
@@ -139,7 +141,7 @@ class Connection:
         except TimeoutError:
             self._first_byte_late("no TLS handshake")
         except OSError as exc:  # ssl.SSLError is an OSError
-            self.end("device_tls_failed", f"TLS handshake with the device failed: {exc or type(exc).__name__}")
+            self.end(Outcome.DEVICE_TLS_FAILED, f"TLS handshake with the device failed: {exc or type(exc).__name__}")
         else:
             return True
         # start_tls closed the socket, and the stream's own protocol is never told: nothing to wait for
@@ -156,12 +158,12 @@ class Connection:
             own = Endpoint.of(self.device_writer.get_extra_info("sockname"))
             dest = original_destination(self.device_writer.get_extra_info("socket"))
             if dest is None or dest == own:
-                raise RefusedDestination("refused_not_redirected",
+                raise RefusedDestination(Outcome.REFUSED_NOT_REDIRECTED,
                                          f"not redirected: the original destination is the relay itself ({own})")
             self.record.upstream = str(dest)
             reason = guard.reason(dest)
             if reason:
-                raise RefusedDestination("refused_self", reason)
+                raise RefusedDestination(Outcome.REFUSED_SELF, reason)
             return [dest]
         self.record.upstream = self.listener.config.upstream
         assert self.listener.resolver is not None  # policies fixed and auto have one; local does not come here
@@ -169,7 +171,7 @@ class Connection:
         for target in targets:
             reason = guard.reason(target)
             if reason:
-                raise RefusedDestination("refused_self", f"{self.listener.config.upstream} resolves to {reason}")
+                raise RefusedDestination(Outcome.REFUSED_SELF, f"{self.listener.config.upstream} resolves to {reason}")
         return targets
 
     async def _forward(self, cloud_reader: asyncio.StreamReader, cloud_writer: asyncio.StreamWriter) -> None:
@@ -188,13 +190,13 @@ class Connection:
                 if ended is None:
                     return
                 if ended.how == "reset":
-                    self.end(f"{ended.side}_reset")
+                    self.end(Outcome(f"{ended.side}_reset"))
                     return
                 first_eof = first_eof or ended.side
                 target = cloud_writer if ended.side == "device" else self.device_writer
                 if not target.can_write_eof():  # TLS has no half-close: the EOF ends the connection
                     break
-            self.end(f"{first_eof}_closed")
+            self.end(Outcome(f"{first_eof}_closed"))
         finally:
             await _cancel(pumps)
 
@@ -207,7 +209,7 @@ class Connection:
         try:
             ended = await self._next_end(set(tasks))
             if ended is not None:
-                self.end(f"device_{'reset' if ended.how == 'reset' else 'closed'}")
+                self.end(Outcome.DEVICE_RESET if ended.how == "reset" else Outcome.DEVICE_CLOSED)
         finally:
             await _cancel(tasks)
 
@@ -257,7 +259,7 @@ class Connection:
 
     def _first_byte_late(self, what: str) -> None:
         timeout = self.listener.config.first_byte_timeout
-        self.end("first_byte_timeout", f"{what} from the device within {timeout:g} s (first_byte_timeout)")
+        self.end(Outcome.FIRST_BYTE_TIMEOUT, f"{what} from the device within {timeout:g} s (first_byte_timeout)")
 
     def _answer_failed(self) -> None:
         self.record.answer_errors += 1
@@ -281,7 +283,7 @@ class Connection:
                 if silent and deadline == self.first_byte_by:
                     self._first_byte_late("nothing")
                 else:
-                    self.end("idle_timeout", f"nothing moved for {idle_timeout:g} s (idle_timeout)")
+                    self.end(Outcome.IDLE_TIMEOUT, f"nothing moved for {idle_timeout:g} s (idle_timeout)")
                 return None
             done, _ = await asyncio.wait(pending, timeout=max(wait, 0), return_when=asyncio.FIRST_COMPLETED)
             waited = True
@@ -294,6 +296,14 @@ class Connection:
 
     async def _close(self) -> None:
         writers = [w for w in (None if self.device_lost else self.device_writer, self.cloud_writer) if w is not None]
+        try:
+            await self._close_within_grace(writers)
+        except asyncio.CancelledError:
+            for writer in writers:  # no time left: let go of both sockets now
+                writer.transport.abort()
+            raise
+
+    async def _close_within_grace(self, writers: list[asyncio.StreamWriter]) -> None:
         if self.record.outcome.endswith("_reset"):
             for writer in writers:
                 reset(writer)  # pass the reset on
@@ -306,12 +316,14 @@ class Connection:
             return
         # both sides at once, so that a connection ends within one CLOSE_GRACE (< STOP_GRACE)
         waits = [asyncio.ensure_future(_wait_closed(writer)) for writer in writers]
-        _, late = await asyncio.wait(waits, timeout=CLOSE_GRACE)
-        for wait, writer in zip(waits, writers):
-            if wait in late:
-                wait.cancel()
-                writer.transport.abort()
-        await asyncio.gather(*waits, return_exceptions=True)
+        try:
+            await asyncio.wait(waits, timeout=CLOSE_GRACE)
+        finally:  # a side still closing after the grace (or when this is cancelled) is aborted
+            for wait, writer in zip(waits, writers):
+                if not wait.done():
+                    wait.cancel()
+                    writer.transport.abort()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _discard_unread(self) -> None:
         """Half-close towards the device and read what it already sent, so that closing sends

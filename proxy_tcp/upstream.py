@@ -22,6 +22,7 @@ import dns.exception
 import dns.resolver
 
 from pvtap.config import split_host_port
+from pvtap.ingest.framing import Outcome
 
 if TYPE_CHECKING:
     from .tls import UpstreamTLS
@@ -49,13 +50,13 @@ class Endpoint:
 class UpstreamError(Exception):
     """The cloud could not be resolved or reached; `outcome` is the connection record's word for it."""
 
-    outcome = "upstream_failed"
+    outcome = Outcome.UPSTREAM_FAILED
 
 
 class RefusedDestination(UpstreamError):
     """A destination the relay will not connect to."""
 
-    def __init__(self, outcome: str, message: str) -> None:
+    def __init__(self, outcome: Outcome, message: str) -> None:
         super().__init__(message)
         self.outcome = outcome
 

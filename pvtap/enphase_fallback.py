@@ -202,15 +202,31 @@ def upstream_name(address: tuple[str, int] | None) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def probe(host: str, port: int, *, server_name: str | None, timeout: float) -> str | None:
-    """Try the cloud: connect, and with `server_name` also complete a TLS handshake, within
-    `timeout` seconds. None when it answered, else why not. The certificate is not checked:
-    this asks whether the cloud answers, and mitmproxy checks it on the real connection."""
-    context: ssl.SSLContext | None = None
-    if server_name is not None:
+def verifying_context(*, insecure: bool, cafile: str | None = None, capath: str | None = None) -> ssl.SSLContext:
+    """A client context that accepts the certificates mitmproxy accepts upstream (its options
+    ssl_insecure, ssl_verify_upstream_trusted_ca/_confdir; certifi's CAs when neither is set):
+    a cloud whose certificate mitmproxy rejects is a cloud that cannot be reached."""
+    if insecure:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+        return context
+    if cafile is None and capath is None:
+        import certifi  # mitmproxy's own default, and one of its dependencies
+
+        cafile = certifi.where()
+    return ssl.create_default_context(cafile=cafile, capath=capath)
+
+
+async def probe(host: str, port: int, *, server_name: str | None, timeout: float,
+                context: ssl.SSLContext | None = None) -> str | None:
+    """Try the cloud: connect, and with `server_name` also complete a TLS handshake, within
+    `timeout` seconds. None when it answered, else why not. `context` checks the certificate as
+    mitmproxy would (`verifying_context`); without it the certificate is not checked."""
+    if server_name is not None and context is None:
+        context = verifying_context(insecure=True)
+    elif server_name is None:
+        context = None
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -16,6 +15,7 @@ from pvtap.store.delivery import DeliveryLog
 from pvtap.store.forwarder import Forwarder
 from pvtap.store.local import LocalStore
 from pvtap.store.writable import influx_line
+from tests.waiting import wait_until as wait_until  # re-exported: the name its tests import
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -82,15 +82,6 @@ def forwarding(store: LocalStore | Path, cfg: InfluxConfig) -> Iterator[Forwarde
         yield forwarder
     finally:
         forwarder.stop(4.0)
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 class Producer:

@@ -25,6 +25,7 @@ import dns.rrset
 
 from tests.conftest import free_port
 from tests.servers import _Server
+from tests.waiting import wait_until as wait_until  # re-exported: the name its tests import
 
 HEALTH_LINE = re.compile(r"health: /healthz /readyz /metrics on http://(?P<address>[^/\s]+)/")
 
@@ -36,18 +37,6 @@ def get(url: str, timeout: float = 5.0) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
-    """Poll until `predicate()` is truthy and return it; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 class LoggedProcess:
@@ -133,7 +122,7 @@ class Prometheus(_Server):
     def wait_value(self, promql: str, expected: float, timeout: float = 30.0) -> None:
         """Until the query returns exactly one series whose value is `expected`."""
         try:
-            wait_until(lambda: self.value(promql) == expected, timeout, f"{promql} == {expected}")
+            wait_until(lambda: self.value(promql) == expected, timeout, what=f"{promql} == {expected}")
         except AssertionError:
             raise AssertionError(f"{promql}: {self.query(promql)} after {timeout} s, expected {expected}") from None
 

@@ -33,6 +33,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import free_port
+from tests.waiting import wait_until as wait_until  # re-exported: the name its tests import
 
 START_TIMEOUT = 20.0
 
@@ -157,14 +158,6 @@ def mqtt_cursor(store: Path) -> tuple[int, int]:
         return cursor, db.execute("SELECT COALESCE(MAX(id), 0) FROM records").fetchone()[0]
     finally:
         db.close()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from proxy_tcp import relay_running
 from pvtap.config import ListenerConfig
 from pvtap.records import UP, Origin, RawPayload
 from pvtap.store.local import LocalStore
+from tests.waiting import until
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -63,7 +64,7 @@ class ChunkTap:
 
     def feed(self, direction: str, data: bytes, received) -> list[RawPayload]:
         if self.feed_delay:
-            time.sleep(self.feed_delay)
+            time.sleep(self.feed_delay)  # a slow decoder: the delay is the behaviour under test
         if self.feed_gate is not None:
             self.feed_gate.wait(30)
         if self.raise_on_feed:
@@ -205,9 +206,7 @@ class StandInCloud:
             writer.close()
 
     async def connection(self, index: int = 0, timeout: float = 5.0) -> CloudConnection:
-        async with asyncio.timeout(timeout):
-            while len(self.connections) <= index:
-                await asyncio.sleep(0.01)
+        await until(lambda: len(self.connections) > index, timeout, what=f"the cloud to accept connection {index + 1}")
         return self.connections[index]
 
 

@@ -423,11 +423,3 @@ class ScriptedInflux:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.02)
-        return predicate()

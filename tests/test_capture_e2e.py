@@ -32,14 +32,13 @@ from pvtap.simulate.foxess_h1 import H1Simulator
 from pvtap.simulate.foxess_m1 import M1Simulator
 from pvtap.store.local import LocalStore
 from tests.capture_support import Tcpdump, decoded_records, frames, paired, record_key, rewrite, segment_of
+from tests.waiting import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 async def _ended(relay) -> None:
-    async with asyncio.timeout(10):
-        while relay.connections:
-            await asyncio.sleep(0.01)
+    await until(lambda: not relay.connections, what="the relay to end every connection")
 
 
 async def live_run(data_dir: Path, capture: Path) -> dict[str, int]:

@@ -7,13 +7,14 @@ only (documentation addresses, simulator serials)."""
 from __future__ import annotations
 
 import gzip
+import re
 import urllib.parse
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 from scapy.utils import RawPcapWriter
@@ -23,12 +24,13 @@ from pvtap.capture.packets import parse
 from pvtap.capture.reader import Capture
 from pvtap.cli import main
 from pvtap.decode.alphaess import REQUEST, encode_frame
-from pvtap.decode.foxess import build_frame
+from pvtap.decode.foxess import HEARTBEAT, build_frame
 from pvtap.ingest import Ingest
 from pvtap.privacy import Privacy
 from pvtap.records import DOWN, UP, Origin, RawPayload, Record, utc_from_unix
 from pvtap.simulate.enphase import Simulator
 from pvtap.simulate.enphase_cloud import answer
+from pvtap.simulate.foxess_m1 import join_me_req
 from pvtap.store.local import LocalStore
 
 DEVICE, CLOUD = "192.0.2.10", "198.51.100.2"
@@ -253,3 +255,64 @@ def test_many_connections_are_finished_as_they_end(tmp_path: Path, monkeypatch) 
     assert most_open <= 5
     assert len(connections) == 12 and all(c.tags["outcome"] == "closed" for c in connections)
     assert [p.payload for p in stored if p.kind == "frame"] == [realtime(i) for i in range(12)]
+
+
+# -- the command's output and defaults (issue 10) ---------------------------------------------------
+
+def udp_packet(time: float, dport: int, payload: bytes) -> tuple[float, bytes]:
+    frame = (Ether(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff") / IP(src=DEVICE, dst="192.0.2.255")
+             / UDP(sport=dport, dport=dport) / Raw(payload))
+    return time, bytes(frame)
+
+
+def test_the_m1s_datagrams_on_the_default_udp_ports_decode_without_port_options(tmp_path: Path, capsys) -> None:
+    c = Conversation(0)
+    stamp = 1_700_000_000
+    for n in range(3):
+        c.packets.append(udp_packet(T0 + n, 6364, join_me_req(n, 12345)))
+        c.packets.append(udp_packet(T0 + n + 0.5, 3334, build_frame(HEARTBEAT, b"\x01", stamp=stamp + n, family=0x7F)))
+    path = write(tmp_path / "m1.pcap", c)
+    assert main(["--data-dir", str(tmp_path / "data"), "import", str(path)]) == 0  # no --port
+    out = capsys.readouterr().out
+    assert "UDP datagrams decoded: foxess 6" in out, out
+    with LocalStore(tmp_path / "data" / "import.sqlite", readonly=True) as store:
+        stored = list(store.raw_payloads())
+        records = [s.record for s in store.records()]
+    assert len(stored) == 6 and all(s.raw.origin.protocol == "foxess" and s.decode_error is None for s in stored)
+    assert [s.raw.kind for s in stored] == ["datagram"] * 6
+    assert Counter(r.measurement for r in records) == {"foxess_presence": 6}
+    assert Counter(s.raw.origin.connection for s in stored) == {"udp-6364": 3, "udp-3334": 3}
+    assert [r.time.timestamp() for r in records] == sorted(p[0] for p in c.packets)  # the capture's own times
+
+
+def test_progress_counts_move_and_the_summary_counts_everything(tmp_path: Path, capsys, monkeypatch) -> None:
+    import pvtap.cli.import_ as import_module
+    from pvtap.cli._common import Progress
+
+    class EveryStep(Progress):  # a draw at each step (every 512 packets), not every 0.25 s
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **{**kwargs, "every": 0.0})
+
+    monkeypatch.setattr(import_module, "Progress", EveryStep)
+    c = Conversation(7777)
+    c.open()
+    frames = 800
+    for n in range(frames):
+        c.send(UP, realtime(n % 60))
+    c.close()
+    path = write(tmp_path / "big.pcap", c)
+    assert main(["--data-dir", str(tmp_path / "data"), "import", str(path), "--progress"]) == 0
+    out, err = capsys.readouterr()
+    draws = [(int(done.replace(",", "")), int(total.replace(",", "")))
+             for done, total in re.findall(r"\rimporting big\.pcap, bytes: ([\d,]+)/([\d,]+) \(", err)]
+    size = path.stat().st_size
+    assert len(draws) >= 3, err
+    assert all(total == size for _, total in draws)
+    assert [d for d, _ in draws] == sorted(d for d, _ in draws) and draws[0][0] < size  # they move forward
+    assert draws[-1][0] == size and err.endswith("\n")  # the last one is complete, then the summary
+    packets = len(c.packets)
+    assert f"big.pcap: pcap, {packets:,} packets" in out, out
+    assert "TCP connections decoded: 1 (alphaess 1)" in out
+    assert f"frames: {frames:,} (0 runs of bytes in no frame), records: " in out
+    assert "gaps: 0 (0 bytes missing from the capture)" in out
+    assert re.search(r"stored in .*import\.sqlite: [\d,]+ payloads, [\d,]+ records, 0 decode errors", out), out

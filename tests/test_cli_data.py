@@ -160,7 +160,9 @@ def test_tail_follow_prints_each_new_record_once(stores):
             "2024-05-31T12:00:00Z  enphase_reading  envoy=SIM-ENVOY-1  energy_j=5",
             "2024-06-01T13:00:00Z  enphase_reading  envoy=SIM-ENVOY-1  energy_j=6"]
         (stores / "foxess.sqlite").touch()  # a producer starting: the file is there, its tables not yet
-        time.sleep(0.3)  # several polls see it half-made
+        # the follower (polling every 0.05 s) must meet the half-made store: its polls leave no trace to
+        # wait on, so this is the scenario's duration, not a synchronisation (the take below waits)
+        time.sleep(0.3)
         with LocalStore.for_process(stores, "foxess") as s:  # a store that did not exist at start
             s.append([Record("foxess_rt", T0, {"sn": "SIM-FOX-1"}, {"pv_w": 812.0}, Origin("foxess", "SIM-FOX-1"))])
         assert follower.take(1) == ["2024-06-01T12:00:00Z  foxess_rt  sn=SIM-FOX-1  pv_w=812.0"]

@@ -1,6 +1,7 @@
 """The ingest engine and its channel: raw first (archived, then decoded by a cursor that survives
 a restart), a decoder exception keeps the raw payload with its error, a payload that could not
-be redacted is kept as size and hash only, and the channel never blocks (it drops and counts)."""
+be redacted is withheld (size and hash only) unless privacy.keep_unredacted, and the channel never
+blocks (it drops and counts)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 import pvtap.ingest.engine
 from pvtap.config import InfluxConfig
+from pvtap.decode.withhold import WITHHELD, is_withheld
 from pvtap.ingest import Ingest
 from pvtap.ingest.channel import Channel
 from pvtap.ingest.settings import WorkerSettings
@@ -112,19 +114,21 @@ def test_decoder_exception_keeps_raw_with_error_and_goes_on(store, codec, caplog
             "KeyError: 'register 0x1234'") in caplog.text
 
 
-def test_redaction_failure_keeps_only_size_and_hash(store, codec, caplog, data_dir):
+def test_redaction_failure_is_withheld_as_size_and_hash(store, codec, caplog, data_dir):
     def broken_redact(raw, privacy):  # a message quoting the input, as int() or a parser would
         raise ValueError(f"invalid literal: {raw.payload!r}")
 
     codec.redact_raw = broken_redact
     ingest = Ingest(store)
     with caplog.at_level(logging.DEBUG):
-        ingest.process(payload(SECRET, kind="login"))
+        ingest.process(RawPayload(ORIGIN, "login", SECRET, T0, {"query": "token=PLACEHOLDER-SECRET-42"}))
     (stored,) = list(store.raw_payloads())
     assert stored.raw.payload == b""
-    # meta and the device may quote what could not be redacted: neither is kept
-    assert stored.raw.meta == {"payload": REDACTED, "size": len(SECRET), "sha256": hashlib.sha256(SECRET).hexdigest(),
-                               "reason": "redaction failed (ValueError)"}
+    # withheld as every codec withholds (decode/withhold.py); meta and the device may quote what could not be
+    # redacted: neither is kept
+    assert is_withheld(stored.raw)
+    assert stored.raw.meta == {WITHHELD: "redaction failed (ValueError)", "withheld_size": len(SECRET),
+                               "withheld_sha256": hashlib.sha256(SECRET).hexdigest()}
     assert stored.raw.kind == "login" and stored.raw.origin == replace(ORIGIN, device="")
     assert stored.decode_error == "ValueError: not a number frame: 0 bytes"  # decoded what was stored
     assert "could not redact a alphaess login payload (ValueError); storing only its size and SHA-256" in caplog.text
@@ -132,6 +136,32 @@ def test_redaction_failure_keeps_only_size_and_hash(store, codec, caplog, data_d
     store.close()
     for path in data_dir.iterdir():  # the database and its WAL
         assert b"PLACEHOLDER-SECRET" not in path.read_bytes(), path.name
+
+
+def test_redaction_failure_is_kept_in_clear_only_when_opted_in(store, codec, caplog):
+    def broken_redact(raw, privacy):
+        raise ValueError("layout not known")
+
+    codec.redact_raw = broken_redact
+    ingest = Ingest(store, Privacy(keep_unredacted=True))
+    with caplog.at_level(logging.ERROR):
+        ingest.process(payload(SECRET, kind="login"))
+    (stored,) = list(store.raw_payloads())
+    assert stored.raw.payload == SECRET and stored.raw.meta == {"peer": "test", "unredacted": "redaction failed "
+                                                                "(ValueError)"}
+    assert stored.raw.origin == replace(ORIGIN, device="")
+    assert "could not redact a alphaess login payload (ValueError); keeping it in clear (privacy.keep_unredacted)" \
+        in caplog.text
+
+
+def test_a_withheld_payload_replayed_through_a_failing_redaction_stays_withheld(store, codec):
+    codec.redact_raw = lambda raw, privacy: (_ for _ in ()).throw(ValueError("boom"))
+    ingest = Ingest(store)
+    ingest.process(payload(SECRET))
+    (first,) = list(store.raw_payloads())
+    ingest.process(first.raw)  # what pvtap replay does with a stored payload
+    second = list(store.raw_payloads())[1]
+    assert second.raw.payload == b"" and second.raw.meta == first.raw.meta  # size and hash of the original bytes
 
 
 def test_decode_runs_on_the_redacted_bytes(store, codec):

@@ -267,7 +267,7 @@ WRITER = textwrap.dedent("""
             raw_id = store.add_raw(RawPayload(origin, "performance_report", b"x", t0))
             store.append([Record("m", t0 + timedelta(seconds=b), {"batch": str(b)}, {"i": i}, origin)
                           for i in range(size)], raw_id=raw_id)
-            time.sleep(0.005)
+            time.sleep(0.005)  # pace the batches so the reader's polls fall between and during them
 """)
 
 
@@ -295,7 +295,7 @@ def test_reader_in_another_process_sees_whole_batches_in_id_order(data_dir):
                 cursor = new[-1].id
                 observed_counts.add(len(seen))
                 assert len(seen) % size == 0, f"saw half a batch: {len(seen)} records"
-            time.sleep(0.002)
+            time.sleep(0.002)  # the reader polls as `tail --follow` does: the polling is what is tested
         assert writer.wait(30) == 0
         reader.close()
     finally:

@@ -16,6 +16,7 @@ from mdit_py_plugins.anchors.index import slugify
 
 from proxy_tcp.listeners import DEFAULT_LISTENERS
 from pvtap.config import ListenerConfig
+from pvtap.ingest.framing import Outcome
 
 from .conftest import REPO
 
@@ -46,6 +47,13 @@ def test_help_lists_every_default_listener(argv: list[str]) -> None:
             assert word in line, f"{word!r} missing from the help's line {line!r}"
         assert ("tls" in line.split("→")[0]) == bool(listener.tls_cert)
         assert ("pinned" in line) == bool(listener.upstream_pin_sha256)
+
+
+def test_relay_doc_lists_every_connection_outcome() -> None:
+    text = (REPO / "docs" / "relay.md").read_text()
+    (row,) = [line for line in text.splitlines() if line.startswith("| tag | `outcome` |")]
+    listed = re.findall(r"`([a-z_]+)`", row.split("|")[3])
+    assert sorted(listed) == sorted(Outcome), "docs/relay.md's outcome row and pvtap.ingest.framing.Outcome differ"
 
 
 def test_relay_doc_lists_every_default_listener() -> None:

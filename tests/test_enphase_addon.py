@@ -7,6 +7,9 @@ behaviour through a real mitmdump is in test_enphase_e2e.py.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import urllib.parse
 import zlib
 from pathlib import Path
@@ -342,3 +345,45 @@ async def test_a_store_that_cannot_be_opened_does_not_stop_forwarding(tmp_path: 
         assert flow.response is not None
         assert flow.response.raw_content == build_response(["227", "228"])
         addon.done()
+
+
+# -- configure never waits for the worker (issue 9 F8) ---------------------------------------------
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat: "T" while it is stopped."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
+
+
+async def test_a_new_data_dir_returns_from_configure_while_the_old_worker_is_blocked(tap, data_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    """The old worker is stopped (SIGSTOP: it reads, archives and answers nothing) with reports
+    queued for it; configure to another data dir returns while it is still stopped, and once it
+    may go on (SIGCONT) it archives those reports in the old store and exits by itself."""
+    tctx, addon = tap
+    assert addon.channel.sync(30)
+    old = addon.channel
+    pid = old.worker.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for n in range(3):
+            await tctx.cycle(addon, report_flow(response=cloud_response([str(n)])))
+        assert old.stats()["copies_sent"] + old.stats()["buffered_bytes"] > 0
+
+        tctx.configure(addon, enphase_data_dir=str(tmp_path / "other-data"))
+        assert addon.channel is not old and addon.store_path == tmp_path / "other-data" / "enphase.sqlite"
+        assert old.worker is not None and old.worker.poll() is None and process_state(pid) == "T"  # still blocked
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    closing = [t for t in threading.enumerate() if t.name == "pvtap-enphase ingest-close"]
+    assert len(closing) == 1
+    closing[0].join(60)
+    assert not closing[0].is_alive()
+    raws, records = stored(data_dir)
+    assert [r.raw.kind for r in raws] == ["performance_report", "performance_report_response"] * 3
+    assert sum(r.measurement == "enphase_report_response" for r in records) == 3
+    assert old.counts.copies_lost == 0 and old.counts.copies_dropped == 0
+
+    await tctx.cycle(addon, report_flow(response=cloud_response(["9"])))
+    assert addon.channel.sync(30)
+    assert len(stored(tmp_path / "other-data")[0]) == 2  # the new worker writes the new store

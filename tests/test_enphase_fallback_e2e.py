@@ -10,7 +10,11 @@ state is one log line and one `enphase_fallback` record.
 - reverse mode: up, down (refusing, then black-holing), up, black hole, up (the whole sequence);
 - regular mode (the Envoy's CONNECT by name; /etc/netns/<ns>/hosts gives the name an address):
   a cloud already down when the proxy starts, then up;
-- transparent mode (device, proxy and cloud namespaces, an iptables REDIRECT): up, refusing, up.
+- transparent mode (device, proxy and cloud namespaces, an iptables REDIRECT): up, refusing, up;
+- a cloud that answers 503 is a cloud that answers: for far longer than fallback_after every
+  503 reaches the Envoy as the cloud sent it and nothing is answered locally;
+- a cloud whose certificate mitmproxy rejects (signed by another CA) is unreachable: the Envoy
+  gets mitmproxy's 502 until fallback_after, then the local answer.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from pvtap.certs import self_signed, write_pair
 from pvtap.records import Record
 from pvtap.simulate.enphase import SimReport, SimResponse, Simulator, encode_body, post_report
 from pvtap.simulate.enphase_cloud import EnphaseCloud
@@ -204,9 +209,11 @@ def stand_in_cloud(netns: str, host: str, cert_dir: Path) -> EnphaseCloud:
         return EnphaseCloud(host, 443, cert_dir=cert_dir).start()
 
 
-def mitmdump_in(netns: str, workdir: Path, cloud: EnphaseCloud, mode: list[str]) -> Mitmdump:
+def mitmdump_in(netns: str, workdir: Path, cloud: EnphaseCloud, mode: list[str], trusted_ca: str = "") -> Mitmdump:
+    """`trusted_ca`: the CA mitmdump checks the cloud's certificate against (default: the cloud's own)."""
     argv = ["ip", "netns", "exec", netns, str(MITMDUMP), *mode, "-s", str(ADDON),
-            "--set", f"confdir={workdir / 'mitmproxy-conf'}", "--set", f"ssl_verify_upstream_trusted_ca={cloud.cafile}",
+            "--set", f"confdir={workdir / 'mitmproxy-conf'}",
+            "--set", f"ssl_verify_upstream_trusted_ca={trusted_ca or cloud.cafile}",
             "--set", "flow_detail=0", "--set", f"enphase_data_dir={workdir / 'data'}",
             "--set", f"enphase_fallback_after={FALLBACK_AFTER:g}s", "--set", f"enphase_cloud_timeout={CLOUD_TIMEOUT:g}"]
     return Mitmdump(workdir, argv).start()
@@ -316,3 +323,81 @@ def test_transparent_mode_redirect_up_refusing_up(tmp_path: Path) -> None:
     assert records[0].tags["upstream"] == f"{topo.cloud_ip}:443"
     check_episode(path, attempts, records[0], records[1])
     assert stored_reports(path) == [r.report_timestamp for r in reports]
+
+
+REVERSE = ["--mode", "reverse:https://127.0.0.1:443", "--listen-host", "127.0.0.1", "--listen-port", "8443", "--set",
+           "keep_host_header=true"]
+
+
+def test_a_cloud_answering_503_is_never_answered_for(tmp_path: Path) -> None:
+    simulator = Simulator(micros=1, start=DAYTIME, seed=14)
+    reports = [simulator.next_report() for _ in range(3)]
+    with namespace() as ns:
+        cloud = stand_in_cloud(ns, "127.0.0.1", tmp_path / "cloud")
+        proxy = mitmdump_in(ns, tmp_path, cloud, REVERSE)
+        path = EnvoyPath(ns, {"connect": ("127.0.0.1", 8443)}, proxy, cloud, CloudSwitch(ns), tmp_path / "data")
+        try:
+            path.forwarded(reports[0])
+            seen = len(cloud.received())
+            cloud.failing = 503
+            failed: list[Attempt] = []
+            while not failed or time.time() - failed[0].started <= 2 * FALLBACK_AFTER:  # well past fallback_after
+                failed.append(path.attempt(reports[1]))
+                time.sleep(RETRY)
+            cloud.failing = None
+            path.forwarded(reports[1])
+            path.forwarded(reports[2])
+            wait_stored(path, 2 * (len(failed) + 3))
+        finally:
+            status = proxy.stop()
+            cloud.stop()
+    assert status == 0, proxy.output()
+    exchanges = cloud.received()[seen:seen + len(failed)]
+    assert len(cloud.received()) == seen + len(failed) + 2  # every try reached the cloud
+    for attempt, exchange in zip(failed, exchanges, strict=True):
+        assert attempt.response is not None, attempt.error
+        assert exchange.status == 503 and exchange.body == encode_body(reports[1].xml)
+        assert (attempt.response.status, attempt.response.headers, attempt.response.body) == \
+            (exchange.status, exchange.response_headers, exchange.response_body)  # unchanged
+    assert local_answers(path) == []
+    with path.store() as store:
+        assert [s.record for s in store.records(measurements=["enphase_fallback"])] == []
+        statuses = [s.raw.meta["status_code"] for s in store.raw_payloads()
+                    if s.raw.kind == "performance_report_response"]
+    assert statuses == [200] + [503] * len(failed) + [200, 200]
+    assert state_lines(proxy.output()) == []
+
+
+def test_a_certificate_the_proxy_rejects_makes_the_cloud_unreachable(tmp_path: Path) -> None:
+    simulator = Simulator(micros=1, start=DAYTIME, seed=15)
+    report = simulator.next_report()
+    other_ca, _key = write_pair(tmp_path / "other-ca", "other", *self_signed(HOST, [HOST, "127.0.0.1"]))
+    with namespace() as ns:
+        cloud = stand_in_cloud(ns, "127.0.0.1", tmp_path / "cloud")
+        proxy = mitmdump_in(ns, tmp_path, cloud, REVERSE, trusted_ca=str(other_ca))
+        path = EnvoyPath(ns, {"connect": ("127.0.0.1", 8443)}, proxy, cloud, CloudSwitch(ns), tmp_path / "data")
+        try:
+            attempts: list[Attempt] = []
+            while not attempts or attempts[-1].response is None or attempts[-1].response.status != 200:
+                assert len(attempts) < MAX_TRIES, attempts[-3:]
+                if attempts:
+                    time.sleep(RETRY)
+                attempts.append(path.attempt(report))
+            records = path.fallback_records(2)
+            wait_stored(path, len(attempts) + 1)  # each try's report, and the local answer
+        finally:
+            status = proxy.stop()
+            cloud.stop()
+    assert status == 0, proxy.output()
+    *errors, answered = attempts
+    assert errors and all(a.response is not None and a.response.status == 502 for a in errors), errors
+    assert answered.response is not None
+    answer = etree.fromstring(zlib.decompress(answered.response.body))
+    assert (answer.tag, answer.get("status")) == ("perf_report_response", "success")
+    assert cloud.received() == []  # no request ever got through the failed handshakes
+    assert [r.tags["state"] for r in records] == ["unreachable", "fallback"]
+    assert "Certificate verify failed" in str(records[0].fields["reason"]), records[0].fields
+    check_episode(path, attempts, records[0], records[1])
+    assert [a["cloud_unreachable"] for a in local_answers(path)] == ["TLS: CERTIFICATE_VERIFY_FAILED"]  # the probe's
+    # every try reached the addon (mitmproxy's 502 comes after the request): each is stored, as it was sent
+    assert stored_reports(path) == [report.report_timestamp] * len(attempts)

@@ -35,9 +35,11 @@ def test_database_outage_while_records_flow_then_the_backlog_drains(data_dir, tm
             vm.stop()  # the database goes away; records keep coming
             assert wait_until(lambda: read_status(store.path).last_error is not None)
             backlog_during_outage = wait_until(lambda: read_status(store.path).backlog >= 200)
-            error = read_status(store.path).last_error or ""
+            status = read_status(store.path)
+            error = status.last_error or ""
             vm.start()  # same port, same data
-            time.sleep(0.3)
+            wait_until(lambda: read_status(store.path).delivered > status.delivered, timeout=20,
+                       what="delivery to resume, records still flowing, once the database is back")
         assert backlog_during_outage
         assert "refused" in error.lower() or "connection" in error.lower()
         assert forwarder.drain(30)

@@ -266,7 +266,8 @@ def test_connection_refused_retries_until_the_server_appears(store):
     port = free_port()
     with forwarding(store, config(f"http://127.0.0.1:{port}", retry_max_s=0.1)) as fwd:
         assert wait_until(lambda: "refused" in (read_status(store.path).last_error or ""))
-        time.sleep(0.5)  # several more attempts
+        tried = fwd.failed_attempts
+        wait_until(lambda: fwd.failed_attempts >= tried + 3, what="three more refused attempts")
         assert read_status(store.path).backlog == 10
         with ScriptedInflux(port=port) as server:
             assert fwd.drain(10)

@@ -113,9 +113,20 @@ def test_names_that_do_not_survive_line_protocol_are_refused(influxd, record, wh
     assert got != [(record.measurement, {**record.tags, **record.fields})]
 
 
-@pytest.mark.parametrize("name", ["a\\b", "C:\\data\\pv", "a\\\\b", "x\\n"])
-def test_backslashes_elsewhere_are_written(name):
-    check_writable(Record(name, T, {name: name}, {name: 1}, ORIGIN))
+BACKSLASHES = ["a\\b", "C:\\data\\pv", "a\\\\b", "x\\n"]
+
+
+@pytest.mark.parametrize("name", BACKSLASHES)
+def test_backslashes_elsewhere_are_written_and_read_back_exactly(influxd, name):
+    record = Record(name, T, {name: name}, {f"f{name}": 1, "s": name}, ORIGIN)  # a tag and a field never share a key
+    check_writable(record)  # not refused
+    db = f"backslash{BACKSLASHES.index(name)}"
+    influxd.query(f'CREATE DATABASE "{db}"', method="POST")
+    status, body = influxd.write(influx_line(record, {}, {}), db=db)
+    assert status == 204, body
+    assert influxd.measurements(db) == [name]
+    (point,) = influxd.points(name, db)
+    assert point == {"time": record.time_ns, **record.tags, **record.fields}
 
 
 def test_field_type_rule():

@@ -31,6 +31,7 @@ from pvtap.simulate.foxess_h1 import SERIAL as H1_SERIAL
 from pvtap.simulate.foxess_h1 import H1Simulator
 from pvtap.simulate.foxess_m1 import ACTIVE_POWER_LIMIT, SERIAL, M1Simulator, SimulatorError, join_me_req
 from pvtap.store.local import LocalStore
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -72,9 +73,7 @@ def m1_listener(cloud: FoxCloud, relay_cert, **settings) -> ListenerConfig:
 
 async def ended(relay, timeout: float = 10.0) -> None:
     """Until the relay has ended (and recorded) every connection."""
-    async with asyncio.timeout(timeout):
-        while relay.connections:
-            await asyncio.sleep(0.01)
+    await until(lambda: not relay.connections, timeout, what="the relay to end every connection")
 
 
 def port_of(relay, index: int = 0) -> int:
@@ -209,9 +208,8 @@ async def test_udp_broadcasts_become_presence_and_garbage_is_counted(stack):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.sendto(bytes(range(256)) * 250 + b"\xff" * 1000, ("127.0.0.1", heartbeat_port))  # 65 000 B
             sock.sendto(join_me_req(999, 1), ("127.0.0.1", mesh_port))  # still listening after it
-        async with asyncio.timeout(10):
-            while counts[0].datagrams < mesh + 1 or counts[1].datagrams < beats + 1:
-                await asyncio.sleep(0.01)
+        await until(lambda: counts[0].datagrams >= mesh + 1 and counts[1].datagrams >= beats + 1,
+                    what="every datagram, the oversized one and the one after it, to be counted")
     presence = stack.records("foxess_presence")
     assert sum(r.tags["source"] == "mesh" for r in presence) == mesh + 1
     assert sum(r.tags["source"] == "heartbeat" for r in presence) == beats

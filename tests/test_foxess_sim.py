@@ -136,7 +136,6 @@ async def test_udp_broadcasts_decode_to_presence():
             except BlockingIOError:
                 break
         sock.close()
-    await asyncio.sleep(0)
     assert len(received) == sum(counts) and counts[0] > counts[1] > 1
     records = [r for data, port in received for r in presence_records(data, port, Origin("foxess"), now_utc())]
     mesh = [r for r in records if r.tags["source"] == "mesh"]

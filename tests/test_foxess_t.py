@@ -24,6 +24,7 @@ from pvtap.simulate.foxess_cloud import FoxCloud
 from pvtap.simulate.foxess_m1 import M1Telemetry, product_info_payload, telemetry_payload
 from pvtap.simulate.foxess_t import TRealtime, run_bridge, t_realtime_payload
 from pvtap.store.local import LocalStore
+from tests.waiting import until
 
 RECEIVED = datetime(2024, 6, 21, 12, 0, tzinfo=UTC)
 
@@ -116,9 +117,7 @@ async def test_every_split_offset_through_the_relay(data_dir, version):
                 writer.close()
                 await writer.wait_closed()
                 await session.closed.wait()
-                async with asyncio.timeout(10):
-                    while relay.connections:
-                        await asyncio.sleep(0.01)
+                await until(lambda: not relay.connections, what="the relay to end every connection")
         assert bytes(session.received) == b"".join(frames)  # forwarded unchanged
         # the relay has stopped: its ingest worker archived and decoded everything
         records = [s.record for s in store.records(measurements=["foxess_t_realtime"])]
@@ -141,9 +140,7 @@ async def test_the_simulated_bridge_into_a_local_listener(data_dir):
         async with relay_running([listener], store=store, privacy=Privacy()) as relay:
             port = relay.listeners[0].endpoints[0].port
             assert await run_bridge("127.0.0.1", port, count=3, interval=0, version=1, seed=5) == 3
-            async with asyncio.timeout(10):
-                while relay.connections:
-                    await asyncio.sleep(0.01)
+            await until(lambda: not relay.connections, what="the relay to end every connection")
         records = [s.record for s in store.records(measurements=["foxess_t_realtime"])]
         assert len(records) == 3 and {r.tags["payload_version"] for r in records} == {"1"}
         assert all(isinstance(r.fields["generation_power_w"], int) for r in records)

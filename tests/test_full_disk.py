@@ -14,6 +14,7 @@ import pytest
 
 from pvtap.store.local import LocalStore
 from tests.relay_support import StandInCloud, listener, read_all, running_relay
+from tests.waiting import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -63,9 +64,7 @@ async def test_a_full_disk_never_stops_forwarding_and_archiving_resumes(small_di
                 conns = [await cloud.connection(i) for i in range(6)]
                 for conn in conns:
                     await conn.done.wait()
-                async with asyncio.timeout(30):
-                    while "CANNOT ARCHIVE" not in caplog.text:
-                        await asyncio.sleep(0.05)
+                await until(lambda: "CANNOT ARCHIVE" in caplog.text, 30, what="the loud CANNOT ARCHIVE error")
                 (small_disk / "filler").unlink()  # space returns
                 await send(port, after)
                 await relay.copies.idle(timeout=60)

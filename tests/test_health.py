@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +21,7 @@ from pvtap.records import UP, Origin, RawPayload, Record
 from pvtap.store.local import LocalStore
 from tests.health_support import get, url_of
 from tests.relay_support import StandInCloud, listener, read_to_eof, running_relay
+from tests.waiting import until, wait_until
 
 
 def samples(health: Health) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -168,9 +168,7 @@ async def test_relay_counts_are_exact_while_open_and_after_the_end(data_dir: Pat
             release.set()
             writer.close()
             await read_to_eof(reader)
-            async with asyncio.timeout(10):
-                while relay.connections:
-                    await asyncio.sleep(0.01)
+            await until(lambda: not relay.connections, what="the relay to end every connection")
             ended = relay.stats.traffic(relay)
     assert ended.open == Counter({"alphaess": 0})
     (((protocol, outcome), count),) = ended.closed.items()  # whichever side closed first
@@ -299,9 +297,7 @@ def test_stats_are_handed_over_on_the_loop_periodically_and_once_more_on_stop() 
         callback(*args)
 
     health.record_stats(lambda raw: sent.append((raw, threading.current_thread().name)), schedule)
-    deadline = time.monotonic() + 10
-    while len(sent) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: len(sent) >= 2, 10, what="two periodic stats hand-overs")
     health.stop()
     assert len(sent) >= 3 and all(r.measurement == STATS_MEASUREMENT for r, _ in sent)  # two ticks or more, one final
     assert set(scheduled) == {"pvtap-stats"} and len(scheduled) == len(sent) - 1

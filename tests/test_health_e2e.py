@@ -59,7 +59,7 @@ async def test_readyz_turns_ready_only_once_every_listener_is_up(tmp_path: Path)
             await asyncio.to_thread(relay.expect, r"relay ready: 1 listener")
             # ready from the moment the relay says so (the flag is set right after that line)
             status, body = await asyncio.to_thread(
-                wait_until, lambda: (r := get(url_of(address, "/readyz")))[0] == 200 and r, 10, "ready")
+                wait_until, lambda: (r := get(url_of(address, "/readyz")))[0] == 200 and r, 10, what="ready")
             assert "ok listeners: 1 listener(s) up" in body, body
         finally:
             assert relay.stop() == 0, relay.output
@@ -84,7 +84,7 @@ def test_readyz_turns_unready_while_the_store_cannot_be_written(tmp_path: Path) 
     try:
         address = relay.expect(HEALTH_LINE)["address"]
         relay.expect(r"relay ready: 1 listener")
-        wait_until(lambda: get(url_of(address, "/readyz"))[0] == 200, 10, "ready")
+        wait_until(lambda: get(url_of(address, "/readyz"))[0] == 200, 10, what="ready")
         filled = inside("dd", "if=/dev/zero", f"of={data / 'filler'}", "bs=64k")
         assert "No space left on device" in filled.stderr
         _, body = wait_until(lambda: (r := get(url_of(address, "/readyz")))[0] == 503 and r, what="503")
@@ -118,7 +118,7 @@ async def test_prometheus_scrapes_the_relay_and_the_addon(tmp_path: Path) -> Non
                     line = await asyncio.to_thread(relay.expect, r"\[fixed: forward\] device_closed .* frames (\d+),")
                     relay_frames = int(line[1])
                     scraped = {f"http://{a}/metrics": "up" for a in (relay_health, addon_health)}
-                    await asyncio.to_thread(wait_until, lambda: prom.targets_up() == scraped, 30, "targets up")
+                    await asyncio.to_thread(wait_until, lambda: prom.targets_up() == scraped, 30, what="targets up")
 
                     def metric(query: str, expected: float) -> None:
                         prom.wait_value(query, expected)
@@ -194,13 +194,13 @@ async def test_readyz_and_metrics_follow_the_mqtt_publisher_with_a_real_broker(t
                     relay.expect, r"relay listening: alphaess on 127\.0\.0\.1:(\d+)"))[1])
                 await run_simulator("127.0.0.1", port, interval=0.05, extended_every=0.2, count=4)
                 state = f"pvtap/alphaess/{PLACEHOLDER_SERIAL}/state"
-                await asyncio.to_thread(watch.wait_for, lambda: state in watch.last, 30, "the state")
+                await asyncio.to_thread(watch.wait_for, lambda: state in watch.last, 30, what="the state")
 
                 def settled() -> dict[str, float] | None:
                     got = scrape(address)
                     return got if got["pvtap_mqtt_published_messages_total"] == len(watch.messages) \
                         and got["pvtap_mqtt_backlog_records"] == 0 else None
-                metrics = await asyncio.to_thread(wait_until, settled, 30, "the published count")
+                metrics = await asyncio.to_thread(wait_until, settled, 30, what="the published count")
             assert metrics['pvtap_mqtt_state{state="connected"}'] == 1
             assert sum(v for k, v in metrics.items() if k.startswith("pvtap_mqtt_state{")) == 1
             assert metrics["pvtap_mqtt_devices"] == 1 and metrics["pvtap_mqtt_refused_values_total"] == 0
@@ -209,13 +209,13 @@ async def test_readyz_and_metrics_follow_the_mqtt_publisher_with_a_real_broker(t
             # the broker goes away: not ready, saying why (forwarding goes on: test_mqtt_e2e)
             broker.stop()
             _, body = await asyncio.to_thread(
-                wait_until, lambda: (r := get(url_of(address, "/readyz")))[0] == 503 and r, 30, "not ready")
+                wait_until, lambda: (r := get(url_of(address, "/readyz")))[0] == 503 and r, 30, what="not ready")
             assert f"FAIL mqtt: cannot publish to {broker.url} as pvtap-relay: " in body, body
             assert "ok listeners" in body, body
             assert scrape(address)['pvtap_mqtt_state{state="failing"}'] == 1
             await asyncio.to_thread(broker.start)
             _, body = await asyncio.to_thread(
-                wait_until, lambda: (r := get(url_of(address, "/readyz")))[0] == 200 and r, 30, "ready again")
+                wait_until, lambda: (r := get(url_of(address, "/readyz")))[0] == 200 and r, 30, what="ready again")
             assert "ok mqtt: connected" in body, body
     finally:
         if relay is not None:

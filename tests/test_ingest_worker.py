@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from datetime import UTC, datetime
 
 import pytest
@@ -22,6 +21,7 @@ from pvtap.privacy import Privacy
 from pvtap.records import Origin, RawPayload
 from pvtap.simulate.enphase import Simulator, encode_body
 from pvtap.store.local import LocalStore
+from tests.waiting import until, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,7 +35,7 @@ PARENT = textwrap.dedent("""
     from pvtap.privacy import Privacy
     channel = Channel.process(WorkerSettings.of(sys.argv[1], Privacy(), InfluxConfig(), 1 << 20)).start(30)
     print(channel.ready["pid"], flush=True)
-    time.sleep(600)
+    time.sleep(600)  # a parent that only lives until the test kills it
 """)
 
 
@@ -67,10 +67,7 @@ def test_the_worker_ends_by_itself_when_its_parent_is_killed(tmp_path):
         assert alive(worker)
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
-        deadline = time.monotonic() + 30
-        while alive(worker) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not alive(worker), "the worker outlived its parent"
+        wait_until(lambda: not alive(worker), 30, what="the worker to end after its parent was killed")
     finally:
         parent.kill()
     with LocalStore(tmp_path / "relay.sqlite", readonly=True) as store:
@@ -90,9 +87,7 @@ async def test_a_worker_that_dies_is_restarted_and_the_gap_is_counted(tmp_path):
         await channel.idle()
         first = channel.ready["pid"]
         os.kill(first, signal.SIGKILL)
-        async with asyncio.timeout(10):
-            while is_alive(channel):  # the EOF reaches the loop
-                await asyncio.sleep(0.01)
+        await until(lambda: not is_alive(channel), what="the worker's EOF to reach the loop")
         gap = [channel.payload(frame(n)) for n in range(10, 15)]  # no worker: dropped, counted, never blocking
         assert gap == [False] * 5
         async with asyncio.timeout(30):
@@ -131,7 +126,7 @@ def test_a_second_writer_of_a_store_is_refused_naming_the_fix(tmp_path):
 
 def test_copies_a_worker_killed_at_the_stop_had_not_archived_are_counted_as_lost(tmp_path):
     """The parent knows what it sent and what the worker said it archived (ARCHIVED after each
-    group commit): a worker killed after its grace leaves exactly the difference unarchived, and
+    group commit): a worker killed after its grace leaves at most the difference unarchived, and
     the count reaches the log, the channel's stats and the store's status row."""
     store = tmp_path / "enphase.sqlite"
     simulator = Simulator(micros=3, start=1699956000, seed=5)
@@ -149,6 +144,7 @@ def test_copies_a_worker_killed_at_the_stop_had_not_archived_are_counted_as_lost
     with LocalStore(store, readonly=True) as s:
         archived = s.count_raw()
         status = s.status()
-    assert 0 < archived == stats["copies_sent"] - stats["copies_lost"]
+    # an upper bound: a kill between a group commit and its ARCHIVED counts that commit as lost
+    assert 0 < stats["copies_sent"] - stats["copies_lost"] <= archived <= stats["copies_sent"]
     assert status is not None
     assert status.counts["lost_at_stop"] == status.counts["parent_copies_lost"] == stats["copies_lost"]

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from pvtap.certs import foxess_pair
+from pvtap.privacy import pseudonym, pseudonym_key
 from pvtap.simulate.alphaess import PLACEHOLDER_SERIAL as ALPHA_SERIAL
 from pvtap.simulate.alphaess import run_simulator
 from pvtap.simulate.alphaess_cloud import AlphaCloud
@@ -152,6 +154,30 @@ async def test_every_device_through_the_addon_and_the_relay(tmp_path, broker):
     assert {f"pvtap_alphaess_{ALPHA_SERIAL}_pv_energy", f"pvtap_foxess_{M1_SERIAL}_energy",
             *(f"pvtap_enphase_{m}_energy" for m in micros)} <= energy
     assert first["pvtap/bridge/relay/availability"] == first["pvtap/bridge/enphase/availability"] == b"online"
+
+    # -- the device blocks: manufacturer, model and firmware as the stores have them, via_device
+    blocks = {t.split("/")[2]: c["device"] for t, c in configs.items()}
+    for node, block in blocks.items():  # every sensor of a device carries the same block
+        assert all(c["device"] == block for t, c in configs.items() if t.split("/")[2] == node)
+    alpha_device = [r for r in records(relay_store, "alphaess_device") if r.tags.get("source") == "device"][-1]
+    m1_info = [r for r in records(relay_store, "foxess_product_info") if r.tags.get("serial") == M1_SERIAL][-1]
+    (envoy,) = {(r.fields["part_num"], r.fields["sw_version"]) for r in records(enphase_store, "enphase_envoy")}
+    micro_parts = {r.tags["eqid"].partition(".")[0]: r.fields["part_num"] for r in records(enphase_store,
+                                                                                          "enphase_device")}
+    want = {
+        ("alphaess", ALPHA_SERIAL): ("AlphaESS", alpha_device.fields["Minv"], alpha_device.fields["EMSVersion"],
+                                     "pvtap"),
+        ("foxess", M1_SERIAL): ("FoxESS", m1_info.fields["model"], m1_info.fields["firmware"], "pvtap"),
+        ("foxess", H1_SERIAL): ("FoxESS", "Hybrid inverter", None, "pvtap"),  # the H1 tells no model or firmware
+        ("enphase", ENVOY): ("Enphase", envoy[0], envoy[1], "pvtap"),
+        **{("enphase", m): ("Enphase", micro_parts[m], None, f"pvtap_enphase_{ENVOY}") for m in micros},
+    }
+    for (vendor, serial), (manufacturer, model, firmware, via) in want.items():
+        block = blocks[f"pvtap_{vendor}_{serial}"]
+        assert model and (block["manufacturer"], block["model"], block.get("sw_version"), block["via_device"]) \
+            == (manufacturer, model, firmware, via), block
+        assert block["serial_number"] == serial and block["identifiers"] == [f"pvtap_{vendor}_{serial}"]
+    assert set(blocks) == {f"pvtap_{v}_{s}" for v, s in want}
     stopped = broker.retained()  # both stopped: each said so
     assert stopped["pvtap/bridge/relay/availability"] == stopped["pvtap/bridge/enphase/availability"] == b"offline"
 
@@ -283,3 +309,118 @@ async def test_broker_down_holds_up_neither_forwarding_nor_storing(tmp_path):
             broker.stop()
     assert "mqtt: connected to" in relay.text and "cannot connect" in relay.text
 
+
+
+async def test_pvtap_mqtt_on_its_own_follows_what_a_relay_stores(tmp_path, broker):
+    """`pvtap mqtt` as its own process over a data directory that a relay (without MQTT) fills:
+    retained discovery and state for the battery, its bridge online, records stored while it runs
+    published too; SIGTERM ends it with exit 0 and its bridge offline (said before it disconnects)."""
+    data = tmp_path / "data"
+    store = data / "relay.sqlite"
+    topic, bridge = state_topic("alphaess", ALPHA_SERIAL), "pvtap/bridge/mqtt/availability"
+    node = f"homeassistant/sensor/pvtap_alphaess_{ALPHA_SERIAL}"
+    async with AlphaCloud() as alpha:
+        relay = RelayProcess(["--protocol", "alphaess", "--listen", "127.0.0.1:0", "--upstream",
+                              f"127.0.0.1:{alpha.port}"], data)
+        await asyncio.to_thread(relay.start)
+        mqtt = None
+        try:
+            await run_simulator("127.0.0.1", relay.port, interval=0.05, extended_every=0.2, count=3, backfill_rows=0)
+            wait_until(lambda: len(records(store, "alphaess_realtime")) == 3, what="3 realtime records stored")
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PVTAP_")}
+            env.update(PVTAP_MQTT_URL=broker.url, PVTAP_MQTT_MIN_INTERVAL_S="0", PYTHONUNBUFFERED="1")
+            with Watcher(broker) as watch:
+                mqtt = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "pvtap", "--data-dir", str(data), "mqtt", env=env,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                first = records(store, "alphaess_realtime", "alphaess_extended")
+                await asyncio.to_thread(watch.wait_for, lambda: topic in watch.last and f"{node}/soc/config"
+                                        in watch.last and watch.last.get(bridge) == b"online", 60,
+                                        "state, discovery and online")
+                held = await asyncio.to_thread(broker.retained)
+                assert json.loads(held[topic])["soc"] == newest(first, "SOC")
+                assert json.loads(held[topic])["battery_power"] == newest(first, "Pbat")
+                # stored while it runs: published as well
+                await run_simulator("127.0.0.1", relay.port, interval=0.05, extended_every=0.2, count=2,
+                                    backfill_rows=0)
+                wait_until(lambda: len(records(store, "alphaess_realtime")) == 5, what="2 more records stored")
+                wait_until(lambda: mqtt_cursor(store)[0] == mqtt_cursor(store)[1], what="pvtap mqtt to catch up")
+                later = records(store, "alphaess_realtime", "alphaess_extended")
+                want = {"soc": newest(later, "SOC"), "battery_power": newest(later, "Pbat")}
+                await asyncio.to_thread(watch.wait_for, lambda: {k: json.loads(watch.last[topic]).get(k)
+                                                                 for k in want} == want, 30, "the newer state")
+                mqtt.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(30):
+                    output, _ = await mqtt.communicate()
+                assert mqtt.returncode == 0, output.decode()
+                await asyncio.to_thread(watch.wait_for, lambda: watch.last.get(bridge) == b"offline", 10,
+                                        "offline on the bridge")
+        finally:
+            if mqtt is not None and mqtt.returncode is None:
+                mqtt.kill()
+                await mqtt.wait()
+            assert await asyncio.to_thread(relay.stop) == 0
+    text = output.decode()
+    assert "mqtt: following relay.sqlite" in text and "mqtt: connected to" in text
+    assert "mqtt: disconnecting from" in text and "Traceback" not in text
+    held = await asyncio.to_thread(broker.retained)
+    assert held[bridge] == b"offline"
+    assert held[f"pvtap/alphaess/{ALPHA_SERIAL}/availability"] == b"online"  # the device was not silent
+    configs = {t: json.loads(p) for t, p in held.items() if t.startswith(node)}
+    assert {f"{node}/{key}/config" for key in ("soc", "battery_power", "pv_power", "grid_power")} <= set(configs)
+    for config in configs.values():
+        assert config["availability"][0]["topic"] == bridge  # the standalone publisher's own bridge
+        assert config["state_topic"] == topic
+
+
+async def test_pseudonymised_serials_are_all_the_broker_sees(tmp_path, broker):
+    """privacy.pseudonymize_serials on: a battery through the relay and an Envoy with its micros
+    through the addon. Topics, unique_ids and device blocks (serial_number, identifiers, the micros'
+    via_device) carry the pseudonyms; no real serial is in any topic or payload the broker saw."""
+    data = tmp_path / "data"
+    config = relay_config(tmp_path / "pvtap.toml", broker, None, None)
+    config.write_text(config.read_text() + "\n[privacy]\npseudonymize_serials = true\n")
+    micros = [f"{ENVOY[:-1]}{i + 1}" for i in range(2)]
+    real = [ALPHA_SERIAL, ENVOY, *micros]
+    with EnphaseCloud(cert_dir=tmp_path / "enphase-cloud") as enphase_cloud:
+        async with AlphaCloud() as alpha:
+            relay = RelayProcess(["--config", str(config), "--protocol", "alphaess", "--listen", "127.0.0.1:0",
+                                  "--upstream", f"127.0.0.1:{alpha.port}"], data)
+            await asyncio.to_thread(relay.start)
+            proxy = Mitmdump.reverse(tmp_path, enphase_cloud, data_dir=data,
+                                     extra=["--set", f"pvtap_config={config}"])
+            await asyncio.to_thread(proxy.start)
+            try:
+                key = pseudonym_key(data)
+                alias = {serial: pseudonym(serial, key) for serial in real}
+                devices = [("alphaess", alias[ALPHA_SERIAL]), ("enphase", alias[ENVOY]),
+                           *[("enphase", alias[m]) for m in micros]]
+                with Watcher(broker) as watch:
+                    await run_simulator("127.0.0.1", relay.port, interval=0.05, extended_every=0.2, count=4,
+                                        backfill_rows=2)
+                    sim = Simulator(micros=2, start=DAYTIME)
+                    response = await asyncio.to_thread(post_report, REPORT, encode_body(sim.next_report().xml),
+                                                       connect=("127.0.0.1", proxy.port), cafile=str(proxy.ca_cert))
+                    assert response.status == 200
+                    await asyncio.to_thread(watch.wait_for, lambda: all(state_topic(*d) in watch.last
+                                                                        for d in devices), 60, "every device's state")
+                    held = await asyncio.to_thread(broker.retained)
+                    seen = list(watch.messages)
+            finally:
+                await asyncio.to_thread(proxy.stop)
+                assert await asyncio.to_thread(relay.stop) == 0, relay.text
+    everything = [(m.topic, m.payload) for m in seen] + list(held.items())
+    for serial in real:
+        leaks = [topic for topic, payload in everything if serial in topic or serial.encode() in payload]
+        assert not leaks, f"{serial} in {leaks[:5]}"
+    configs = {t: json.loads(p) for t, p in held.items() if t.startswith("homeassistant/sensor/")}
+    blocks = {c["device"]["serial_number"]: c["device"] for c in configs.values()}
+    assert set(blocks) == {alias[s] for s in real}
+    for serial in real:
+        node = f"pvtap_{'alphaess' if serial == ALPHA_SERIAL else 'enphase'}_{alias[serial]}"
+        assert blocks[alias[serial]]["identifiers"] == [node]
+        assert alias[serial] in blocks[alias[serial]]["name"]
+    for micro in micros:
+        assert blocks[alias[micro]]["via_device"] == f"pvtap_enphase_{alias[ENVOY]}"
+    assert {c["unique_id"] for c in configs.values()} >= {f"pvtap_alphaess_{alias[ALPHA_SERIAL]}_soc",
+                                                          *(f"pvtap_enphase_{alias[m]}_power" for m in micros)}

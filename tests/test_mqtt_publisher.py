@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -253,3 +254,73 @@ def test_tls_with_a_ca_file_and_password(tmp_path, battery, data_dir):
         finally:
             assert pub.stop()
         assert json.loads(broker.retained()[STATE])["battery_power"] == 5.0
+
+
+def test_min_interval_holds_back_states_and_the_newest_value_wins(broker, battery, data_dir):
+    """min_interval_s = 2: after the first state, 8 records, each folded by the publisher before
+    the next is stored (each one a state change of its own). The broker gets at most one state per
+    interval, counted against the whole run's length (the publisher spaces its states by at least
+    the interval, however late they arrive), and the last state is the newest record's."""
+    interval, count = 2.0, 5
+    store = data_dir / "relay.sqlite"
+    battery.send(16, Pbat=0, SOC=50)
+    started = time.monotonic()
+    config = MqttConfig(url=broker.url, min_interval_s=interval, retry_max_s=2)
+    with Watcher(broker) as watch:
+        pub = PublisherThread(config, "relay", lambda: [store]).start()
+        try:
+            watch.wait_for(lambda: bool(states(watch)), what="the first state")
+            for w in range(1, count + 1):
+                battery.send(16, Pbat=w, SOC=50)
+                wait_until(lambda: mqtt_cursor(store)[0] == mqtt_cursor(store)[1], what=f"record {w} folded")
+            watch.wait_for(lambda: states(watch)[-1]["battery_power"] == count, what="the newest state")
+            elapsed = time.monotonic() - started
+        finally:
+            assert pub.stop()
+        published = [s["battery_power"] for s in states(watch)]
+    assert published[0] == 0.0 and published[-1] == count
+    assert published == sorted(published)  # held-back updates merge into the next: never an older value
+    assert len(published) <= 1 + int(elapsed // interval), (published, elapsed)
+    assert json.loads(broker.retained()[STATE])["battery_power"] == count
+
+
+def test_discovery_off_publishes_state_but_no_configs(broker, battery, data_dir):
+    battery.send(16, Pbat=5, SOC=60)
+    battery.send(5, EpvTotal=10.5, Tinv=30)
+    config = MqttConfig(url=broker.url, min_interval_s=0, retry_max_s=2, discovery=False)
+    with Watcher(broker) as watch:
+        pub = PublisherThread(config, "relay", lambda: [data_dir / "relay.sqlite"]).start()
+        try:
+            watch.wait_for(lambda: watch.last.get(AVAILABILITY) == b"online" and STATE in watch.last
+                           and b"pv_energy" in watch.last[STATE], what="state and availability")
+            # Home Assistant's birth message: without discovery there is nothing to announce again
+            watch.client.publish("homeassistant/status", b"online", qos=1)
+            battery.send(16, Pbat=6, SOC=61)
+            watch.wait_for(lambda: b'"battery_power": 6.0' in watch.last.get(STATE, b""), what="the next state")
+        finally:
+            assert pub.stop()
+        topics = {m.topic for m in watch.messages}
+    assert json.loads(broker.retained()[STATE])["soc"] == 61.0
+    assert {STATE, AVAILABILITY, BRIDGE} <= topics
+    assert not [t for t in topics if t.startswith("homeassistant/") and t != "homeassistant/status"], topics
+    assert not [t for t in broker.retained() if t.startswith("homeassistant/")]
+
+
+def test_a_custom_discovery_prefix_is_used(broker, battery, data_dir):
+    battery.send(16, Pbat=5, SOC=60)
+    config = MqttConfig(url=broker.url, min_interval_s=0, retry_max_s=2, discovery_prefix="ha-custom")
+    pub = PublisherThread(config, "relay", lambda: [data_dir / "relay.sqlite"]).start()
+    custom = f"ha-custom/sensor/pvtap_alphaess_{SERIAL}/soc/config"
+    try:
+        with Watcher(broker) as watch:
+            watch.wait_for(lambda: custom in {**watch.retained_at_subscribe, **watch.last}, what="the config")
+        with Watcher(broker) as watch:  # Home Assistant announces itself under its own prefix
+            watch.client.publish("ha-custom/status", b"online", qos=1)
+            watch.wait_for(lambda: len(watch.on(custom)) == 2, what="the config again after the birth message")
+    finally:
+        assert pub.stop()
+    held = broker.retained()
+    assert json.loads(held[custom])["unique_id"] == f"pvtap_alphaess_{SERIAL}_soc"
+    assert json.loads(held[custom])["state_topic"] == STATE
+    assert "ha-custom/binary_sensor/pvtap/relay_connection/config" in held
+    assert not [t for t in held if t.startswith("homeassistant/")], sorted(held)

@@ -30,6 +30,7 @@ from pvtap.simulate.foxess_m1 import join_me_req
 from pvtap.store.local import LocalStore
 from tests.mitm_support import Mitmdump, wait_for
 from tests.relay_support import StandInCloud, read_to_eof
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -102,9 +103,8 @@ async def test_the_relay_keeps_the_peer_address_only_when_opted_in(privacy_name,
                     sender.bind((DEVICE, 0))
                     for seq in range(3):  # the first passes, the next two are over udp_max_rate
                         sender.sendto(join_me_req(seq, 1), ("127.0.0.1", udp))
-                async with asyncio.timeout(10):
-                    while datagrams.datagrams < 3 or relay.connections:
-                        await asyncio.sleep(0.01)
+                await until(lambda: datagrams.datagrams >= 3 and not relay.connections,
+                            what="three datagrams counted and every connection ended")
     finally:
         store.close()
 

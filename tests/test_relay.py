@@ -34,18 +34,13 @@ from tests.relay_support import (
     stream,
     test_codec,
 )
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def connection_records(store: LocalStore) -> list:
     return [s.record for s in store.records(measurements=["pvtap_connection"])]
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def stored_record(store: LocalStore, index: int = 0, timeout: float = 5.0):
@@ -493,5 +488,6 @@ async def test_records_are_json_safe_line_protocol_inputs(store):
         writer.close()
         record = await stored_record(store)
     line = to_line(record)
-    assert line.startswith("pvtap_connection,action=local,")
-    json.dumps(dict(record.fields))
+    assert line.startswith("pvtap_connection,action=local,") and line.endswith(f" {record.time_ns}")
+    fields = dict(record.fields)
+    assert fields and json.loads(json.dumps(fields)) == fields  # JSON-safe: every value survives the round trip

@@ -23,6 +23,7 @@ from pvtap.records import Record
 from pvtap.simulate.foxess_cloud import FoxCloud
 from pvtap.simulate.foxess_m1 import M1Simulator
 from pvtap.store.local import LocalStore
+from tests.waiting import until
 
 WRONG_PIN = "cd" * 32
 CLOUD = "127.0.0.1:14431"
@@ -94,9 +95,7 @@ async def test_a_wrong_cloud_certificate_is_one_loud_line_and_shows_in_status(da
                 port = relay.listeners[0].endpoints[0].port
                 for _ in range(3):  # three M1 connections, each answered by the relay itself
                     assert await M1Simulator().run_cloud("127.0.0.1", port, count=1, interval=0.01) == 1
-                async with asyncio.timeout(10):
-                    while relay.connections:
-                        await asyncio.sleep(0.01)
+                await until(lambda: not relay.connections, what="the relay to end every connection")
         assert [bytes(session.received) for session in cloud.sessions] == [b"", b"", b""]  # not a byte
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [_expected(endpoint, fingerprint)]

@@ -24,6 +24,7 @@ from pvtap.simulate.alphaess_cloud import AlphaCloud
 from pvtap.store.local import LocalStore
 from tests.conftest import free_port
 from tests.relay_support import RelayProcess, listener
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -57,9 +58,7 @@ def stack(data_dir):
 
 async def no_connections(relay, timeout: float = 10.0) -> None:
     """Until the relay has ended (and recorded) every connection."""
-    async with asyncio.timeout(timeout):
-        while relay.connections:
-            await asyncio.sleep(0.01)
+    await until(lambda: not relay.connections, timeout, what="the relay to end every connection")
 
 
 def store_bytes(data_dir: Path) -> bytes:
@@ -173,10 +172,7 @@ async def test_cloud_down_with_fixed_the_device_is_closed_cleanly_and_the_failur
         writer.write(alphaess.encode_frame(alphaess.REQUEST, 0, b""))
         assert await asyncio.wait_for(reader.read(), 5) == b""  # EOF, not a reset, no answer
         writer.close()
-        for _ in range(500):
-            if stack.records("pvtap_connection"):
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: stack.records("pvtap_connection"), what="the refused connection to be recorded")
     (connection,) = stack.records("pvtap_connection")
     assert connection.tags["action"] == "refused" and connection.tags["outcome"] == "upstream_failed"
     assert f"127.0.0.1:{down}" in connection.fields["detail"] and "refused" in connection.fields["detail"]

@@ -30,6 +30,7 @@ from tests.relay_support import (
     settled,
     test_codec,
 )
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,9 +99,7 @@ async def test_a_tls_listener_refuses_before_any_handshake(store, tmp_path):
 
 
 async def until_connections(relay, count: int) -> None:
-    async with asyncio.timeout(10):
-        while relay.connections != count:
-            await asyncio.sleep(0.01)
+    await until(lambda: relay.connections == count, what=f"the relay to hold {count} connection(s)")
 
 
 async def test_sources_outside_allow_from_are_refused_and_the_device_gets_in(store, caplog):
@@ -210,9 +209,8 @@ async def test_one_byte_at_a_time_is_forwarded_in_order_and_holds_one_slot_only(
             for i in range(5):
                 writer.write(bytes([65 + i]))
                 conn = await cloud.connection()
-                async with asyncio.timeout(5):  # forwarded before the next byte is sent
-                    while len(conn.received) < i + 1:
-                        await asyncio.sleep(0.005)
+                await until(lambda c=conn, n=i + 1: len(c.received) >= n, 5,  # forwarded before the next byte is sent
+                            what=f"byte {i + 1} of the drip to be forwarded")
                 if i == 2:
                     other_reader, other = await connect(port)
                     other.write(b"meanwhile")
@@ -277,9 +275,7 @@ async def test_a_udp_flood_from_one_source_is_cut_to_its_rate_others_unaffected(
             for _ in range(200):
                 flood.sendto(b"flood", ("127.0.0.1", port))
             device.sendto(b"heartbeat", ("127.0.0.1", port))
-            async with asyncio.timeout(10):
-                while counts.datagrams < 201:
-                    await asyncio.sleep(0.01)
+            await until(lambda: counts.datagrams >= 201, what="all 201 datagrams to be counted")
     passed = [p.payload for p in archived(store)]
     assert passed.count(b"heartbeat") == 1
     assert 5 <= passed.count(b"flood") < 200 and counts.over_rate == 200 - passed.count(b"flood")
@@ -300,9 +296,7 @@ async def test_udp_datagrams_from_outside_allow_from_are_dropped_and_counted(sto
             for _ in range(5):
                 other.sendto(b"not yours", ("127.0.0.1", port))
             device.sendto(b"heartbeat", ("127.0.0.1", port))
-            async with asyncio.timeout(10):
-                while counts.datagrams < 6:
-                    await asyncio.sleep(0.01)
+            await until(lambda: counts.datagrams >= 6, what="all 6 datagrams to be counted")
     assert [p.payload for p in archived(store)] == [b"heartbeat"]
     assert counts.not_allowed == 5
     assert any("0 over udp_max_rate, 5 not in allow_from" in r.getMessage() for r in caplog.records)

@@ -232,11 +232,9 @@ def test_sigkill_of_run_leaves_no_orphaned_mitmdump_or_relay(tmp_path: Path) -> 
     assert "mitmdump" in Path(f"/proc/{mitmdump_pid}/cmdline").read_text()  # the service itself, not a wrapper
     assert "proxy_tcp" in Path(f"/proc/{relay_pid}/cmdline").read_text()
     assert run.stop(signal.SIGKILL) == -signal.SIGKILL  # no handler of pvtap's can run
-    deadline = time.monotonic() + 30  # the services stop cleanly on their SIGTERM
-    while (_pid_alive(mitmdump_pid) or _pid_alive(relay_pid)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _pid_alive(mitmdump_pid), "mitmdump outlived pvtap run"
-    assert not _pid_alive(relay_pid), "the relay outlived pvtap run"
+    # the services stop cleanly on their SIGTERM
+    wait_for(lambda: not _pid_alive(mitmdump_pid), 30, what="mitmdump to end after pvtap run was killed")
+    wait_for(lambda: not _pid_alive(relay_pid), 30, what="the relay to end after pvtap run was killed")
 
 
 @pytest.mark.slow

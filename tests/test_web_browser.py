@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from pvtap.simulate.foxess_h1 import SERIAL as H1_SERIAL
+from pvtap.simulate.foxess_m1 import SERIAL as M1_SERIAL
 from pvtap.store.local import LocalStore
 from pvtap.web.quantities import SOURCES
 from tests.conftest import REPO
@@ -24,6 +26,8 @@ from tests.mitm_support import wait_for
 from tests.test_run_demo import Pvtap
 
 CHROMIUM = "/usr/bin/chromium"
+#: a time in ns passes the page as a JavaScript number (a double): this close to the stored one
+JS_NS = 1000
 SCREENSHOT = REPO / "build" / "web-screenshot.png"
 SECOND = "ALSIM0000000002"
 ALPHA_MEASUREMENTS = ("alphaess_realtime", "alphaess_extended", "alphaess_backfill")
@@ -54,10 +58,12 @@ def soc_points(store: Path, serial: str, since: float, until: float) -> list[tup
     return [(t / 1e9, round(mean([mean(v) for v in per.values()]), 3)) for t, per in sorted(by_time.items())]
 
 
-def newest(store: Path, serial: str, quantity: str, measurements: tuple[str, ...]) -> tuple[int, float, list]:
+def newest(store: Path, serial: str, quantity: str, measurements: tuple[str, ...],
+           until_ns: int | None = None) -> tuple[int, float, list]:
     """(time_ns, value, parts) of the newest stored value of a quantity, worked out here from the
     records: per measurement, its records at its newest time (each part's readings averaged, the
-    parts, an Envoy's micros, added); of the measurements, the newest, at equal times the first in SOURCES."""
+    parts, an Envoy's micros, added); of the measurements, the newest, at equal times the first in SOURCES.
+    `until_ns`: the newest at that time or before (what the page showed then, while devices go on)."""
     found = []
     for rank, source in enumerate(SOURCES):
         if source.quantity != quantity or source.measurement not in measurements:
@@ -66,7 +72,8 @@ def newest(store: Path, serial: str, quantity: str, measurements: tuple[str, ...
         with LocalStore(store, readonly=True) as s:
             for stored in s.records(measurements=[source.measurement]):
                 r = stored.record
-                value = source.value(r.fields) if r.origin.device == serial else None
+                mine = r.origin.device == serial and (until_ns is None or r.time_ns <= until_ns)
+                value = source.value(r.fields) if mine else None
                 if value is not None:
                     by_time[r.time_ns].append((r.tags.get("eqid", ""), value))
         if by_time:
@@ -134,7 +141,7 @@ def check_page(browser, origin: str, data: Path, second: subprocess.Popen) -> No
     page.wait_for_function("() => window.pvtap && window.pvtap.ready", timeout=60_000)
 
     # every device, with its serial and a last contact that is seconds old
-    for serial in ("ALSIM0000000001", SECOND, "999900000000"):
+    for serial in ("ALSIM0000000001", SECOND, "999900000000", M1_SERIAL, H1_SERIAL):
         row = page.wait_for_selector(f'#devices tr[data-serial="{serial}"][data-state="ok"]', timeout=60_000)
         assert row.query_selector(".serial").inner_text() == serial
         assert row.query_selector(".contact").inner_text().endswith(" s ago")
@@ -153,15 +160,21 @@ def check_page(browser, origin: str, data: Path, second: subprocess.Popen) -> No
                                " return c && Math.abs(Number(c.dataset.timeNs) - when) < 1000; }",
                                arg=[cell, when], timeout=30_000)
         assert float(page.locator(cell).get_attribute("data-value") or "nan") == pytest.approx(value, abs=1e-9)
-    # the Envoy's PV, micro by micro, as stored at the time the page shows
-    shown = page.locator('.now[data-serial="999900000000"] .value[data-quantity="pv_w"]')
-    shown_ns = int(float(shown.get_attribute("data-time-ns") or "0"))
-    when, total, parts = newest(enphase_store, "999900000000", "pv_w", ("enphase_interval",))
-    if abs(shown_ns - when) < 1000:  # the page may show the report before the newest one: then check that one
-        assert float(shown.get_attribute("data-value") or "nan") == pytest.approx(total)
-        for eqid, value in parts:
-            part = page.locator(f'.now[data-serial="999900000000"] [data-part="{eqid}"][data-quantity="pv_w"]')
-            assert float(part.get_attribute("data-value") or "nan") == pytest.approx(value)
+    # the Envoy's PV, micro by micro, and the FoxESS M1's and H1's current values, as stored at the
+    # time the page shows (the demo's devices keep sending: the page and the store move on)
+    shown = shown_now(page, "999900000000", "pv_w")
+    when, total, parts = newest(enphase_store, "999900000000", "pv_w", ("enphase_interval",),
+                                shown["time_ns"] + JS_NS)
+    assert abs(when - shown["time_ns"]) < JS_NS and shown["value"] == pytest.approx(total)
+    assert len(parts) == 2 and [eqid for eqid, _ in sorted(shown["parts"])] == sorted(eqid for eqid, _ in parts)
+    assert [value for _, value in sorted(shown["parts"])] == pytest.approx([v for _, v in sorted(parts)])
+    for serial, quantity, measurement in ((M1_SERIAL, "pv_w", "foxess_telemetry"),
+                                          (M1_SERIAL, "temperature_c", "foxess_telemetry"),
+                                          (H1_SERIAL, "pv_w", "foxess_h1_realtime"),
+                                          (H1_SERIAL, "grid_w", "foxess_h1_realtime")):
+        shown = shown_now(page, serial, quantity)
+        when, value, _ = newest(relay_store, serial, quantity, (measurement,), shown["time_ns"] + JS_NS)
+        assert abs(when - shown["time_ns"]) < JS_NS and shown["value"] == pytest.approx(value), (serial, quantity)
 
     # the SoC chart holds every stored point of the second battery (6 hours: no averaging)
     page.select_option("#range", "21600")
@@ -205,6 +218,20 @@ def check_page(browser, origin: str, data: Path, second: subprocess.Popen) -> No
     with pytest.raises(Exception, match="ERR_"):
         elsewhere.goto("http://cdn.example.com/uPlot.js", timeout=30_000)
     assert problems == [], json.dumps(problems, indent=1)
+
+
+def shown_now(page, serial: str, quantity: str) -> dict:
+    """A device's current value as the page shows it, read at once: {time_ns, value, parts:
+    [(eqid, value)]} (parts: an Envoy's micros)."""
+    cell = f'.now[data-serial="{serial}"] .value[data-quantity="{quantity}"]'
+    page.wait_for_selector(cell + "[data-time-ns]", timeout=60_000)
+    doc = page.evaluate("""([serial, quantity, cell]) => {
+        const shown = document.querySelector(cell);
+        const parts = [...document.querySelectorAll(`.now[data-serial="${serial}"] [data-part]`)]
+            .filter((p) => p.dataset.quantity === quantity).map((p) => [p.dataset.part, Number(p.dataset.value)]);
+        return {time_ns: shown.dataset.timeNs, value: Number(shown.dataset.value), parts};
+    }""", [serial, quantity, cell])
+    return {"time_ns": int(float(doc["time_ns"])), "value": doc["value"], "parts": [tuple(p) for p in doc["parts"]]}
 
 
 def test_ci_installs_chromium() -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from pvtap.cli._common import iso_utc
-from pvtap.config import Config
+from pvtap.config import Config, mask_url
 from pvtap.mqtt.follow import MqttStatus
 from pvtap.mqtt.follow import read_status as read_mqtt
 from pvtap.records import Record, from_ns
@@ -85,19 +85,19 @@ def run(args: argparse.Namespace, config: Config) -> int:
             doc["ingest"] = {"decode_backlog": backlog, **(dataclasses.asdict(row) if row else {})}
             doc["alerts"] = [dataclasses.asdict(a) for a in active]
             doc["mqtt"] = dataclasses.asdict(mqtt) if mqtt else None
-            print(json.dumps(doc, sort_keys=True))
+            print(mask_url(json.dumps(doc, sort_keys=True)))
         return 0
-    target = (f"{config.influx.url} (org {config.influx.org}, bucket {config.influx.bucket})"
+    target = (f"{mask_url(config.influx.url)} (org {config.influx.org}, bucket {config.influx.bucket})"
               if config.influx.url else "not configured (influx.url is empty): records stay in the local stores")
     print(f"InfluxDB: {target}")
     bound = f"{config.influx.max_store_mb} MiB each" if config.influx.max_store_mb else "none"
     print(f"data dir: {config.data_dir}  (store size bound: {bound})")
-    print(f"MQTT: {config.mqtt.url or 'not configured (mqtt.url is empty)'}")
+    print(f"MQTT: {mask_url(config.mqtt.url) or 'not configured (mqtt.url is empty)'}")
     for s, (backlog, row), active, mqtt in zip(states, ingests, alerts, mqtts):
         print()
         lines = describe(s, ingest=(backlog, row)) + describe_mqtt(mqtt)
         lines[1:1] = [f"  ALERT          since {a.since}, last {a.last}: {a.message}" for a in active]
-        print("\n".join(lines))
+        print(mask_url("\n".join(lines)))  # an error the forwarder noted may quote a URL with its password
     return 0
 
 

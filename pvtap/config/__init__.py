@@ -13,17 +13,19 @@ environment, describe). Callers import from `pvtap.config`.
 """
 
 from pvtap.config.checks import (
+    HIDDEN,
     ConfigError,
     Duration,
     is_loopback,
     listen_address,
+    mask_url,
     parse_duration,
     positive,
     setting,
     split_host_port,
 )
 from pvtap.config.listeners import RELAY_POLICIES, RELAY_PROTOCOLS, ListenerConfig, check_listener
-from pvtap.config.loading import CONFIG_ENV, ENV_PREFIX, describe, env_warnings, load_config, unknown_env
+from pvtap.config.loading import CONFIG_ENV, ENV_PREFIX, describe, env_warnings, load_config, secret_keys, unknown_env
 from pvtap.config.sections import (
     MAX_STOP_DECODE_S,
     Config,
@@ -38,9 +40,9 @@ from pvtap.config.sections import (
 )
 
 __all__ = [
-    "CONFIG_ENV", "ENV_PREFIX", "MAX_STOP_DECODE_S", "RELAY_POLICIES", "RELAY_PROTOCOLS", "Config", "ConfigError",
-    "Duration", "EnphaseConfig", "HealthConfig", "InfluxConfig", "IngestConfig", "ListenerConfig", "MqttConfig",
-    "PrivacyConfig", "WebConfig", "broker_address", "check_listener", "describe", "env_warnings",
-    "is_loopback", "listen_address", "load_config", "parse_duration", "positive", "setting", "split_host_port",
-    "unknown_env",
+    "CONFIG_ENV", "ENV_PREFIX", "HIDDEN", "MAX_STOP_DECODE_S", "RELAY_POLICIES", "RELAY_PROTOCOLS", "Config",
+    "ConfigError", "Duration", "EnphaseConfig", "HealthConfig", "InfluxConfig", "IngestConfig", "ListenerConfig",
+    "MqttConfig", "PrivacyConfig", "WebConfig", "broker_address", "check_listener", "describe", "env_warnings",
+    "is_loopback", "listen_address", "load_config", "mask_url", "parse_duration", "positive", "secret_keys",
+    "setting", "split_host_port", "unknown_env",
 ]

@@ -11,11 +11,23 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+#: what a config error, `pvtap status` or the web view show in place of a secret
+HIDDEN = "(hidden)"
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/:@\s]*):[^/@\s]*@")
+
+
+def mask_url(text: str) -> str:
+    """`scheme://user:password@host` with the password hidden, wherever such a URL is in `text`."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{HIDDEN}@", text)
+
 
 class ConfigError(ValueError):
-    """A setting is wrong; the message says which, why, and how to fix it."""
+    """A setting is wrong; the message says which, why, and how to fix it. A password in a URL
+    (`mqtt://user:password@host`) is masked: the message goes to logs and terminals."""
 
     def __init__(self, key: str, value: object, problem: str, fix: str, source: str = "") -> None:
+        value = mask_url(value) if isinstance(value, str) else value
         self.key, self.value, self.problem, self.fix, self.source = key, value, problem, fix, source
         where = f" (from {source})" if source else ""
         super().__init__(f"config error: {key} = {value!r}{where}: {problem}. Fix: {fix}")
@@ -24,8 +36,9 @@ class ConfigError(ValueError):
 def setting(default: Any, help: str, check: Callable[[Any], str | None] | None = None,
             fix: str = "", secret: bool = False) -> Any:
     """A config field: its default, one line of help, an optional check returning a problem.
-    A `secret` one is left out of the config's repr, so a logged config never shows it."""
-    metadata = {"help": help, "check": check, "fix": fix}
+    A `secret` one is left out of the config's repr and its value out of config errors, so a
+    logged config or a typo never shows it."""
+    metadata = {"help": help, "check": check, "fix": fix, "secret": secret}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: default, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata, repr=not secret)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tomllib
 import types
 import typing
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pvtap.config.checks import ConfigError, Duration, parse_duration
+from pvtap.config.checks import HIDDEN, ConfigError, Duration, parse_duration
 from pvtap.config.sections import Config
 
 ENV_PREFIX = "PVTAP_"
@@ -85,6 +86,18 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, 
     return out
 
 
+def secret_keys(cls: type = Config, prefix: str = "") -> set[str]:
+    """The keys of settings declared `secret`: never echoed in output or error messages."""
+    out = set()
+    for f in dataclasses.fields(cls):
+        hint = _hint(cls, f.name)
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            out |= secret_keys(hint, f"{prefix}{f.name}.")
+        elif f.metadata.get("secret"):
+            out.add(f"{prefix}{f.name}")
+    return out
+
+
 def _hint(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls)[name]
 
@@ -98,39 +111,59 @@ def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: s
         raise ConfigError(prefix.rstrip(".") or "config", data, "expected a table", f"write [{prefix.rstrip('.')}]")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    secrets = {f.name for f in dataclasses.fields(cls) if f.metadata.get("secret")}
     for key in data:
         if key not in names:
             guess = difflib.get_close_matches(key, names, n=1)
             hint = f"did you mean {prefix}{guess[0]}?" if guess else f"known keys: {', '.join(names)}"
-            raise ConfigError(f"{prefix}{key}", data[key], "unknown setting", hint, source)
+            # a misspelt secret (`pasword`) is as secret as the right one
+            value = HIDDEN if set(guess) & secrets or _SECRET_NAME.search(key) else data[key]
+            raise ConfigError(f"{prefix}{key}", value, "unknown setting", hint, source)
     values = {}
     for f in dataclasses.fields(cls):
         key, hint = f"{prefix}{f.name}", hints[f.name]
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[f.name] = _build(hint, data.get(f.name, {}), env, key + ".", source)
             continue
-        env_key = _env_name(key)
-        if env_key in env and _is_table_list(hint):
-            raise ConfigError(key, env[env_key], "listeners come only from the config file, not from the environment",
-                              f"unset {env_key} and write each listener in the config file as a [[{key}]] table "
-                              'with protocol, listen and policy on lines of their own (docs/relay.md)', env_key)
-        if env_key in env:
-            raw, where = env[env_key], env_key
-            value = _from_env(key, hint, raw, where)
-        elif f.name in data:
-            raw, where = data[f.name], source
-            value = _coerce(key, hint, raw, where, env)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(key, None, "missing", f"add {key} ({f.metadata['help']})", source)
-        else:
+        if f.name in secrets:
+            try:
+                values[f.name] = _setting(f, key, hint, data, env, source)
+            except ConfigError as exc:
+                raise ConfigError(exc.key, HIDDEN, exc.problem, exc.fix, exc.source) from None
             continue
-        check = f.metadata.get("check")
-        problem = check(value) if check else None
-        if problem:
-            fix = f.metadata.get("fix") or f"set {key} to a valid value ({f.metadata['help']})"
-            raise ConfigError(key, raw, problem, fix, where)
-        values[f.name] = value
-    return cls(**values)
+        values[f.name] = _setting(f, key, hint, data, env, source)
+    return cls(**{k: v for k, v in values.items() if v is not _UNSET})
+
+
+#: names of settings that hold a secret, for the "unknown setting" error of a misspelt one
+_SECRET_NAME = re.compile(r"pass|token|secret|key", re.IGNORECASE)
+_UNSET = object()
+
+
+def _setting(f: dataclasses.Field[Any], key: str, hint: Any, data: Mapping[str, Any], env: Mapping[str, str],
+             source: str) -> Any:
+    """One setting's value from the environment, the file or its default (`_UNSET`), checked."""
+    env_key = _env_name(key)
+    if env_key in env and _is_table_list(hint):
+        raise ConfigError(key, env[env_key], "listeners come only from the config file, not from the environment",
+                          f"unset {env_key} and write each listener in the config file as a [[{key}]] table "
+                          'with protocol, listen and policy on lines of their own (docs/relay.md)', env_key)
+    if env_key in env:
+        raw, where = env[env_key], env_key
+        value = _from_env(key, hint, raw, where)
+    elif f.name in data:
+        raw, where = data[f.name], source
+        value = _coerce(key, hint, raw, where, env)
+    elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        raise ConfigError(key, None, "missing", f"add {key} ({f.metadata['help']})", source)
+    else:
+        return _UNSET
+    check = f.metadata.get("check")
+    problem = check(value) if check else None
+    if problem:
+        fix = f.metadata.get("fix") or f"set {key} to a valid value ({f.metadata['help']})"
+        raise ConfigError(key, raw, problem, fix, where)
+    return value
 
 
 def _is_table_list(hint: Any) -> bool:

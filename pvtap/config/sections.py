@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvtap.config.checks import (
+    HIDDEN,
     ConfigError,
     Duration,
     is_loopback,
@@ -100,7 +101,7 @@ class InfluxConfig:
 
     url: str = setting("", "InfluxDB URL (e.g. http://influxdb:8086); empty keeps records in the local store only.",
                        check=_influx_url)
-    token: str = setting("", "API token (InfluxDB 1.8: user:password; InfluxDB 3: a database token).")
+    token: str = setting("", "API token (InfluxDB 1.8: user:password; InfluxDB 3: a database token).", secret=True)
     org: str = setting("", "Organisation (InfluxDB 1.8: -; InfluxDB 3: ignored, any value).")
     bucket: str = setting("pvtap", "Bucket (InfluxDB 1.8: database/retention_policy; InfluxDB 3: the database).",
                           check=lambda v: None if v.strip() else "must not be empty")
@@ -125,6 +126,8 @@ class InfluxConfig:
     prune_undelivered: bool = setting(
         True, "When pruning delivered rows is not enough to stay under max_store_mb, also drop the oldest "
               "undelivered records (logged as an error with the count); false keeps them and lets the store grow.")
+    stuck_after_s: float = setting(300.0, "With records waiting, seconds without delivery progress before the "
+                                          "forwarder counts as stuck (`pvtap status`, /readyz fails).", check=positive)
 
     def __post_init__(self) -> None:
         if self.url and not self.org.strip():
@@ -198,7 +201,7 @@ class MqttConfig:
     url: str = setting("", "Broker URL: mqtt://host[:port] (1883) or mqtts://host[:port] (8883, TLS); empty: no MQTT.",
                        check=_mqtt_url)
     username: str = setting("", "User name at the broker (empty: connect without one).")
-    password: str = setting("", "Password at the broker (with mqtt.username).")
+    password: str = setting("", "Password at the broker (with mqtt.username).", secret=True)
     ca_file: str = setting("", "PEM file with the CA that signed the broker's certificate, for mqtts:// (empty: the "
                            "system CAs).", check=_existing_file,
                            fix="point mqtt.ca_file at an existing PEM file or leave it empty")
@@ -226,7 +229,7 @@ class MqttConfig:
 
     def __post_init__(self) -> None:
         if self.password and not self.username:
-            raise ConfigError("mqtt.password", "***", "a password without a user name",
+            raise ConfigError("mqtt.password", HIDDEN, "a password without a user name",
                               "set mqtt.username too, or remove mqtt.password")
         if self.ca_file and not self.url.startswith("mqtts://"):
             raise ConfigError("mqtt.ca_file", self.ca_file, "a CA file is only used for TLS",
@@ -256,7 +259,7 @@ class WebConfig:
 
     def __post_init__(self) -> None:
         if self.password and len(self.password) < 8:
-            raise ConfigError("web.password", "(hidden)", "shorter than 8 characters",
+            raise ConfigError("web.password", HIDDEN, "shorter than 8 characters",
                               "set web.password (or PVTAP_WEB_PASSWORD) to a longer password of your own")
         if self.listen and not self.password and not is_loopback(split_host_port(self.listen)[0]):
             raise ConfigError("web.password", "", f"web.listen = {self.listen!r} opens the web view to the LAN, "

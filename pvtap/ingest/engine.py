@@ -10,8 +10,9 @@ The engine has no threads and no transport. The ingest worker (pvtap/ingest/work
 it from its archive and decode threads, fed by the relay and the addon through a channel;
 `Ingest(store, privacy).process(raw)` does all of it for one payload, synchronously (replay,
 import, tests). A decoder exception is logged with the payload's origin and kept with the
-payload for a later `pvtap replay`; a payload that cannot be redacted is kept as its size,
-SHA-256 and the reason only.
+payload for a later `pvtap replay`; a payload that cannot be redacted is withheld like any bytes
+a codec cannot vouch for (pvtap/decode/withhold.py: size, SHA-256 and the reason only, unless
+privacy.keep_unredacted).
 
 What the live path read of a payload (`RawPayload.parsed`: the Tap's frame, the redacted
 report's tree) is kept by raw id from archiving until decoding (`LiveReadings`, bounded), so
@@ -22,7 +23,6 @@ from its bytes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from pvtap.decode import Codec, codec_for
-from pvtap.privacy import REDACTED, Privacy
+from pvtap.decode.withhold import is_withheld, withhold
+from pvtap.privacy import Privacy
 from pvtap.records import Origin, Parsed, RawPayload, Record
 from pvtap.store.local import Decoded, LocalStore, StoredRaw
 
@@ -131,15 +132,16 @@ class Ingest:
         try:
             safe = self.codecs(raw.origin.protocol).redact_raw(raw, self.privacy)
         except Exception as exc:  # never store (or log) what could not be redacted
-            # Only the exception's type: its message may quote the unredacted bytes; the origin's
-            # device may be an unredacted serial too.
+            # Only the exception's type: its message may quote the unredacted bytes. The device may
+            # be an unredacted serial and the meta may quote the bytes too (a query string): neither is
+            # kept, unless privacy.keep_unredacted keeps everything in clear.
             self.counts.redact_errors += 1
-            log.error("could not redact a %s %s payload (%s); storing only its size and SHA-256",
-                      raw.origin.protocol, raw.kind, type(exc).__name__)
-            meta: dict[str, str | int] = {
-                "payload": REDACTED, "size": len(raw.payload), "sha256": hashlib.sha256(raw.payload).hexdigest(),
-                "reason": f"redaction failed ({type(exc).__name__})"}
-            return RawPayload(replace(raw.origin, device=""), raw.kind, b"", raw.received, meta)
+            reason = f"redaction failed ({type(exc).__name__})"
+            keep = self.privacy.keep_unredacted
+            log.error("could not redact a %s %s payload (%s); %s", raw.origin.protocol, raw.kind, type(exc).__name__,
+                      "keeping it in clear (privacy.keep_unredacted)" if keep else "storing only its size and SHA-256")
+            return withhold(raw, reason, self.privacy, origin=replace(raw.origin, device=""),
+                            meta=raw.meta if keep or is_withheld(raw) else {})  # a withheld one's is redacted
         self._remember_device(safe.origin)
         return safe
 

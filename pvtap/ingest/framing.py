@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from pvtap.decode import Tap, stream_codec
@@ -25,8 +26,28 @@ from pvtap.records import DOWN, UP, Origin, RawPayload, Record, from_ns, now_utc
 log = logging.getLogger("proxy_tcp.connection")
 
 MEASUREMENT = "pvtap_connection"
-WARN_OUTCOMES = {"upstream_failed", "refused_not_redirected", "refused_self", "device_tls_failed",
-                 "first_byte_timeout", "error", "relay_gone"}
+
+
+class Outcome(StrEnum):
+    """How a relayed connection ended: its record's `outcome` tag (docs/relay.md lists them all)."""
+
+    DEVICE_CLOSED = "device_closed"  # the device sent the first EOF
+    CLOUD_CLOSED = "cloud_closed"  # the cloud did
+    DEVICE_RESET = "device_reset"
+    CLOUD_RESET = "cloud_reset"
+    IDLE_TIMEOUT = "idle_timeout"
+    FIRST_BYTE_TIMEOUT = "first_byte_timeout"
+    UPSTREAM_FAILED = "upstream_failed"
+    REFUSED_NOT_REDIRECTED = "refused_not_redirected"
+    REFUSED_SELF = "refused_self"
+    DEVICE_TLS_FAILED = "device_tls_failed"
+    SHUTDOWN = "shutdown"  # the relay stopped and closed it
+    ERROR = "error"  # a relay bug ended it
+    RELAY_GONE = "relay_gone"  # the relay process went away without closing it (the worker completes the record)
+
+
+WARN_OUTCOMES = {Outcome.UPSTREAM_FAILED, Outcome.REFUSED_NOT_REDIRECTED, Outcome.REFUSED_SELF,
+                 Outcome.DEVICE_TLS_FAILED, Outcome.FIRST_BYTE_TIMEOUT, Outcome.ERROR, Outcome.RELAY_GONE}
 
 
 @dataclass
@@ -42,7 +63,7 @@ class ConnectionRecord:
     peer: str
     upstream: str = ""  # where it was forwarded, or the cloud it could not reach
     action: str = ""  # forward, local or refused
-    outcome: str = ""  # device_closed, cloud_closed, device_reset, cloud_reset, idle_timeout, ...
+    outcome: str = ""  # an Outcome's value once it ended
     detail: str = ""
     cloud_error: str = ""  # why auto answered locally
     bytes: dict[str, int] = field(default_factory=lambda: {UP: 0, DOWN: 0})
@@ -167,7 +188,7 @@ class Connections:
                 payloads = state.tap.finish(now_utc())
             except Exception:
                 self._tap_failed(state, "finish")
-        r = summary or dataclasses.replace(state.record, outcome="relay_gone", bytes=dict(state.seen),
+        r = summary or dataclasses.replace(state.record, outcome=Outcome.RELAY_GONE.value, bytes=dict(state.seen),
                                            detail="the relay stopped without closing it")
         tap = state.tap
         r.frames = int(getattr(tap, "frames", 0))

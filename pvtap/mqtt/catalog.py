@@ -14,7 +14,8 @@ sees a serial the store does not already hold.
   simulator and peer projects read it: an inference), state of charge, inverter temperature,
   and the lifetime energy counters EpvTotal, Einput, Eoutput, Echarge, EDischarge (kWh).
 - FoxESS M1/Q1, H1 and T-series: power, each PV string's power and voltage, temperature and
-  the lifetime energy counter, as far as each layout carries them.
+  the lifetime energy counter, as far as each layout carries them. A T-series sends no serial
+  (its RS485 broadcast has none): its records are the device `T-series`.
 """
 
 from __future__ import annotations
@@ -237,8 +238,14 @@ FOXESS_KINDS = {"foxess_telemetry": "Microinverter", "foxess_h1_realtime": "Hybr
                 "foxess_t_realtime": "Inverter"}
 
 
+#: a T-series' broadcast carries no serial (docs/foxess.md): its records name this device instead
+T_SERIES_DEVICE = "T-series"
+
+
 def _foxess(record: Record) -> Extract:
     serial = record.tags.get("serial", "")
+    if not serial and record.measurement == "foxess_t_realtime":
+        serial = T_SERIES_DEVICE
     if not serial:
         return NOTHING
     device = DeviceRef("foxess", serial)

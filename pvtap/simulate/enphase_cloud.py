@@ -70,6 +70,8 @@ class EnphaseCloud:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.cafile, keyfile)
         self.on_exchange = on_exchange
+        #: while set, every request is answered with this HTTP status (a cloud that is up but failing)
+        self.failing: int | None = None
         self.exchanges: list[Exchange] = []
         self.connections = 0  # TCP connections accepted, so a test can prove none was made
         self._lock = threading.Lock()
@@ -174,7 +176,12 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         path = self.path.partition("?")[0]
-        status, headers, payload, ids = answer(self.command, path, self.headers.get("Content-Type", ""), body)
+        failing = self.server.cloud.failing
+        if failing is not None:
+            ids: list[str] = []
+            status, headers, payload = failing, [("Content-Type", "text/plain")], b"temporarily failing\n"
+        else:
+            status, headers, payload, ids = answer(self.command, path, self.headers.get("Content-Type", ""), body)
         headers = [("Server", self.server_version), ("Date", self.date_time_string()), *headers,
                    ("Content-Length", str(len(payload)))]
         self.send_response_only(status)

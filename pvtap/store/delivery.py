@@ -29,6 +29,8 @@ log = logging.getLogger("pvtap.forward")
 
 TARGET = "influx"
 RATE_WINDOW_NS = 3600 * 1_000_000_000
+#: the records after the cursor; counted on the ids-only index records_undelivered (store/schema.py)
+BACKLOG_SQL = "SELECT COUNT(*) FROM records WHERE id > ?"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS delivery (
@@ -157,7 +159,7 @@ class DeliveryLog:
         return [Item(row[0], row[1:]) for row in rows]
 
     def backlog(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM records WHERE id > ?", (self.cursor(),)).fetchone()[0]
+        return self._db.execute(BACKLOG_SQL, (self.cursor(),)).fetchone()[0]
 
     def requeued(self, limit: int) -> list[Item]:
         rows = self._db.execute(
@@ -332,7 +334,7 @@ def read_status(path: str | Path) -> DeliveryStatus:
         if state is None:
             state = (0, 0, 0, "", None, None, None)
         cursor = state[0]
-        backlog = db.execute("SELECT COUNT(*) FROM records WHERE id > ?", (cursor,)).fetchone()[0]
+        backlog = db.execute(BACKLOG_SQL, (cursor,)).fetchone()[0]
         # the oldest undelivered record is the one waiting longest: the lowest id after the cursor
         oldest = db.execute("SELECT id, time_ns FROM records WHERE id > ? ORDER BY id LIMIT 1", (cursor,)).fetchone()
         dead = requeued = 0

@@ -149,7 +149,8 @@ class Forwarder:
         self._types: dict[tuple[str, str], str] = {}
         self._failures = 0
         self._failing_since: float | None = None
-        self._last_logged: dict[str, float] = {}
+        self._last_logged: dict[str, float] = {}  # per failure kind of the writes
+        self._step_logged: dict[str, float] = {}  # per failing guarded step
         self._waiting_since: float | None = None
         self._drain: tuple[float, int] | None = None  # (monotonic start, records delivered since)
         self._last_progress = 0.0
@@ -232,7 +233,6 @@ class Forwarder:
             LocalStore(self.path).close()  # make sure the records schema exists
             self._delivery = DeliveryLog(self.path)
             self._types = self._delivery.field_types()
-            backlog = self._delivery.backlog()
         except Exception as exc:
             if self._delivery is not None:
                 self._delivery.close()
@@ -242,7 +242,7 @@ class Forwarder:
             return False
         self._client = self._make_client()
         self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
-        log.info("%s: forwarding to %s (%d records waiting)", self.path.name, self.destination, backlog)
+        log.info("%s: forwarding to %s (%d records waiting)", self.path.name, self.destination, self._backlog())
         return True
 
     def _wait_for_lock(self) -> bool:
@@ -306,14 +306,19 @@ class Forwarder:
                 self._stop.wait(pause)
 
     def _guarded(self, what: str, step: Callable[[], object]) -> None:
+        """Run a step besides the writes; its failures are logged at most every LOG_REPEAT_S
+        (kept apart from the writes' failures, which a delivered batch forgets), its recovery once."""
         try:
             step()
         except Exception as exc:
             now = time.monotonic()
-            if now - self._last_logged.get(what, -LOG_REPEAT_S) >= LOG_REPEAT_S:
-                self._last_logged[what] = now
+            if now - self._step_logged.get(what, -LOG_REPEAT_S) >= LOG_REPEAT_S:
+                self._step_logged[what] = now
                 log.error("%s: %s failed (%s: %s); forwarding goes on, tried again later", self.path.name, what,
                           type(exc).__name__, exc)
+        else:
+            if self._step_logged.pop(what, None) is not None:
+                log.info("%s: %s works again", self.path.name, what)
 
     def _prune(self) -> None:
         """Keep the store under influx.max_store_mb. Undelivered records are only ever dropped

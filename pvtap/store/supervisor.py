@@ -10,7 +10,7 @@ started again after a back-off (1 s, doubling to a minute; reset after a minute 
     delivering  records waiting and the cursor moves
     restarting  the thread died; it is started again after the back-off
     failing     the last write failed (InfluxDB down, a token refused, ...); retried
-    stuck       records waiting and the cursor has not moved for STUCK_AFTER_S
+    stuck       records waiting and the cursor has not moved for influx.stuck_after_s
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from pvtap.store.forwarder import STOP_TIMEOUT_S, Forwarder
 
 log = logging.getLogger("pvtap.forward")
 
-STUCK_AFTER_S = 300.0
 RESTART_MAX_S = 60.0
 STATE_EVERY_S = 5.0
 
@@ -98,7 +97,7 @@ class SupervisedForwarder:
             return ForwarderState("idle", None, 0)
         failing = s.last_error_ns is not None and (s.last_success_ns or 0) < s.last_error_ns
         error = s.last_error if failing else None
-        if now - self._cursor[1] >= STUCK_AFTER_S:
+        if now - self._cursor[1] >= self.config.stuck_after_s:
             return ForwarderState("stuck", error or f"no progress for {now - self._cursor[1]:.0f} s", s.backlog)
         return ForwarderState("failing" if failing else "delivering", error, s.backlog)
 

@@ -30,7 +30,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from pvtap.cli.export import FORMATS, write_export
-from pvtap.config import Config
+from pvtap.config import Config, mask_url
 from pvtap.store.local import LocalStore
 from pvtap.web import readings, series
 from pvtap.web.stores import readable_stores
@@ -156,7 +156,7 @@ async def _live(request: web.Request) -> web.Response:
         return {"now": now_ns / NS, "refresh_s": ctx.config.web.refresh_s,
                 "silent_after_s": ctx.config.web.silent_after_s,
                 "pseudonymized": ctx.config.privacy.pseudonymize_serials,
-                "influx": ctx.config.influx.url or None, "mqtt": ctx.config.mqtt.url or None,
+                "influx": mask_url(ctx.config.influx.url) or None, "mqtt": mask_url(ctx.config.mqtt.url) or None,
                 "data_dir": str(ctx.data_dir),
                 "devices": [readings.as_json(d)
                             for d in readings.devices(paths, ctx.config, day_start_ns, now_ns, ctx.index)],

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,6 +28,10 @@ KNOWN_TYPES = {0: "empty", 2: "login", 3: "config", 4: "config", 5: "extended", 
 ACK_BODY = b'{"Status":"Success"}'
 
 SYNC = re.compile(rb"\x01[\x01\x02]")
+
+
+_modbus = fastcrc.crc16.modbus
+_HEAD = struct.Struct(">BBBI")  # 01, B1, B2, LEN
 
 
 def crc16(data: bytes) -> int:
@@ -180,14 +185,16 @@ class Framer:
 
     def _exactly_one(self, data: bytes) -> AlphaFrame | None:
         """`data` as one frame, if it is exactly one valid frame (else the general path decides)."""
-        if len(data) < HEADER_LEN + CRC_LEN or data[0] != 1 or data[1] not in (REQUEST, RESPONSE) or \
-                type(data) is not bytes:
+        if type(data) is not bytes or len(data) < HEADER_LEN + CRC_LEN:
             return None
-        length = int.from_bytes(data[3:7], "big")
-        carried = int.from_bytes(data[-2:], "big")
-        if length > self.max_body or len(data) != HEADER_LEN + length + CRC_LEN or crc16(data[:-2]) != carried:
+        sync, b1, type_, length = _HEAD.unpack_from(data)
+        if sync != 1 or (b1 != REQUEST and b1 != RESPONSE) or length > self.max_body or \
+                len(data) != HEADER_LEN + length + CRC_LEN:
             return None
-        return AlphaFrame(data[1], data[2], data[HEADER_LEN:-2], carried)
+        carried = data[-2] << 8 | data[-1]
+        if _modbus(data[:-2]) != carried:
+            return None
+        return AlphaFrame(b1, type_, data[HEADER_LEN:-2], carried)
 
     def _next_frame(self, buf: bytearray, start: int) -> int | None:
         """Where the first complete, CRC-valid frame after `start` begins, if one is buffered: a

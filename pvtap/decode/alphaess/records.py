@@ -228,6 +228,26 @@ def device_time(text: object) -> datetime | None:
         return None
 
 
+_CLOCKS: dict[str, tuple[datetime, datetime] | None] = {}
+_CLOCKS_MAX = 1024
+
+
+def device_clock(text: str) -> tuple[datetime, datetime] | None:
+    """`device_time(text)` and that time read as UTC (before the connection's clock offset), read
+    once per text: the Tap reads a realtime frame's `Time` for the clock offset and its decode
+    reads it again (a bounded cache of a pure function of the text)."""
+    try:
+        return _CLOCKS[text]
+    except KeyError:
+        pass
+    naive = device_time(text)
+    clock = None if naive is None else (naive, as_utc(naive))
+    if len(_CLOCKS) >= _CLOCKS_MAX:
+        _CLOCKS.clear()
+    _CLOCKS[text] = clock
+    return clock
+
+
 def first_device_time(reading: FrameReading) -> datetime | None:
     """The first device clock reading a frame carries (realtime/extended `Time`, first CSV row,
     first event-log entry)."""
@@ -400,12 +420,16 @@ _OFFSETS: dict[int, timedelta] = {}  # a connection's clock offset recurs in eve
 def as_utc(naive: datetime, offset_s: int = 0) -> datetime:
     """`naive.replace(tzinfo=UTC) + timedelta(seconds=offset_s)`, without the keyword calls that
     cost more here than the arithmetic."""
+    return EPOCH + ((naive - _NAIVE_EPOCH) + _offset(offset_s))
+
+
+def _offset(offset_s: int) -> timedelta:
     offset = _OFFSETS.get(offset_s)
     if offset is None:
         if len(_OFFSETS) >= 1024:
             _OFFSETS.clear()
         offset = _OFFSETS[offset_s] = timedelta(seconds=offset_s)
-    return EPOCH + ((naive - _NAIVE_EPOCH) + offset)
+    return offset
 
 
 def _iso(naive: datetime) -> str:
@@ -428,18 +452,24 @@ def records_from_frame(reading: FrameReading, origin: Origin, received: datetime
     tags = {"serial": serial} if serial else {}
 
     if frame.type in (5, 16) and frame.b1 == REQUEST and body is not None:
-        naive = device_time(body.first.get("Time", ""))
-        if clock_offset_s is None and naive is not None:
-            clock_offset_s = math.floor((received - as_utc(naive)).total_seconds())
+        text = body.first.get("Time", "")
+        clock = device_clock(text) if type(text) is str else None
         fast = float_fields(body.first) if body.plain else None
         fields = fast if fast is not None else typed_fields(_members(body))
-        if naive is not None:
+        if clock is None:
+            time = received
+        else:
+            naive, time = clock
             fields["device_time"] = _iso(naive)
+            if clock_offset_s is None:
+                clock_offset_s = math.floor((received - time).total_seconds())
+            if clock_offset_s:
+                time += _offset(clock_offset_s)
         if not fields:
             return []
         measurement = "alphaess_realtime" if frame.type == 16 else "alphaess_extended"
         make = Record if fast is None else Record.typed  # float_fields' are typed by construction
-        return [make(measurement, _stamp(naive, clock_offset_s, received), tags, fields, origin)]
+        return [make(measurement, time, tags, fields, origin)]
 
     if frame.type == 12 and frame.b1 == REQUEST:
         return _backfill_records(frame.body, origin, received, clock_offset_s)

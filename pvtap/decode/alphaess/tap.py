@@ -13,7 +13,7 @@ from pvtap.records import DOWN, UP, Origin, RawPayload
 
 from ..sampling import RejectedSample
 from .framing import KNOWN_TYPES, PROTOCOL, REQUEST, SYNC, AlphaFrame, Framer, Garbage, ack_frame
-from .records import FrameReading, as_utc, csv_rows, first_device_time
+from .records import FrameReading, csv_rows, device_clock, first_device_time
 
 # -- the relay's side -------------------------------------------------------------------------
 
@@ -107,18 +107,26 @@ class Tap:
         meta: dict[str, Any] = {"frame": frame.name, "length": len(frame.body)}
         try:  # a frame is kept whatever its body holds; serial and clock are extras
             self._learn_serial(reading)
-            naive = first_device_time(reading)
-            if naive is not None:
-                meta.update(self._clock(frame, naive, received))
+            if frame.type in (5, 16) and frame.b1 == REQUEST:  # a realtime/extended sample: its lag counts
+                body = reading.json
+                text = body.first.get("Time") if body else None
+                clock = device_clock(text) if type(text) is str else None
+                if clock is not None:
+                    lag = (received - clock[1]).total_seconds()
+                    if self._min_lag is None or lag < self._min_lag:
+                        self._min_lag = lag
+                    meta["clock_offset_s"] = math.floor(self._min_lag)
+                    meta["clock"] = "learned"
+            else:
+                naive = first_device_time(reading)
+                if naive is not None:
+                    meta.update(self._clock(naive))
         except (ValueError, OverflowError, OSError) as exc:  # absurd device dates
             meta["clock_error"] = str(exc)
         return self._raw(direction, "frame", reading.source, received, meta, reading)
 
-    def _clock(self, frame: AlphaFrame, naive: datetime, received: datetime) -> dict[str, Any]:
-        """The device-clock offset for this frame (module docstring)."""
-        if frame.type in (5, 16):
-            lag = (received - as_utc(naive)).total_seconds()
-            self._min_lag = lag if self._min_lag is None else min(self._min_lag, lag)
+    def _clock(self, naive: datetime) -> dict[str, Any]:
+        """The device-clock offset for a frame whose clock reading does not count towards it."""
         if self._min_lag is not None:
             return {"clock_offset_s": math.floor(self._min_lag), "clock": "learned"}
         host_utc = naive.astimezone(UTC).replace(tzinfo=None)  # naive = host local time
