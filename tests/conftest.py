@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.relay_support import STARTED as RELAYS_STARTED
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Every relay and mitmdump the tests start serves its health endpoints on a free port of its own,
@@ -38,3 +40,14 @@ def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "data"
     path.mkdir()
     return path
+
+
+@pytest.fixture(autouse=True)
+def no_relay_left_behind():
+    """A test that fails before stopping its relay process still ends it (and its ingest worker)."""
+    yield
+    while RELAYS_STARTED:
+        proc = RELAYS_STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

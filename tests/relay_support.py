@@ -265,6 +265,11 @@ class StandInDNS(asyncio.DatagramProtocol):
 RELAY_READY = re.compile(r"relay listening: \S+ on (?P<endpoints>[^(]+) \(")
 
 
+#: every relay process a test started; conftest kills those still running when the test ends, so a
+#: test that fails before its own stop leaves no relay behind
+STARTED: list[subprocess.Popen] = []
+
+
 class RelayProcess:
     """`python -m proxy_tcp ...` as a real process (optionally inside a network namespace);
     waits for its ready line and collects its log. A thread keeps reading the output, so a
@@ -283,6 +288,7 @@ class RelayProcess:
     def start(self, timeout: float = 20.0) -> RelayProcess:
         self.proc = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        STARTED.append(self.proc)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         try:
