@@ -40,8 +40,8 @@ from pvtap import datadir
 from pvtap.config import Config, ConfigError, env_warnings, load_config, parse_duration
 from pvtap.decode.enphase import build_response, event_ids, report_kind
 from pvtap.health import Health
-from pvtap.ingest_channel import Channel
-from pvtap.ingest_worker import WorkerSettings
+from pvtap.ingest.channel import Channel
+from pvtap.ingest.settings import WorkerSettings
 from pvtap.metrics import FlowTraffic, WorkerStats
 from pvtap.peers import PeerNames
 from pvtap.privacy import Privacy

@@ -19,7 +19,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
-from pvtap.ingest_framing import ConnectionRecord, Outcome
+from pvtap.ingest.framing import ConnectionRecord, Outcome
 from pvtap.records import DOWN, UP, now_utc
 
 from .admission import reset

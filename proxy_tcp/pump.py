@@ -3,7 +3,7 @@
 A pump writes each chunk to the other side as soon as it is read, then hands the copy to the
 connection's `CopyStream` without waiting; `drain()` gives back-pressure (a slow reader stops the
 pump reading, so TCP slows the sender), EOF is passed on as a half-close. The copies go to the
-ingest worker, another process that frames, archives and decodes them (pvtap/ingest_worker.py):
+ingest worker, another process that frames, archives and decodes them (pvtap/ingest/worker.py):
 this process does only I/O, and a slow, stuck or failing decoder costs dropped, counted copies,
 never forwarded bytes or latency.
 """
@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from pvtap.ingest_framing import ConnectionRecord
+from pvtap.ingest.framing import ConnectionRecord
 from pvtap.records import RawPayload, Record
 
 log = logging.getLogger("proxy_tcp.pump")
@@ -25,7 +25,7 @@ CHUNK = 256 * 1024
 
 
 class CopyStream(Protocol):
-    """The copies of one connection (pvtap.ingest_channel.CopyStream): never blocks."""
+    """The copies of one connection (pvtap.ingest.channel.CopyStream): never blocks."""
 
     opaque: bool  # the decode side said the stream is not its protocol: no more copies are taken
     dropped: int  # copies that could not be queued
@@ -35,7 +35,7 @@ class CopyStream(Protocol):
 
 
 class CopySink(Protocol):
-    """Where the relay sends copies (pvtap.ingest_channel.Channel, pvtap.ingest_pool.ChannelPool)."""
+    """Where the relay sends copies (pvtap.ingest.channel.Channel, pvtap.ingest.pool.ChannelPool)."""
 
     def open(self, record: ConnectionRecord, device: str = "", spread_by: str = "") -> CopyStream:
         """The copies of a new connection; `spread_by` (the device's address, never sent on)

@@ -12,7 +12,7 @@ grace bounds one step and the steps add up:
     connections close both sides at once        CLOSE_GRACE           5 s  (connection.py)
     the listener waits for its connections      STOP_GRACE            8 s  (listeners.py; > CLOSE_GRACE)
     each ingest worker gets the rest of the copies and
-      archives them                             ARCHIVE_STOP_GRACE_S  5 s  (ingest_worker.py)
+      archives them                             ARCHIVE_STOP_GRACE_S  5 s  (pvtap/ingest/settings.py)
       decodes on, leaving the rest archived     ingest.stop_decode_s  2 s  (0 to 10 s, config)
       stops its forwarders and MQTT publisher together, a second spare  5 + 1 s
     in all: relay_stop_grace(config)                                21 s by default, 29 s at most
@@ -40,9 +40,9 @@ from pvtap import datadir
 from pvtap.config import MAX_STOP_DECODE_S, Config, ConfigError, InfluxConfig, ListenerConfig
 from pvtap.decode import Codec, StreamCodec, codec_for, stream_codec
 from pvtap.health import Health
-from pvtap.ingest_channel import Channel, IngestStartError
-from pvtap.ingest_pool import ChannelPool
-from pvtap.ingest_worker import WORKER_STOP_GRACE_S, WorkerSettings, worker_stop_grace
+from pvtap.ingest.channel import Channel, IngestStartError
+from pvtap.ingest.pool import ChannelPool
+from pvtap.ingest.settings import WORKER_STOP_GRACE_S, WorkerSettings, worker_stop_grace
 from pvtap.metrics import WorkerStats
 from pvtap.peers import PeerNames
 from pvtap.privacy import Privacy

@@ -22,7 +22,7 @@ import dns.exception
 import dns.resolver
 
 from pvtap.config import split_host_port
-from pvtap.ingest_framing import Outcome
+from pvtap.ingest.framing import Outcome
 
 if TYPE_CHECKING:
     from .tls import UpstreamTLS

@@ -84,7 +84,7 @@ class FlowTraffic:
 
 #: the forwarder states of pvtap/store/supervisor.py, least to most severe
 FORWARDER_STATES = ("off", "idle", "delivering", "restarting", "failing", "stuck")
-#: the MQTT publisher states of the worker snapshot (pvtap/ingest_worker.py `mqtt_state`), least to
+#: the MQTT publisher states of the worker snapshot (pvtap/ingest/outputs.py `mqtt_state`), least to
 #: most severe: "stopped" only while pvtap shuts down, "dead" when its thread ended on an error
 MQTT_STATES = ("off", "connected", "connecting", "stopped", "failing", "dead")
 
@@ -92,7 +92,7 @@ MQTT_STATES = ("off", "connected", "connecting", "stopped", "failing", "dead")
 @dataclass(frozen=True)
 class WorkerStats:
     """A process's ingest workers, from their snapshots (`Channel.stats()` or `ChannelPool.stats()`,
-    pvtap/ingest_channel.py): what they framed, archived, decoded and forwarded."""
+    pvtap/ingest/channel.py): what they framed, archived, decoded and forwarded."""
 
     workers: int
     alive: int

@@ -12,8 +12,9 @@ from typing import Any
 from pvtap.config import InfluxConfig
 from pvtap.records import Origin, Record
 from pvtap.store.delivery import DeliveryLog
-from pvtap.store.forwarder import Forwarder, influx_line
+from pvtap.store.forwarder import Forwarder
 from pvtap.store.local import LocalStore
+from pvtap.store.writable import influx_line
 from tests.waiting import wait_until as wait_until  # re-exported: the name its tests import
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pvtap import config as config_module
 from pvtap.config import CONFIG_ENV, Config, ConfigError, ListenerConfig, describe, load_config, positive, setting
+from pvtap.config import loading as config_loading
 
 from .conftest import REPO
 
@@ -220,7 +220,7 @@ class Sample:
 
 
 def build(data: dict, env: dict | None = None) -> Sample:
-    return config_module._build(Sample, data, env or {}, prefix="", source="sample.toml")
+    return config_loading._build(Sample, data, env or {}, prefix="", source="sample.toml")
 
 
 def test_numbers_and_optionals():

@@ -14,12 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 
-import pvtap.ingest
+import pvtap.ingest.engine
 from pvtap.config import InfluxConfig
 from pvtap.decode.withhold import WITHHELD, is_withheld
 from pvtap.ingest import Ingest
-from pvtap.ingest_channel import Channel
-from pvtap.ingest_worker import WorkerSettings
+from pvtap.ingest.channel import Channel
+from pvtap.ingest.settings import WorkerSettings
 from pvtap.privacy import REDACTED, Privacy
 from pvtap.records import Origin, RawPayload, Record
 from pvtap.store.local import LocalStore
@@ -51,7 +51,7 @@ def redact_secret(raw: RawPayload, privacy: Privacy) -> RawPayload:
 def codec(monkeypatch):
     """The codec ingest uses, replaced by a stand-in whose functions tests may swap."""
     fake = SimpleNamespace(redact_raw=redact_secret, decode_raw=decode_numbers)
-    monkeypatch.setattr(pvtap.ingest, "codec_for", lambda protocol: fake)
+    monkeypatch.setattr(pvtap.ingest.engine, "codec_for", lambda protocol: fake)
     return fake
 
 

@@ -16,7 +16,7 @@ from mdit_py_plugins.anchors.index import slugify
 
 from proxy_tcp.listeners import DEFAULT_LISTENERS
 from pvtap.config import ListenerConfig
-from pvtap.ingest_framing import Outcome
+from pvtap.ingest.framing import Outcome
 
 from .conftest import REPO
 
@@ -53,7 +53,7 @@ def test_relay_doc_lists_every_connection_outcome() -> None:
     text = (REPO / "docs" / "relay.md").read_text()
     (row,) = [line for line in text.splitlines() if line.startswith("| tag | `outcome` |")]
     listed = re.findall(r"`([a-z_]+)`", row.split("|")[3])
-    assert sorted(listed) == sorted(Outcome), "docs/relay.md's outcome row and pvtap.ingest_framing.Outcome differ"
+    assert sorted(listed) == sorted(Outcome), "docs/relay.md's outcome row and pvtap.ingest.framing.Outcome differ"
 
 
 def test_relay_doc_lists_every_default_listener() -> None:

@@ -199,7 +199,7 @@ def test_addon_options_validate_durations(tmp_path, monkeypatch) -> None:
 
 
 def test_the_record_crosses_the_channel_to_the_ingest_worker_unchanged() -> None:
-    from pvtap import ingest_wire as wire
+    from pvtap.ingest import wire
 
     watch = CloudWatch(fallback_after=5, timeout=1)
     watch.failed(CLOUD, "Connection refused", T0)

@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 import pytest
 
 from pvtap.records import FieldValue, Origin, Record
-from pvtap.store.forwarder import Unwritable, check_writable, field_kind, format_line, influx_line, settle_types
-from pvtap.store.lineprotocol import to_line
+from pvtap.store.lineprotocol import format_line, to_line
+from pvtap.store.writable import Unwritable, check_writable, field_kind, influx_line, settle_types
 from tests.servers import Influxd
 
 T = datetime(2026, 11, 1, 12, 0, 0, 654_321, tzinfo=UTC)  # 1793534400654321000 ns

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 import pytest
 
 from pvtap.config import InfluxConfig
-from pvtap.ingest_channel import Channel, IngestStartError
-from pvtap.ingest_worker import WorkerSettings
+from pvtap.ingest.channel import Channel, IngestStartError
+from pvtap.ingest.settings import WorkerSettings
 from pvtap.privacy import Privacy
 from pvtap.records import Origin, RawPayload
 from pvtap.simulate.enphase import Simulator, encode_body
@@ -30,8 +30,8 @@ T0 = datetime(2024, 6, 1, 12, tzinfo=UTC)
 PARENT = textwrap.dedent("""
     import sys, time
     from pvtap.config import InfluxConfig
-    from pvtap.ingest_channel import Channel
-    from pvtap.ingest_worker import WorkerSettings
+    from pvtap.ingest.channel import Channel
+    from pvtap.ingest.settings import WorkerSettings
     from pvtap.privacy import Privacy
     channel = Channel.process(WorkerSettings.of(sys.argv[1], Privacy(), InfluxConfig(), 1 << 20)).start(30)
     print(channel.ready["pid"], flush=True)

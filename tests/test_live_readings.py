@@ -14,9 +14,9 @@ from pvtap.config import InfluxConfig
 from pvtap.decode import alphaess
 from pvtap.decode.alphaess import FrameReading
 from pvtap.ingest import Ingest, LiveReadings
-from pvtap.ingest_channel import Channel
-from pvtap.ingest_framing import ConnectionRecord
-from pvtap.ingest_worker import WorkerSettings
+from pvtap.ingest.channel import Channel
+from pvtap.ingest.framing import ConnectionRecord
+from pvtap.ingest.settings import WorkerSettings
 from pvtap.privacy import Privacy
 from pvtap.records import UP, Origin, RawPayload
 from pvtap.store.local import LocalStore

@@ -224,7 +224,7 @@ def settled(broker: Mosquitto, devices: list[tuple[str, str]]) -> dict[str, byte
 def worker_pid(relay: RelayProcess) -> int:
     assert relay.proc is not None
     children = Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text().split()
-    (pid,) = [int(c) for c in children if "ingest_worker" in Path(f"/proc/{c}/cmdline").read_text()]
+    (pid,) = [int(c) for c in children if "pvtap.ingest.worker" in Path(f"/proc/{c}/cmdline").read_text()]
     return pid
 
 

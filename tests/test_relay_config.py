@@ -237,7 +237,7 @@ def test_the_stop_graces_add_up():
     from proxy_tcp.service import RELAY_STOP_GRACE, RELAY_STOP_GRACE_MAX, relay_stop_grace
     from pvtap.cli.run import STOP_TIMEOUT
     from pvtap.config import MAX_STOP_DECODE_S, Config, IngestConfig
-    from pvtap.ingest_worker import ARCHIVE_STOP_GRACE_S, OUTPUTS_STOP_S, WORKER_STOP_GRACE_S, worker_stop_grace
+    from pvtap.ingest.settings import ARCHIVE_STOP_GRACE_S, OUTPUTS_STOP_S, WORKER_STOP_GRACE_S, worker_stop_grace
     from pvtap.mqtt.thread import STOP_TIMEOUT_S as MQTT_STOP_S
     from pvtap.store.forwarder import STOP_TIMEOUT_S as FORWARDER_STOP_S
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from pvtap.ingest_framing import ConnectionRecord
+from pvtap.ingest.framing import ConnectionRecord
 from pvtap.records import DOWN, UP, Origin, RawPayload, Record, to_ns
 from pvtap.store.local import LocalStore
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from pvtap.cli.status import describe, describe_mqtt
 from pvtap.config import Config
-from pvtap.ingest_framing import MEASUREMENT as CONNECTION_MEASUREMENT
+from pvtap.ingest.framing import MEASUREMENT as CONNECTION_MEASUREMENT
 from pvtap.mqtt.follow import read_status as read_mqtt
 from pvtap.store.delivery import read_status
 from pvtap.store.local import LocalStore

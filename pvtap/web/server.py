@@ -4,7 +4,7 @@ Read-only by construction: only GET and HEAD are routed, and the stores are open
 `mode=ro`. Every store read runs in a worker thread (`asyncio.to_thread`), so a long query never
 stalls the server's own event loop; the server is a process of its own (`pvtap web`), so it
 never shares a loop or a GIL with the relay or mitmproxy. Bound to loopback by default; any
-other address needs `web.password` (config.py), checked here with HTTP basic authentication.
+other address needs `web.password` (pvtap/config/sections.py), checked here with HTTP basic authentication.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse
 
 def _authenticate(password: str) -> Middleware:
     """HTTP basic authentication with the one password from config (any user name); none when
-    no password is set (then the view listens on loopback only: config.py refuses otherwise)."""
+    no password is set (then the view listens on loopback only: pvtap/config/sections.py refuses otherwise)."""
     expected = password.encode()
 
     @web.middleware

@@ -19,7 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 from pvtap.decode import Tap, stream_codec
-from pvtap.ingest import Codecs
+from pvtap.ingest.engine import Codecs
 from pvtap.privacy import Privacy
 from pvtap.records import DOWN, UP, Origin, RawPayload, Record, from_ns, now_utc, to_ns
 
@@ -208,10 +208,6 @@ class Connections:
             payloads += more
             records.append(record)
         return payloads, records
-
-    def record_of(self, conn: int) -> ConnectionRecord | None:
-        state = self._open.get(conn)
-        return state.record if state else None
 
     def _tap_failed(self, state: _Connection, what: str) -> None:
         state.tap_errors += 1

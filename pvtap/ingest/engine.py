@@ -6,7 +6,7 @@ and the cursor in one transaction). So an overload or a stop costs decode latenc
 what is archived and not decoded yet is decoded by the next `decode_pending`, in this process
 or after a restart.
 
-The engine has no threads and no transport. The ingest worker (pvtap/ingest_worker.py) drives
+The engine has no threads and no transport. The ingest worker (pvtap/ingest/worker.py) drives
 it from its archive and decode threads, fed by the relay and the addon through a channel;
 `Ingest(store, privacy).process(raw)` does all of it for one payload, synchronously (replay,
 import, tests). A decoder exception is logged with the payload's origin and kept with the

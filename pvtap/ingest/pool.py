@@ -19,9 +19,9 @@ from typing import Any
 
 from pvtap.config import Config
 from pvtap.files import private_dir
-from pvtap.ingest_channel import Channel, CopyStream
-from pvtap.ingest_framing import ConnectionRecord
-from pvtap.ingest_worker import WorkerSettings
+from pvtap.ingest.channel import Channel, CopyStream
+from pvtap.ingest.framing import ConnectionRecord
+from pvtap.ingest.settings import WorkerSettings
 from pvtap.privacy import Privacy
 from pvtap.records import RawPayload, Record
 from pvtap.store.local import SUFFIX

@@ -6,7 +6,9 @@ non-blocking `sendmsg` per loop iteration (the chunk's bytes are not copied on t
 the buffer is full, or the worker is down, the copy is dropped and counted. Control messages
 (a connection opened or closed, counts, syncs) are small and always queued, so every connection
 still gets its record. A worker that dies is started again with back-off; the connections open
-at that moment are announced to the new one.
+at that moment are announced to the new one. The buffer and its budget are outbox.py; starting,
+reaping and restarting the worker lifecycle.py; this module is the API, the back-channel (acks,
+snapshots, syncs) and the counts, including the copies lost with a worker.
 
     channel = Channel.process(settings)        # or Channel.thread(settings, codecs=...) in tests
     channel.start(wait_ready=30)               # IngestStartError if the store cannot be opened
@@ -24,57 +26,35 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import select
 import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pvtap import ingest_wire as wire
 from pvtap.decode import codec_for
-from pvtap.ingest import Codecs
-from pvtap.ingest_framing import ConnectionRecord
-from pvtap.ingest_wire import Kind
-from pvtap.ingest_worker import WorkerSettings, run_in_thread
+from pvtap.ingest import wire
+from pvtap.ingest.engine import Codecs
+from pvtap.ingest.framing import ConnectionRecord
+from pvtap.ingest.lifecycle import Restarts, Spawn, describe_exit, kill_if_running, reap, spawn_process, spawn_thread
+from pvtap.ingest.outbox import Message, Outbox
+from pvtap.ingest.settings import WorkerSettings
+from pvtap.ingest.wire import Kind
 from pvtap.privacy import Privacy
 from pvtap.records import RawPayload, Record
 from pvtap.store.local import LocalStore
 
 log = logging.getLogger("pvtap.ingest")
 
-#: control messages may go beyond the copies' budget by this much (a dead worker and many connections)
-CONTROL_BYTES = 4 * 2**20
-RESTART_FIRST_S = 0.5
-RESTART_MAX_S = 30.0
 COUNTS_EVERY_S = 1.0
-_IOV_MAX = 512
 _SOCKET_BUFFER = 4 * 2**20
 
 
 class IngestStartError(RuntimeError):
     """The worker could not start (its store cannot be opened, or is written by another process)."""
-
-
-@dataclass
-class _Message:
-    parts: list[bytes]
-    size: int  # a copy: what the budget counts of it (its payload's bytes); control: the whole message
-    control: bool
-
-    @classmethod
-    def of_control(cls, parts: list[bytes]) -> _Message:
-        return cls(parts, sum(len(p) for p in parts), True)
-
-    @property
-    def kind(self) -> int:
-        return wire.HEADER.unpack_from(self.parts[0])[1]
 
 
 @dataclass
@@ -115,7 +95,7 @@ class CopyStream:
 class Channel:
     """One ingest worker and the socket to it. Use it from one thread (the event loop's)."""
 
-    def __init__(self, settings: WorkerSettings, spawn: Callable[[socket.socket], Any], name: str) -> None:
+    def __init__(self, settings: WorkerSettings, spawn: Spawn, name: str) -> None:
         self.settings = settings
         self.name = name
         self._spawn_worker = spawn  # given the worker's end of a socketpair, starts it; returns a handle
@@ -124,19 +104,14 @@ class Channel:
         self.worker: Any = None  # subprocess.Popen or threading.Thread
         self._sock: socket.socket | None = None
         self._reader = wire.Reader()
-        self._out: deque[_Message] = deque()
-        self._offset = 0  # bytes of the first message already sent
-        self._buffered = 0  # copies' bytes waiting
-        self._control = 0  # control bytes waiting
+        self._out = Outbox(self.limit)  # bounded in bytes: copies over the budget are dropped
         self._streams: dict[int, CopyStream] = {}
         self._numbers = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading: socket.socket | None = None  # the socket the loop reads the back-channel of
         self._flush_scheduled = False
         self._writing = False
-        self._restart_at: float | None = None
-        self._restart_delay = RESTART_FIRST_S
-        self._started = 0.0
+        self._restarts = Restarts()
         self._closed = False
         self._tokens = itertools.count(1)
         self._synced: set[int] = set()
@@ -149,18 +124,14 @@ class Channel:
 
     @classmethod
     def process(cls, settings: WorkerSettings, name: str = "ingest") -> Channel:
-        """A worker process: `python -m pvtap.ingest_worker`."""
-        def spawn(sock: socket.socket) -> subprocess.Popen:
-            fd = sock.fileno()
-            return subprocess.Popen([sys.executable, "-m", "pvtap.ingest_worker", "--fd", str(fd)], pass_fds=[fd],
-                                    stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        return cls(settings, spawn, name)
+        """A worker process: `python -m pvtap.ingest.worker`."""
+        return cls(settings, spawn_process, name)
 
     @classmethod
     def thread(cls, settings: WorkerSettings, *, codecs: Codecs = codec_for, privacy: Privacy | None = None,
                name: str = "ingest") -> Channel:
         """The same worker in a thread of this process (tests that inject codecs, embedding)."""
-        return cls(settings, lambda sock: run_in_thread(sock, settings, codecs=codecs, privacy=privacy), name)
+        return cls(settings, spawn_thread(settings, codecs, privacy), name)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -201,13 +172,11 @@ class Channel:
         self._sock = ours
         self._reader = wire.Reader()
         self._sent_now = self._archived_now = 0
-        self._started = time.monotonic()
+        self._restarts.started_now()
         self.ready, self.failed = {}, None
-        first = [_Message.of_control(wire.control(Kind.SETTINGS, self.settings.to_wire()))]
-        first += [_Message.of_control(wire.with_conn(Kind.OPEN, s.conn, s.open_doc)) for s in self._streams.values()]
-        self._out.extendleft(reversed(first))
-        self._control += sum(m.size for m in first)
-        self._offset = 0
+        first = [Message.of_control(wire.control(Kind.SETTINGS, self.settings.to_wire()))]
+        first += [Message.of_control(wire.with_conn(Kind.OPEN, s.conn, s.open_doc)) for s in self._streams.values()]
+        self._out.put_first(first)
         self._attach_loop()
         self._flush()
 
@@ -273,19 +242,7 @@ class Channel:
 
     def _reap(self, timeout: float) -> bool:
         worker, self.worker = self.worker, None
-        if isinstance(worker, subprocess.Popen):
-            try:
-                worker.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.error("%s: the ingest worker (pid %d) did not exit within its grace; killing it (what it did "
-                          "not archive is lost)", self.name, worker.pid)
-                worker.kill()
-                worker.wait()
-                return False
-        elif isinstance(worker, threading.Thread):
-            worker.join(timeout)
-            return not worker.is_alive()
-        return True
+        return reap(worker, timeout, self.name)
 
     @property
     def alive(self) -> bool:
@@ -319,7 +276,7 @@ class Channel:
         c = self.counts
         return {**c.snapshot, "copies_sent": c.copies_sent, "bytes_sent": c.bytes_sent,
                 "copies_dropped": c.copies_dropped, "bytes_dropped": c.bytes_dropped, "copies_lost": c.copies_lost,
-                "buffered_bytes": self._buffered, "worker_alive": self.alive,
+                "buffered_bytes": self._out.buffered, "worker_alive": self.alive,
                 "worker_restarts": c.worker_restarts, "worker_exits": c.worker_exits}
 
     async def idle(self, timeout: float = 30.0) -> None:
@@ -354,28 +311,19 @@ class Channel:
     def _enqueue(self, parts: list[bytes], size: int) -> bool:
         """Queue a copy of `size` bytes; False (counted) when over the budget or no worker."""
         self._restart_if_due()
-        # A copy larger than the whole budget (not copied here: the caller holds it anyway) is
-        # taken when nothing else waits, and counts as half the budget, so the next ones pass.
-        budget = min(size, self.limit // 2) if size > self.limit else size
-        if self._closed or self._sock is None or (self._buffered + budget > self.limit
-                                                  and (self._buffered or budget == size)):
+        if self._closed or self._sock is None or not self._out.add_copy(parts, size):
             self.counts.copies_dropped += 1
             self.counts.bytes_dropped += size
             return False
-        self._buffered += budget
-        self._out.append(_Message(parts, budget, False))
         self._schedule_flush()
         return True
 
     def _enqueue_control(self, parts: list[bytes]) -> None:
         """Queue a control message: kept for the next worker when this one is down."""
         self._restart_if_due()
-        message = _Message.of_control(parts)
-        if self._closed or self._control + message.size > CONTROL_BYTES:
-            log.debug("%s: control message dropped (%d bytes waiting)", self.name, self._control)
+        if self._closed or not self._out.add_control(parts):
+            log.debug("%s: control message dropped (%d bytes waiting)", self.name, self._out.control)
             return
-        self._control += message.size
-        self._out.append(message)
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -393,46 +341,21 @@ class Channel:
         self._flush_scheduled = False
         sock = self._sock
         while self._out and sock is not None:
-            buffers: list[bytes | memoryview] = []
-            for message in itertools.islice(self._out, 0, _IOV_MAX // 4):
-                buffers += message.parts
-            skip = self._offset  # of the first message, already sent
-            while skip:
-                if skip >= len(buffers[0]):
-                    skip -= len(buffers.pop(0))
-                else:
-                    buffers[0] = memoryview(buffers[0])[skip:]
-                    skip = 0
             try:
-                sent = sock.sendmsg(buffers[:_IOV_MAX])
+                sent = self._out.send(sock)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 self._worker_lost()
                 return
-            self._consume(sent)
+            for message in sent:
+                self._account_sent(message)
         self._want_writable(bool(self._out) and self._sock is not None)
         if self._sock is not None:
             self._send_counts()
 
-    def _consume(self, sent: int) -> None:
-        sent += self._offset
-        while self._out:
-            message = self._out[0]
-            length = sum(len(p) for p in message.parts)
-            if sent < length:
-                self._offset = sent
-                return
-            sent -= length
-            self._out.popleft()
-            self._account_sent(message)
-        self._offset = 0
-
-    def _account_sent(self, message: _Message) -> None:
-        if message.control:
-            self._control -= message.size
-        else:
-            self._buffered -= message.size
+    def _account_sent(self, message: Message) -> None:
+        if not message.control:
             self.counts.copies_sent += 1
             self._sent_now += 1
             self.counts.bytes_sent += len(message.parts[-1])
@@ -457,13 +380,11 @@ class Channel:
     def _drop_unsent(self) -> None:
         """At the end: copies the worker did not take in time (a half-sent one too: the worker
         cannot read a part) are dropped and counted."""
-        self._offset = 0
-        for message in self._out:
-            if not message.control:
-                self.counts.copies_dropped += 1
-                self.counts.bytes_dropped += message.size
-        self._out.clear()
-        self._buffered = self._control = 0
+        self._count_dropped(self._out.clear())
+
+    def _count_dropped(self, copies: list[Message]) -> None:
+        self.counts.copies_dropped += len(copies)
+        self.counts.bytes_dropped += sum(message.size for message in copies)
 
     def _send_counts(self, force: bool = False) -> None:
         """Tell the worker this side's drops (for the status row), now and then."""
@@ -474,9 +395,7 @@ class Channel:
             self._counts_sent = (now, losses)
             doc = {"copies_dropped": self.counts.copies_dropped, "bytes_dropped": self.counts.bytes_dropped,
                    "copies_lost": self.counts.copies_lost, "worker_restarts": self.counts.worker_restarts}
-            message = _Message.of_control(wire.control(Kind.COUNTS, doc))
-            self._control += message.size
-            self._out.append(message)
+            self._out.add_control(wire.control(Kind.COUNTS, doc), always=True)
 
     # -- the back-channel --------------------------------------------------------------------------
 
@@ -547,7 +466,7 @@ class Channel:
                 future.set_result(None)
         elif kind is Kind.READY:
             self.ready = wire.doc(body)
-            self._restart_delay = RESTART_FIRST_S if self.counts.worker_restarts == 0 else self._restart_delay
+            self._restarts.ready(self.counts.worker_restarts)
         elif kind is Kind.FAILED:
             self.failed = wire.doc(body)["error"]
 
@@ -565,33 +484,18 @@ class Channel:
                     self._loop.remove_writer(sock.fileno())
             self._writing = False
             sock.close()
-        if self._offset and self._out and not self._closed:  # half sent: the new worker cannot read the rest
-            self._account_sent(self._out.popleft())  # sent to the worker that is gone: counted as lost below
-            self._offset = 0
+        half_sent = self._out.pop_half_sent() if not self._closed else None
+        if half_sent is not None:  # the new worker cannot read the rest
+            self._account_sent(half_sent)  # sent to the worker that is gone: counted as lost below
         self._count_lost()
         if self._closed:
             return
         self.counts.worker_exits += 1
-        kept: deque[_Message] = deque()
-        for message in self._out:  # OPENs are sent again for the connections still open
-            if message.control and message.kind not in (Kind.OPEN, Kind.SETTINGS):
-                kept.append(message)
-            elif message.control:
-                self._control -= message.size
-            else:
-                self._buffered -= message.size
-                self.counts.copies_dropped += 1
-                self.counts.bytes_dropped += message.size
-        self._out = kept
+        self._count_dropped(self._out.keep_for_next_worker())  # OPENs are sent again for the connections still open
         if self.failed is not None:
             return  # it could not open its store: the start-up error says why; no restarts
-        ran = time.monotonic() - self._started
-        if ran > 60:
-            self._restart_delay = RESTART_FIRST_S
-        delay, self._restart_delay = self._restart_delay, min(RESTART_MAX_S, self._restart_delay * 2)
-        self._restart_at = time.monotonic() + delay
-        pid = getattr(self.worker, "pid", None)
-        code = self.worker.poll() if isinstance(self.worker, subprocess.Popen) else None
+        ran, delay = self._restarts.schedule()
+        pid, code = describe_exit(self.worker)
         log.error("%s: the ingest worker%s ended unexpectedly%s after %.0f s; restarting it in %.1f s; copies are "
                   "dropped and counted until then (forwarding is unaffected)", self.name,
                   f" (pid {pid})" if pid else "", f" with status {code}" if code is not None else "", ran, delay)
@@ -611,12 +515,9 @@ class Channel:
                       "docs/relay.md, \"Stopping\")")
 
     def _restart_if_due(self) -> None:
-        if self._restart_at is None or time.monotonic() < self._restart_at or self._closed:
+        if self._closed or not self._restarts.due():
             return
-        self._restart_at = None
-        if isinstance(self.worker, subprocess.Popen) and self.worker.poll() is None:
-            self.worker.kill()
-            self.worker.wait()
+        kill_if_running(self.worker)
         self.counts.worker_restarts += 1
         try:
             self._spawn()

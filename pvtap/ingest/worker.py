@@ -9,6 +9,11 @@ forwarding process's GIL.
                                             ticker: snapshots, status row, forwarder supervision
       ◄──────────────── opaque, snapshots, synced ──
 
+The worker process's entry (`python -m pvtap.ingest.worker --fd N`, started by the channel) and
+its threads over one shared state: the reader, the archiver, the decoder and the ticker. What
+they use lives beside it: the settings (settings.py), the archive queue and writer lock
+(archive.py), the forwarders and MQTT publisher (outputs.py), the engine (engine.py).
+
 One worker per store file; a lock file (`<store>.writer.lock`) makes a second writer fail at
 start with a message instead of sharing the file. The worker ends by itself when its channel
 ends (EOF: the parent stopped or died; PR_SET_PDEATHSIG covers a parent killed before it could
@@ -25,9 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import dataclasses
 import errno
-import fcntl
 import logging
 import os
 import select
@@ -37,53 +40,26 @@ import sqlite3
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pvtap import ingest_wire as wire
-from pvtap.config import Config, InfluxConfig, MqttConfig
+from pvtap.config import InfluxConfig, MqttConfig
 from pvtap.decode import codec_for
-from pvtap.files import open_private
-from pvtap.ingest import Codecs, Ingest
-from pvtap.ingest_framing import ConnectionRecord, Connections
-from pvtap.ingest_wire import Kind
+from pvtap.ingest import wire
+from pvtap.ingest.archive import ArchiveQueue, Batch, WriterLockError, writer_lock
+from pvtap.ingest.engine import Codecs, Ingest
+from pvtap.ingest.framing import ConnectionRecord, Connections
+from pvtap.ingest.outputs import Outputs
+from pvtap.ingest.settings import ARCHIVE_STOP_GRACE_S, WorkerSettings, read_settings
+from pvtap.ingest.wire import Kind
 from pvtap.privacy import Privacy
 from pvtap.records import RawPayload, Record
 from pvtap.store.local import IngestStatus, LocalStore
 
-if TYPE_CHECKING:
-    from pvtap.mqtt.thread import PublisherThread
-    from pvtap.store.supervisor import SupervisedForwarder
-
 log = logging.getLogger("pvtap.ingest")
 
-#: after its channel ended, how long the worker keeps decoding its backlog before leaving the rest
-#: (the default of ingest.stop_decode_s)
-DECODE_STOP_GRACE_S = 2.0
-#: after its channel ended, how long archiving what was received may take (a failing disk)
-ARCHIVE_STOP_GRACE_S = 5.0
-#: how long the worker's outputs may take to stop, together: its forwarders (pvtap/store/forwarder.py
-#: STOP_TIMEOUT_S, 4 s) and its MQTT publisher (pvtap/mqtt/thread.py STOP_TIMEOUT_S, 5 s); and a second to spare
-OUTPUTS_STOP_S = 5.0
-SPARE_S = 1.0
-#: how long a new worker waits for the previous writer of its store to finish
-WRITER_LOCK_WAIT_S = 15.0
-#: a group commit waits this long for more payloads after the first, unless GROUP_MAX are there
-GROUP_WAIT_S = 0.005
-GROUP_MAX = 2000
-
-
-def worker_stop_grace(stop_decode_s: float = DECODE_STOP_GRACE_S) -> float:
-    """The longest a worker takes to exit after its channel ended: archiving, decoding for
-    `stop_decode_s` (ingest.stop_decode_s), its forwarders and a second to spare. Its parent waits
-    this long before it kills it."""
-    return ARCHIVE_STOP_GRACE_S + stop_decode_s + OUTPUTS_STOP_S + SPARE_S
-
-
-WORKER_STOP_GRACE_S = worker_stop_grace()
 SNAPSHOT_EVERY_S = 1.0
 #: one read of the channel
 RECV_SIZE = 1 << 20
@@ -97,156 +73,6 @@ BUSY_PAUSE_S = 0.1
 STATUS_EVERY_S = 5.0
 FAILURE_SUMMARY_EVERY_S = 60.0
 RETRY_MAX_S = 5.0
-
-
-@dataclass
-class WorkerSettings:
-    """What the forwarding process tells its worker (the SETTINGS message)."""
-
-    store: str  # the store file this worker writes
-    adopt: list[str] = field(default_factory=list)  # stores left by more workers: decode and forward their backlog
-    privacy: dict[str, Any] = field(default_factory=dict)  # Privacy fields, bytes as hex
-    influx: dict[str, Any] = field(default_factory=dict)  # InfluxConfig fields; url "" = no forwarder
-    mqtt: dict[str, Any] = field(default_factory=dict)  # MqttConfig fields; url "" (or none) = no MQTT publisher
-    queue_bytes: int = 32 * 2**20
-    log_level: str = "info"
-    parent_pid: int = 0
-    stop_decode_s: float = DECODE_STOP_GRACE_S  # ingest.stop_decode_s
-
-    def to_wire(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def of(cls, store: Path, privacy: Privacy, influx: InfluxConfig, queue_bytes: int, log_level: str = "info",
-           adopt: list[Path] | None = None, mqtt: MqttConfig | None = None,
-           stop_decode_s: float = DECODE_STOP_GRACE_S) -> WorkerSettings:
-        fields = {f.name: getattr(privacy, f.name) for f in dataclasses.fields(privacy)}
-        return cls(store=str(store), adopt=[str(p) for p in adopt or []],
-                   privacy={k: v.hex() if isinstance(v, bytes) else v for k, v in fields.items()},
-                   influx=dataclasses.asdict(influx), mqtt=dataclasses.asdict(mqtt) if mqtt else {},
-                   queue_bytes=queue_bytes, log_level=log_level, parent_pid=os.getpid(), stop_decode_s=stop_decode_s)
-
-    @classmethod
-    def of_config(cls, store: Path, privacy: Privacy, config: Config,
-                  adopt: list[Path] | None = None) -> WorkerSettings:
-        """The settings of a worker for `store` from the pvtap config ([ingest], [influx], [mqtt], log level)."""
-        return cls.of(store, privacy, config.influx, config.ingest.queue_mb * 2**20, config.log_level, adopt,
-                      config.mqtt, config.ingest.stop_decode_s)
-
-    @property
-    def stop_grace(self) -> float:
-        """How long the parent waits for this worker to exit after the channel ended."""
-        return worker_stop_grace(self.stop_decode_s)
-
-    def make_privacy(self) -> Privacy:
-        hints = {f.name: str(f.type) for f in dataclasses.fields(Privacy)}
-        values: dict[str, Any] = {k: bytes.fromhex(v) if isinstance(v, str) and "bytes" in hints[k] else v
-                                  for k, v in self.privacy.items() if k in hints}
-        return Privacy(**values)
-
-
-class WriterLockError(RuntimeError):
-    """Another process writes this store."""
-
-
-@contextlib.contextmanager
-def writer_lock(store: Path) -> Any:
-    """Hold `<store>.writer.lock` (0600) while writing the store; WriterLockError if another
-    process holds it for longer than WRITER_LOCK_WAIT_S."""
-    path = store.with_name(store.name + ".writer.lock")
-    fd = open_private(path)
-    try:
-        deadline = time.monotonic() + WRITER_LOCK_WAIT_S
-        while True:  # a worker that is still finishing (its parent restarted quickly) lets go soon
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                if time.monotonic() < deadline:
-                    time.sleep(0.1)
-                    continue
-            raise WriterLockError(
-                f"{store} is being written by another pvtap process (pid {holder}). Fix: give each relay or "
-                "mitmproxy its own data_dir (docs/relay.md, \"More than one relay\"), or stop the other one") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
-@dataclass
-class _Batch:
-    """What the archiver commits at once: payloads, records, the sync tokens it answers, the
-    copies it completes (`through`: the first n copies the worker received) and its bytes."""
-
-    raws: list[RawPayload] = field(default_factory=list)
-    records: list[Record] = field(default_factory=list)
-    syncs: list[int] = field(default_factory=list)
-    through: int = 0
-    size: int = 0
-
-
-class _ArchiveQueue:
-    """What the reader framed and redacted, waiting for the archiver; bounded in bytes."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.bytes = 0
-        self.items: deque[tuple[list[RawPayload], list[Record], int | None, int]] = deque()
-        self.cond = threading.Condition()
-
-    def put(self, raws: list[RawPayload], records: Sequence[Record] = (), sync: int | None = None,
-            through: int = 0, give_up: Callable[[], bool] = lambda: False) -> int:
-        """Queue payloads, records, a sync token and the count of copies they complete. While
-        the queue is over its budget this waits (the channel backs up and the forwarding side
-        drops and counts, per connection), unless `give_up()` says the worker is stopping: then
-        the payloads are dropped (returns how many)."""
-        size = _budget(raws, self.limit)
-        with self.cond:
-            while raws and self.bytes and self.bytes + size > self.limit:
-                if give_up():
-                    return len(raws)
-                self.cond.wait(0.2)
-            self.items.append((raws, list(records), sync, through))
-            self.bytes += size
-            self.cond.notify_all()
-        return 0
-
-    def take(self, wait: float) -> _Batch:
-        """Everything queued (after waiting up to `wait` for the first item, then GROUP_WAIT_S for
-        more), as one batch; release its bytes with `done` once it is committed."""
-        with self.cond:
-            if not self.items:
-                self.cond.wait(wait)
-            if self.items and len(self.items) < GROUP_MAX:
-                self.cond.wait(GROUP_WAIT_S)
-            batch = _Batch()
-            while self.items:
-                raws, records, sync, through = self.items.popleft()
-                batch.raws += raws
-                batch.records += records
-                if sync is not None:
-                    batch.syncs.append(sync)
-                batch.through = max(batch.through, through)
-            batch.size = _budget(batch.raws, self.limit)
-            return batch
-
-    def done(self, size: int) -> None:
-        with self.cond:
-            self.bytes -= size
-            self.cond.notify_all()
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-def _budget(raws: list[RawPayload], limit: int) -> int:
-    """What payloads count against the archive queue's budget: their bytes; a batch larger than
-    the whole budget passes alone and counts as half of it (as in the channel)."""
-    size = sum(len(r.payload) + 200 for r in raws)
-    return min(size, limit // 2) if size > limit else size
 
 
 @dataclass
@@ -271,7 +97,7 @@ class Worker:
         self.codecs = codecs
         self.privacy = privacy if privacy is not None else settings.make_privacy()
         self.counts = WorkerCounts()
-        self.queue = _ArchiveQueue(settings.queue_bytes)
+        self.queue = ArchiveQueue(settings.queue_bytes)
         self.connections = Connections(self.privacy, codecs, self._opaque)
         self.stopping = threading.Event()  # the channel ended (or SIGTERM): finish up
         self._stop_deadline: float | None = None
@@ -288,8 +114,7 @@ class Worker:
         self._locks = contextlib.ExitStack()  # the writer locks of adopted stores
         self.ingest: Ingest | None = None
         self.adopted: list[Ingest] = []
-        self.forwarders: list[SupervisedForwarder] = []  # one per store, with [influx] url
-        self.mqtt: PublisherThread | None = None  # with [mqtt] url: one connection for all the worker's stores
+        self.outputs = Outputs()  # forwarders (with [influx] url) and the MQTT publisher (with [mqtt] url)
 
     # -- the whole life ------------------------------------------------------------------------
 
@@ -315,11 +140,8 @@ class Worker:
     def _serve(self, store: LocalStore) -> int:
         self.ingest = Ingest(store, self.privacy, codecs=self.codecs)
         self.adopted = [Ingest(s, self.privacy, codecs=self.codecs) for s in self._adopt()]
-        influx = InfluxConfig(**self.settings.influx)
-        if influx.url:
-            from pvtap.store.supervisor import SupervisedForwarder  # influxdb-client: only when it is used
-
-            self.forwarders = [SupervisedForwarder(i.store.path, influx) for i in [self.ingest, *self.adopted]]
+        paths = [i.store.path for i in [self.ingest, *self.adopted]]
+        self.outputs.prepare(paths, InfluxConfig(**self.settings.influx))
         backlog = sum(i.store.decode_backlog() for i in [self.ingest, *self.adopted])
         log.info("ingest worker (pid %d) writing %s%s; %d payloads waiting to be decoded", os.getpid(), store.path,
                  "".join(f", adopting {i.store.path.name}" for i in self.adopted), backlog)
@@ -328,24 +150,12 @@ class Worker:
             thread = threading.Thread(target=target, name=f"pvtap-{name}-{store.path.stem}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        for forwarder in self.forwarders:
-            forwarder.start()
-        self._start_mqtt()
+        self.outputs.start(paths, MqttConfig(**self.settings.mqtt) if self.settings.mqtt else MqttConfig())
         try:
             self._read()
         finally:
             self.stop()
         return 0
-
-    def _start_mqtt(self) -> None:
-        """The MQTT publisher of this worker's stores, named after the store (relay, relay-1, enphase)."""
-        mqtt = MqttConfig(**self.settings.mqtt) if self.settings.mqtt else MqttConfig()
-        if not mqtt.url:
-            return
-        from pvtap.mqtt.thread import PublisherThread  # aiomqtt: only when it is used
-
-        paths = [i.store.path for i in [self.ingest, *self.adopted] if i is not None]
-        self.mqtt = PublisherThread(mqtt, paths[0].stem, lambda: paths).start()
 
     def _adopt(self) -> list[LocalStore]:
         stores = []
@@ -376,15 +186,7 @@ class Worker:
             self.queue.cond.notify_all()
         for thread in self._threads:
             thread.join(ARCHIVE_STOP_GRACE_S + self.settings.stop_decode_s + 5)
-        for forwarder in self.forwarders:
-            forwarder.stop_soon()
-        if self.mqtt is not None:
-            self.mqtt.publisher.stop()
-        outputs_deadline = time.monotonic() + OUTPUTS_STOP_S  # they were all told above: they stop together
-        for forwarder in self.forwarders:
-            forwarder.stop(max(0.0, outputs_deadline - time.monotonic()))
-        if self.mqtt is not None and not self.mqtt.stop(max(0.0, outputs_deadline - time.monotonic())):
-            log.warning("ingest worker: the MQTT publisher did not stop in time")
+        self.outputs.stop()
         self._write_status(running=False)
         self._locks.close()
         log.info("ingest worker stopped: %s", self._summary())
@@ -472,7 +274,7 @@ class Worker:
 
     def _archiver(self) -> None:
         assert self.ingest is not None
-        held: _Batch | None = None
+        held: Batch | None = None
         delay = 0.1
         while True:
             if held is None:
@@ -584,8 +386,7 @@ class Worker:
     def _ticker(self) -> None:
         next_status = 0.0
         while not self.stopping.wait(SNAPSHOT_EVERY_S):
-            for forwarder in self.forwarders:
-                forwarder.supervise()
+            self.outputs.supervise()
             self._send(wire.control(Kind.SNAPSHOT, self.snapshot()))
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + STATUS_EVERY_S
@@ -610,8 +411,7 @@ class Worker:
             "decode_errors": i.decode_errors + sum(a.counts.decode_errors for a in self.adopted),
             "redact_errors": i.redact_errors, "decode_backlog": backlog,
         }
-        out.update(forwarder_state(self.forwarders))
-        out.update(mqtt_state(self.mqtt))
+        out.update(self.outputs.state())
         return out
 
     def _write_status(self, running: bool) -> None:
@@ -651,34 +451,6 @@ class Worker:
                 self._unsent.clear()  # the parent is gone; the reader sees the EOF
 
 
-def forwarder_state(forwarders: list[SupervisedForwarder]) -> dict[str, Any]:
-    """The worst forwarder's state, for the snapshot and the status row."""
-    if not forwarders:
-        return {"forwarder": "off", "forwarder_error": None, "forwarder_backlog": 0, "forwarder_restarts": 0,
-                "forwarder_delivered": 0, "forwarder_failures": 0}
-    states = [f.state() for f in forwarders]
-    worst = max(states, key=lambda s: forwarders[0].SEVERITY.index(s.state))
-    running = [f.forwarder for f in forwarders if f.forwarder is not None]
-    return {"forwarder": worst.state, "forwarder_error": worst.error,
-            "forwarder_backlog": sum(s.backlog for s in states),
-            "forwarder_restarts": sum(f.restarts for f in forwarders),
-            # since the current forwarder threads started (for /metrics)
-            "forwarder_delivered": sum(f.delivered for f in running),
-            "forwarder_failures": sum(f.failed_attempts for f in running)}
-
-
-def mqtt_state(publisher: PublisherThread | None) -> dict[str, Any]:
-    """The MQTT publisher's state, for the snapshot (`mqtt`: off, connecting, connected, failing,
-    stopped, dead)."""
-    if publisher is None:
-        return {"mqtt": "off"}
-    snap = publisher.snapshot()
-    return {"mqtt": snap.state if publisher.running else "dead", "mqtt_broker": snap.broker,
-            "mqtt_published": snap.published,
-            "mqtt_backlog": snap.backlog, "mqtt_devices": snap.devices, "mqtt_error": snap.last_error,
-            "mqtt_refused": snap.refused}
-
-
 # -- as a process --------------------------------------------------------------------------------
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -690,27 +462,8 @@ def _die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def read_settings(sock: socket.socket, timeout: float = 30.0) -> WorkerSettings:
-    """The first message, read exactly (what follows it stays in the socket for the worker)."""
-    sock.settimeout(timeout)
-
-    def exactly(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            more = sock.recv(n - len(data))
-            if not more:
-                raise EOFError("the channel closed before the settings came")
-            data += more
-        return data
-
-    size, kind = wire.HEADER.unpack(exactly(wire.HEADER.size))
-    if kind != Kind.SETTINGS or size > wire.MAX_BODY:
-        raise wire.WireError("the first message must be SETTINGS")
-    return WorkerSettings(**wire.doc(exactly(size)))
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pvtap.ingest_worker",
+    parser = argparse.ArgumentParser(prog="python -m pvtap.ingest.worker",
                                      description="The ingest worker of a relay or mitmdump process (started by it).")
     parser.add_argument("--fd", type=int, required=True, help="the channel socket inherited from the parent")
     args = parser.parse_args(argv)

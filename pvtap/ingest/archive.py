@@ -1,0 +1,133 @@
+"""The archive side of the worker: one writer per store file, and the bytes-bounded queue from the
+reader (framing, redaction) to the archiver's group commit.
+
+Raw first: what the reader framed waits here, not in the channel, so one commit takes many
+payloads; when the disk is slow the queue fills and the channel backs up, and the forwarding
+side drops and counts copies (never the forwarded bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pvtap.files import open_private
+from pvtap.records import RawPayload, Record
+
+#: how long a new worker waits for the previous writer of its store to finish
+WRITER_LOCK_WAIT_S = 15.0
+#: a group commit waits this long for more payloads after the first, unless GROUP_MAX are there
+GROUP_WAIT_S = 0.005
+GROUP_MAX = 2000
+
+
+class WriterLockError(RuntimeError):
+    """Another process writes this store."""
+
+
+@contextlib.contextmanager
+def writer_lock(store: Path) -> Any:
+    """Hold `<store>.writer.lock` (0600) while writing the store; WriterLockError if another
+    process holds it for longer than WRITER_LOCK_WAIT_S."""
+    path = store.with_name(store.name + ".writer.lock")
+    fd = open_private(path)
+    try:
+        deadline = time.monotonic() + WRITER_LOCK_WAIT_S
+        while True:  # a worker that is still finishing (its parent restarted quickly) lets go soon
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+            raise WriterLockError(
+                f"{store} is being written by another pvtap process (pid {holder}). Fix: give each relay or "
+                "mitmproxy its own data_dir (docs/relay.md, \"More than one relay\"), or stop the other one") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Batch:
+    """What the archiver commits at once: payloads, records, the sync tokens it answers, the
+    copies it completes (`through`: the first n copies the worker received) and its bytes."""
+
+    raws: list[RawPayload] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    syncs: list[int] = field(default_factory=list)
+    through: int = 0
+    size: int = 0
+
+
+class ArchiveQueue:
+    """What the reader framed and redacted, waiting for the archiver; bounded in bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self.items: deque[tuple[list[RawPayload], list[Record], int | None, int]] = deque()
+        self.cond = threading.Condition()
+
+    def put(self, raws: list[RawPayload], records: Sequence[Record] = (), sync: int | None = None,
+            through: int = 0, give_up: Callable[[], bool] = lambda: False) -> int:
+        """Queue payloads, records, a sync token and the count of copies they complete. While
+        the queue is over its budget this waits (the channel backs up and the forwarding side
+        drops and counts, per connection), unless `give_up()` says the worker is stopping: then
+        the payloads are dropped (returns how many)."""
+        size = _budget(raws, self.limit)
+        with self.cond:
+            while raws and self.bytes and self.bytes + size > self.limit:
+                if give_up():
+                    return len(raws)
+                self.cond.wait(0.2)
+            self.items.append((raws, list(records), sync, through))
+            self.bytes += size
+            self.cond.notify_all()
+        return 0
+
+    def take(self, wait: float) -> Batch:
+        """Everything queued (after waiting up to `wait` for the first item, then GROUP_WAIT_S for
+        more), as one batch; release its bytes with `done` once it is committed."""
+        with self.cond:
+            if not self.items:
+                self.cond.wait(wait)
+            if self.items and len(self.items) < GROUP_MAX:
+                self.cond.wait(GROUP_WAIT_S)
+            batch = Batch()
+            while self.items:
+                raws, records, sync, through = self.items.popleft()
+                batch.raws += raws
+                batch.records += records
+                if sync is not None:
+                    batch.syncs.append(sync)
+                batch.through = max(batch.through, through)
+            batch.size = _budget(batch.raws, self.limit)
+            return batch
+
+    def done(self, size: int) -> None:
+        with self.cond:
+            self.bytes -= size
+            self.cond.notify_all()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _budget(raws: list[RawPayload], limit: int) -> int:
+    """What payloads count against the archive queue's budget: their bytes; a batch larger than
+    the whole budget passes alone and counts as half of it (as in the channel)."""
+    size = sum(len(r.payload) + 200 for r in raws)
+    return min(size, limit // 2) if size > limit else size
