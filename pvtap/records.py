@@ -82,13 +82,7 @@ class Record:
         checked finite — so the per-field check is skipped; the rest is checked as always. A
         test holds every decoder that makes these to the full check, on random input."""
         _check_head(measurement, time, tags, fields)
-        record = object.__new__(cls)
-        _set_measurement(record, measurement)
-        _set_time(record, time)
-        _set_tags(record, tags)
-        _set_fields(record, fields)
-        _set_origin(record, origin)
-        return record
+        return cls.trusted(measurement, time, tags, fields, origin)
 
     @classmethod
     def trusted(cls, measurement: str, time: datetime, tags: Mapping[str, str], fields: Mapping[str, FieldValue],

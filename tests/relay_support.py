@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,7 +35,9 @@ import dns.rrset
 
 from proxy_tcp import relay_running
 from pvtap.config import ListenerConfig
+from pvtap.decode.alphaess import REQUEST, encode_frame
 from pvtap.records import UP, Origin, RawPayload
+from pvtap.simulate.alphaess import CSV_HEADER, _Battery
 from pvtap.store.local import LocalStore
 from tests.waiting import until
 
@@ -263,6 +266,29 @@ class StandInDNS(asyncio.DatagramProtocol):
 # -- processes --------------------------------------------------------------------------------
 
 RELAY_READY = re.compile(r"relay listening: \S+ on (?P<endpoints>[^(]+) \(")
+
+
+def acking_alpha_cloud(ack: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A stand-in AlphaESS cloud's connection handler (for asyncio.start_server): answers every frame
+    with `ack` (frames are read by their length field)."""
+    async def cloud(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readexactly(7)
+                await reader.readexactly(int.from_bytes(head[3:7], "big") + 2)
+                writer.write(ack)
+        except (asyncio.IncompleteReadError, OSError):
+            writer.close()
+    return cloud
+
+
+def alpha_backfill_frame(serial: str, n: int, rows: int) -> bytes:
+    """The `n`-th CSV back-fill frame (1-1-12) of `rows` rows: quick to frame and archive, slow to
+    decode (a record per row), so a decoder falls behind the archive on any machine."""
+    battery = _Battery(serial)
+    t0 = datetime(2024, 3, 3, tzinfo=UTC) + timedelta(minutes=rows * n)
+    lines = [battery.csv_row(t0 + timedelta(minutes=i)) for i in range(rows)]
+    return encode_frame(REQUEST, 12, ("\n".join([CSV_HEADER, *lines]) + "\n").encode())
 
 
 #: every relay process a test started; conftest kills those still running when the test ends, so a

@@ -14,7 +14,7 @@ import pytest
 from pvtap.decode.alphaess import REQUEST, ack_frame, encode_frame
 from pvtap.ingest import Ingest
 from pvtap.store.local import LocalStore
-from tests.relay_support import RelayProcess
+from tests.relay_support import RelayProcess, acking_alpha_cloud
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -27,16 +27,6 @@ def frame(serial: str, n: int) -> bytes:
         b'{"Time":"2024/03/03 22:05:21","SN":"' + serial.encode() + b'","Ppv1":"' + str(n).encode() +
         b'","Pbat":"539.44","SOC":"38.0"}'))
 
-
-async def cloud(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answers every frame with the cloud's ack (frames are read by their length field)."""
-    try:
-        while True:
-            head = await reader.readexactly(7)
-            await reader.readexactly(int.from_bytes(head[3:7], "big") + 2)
-            writer.write(ACK)
-    except (asyncio.IncompleteReadError, OSError):
-        writer.close()
 
 
 async def device(port: int, index: int, frames: int) -> int:
@@ -70,7 +60,7 @@ def counts(path: Path) -> dict[str, int]:
 
 
 async def test_200_devices_at_5_frames_a_second_lose_no_decoded_copy(tmp_path):
-    server = await asyncio.start_server(cloud, "127.0.0.1", 0, backlog=1024)
+    server = await asyncio.start_server(acking_alpha_cloud(ACK), "127.0.0.1", 0, backlog=1024)
     cloud_port = server.sockets[0].getsockname()[1]
     config = tmp_path / "pvtap.toml"
     config.write_text(f'[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "127.0.0.1:0"\n'

@@ -16,7 +16,7 @@ from pvtap.decode.alphaess import REQUEST, ack_frame, encode_frame
 from pvtap.store.delivery import read_status
 from pvtap.store.local import LocalStore
 from tests.mitm_support import wait_for
-from tests.relay_support import RelayProcess
+from tests.relay_support import RelayProcess, acking_alpha_cloud
 from tests.servers import VictoriaMetrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -34,15 +34,6 @@ def realtime(n: int) -> bytes:
     return encode_frame(REQUEST, 16, b'{"Time":"%s","SN":"ALSIM0000000001","Ppv1":"%d","Pbat":"539.44","SOC":"38.0"}'
                         % (when, n))
 
-
-async def cloud(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while True:
-            head = await reader.readexactly(7)
-            await reader.readexactly(int.from_bytes(head[3:7], "big") + 2)
-            writer.write(ACK)
-    except (asyncio.IncompleteReadError, OSError):
-        writer.close()
 
 
 async def battery(port: int) -> None:
@@ -80,7 +71,7 @@ async def test_a_forwarder_that_dies_is_restarted_and_pvtap_status_shows_it(tmp_
     data.mkdir()
     lock = data / "relay.sqlite.forward.lock"
     lock.mkdir()  # the fault: the forwarder cannot open its lock file, its thread ends
-    server = await asyncio.start_server(cloud, "127.0.0.1", 0)
+    server = await asyncio.start_server(acking_alpha_cloud(ACK), "127.0.0.1", 0)
     with VictoriaMetrics(tmp_path / "vm") as vm:
         config = tmp_path / "pvtap.toml"
         config.write_text(f'[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "127.0.0.1:0"\n'

@@ -8,17 +8,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import zlib
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from pvtap.decode.alphaess import REQUEST, ack_frame, encode_frame
-from pvtap.simulate.alphaess import CSV_HEADER, _Battery
+from pvtap.decode.alphaess import ack_frame
 from pvtap.store.delivery import read_status
 from pvtap.store.local import LocalStore
 from tests.mitm_support import wait_for
-from tests.relay_support import RelayProcess
+from tests.relay_support import RelayProcess, acking_alpha_cloud, alpha_backfill_frame
 from tests.servers import VictoriaMetrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -37,23 +35,6 @@ def serial(host: str) -> str:
     return f"ALSIM{int(host.rpartition('.')[2]):010d}"
 
 
-def backfill(serial: str, n: int) -> bytes:
-    """A CSV back-fill frame of ROWS rows (a record each): slow to decode, so a stop that does not
-    wait for decoding leaves a backlog."""
-    battery = _Battery(serial)
-    t0 = datetime(2024, 3, 3, tzinfo=UTC) + timedelta(minutes=ROWS * n)
-    rows = [battery.csv_row(t0 + timedelta(minutes=i)) for i in range(ROWS)]
-    return encode_frame(REQUEST, 12, ("\n".join([CSV_HEADER, *rows]) + "\n").encode())
-
-
-async def cloud(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while True:
-            head = await reader.readexactly(7)
-            await reader.readexactly(int.from_bytes(head[3:7], "big") + 2)
-            writer.write(ACK)
-    except (asyncio.IncompleteReadError, OSError):
-        writer.close()
 
 
 async def device(port: int, host: str, frames: int, first: int = 0) -> None:
@@ -61,7 +42,7 @@ async def device(port: int, host: str, frames: int, first: int = 0) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(host, 0))
     try:
         for n in range(first, first + frames):
-            writer.write(backfill(serial(host), n))
+            writer.write(alpha_backfill_frame(serial(host), n, ROWS))
             await reader.readexactly(len(ACK))
     finally:
         writer.close()
@@ -104,7 +85,7 @@ async def test_two_workers_share_the_devices_and_one_adopts_the_other_when_the_s
     assert {worker_of(host, 2) for host in HOSTS} == {0, 1}  # the hosts chosen reach both workers
     data = tmp_path / "data"
     stores = [data / "relay.sqlite", data / "relay-1.sqlite"]
-    server = await asyncio.start_server(cloud, "127.0.0.1", 0)
+    server = await asyncio.start_server(acking_alpha_cloud(ACK), "127.0.0.1", 0)
     cloud_port = server.sockets[0].getsockname()[1]
 
     # two workers: each device's data lands in its worker's store, whole

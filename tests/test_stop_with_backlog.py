@@ -10,18 +10,16 @@ import asyncio
 import signal
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from pvtap.decode.alphaess import REQUEST, ack_frame, encode_frame
-from pvtap.simulate.alphaess import CSV_HEADER, _Battery
+from pvtap.decode.alphaess import ack_frame
 from pvtap.simulate.enphase import Simulator, encode_body, post_report
 from pvtap.simulate.enphase_cloud import EnphaseCloud
 from pvtap.store.local import IngestStatus, LocalStore
 from tests.mitm_support import Mitmdump, wait_for
-from tests.relay_support import RelayProcess
+from tests.relay_support import RelayProcess, acking_alpha_cloud, alpha_backfill_frame
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -84,29 +82,11 @@ DEVICES, FRAMES, ROWS = 10, 10, 150
 ACK = ack_frame(12)
 
 
-def backfill(serial: str, n: int) -> bytes:
-    """A CSV back-fill frame (1-1-12) of ROWS rows: quick to frame and archive, slow to decode
-    (a record per row), so the decoder falls behind the archive on any machine."""
-    battery = _Battery(serial)
-    t0 = datetime(2024, 3, 3, tzinfo=UTC) + timedelta(minutes=ROWS * n)
-    rows = [battery.csv_row(t0 + timedelta(minutes=i)) for i in range(ROWS)]
-    return encode_frame(REQUEST, 12, ("\n".join([CSV_HEADER, *rows]) + "\n").encode())
-
-
-async def cloud(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answers every frame with the cloud's ack (frames are read by their length field)."""
-    try:
-        while True:
-            head = await reader.readexactly(7)
-            await reader.readexactly(int.from_bytes(head[3:7], "big") + 2)
-            writer.write(ACK)
-    except (asyncio.IncompleteReadError, OSError):
-        writer.close()
 
 
 async def device(port: int, index: int) -> int:
     """Sends its back-fill frames, each after the last one's ack; returns the frames acknowledged."""
-    frames = [backfill(f"ALSIM{index:010d}", n) for n in range(FRAMES)]
+    frames = [alpha_backfill_frame(f"ALSIM{index:010d}", n, ROWS) for n in range(FRAMES)]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         for frame in frames:
@@ -137,7 +117,7 @@ async def test_the_relay_stopped_with_a_decode_backlog_decodes_it_after_a_restar
     """The relay as `pvtap run` starts it (a process with its ingest worker process), stopped with
     SIGTERM as soon as the cloud acknowledged every frame: all of them are archived, few decoded;
     after the next start every row of every frame is a record."""
-    server = await asyncio.start_server(cloud, "127.0.0.1", 0)
+    server = await asyncio.start_server(acking_alpha_cloud(ACK), "127.0.0.1", 0)
     config = tmp_path / "pvtap.toml"
     config.write_text(f'[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "127.0.0.1:0"\n'
                       f'upstream = "127.0.0.1:{server.sockets[0].getsockname()[1]}"\n[ingest]\nworkers = 1\n')
