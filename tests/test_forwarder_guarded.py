@@ -27,9 +27,9 @@ from pvtap.store.local import LocalStore
 from tests.conftest import free_port
 from tests.forwarder_support import config, forwarding, make_records, recent_t0, vm_expected, vm_numeric, wait_until
 from tests.health_support import HEALTH_LINE, get, url_of
-from tests.relay_support import RelayProcess
+from tests.relay_support import RelayProcess, acking_alpha_cloud
 from tests.servers import VictoriaMetrics
-from tests.test_forwarder_supervised import FRAMES, battery, cloud, status_showing
+from tests.test_forwarder_supervised import ACK, FRAMES, battery, status_showing
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -89,7 +89,7 @@ def test_pruning_and_backlog_errors_never_end_the_forwarder(tmp_path: Path, monk
 async def test_a_forwarder_that_makes_no_progress_is_stuck_in_status_and_readyz(tmp_path: Path, capsys) -> None:
     data = tmp_path / "data"
     refused = f"http://127.0.0.1:{free_port()}"  # nothing listens: every write fails, the cursor never moves
-    server = await asyncio.start_server(cloud, "127.0.0.1", 0)
+    server = await asyncio.start_server(acking_alpha_cloud(ACK), "127.0.0.1", 0)
     config_file = tmp_path / "pvtap.toml"
     config_file.write_text(
         f'[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "127.0.0.1:0"\n'
