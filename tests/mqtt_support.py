@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import ssl
 import subprocess
@@ -33,6 +32,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import free_port
+from tests.servers import ServerProcess
 from tests.waiting import wait_until as wait_until  # re-exported: the name its tests import
 
 START_TIMEOUT = 20.0
@@ -42,7 +42,7 @@ class BrokerError(RuntimeError):
     pass
 
 
-class Mosquitto:
+class Mosquitto(ServerProcess):
     def __init__(self, tmp_path: Path, *, users: dict[str, str] | None = None,
                  tls: tuple[Path, Path, Path] | None = None, password_file: Path | None = None) -> None:
         if shutil.which("mosquitto") is None:
@@ -80,10 +80,6 @@ class Mosquitto:
         conf.write_text("\n".join(lines) + "\n")
         return conf
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def start(self) -> Mosquitto:
         if self.running:
             return self
@@ -101,28 +97,6 @@ class Mosquitto:
             time.sleep(0.02)
         self.kill()
         raise BrokerError(f"mosquitto not ready within {START_TIMEOUT:.0f} s:\n{self.log_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.running:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def kill(self) -> None:
-        if self.running:
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait()
-
-    def __enter__(self) -> Mosquitto:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

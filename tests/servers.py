@@ -49,52 +49,19 @@ class ServerError(RuntimeError):
     pass
 
 
-class _Server:
-    """A real server process on 127.0.0.1 with a data directory that survives stop/start."""
+class ServerProcess:
+    """The lifecycle every real server the tests start shares: running, stop (SIGTERM, then SIGKILL
+    if it lingers), kill (as a crash would), and `with` (start, then stop). A subclass sets `proc`
+    and defines start()."""
 
-    name = "server"
-    binary = ""
+    proc: subprocess.Popen | None = None
 
-    def __init__(self, tmp_path: str | Path) -> None:
-        if shutil.which(self.binary) is None:
-            raise ServerError(f"{self.binary} is not installed (Debian package: see Makefile DEBIAN_PACKAGES)")
-        self.dir = Path(tmp_path) / f"{self.name}-{os.getpid()}-{time.monotonic_ns()}"
-        self.dir.mkdir(parents=True)
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self._log = self.dir / "server.log"
-
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        if not self.port:
-            raise ServerError(f"{self.name} has not been started")
-        return f"http://127.0.0.1:{self.port}"
+    def start(self) -> Any:
+        raise NotImplementedError
 
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-    def start(self) -> _Server:
-        """Start (or restart on the port it had) and wait until it answers."""
-        if self.running:
-            return self
-        offset = self._log.stat().st_size if self._log.exists() else 0
-        with open(self._log, "ab") as log:
-            self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.dir)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text(offset)[-3000:]}")
-            if not self.port:
-                self.port = self._discover_port(offset)
-            if self.port and self._ready():
-                return self
-            time.sleep(0.05)
-        self.kill()
-        raise ServerError(f"{self.name} not ready within {START_TIMEOUT:.0f} s:\n{self.log_text(offset)[-3000:]}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it lingers. Data stays for the next start()."""
@@ -120,6 +87,50 @@ class _Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _Server(ServerProcess):
+    """A real server process on 127.0.0.1 with a data directory that survives stop/start."""
+
+    name = "server"
+    binary = ""
+
+    def __init__(self, tmp_path: str | Path) -> None:
+        if shutil.which(self.binary) is None:
+            raise ServerError(f"{self.binary} is not installed (Debian package: see Makefile DEBIAN_PACKAGES)")
+        self.dir = Path(tmp_path) / f"{self.name}-{os.getpid()}-{time.monotonic_ns()}"
+        self.dir.mkdir(parents=True)
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self._log = self.dir / "server.log"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if not self.port:
+            raise ServerError(f"{self.name} has not been started")
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> _Server:
+        """Start (or restart on the port it had) and wait until it answers."""
+        if self.running:
+            return self
+        offset = self._log.stat().st_size if self._log.exists() else 0
+        with open(self._log, "ab") as log:
+            self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=self.dir)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text(offset)[-3000:]}")
+            if not self.port:
+                self.port = self._discover_port(offset)
+            if self.port and self._ready():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise ServerError(f"{self.name} not ready within {START_TIMEOUT:.0f} s:\n{self.log_text(offset)[-3000:]}")
 
     def log_text(self, offset: int = 0) -> str:
         with open(self._log, "rb") as fh:
