@@ -116,6 +116,8 @@ class EnphaseCloud:
     def _record(self, exchange: Exchange) -> None:
         with self._lock:
             self.exchanges.append(exchange)
+
+    def _answered(self, exchange: Exchange) -> None:
         if self.on_exchange is not None:
             self.on_exchange(exchange)
 
@@ -184,15 +186,17 @@ class _Handler(BaseHTTPRequestHandler):
             status, headers, payload, ids = answer(self.command, path, self.headers.get("Content-Type", ""), body)
         headers = [("Server", self.server_version), ("Date", self.date_time_string()), *headers,
                    ("Content-Length", str(len(payload)))]
+        exchange = Exchange(
+            method=self.command, target=self.path, headers=tuple(self.headers.items()), body=body,
+            status=status, response_headers=tuple(headers), response_body=payload, acknowledged=tuple(ids))
+        self.server.cloud._record(exchange)  # before the answer: whoever got it finds the exchange in received()
         self.send_response_only(status)
         for name, value in headers:
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
         self.wfile.flush()
-        self.server.cloud._record(Exchange(
-            method=self.command, target=self.path, headers=tuple(self.headers.items()), body=body,
-            status=status, response_headers=tuple(headers), response_body=payload, acknowledged=tuple(ids)))
+        self.server.cloud._answered(exchange)
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("stand-in cloud: " + format, *args)
