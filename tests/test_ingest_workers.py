@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 #: device addresses on the loopback network; the relay spreads them as crc32(address) % workers
 HOSTS = [f"127.0.0.{i}" for i in range(10, 18)]
-FRAMES, ROWS = 6, 100
+FRAMES, ROWS = 20, 100  # enough frames that the decoder is still behind when the relay stops
 ACK = ack_frame(12)
 
 
