@@ -129,7 +129,7 @@ class Connection:
         await self._forward(cloud_reader, self.cloud_writer)
 
     async def _device_tls(self, context: ssl.SSLContext) -> bool:
-        """Terminate the device's TLS (listener tls_cert): from here on the pumps, the decoder
+        """Terminate the device's TLS (listener tls_cert): from here on the splice, the decoder
         and the local answerer see application bytes. The handshake must be over by the
         first-byte deadline: a client that trickles its hello holds a slot no longer than one
         that says nothing."""
@@ -263,7 +263,7 @@ class Connection:
             log.exception("%s: the local answerer raised (later errors are counted)", self.label)
 
     async def _next_end(self, pending: set[asyncio.Future[PumpEnd]]) -> PumpEnd | None:
-        """The PumpEnd of the next task in `pending` to finish (taken out of it); None, with the
+        """The PumpEnd of the next in `pending` to finish (taken out of it); None, with the
         outcome noted, when nothing moved either way for idle_timeout, or the device sent
         nothing by its first-byte deadline."""
         idle_timeout = self.listener.config.idle_timeout
