@@ -95,24 +95,22 @@ class _Report:
 
     def records(self) -> list[Record]:
         out: list[Record] = []
-        counts = {"event": 0, "device": 0, "channel": 0, "interval": 0, "reading": 0}
+        counts = dict.fromkeys(_DECODERS, 0)
         decoded: set[etree._Element] = set()
         for el in self.root.iterdescendants():
             tag = el.tag
-            if not isinstance(tag, str) or el is self.envoy:
-                continue
-            if tag == "message_params" and el.getparent() in decoded:
-                continue  # part of its event's record
-            decoder = _DECODERS.get(tag)
+            decoder = _DECODERS.get(tag)  # type: ignore[arg-type]  # (a non-element's tag is a function: None)
             if decoder is None:
-                self.elements.add(el)
+                if isinstance(tag, str) and el is not self.envoy \
+                        and not (tag == "message_params" and el.getparent() in decoded):  # (part of its event)
+                    self.elements.add(el)
                 continue
             try:
                 out.append(decoder(self, el))
             except _ELEMENT_ERRORS as exc:
                 self.elements.add(el, f"{type(exc).__name__}: {exc}")
             else:
-                counts[tag] += 1
+                counts[tag] += 1  # type: ignore[index]
                 if tag == "event":
                     decoded.add(el)
         return [self._envoy_record(counts), *out, *self.elements.records]
@@ -186,9 +184,10 @@ class _Report:
         joules (webcomm 4.6.0); a comma list (possibly the 3.0 form, meaning unconfirmed) is kept
         as the text `stats`. Intervals of one channel with the same end_date (a catch-up roll-up
         ending with a 5-minute one) are one InfluxDB point; filter on interval_duration_s."""
-        fast = self._fast_interval(el)
-        if fast is not None:
-            return fast
+        return self._fast_interval(el) or self._interval_by_name(el)
+
+    def _interval_by_name(self, el: etree._Element) -> Record:
+        """`_interval` for any element: each attribute read and checked by name."""
         a = dict(el.items())
         duration = _int(a, "interval_duration", el)
         fields: dict[str, FieldValue] = {"id": _int(a, "id", el), "interval_duration_s": duration}
@@ -210,7 +209,7 @@ class _Report:
     def _fast_interval(self, el: etree._Element) -> Record | None:
         """`_interval` for the Envoy's usual element — exactly its six attributes, short decimal
         values, one joules figure — read by position (`_layout`) in one pass; None for anything
-        else, which `_interval` reads (and reports) attribute by attribute."""
+        else, which `_interval_by_name` reads (and reports) attribute by attribute."""
         values = el.values()
         at = _layout(el.keys(), _INTERVAL_LAYOUT)
         if at is None:
@@ -244,9 +243,10 @@ class _Report:
         stats = AC mV, AC mHz, DC mV, DC mA, °C, two unknown counters, and (8-value form) joules
         over the duration (reference §2.6). The two unknowns are kept as `stats_5`/`stats_6`: they
         may be pwrConvErrSecs/pwrConvMaxErrCycles, but that is unverified."""
-        fast = self._fast_reading(el)
-        if fast is not None:
-            return fast
+        return self._fast_reading(el) or self._reading_by_name(el)
+
+    def _reading_by_name(self, el: etree._Element) -> Record:
+        """`_reading` for any element: each attribute read and checked by name."""
         a = dict(el.items())
         stats = _int64s(a.get("stats", ""))
         if len(stats) < 5:
