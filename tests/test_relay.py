@@ -71,9 +71,9 @@ async def test_forwards_both_directions_byte_identical_and_decodes_a_copy(store)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             for i in range(0, len(up), 7919):  # odd segment sizes
                 writer.write(up[i:i + 7919])
-            await writer.drain()
+            received = await read_to_eof(reader)  # the cloud's answer and its EOF, while ours go up
             writer.write_eof()
-            received = await read_to_eof(reader)
+            await writer.drain()
             writer.close()
             conn = await cloud.connection()
             await conn.done.wait()
