@@ -9,12 +9,18 @@ report (`Connection: close`). Both mitmdumps run in reverse mode with identical 
 with the addon also stores and decodes every report and answer. Rounds alternate between the
 three targets so drift on a shared machine hits all of them alike; the median round counts.
 After the addon's rounds the store is checked: every report and answer must be in it.
+
+Besides reports/s, the CPU time each mitmdump process spends per report in the timed rounds
+(from /proc; the addon's ingest worker, a child process, counted apart): less noisy than a rate
+on a shared machine, and it says whether the addon costs mitmdump's own process or the cores
+beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -80,6 +86,32 @@ def post_all(bodies: list[bytes], connect: tuple[str, int], concurrency: int) ->
     return elapsed
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (/proc/PID/stat), 0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """The running child processes of `pid` (the addon's ingest worker)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def cpu_of(pid: int) -> tuple[float, float]:
+    """(CPU seconds of the process, of its children)."""
+    return cpu_seconds(pid), sum(cpu_seconds(child) for child in children(pid))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,15 +139,23 @@ def main() -> int:
             "mitmdump": ("127.0.0.1", plain.port),
             "mitmdump + addon": ("127.0.0.1", tapped.port),
         }
+        processes = {"mitmdump": plain.proc, "mitmdump + addon": tapped.proc}
         rates: dict[str, list[float]] = {name: [] for name in targets}
+        cpu: dict[str, list[float]] = {name: [0.0, 0.0] for name in processes}  # own, children
         try:
             warm_up = bodies[:20]
             for target in targets.values():  # warm-up: certificates generated, code paths loaded
                 post_all(warm_up, target, args.concurrency)
             for round_no in range(1, args.rounds + 1):
                 for name, target in targets.items():
+                    proc = processes.get(name)
+                    before = cpu_of(proc.pid) if proc is not None else (0.0, 0.0)
                     elapsed = post_all(bodies, target, args.concurrency)
                     rates[name].append(len(bodies) / elapsed)
+                    if proc is not None:
+                        after = cpu_of(proc.pid)
+                        cpu[name][0] += after[0] - before[0]
+                        cpu[name][1] += after[1] - before[1]
                 print(f"round {round_no}: " + ", ".join(f"{n} {r[-1]:.0f}/s" for n, r in rates.items()), flush=True)
             expected = 2 * (len(warm_up) + args.rounds * args.requests)  # request + answer per report
             started = time.perf_counter()
@@ -140,11 +180,17 @@ def main() -> int:
     print(f"{'relative to mitmdump':>24}" + "".join(f"{v / median['mitmdump']:>18.2f}" for v in median.values()))
     print()
     print(f"addon / no addon: {median['mitmdump + addon'] / median['mitmdump']:.2f}")
+    posted = args.rounds * len(bodies)
+    per_report = {name: (own * 1000 / posted, kids * 1000 / posted) for name, (own, kids) in cpu.items()}
+    plain_ms, (tapped_ms, worker_ms) = per_report["mitmdump"][0], per_report["mitmdump + addon"]
+    print(f"CPU per report in the timed rounds: mitmdump {plain_ms:.2f} ms; mitmdump + addon {tapped_ms:.2f} ms "
+          f"in mitmdump's process and {worker_ms:.2f} ms in its ingest worker (a process of its own)")
     print(f"store: {raws:,} raw payloads, {records:,} records; caught up {catch_up:.1f} s after the last post")
     if args.json:
         args.json.write_text(json.dumps({"requests": args.requests, "concurrency": args.concurrency,
                                          "reports_s": median, "raw": raws, "expected_raw": expected,
-                                         "records": records, "catch_up_s": catch_up}, indent=1))
+                                         "records": records, "catch_up_s": catch_up,
+                                         "cpu_ms_per_report": per_report}, indent=1))
     return 0
 
 

@@ -87,8 +87,9 @@ class Record:
     @classmethod
     def trusted(cls, measurement: str, time: datetime, tags: Mapping[str, str], fields: Mapping[str, FieldValue],
                 origin: Origin) -> Record:
-        """A record read back from the store, which checked it when it was made: not checked
-        again (pay for the check once)."""
+        """A record read back from the store, which checked it when it was made, or one a decoder
+        made entirely by construction (literal measurement, UTC time, str tags, non-empty typed
+        fields; tests/test_live_path.py holds it to the full check): not checked again."""
         record = object.__new__(cls)
         _set_measurement(record, measurement)
         _set_time(record, time)

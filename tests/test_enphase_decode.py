@@ -491,6 +491,25 @@ def test_pseudonyms_are_stable_and_applied_everywhere() -> None:
     assert redact_raw(raw, Privacy(pseudonym_key=b"other" * 8)).payload != redacted.payload
 
 
+
+def test_serials_spelt_otherwise_are_pseudonymised_on_the_tree() -> None:
+    """Redaction rewrites plainly written serial attributes in the text before parsing; one
+    spelt with an entity, single quotes or spaces around `=` is not matched there, and the check
+    on the parsed tree finds and pseudonymises it, as every other one."""
+    xml = (b'<perf_report report_timestamp="1700000107"><envoy serial_num="999900000000"/>'
+           b'<interval interval_duration="300" end_date="1700000100" stats="1" id="5" eqid="999900000001.1"/>'
+           b'<interval interval_duration="300" end_date="1700000100" stats="2" id="6" eqid="99990000000&#50;.1"/>'
+           b"<interval interval_duration='300' end_date='1700000100' stats='3' id='7' eqid='999900000003.1'/>"
+           b'<reading duration="300" stats="1,2,3,4,5" date="1700000100" id="8" eqid = "999900000004.1"/>'
+           b"</perf_report>")
+    redacted = redact_raw(request_raw(wire_body(xml)), PSEUDONYMS)
+    for serial in ("999900000000", "999900000001", "999900000002", "999900000003", "999900000004"):
+        assert serial.encode() not in redacted.payload
+    records = decode_raw(redacted)
+    assert [r.tags["eqid"] for r in records[1:]] == [pseudonym(f"99990000000{n}", KEY) + ".1" for n in (1, 2, 3, 4)]
+    assert {r.tags["envoy"] for r in records} == {pseudonym("999900000000", KEY)}
+
+
 def _as_redacted(record: Record, privacy: Privacy) -> Record:
     """What redaction should turn a record decoded from the original into."""
     def serial(value: str) -> str:

@@ -91,27 +91,26 @@ class _Report:
         self.tags = {"envoy": serial} if serial else {}
         self.elements = _Elements(self.time, self.tags, self.origin)
         self._times: dict[int, datetime] = {}
+        self._tags: dict[str, Mapping[str, str]] = {}
 
     def records(self) -> list[Record]:
         out: list[Record] = []
-        counts = {"event": 0, "device": 0, "channel": 0, "interval": 0, "reading": 0}
+        counts = dict.fromkeys(_DECODERS, 0)
         decoded: set[etree._Element] = set()
         for el in self.root.iterdescendants():
             tag = el.tag
-            if not isinstance(tag, str) or el is self.envoy:
-                continue
-            if tag == "message_params" and el.getparent() in decoded:
-                continue  # part of its event's record
-            decoder = _DECODERS.get(tag)
+            decoder = _DECODERS.get(tag)  # type: ignore[arg-type]  # (a non-element's tag is a function: None)
             if decoder is None:
-                self.elements.add(el)
+                if isinstance(tag, str) and el is not self.envoy \
+                        and not (tag == "message_params" and el.getparent() in decoded):  # (part of its event)
+                    self.elements.add(el)
                 continue
             try:
                 out.append(decoder(self, el))
             except _ELEMENT_ERRORS as exc:
                 self.elements.add(el, f"{type(exc).__name__}: {exc}")
             else:
-                counts[tag] += 1
+                counts[tag] += 1  # type: ignore[index]
                 if tag == "event":
                     decoded.add(el)
         return [self._envoy_record(counts), *out, *self.elements.records]
@@ -185,6 +184,10 @@ class _Report:
         joules (webcomm 4.6.0); a comma list (possibly the 3.0 form, meaning unconfirmed) is kept
         as the text `stats`. Intervals of one channel with the same end_date (a catch-up roll-up
         ending with a 5-minute one) are one InfluxDB point; filter on interval_duration_s."""
+        return self._fast_interval(el) or self._interval_by_name(el)
+
+    def _interval_by_name(self, el: etree._Element) -> Record:
+        """`_interval` for any element: each attribute read and checked by name."""
         a = dict(el.items())
         duration = _int(a, "interval_duration", el)
         fields: dict[str, FieldValue] = {"id": _int(a, "id", el), "interval_duration_s": duration}
@@ -203,12 +206,47 @@ class _Report:
             fields.update(_unknown(a, _INTERVAL_ATTRIBUTES, fields))
         return self._record("enphase_interval", self._time(_int(a, "end_date", el)), a.get("eqid"), fields)
 
+    def _fast_interval(self, el: etree._Element) -> Record | None:
+        """`_interval` for the Envoy's usual element — exactly its six attributes, short decimal
+        values, one joules figure — read by position (`_layout`) in one pass; None for anything
+        else, which `_interval_by_name` reads (and reports) attribute by attribute."""
+        values = el.values()
+        at = _layout(el.keys(), _INTERVAL_LAYOUT)
+        if at is None:
+            return None
+        end_date, duration, stat_duration, stats, record_id = (
+            values[at[0]], values[at[1]], values[at[2]], values[at[3]], values[at[4]])
+        if len(end_date) > 18 or len(duration) > 18 or len(stat_duration) > 18 or len(stats) > 18 \
+                or len(record_id) > 18:  # 18 characters: within 64 bits
+            return None
+        try:
+            seconds = int(duration)
+            record_id_n = int(record_id)
+            stat_seconds = int(stat_duration)
+            joules = int(stats)
+            unix = int(end_date)
+        except ValueError:
+            return None
+        fields: dict[str, FieldValue] = {
+            "id": record_id_n, "interval_duration_s": seconds, "stat_duration_s": stat_seconds, "energy_j": joules,
+            "energy_wh": joules / 3600}
+        if seconds > 0:
+            fields["avg_power_w"] = joules / seconds
+        time = self._times.get(unix)
+        if time is None:
+            time = self._time(unix)
+        return Record.trusted("enphase_interval", time, self._eqid_tags(values[at[5]]), fields, self.origin)
+
     def _reading(self, el: etree._Element) -> Record:
         """Electrical readings of one channel over `duration` seconds ending at `date`.
 
         stats = AC mV, AC mHz, DC mV, DC mA, °C, two unknown counters, and (8-value form) joules
         over the duration (reference §2.6). The two unknowns are kept as `stats_5`/`stats_6`: they
         may be pwrConvErrSecs/pwrConvMaxErrCycles, but that is unverified."""
+        return self._fast_reading(el) or self._reading_by_name(el)
+
+    def _reading_by_name(self, el: etree._Element) -> Record:
+        """`_reading` for any element: each attribute read and checked by name."""
         a = dict(el.items())
         stats = _int64s(a.get("stats", ""))
         if len(stats) < 5:
@@ -240,6 +278,47 @@ class _Report:
             fields.update(_unknown(a, _READING_ATTRIBUTES, fields))
         return self._record("enphase_reading", self._time(_int(a, "date", el)), a.get("eqid"), fields)
 
+    def _fast_reading(self, el: etree._Element) -> Record | None:
+        """`_reading` for the Envoy's usual element (its six attributes, short decimal values, the
+        8-value stats), read by position in one pass; None for anything else (`_fast_interval`)."""
+        values = el.values()
+        at = _layout(el.keys(), _READING_LAYOUT)
+        if at is None:
+            return None
+        date, duration, record_id, flags = values[at[0]], values[at[1]], values[at[2]], values[at[3]]
+        if len(date) > 18 or len(duration) > 18 or len(record_id) > 18 or len(flags) > 18:
+            return None
+        fields: dict[str, FieldValue]
+        try:
+            stats = list(map(int, values[at[4]].split(",")))
+            seconds = int(duration)
+            unix = int(date)
+            record_id_n = int(record_id)
+            flag_bits = int(flags)
+        except ValueError:
+            return None
+        if len(stats) != 8 or min(stats) < -(2**63) or max(stats) >= 2**63:
+            return None
+        ac_mv, ac_mhz, dc_mv, dc_ma, temperature, stats_5, stats_6, joules = stats
+        fields = {"id": record_id_n, "duration_s": seconds, "ac_voltage_v": ac_mv / 1000,
+                  "ac_frequency_hz": ac_mhz / 1000, "dc_voltage_v": dc_mv / 1000, "dc_current_a": dc_ma / 1000,
+                  "temperature_c": float(temperature), "flags": flag_bits, "stats_5": stats_5, "stats_6": stats_6,
+                  "energy_j": joules}
+        if seconds > 0:
+            fields["avg_power_w"] = joules / seconds
+        time = self._times.get(unix)
+        if time is None:
+            time = self._time(unix)
+        return Record.trusted("enphase_reading", time, self._eqid_tags(values[at[5]]), fields, self.origin)
+
+    def _eqid_tags(self, eqid: str) -> Mapping[str, str]:
+        """The tags of a channel's records: one dict per eqid, shared by its records (a catch-up
+        names each channel in a hundred elements; a record's tags are never changed)."""
+        tags = self._tags.get(eqid)
+        if tags is None:
+            tags = self._tags[eqid] = {**self.tags, "eqid": eqid} if eqid else dict(self.tags)
+        return tags
+
     def _time(self, unix: int) -> datetime:
         """A report's intervals and readings share a few dozen timestamps: each is made once."""
         time = self._times.get(unix)
@@ -267,6 +346,28 @@ _DEVICE_INTS = frozenset({"condition_flags", "observed_flags", "control_bits", "
 _CHANNEL_INTS = frozenset({"condition_flags", "observed_flags", "control_bits", "channel_type"})
 _INTERVAL_ATTRIBUTES = frozenset({"id", "eqid", "end_date", "interval_duration", "stat_duration", "stats"})
 _READING_ATTRIBUTES = frozenset({"id", "eqid", "date", "duration", "flags", "stats"})
+
+#: The attributes `_fast_interval` and `_fast_reading` read, in the order of the positions `_layout` gives.
+_INTERVAL_LAYOUT = ("end_date", "interval_duration", "stat_duration", "stats", "id", "eqid")
+_READING_LAYOUT = ("date", "duration", "id", "flags", "stats", "eqid")
+_layouts: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[int, ...] | None] = {}
+
+
+def _layout(keys: list[str], wanted: tuple[str, ...]) -> tuple[int, ...] | None:
+    """Where each `wanted` attribute is among an element's attribute names `keys`, if those are
+    exactly the wanted ones in some order, else None. An Envoy writes its elements' attributes in
+    one order, so this is a lookup in a small table; it is bounded against hostile reports."""
+    key = (tuple(keys), wanted)
+    found = _layouts.get(key, _MISSING)
+    if found is _MISSING:
+        found = tuple(keys.index(name) for name in wanted) \
+            if len(keys) == len(wanted) and set(keys) == set(wanted) else None
+        if len(_layouts) < 64:
+            _layouts[key] = found
+    return found  # type: ignore[return-value]
+
+
+_MISSING = object()
 
 _DECODERS: dict[str, Callable[[_Report, etree._Element], Record]] = {
     "event": _Report._event,

@@ -48,9 +48,10 @@ def redact_raw(raw: RawPayload, privacy: Privacy) -> RawPayload:
     origin = redacted_origin(raw.origin, privacy)
     if is_withheld(raw):
         return withhold(raw, str(raw.meta["withheld"]), privacy, origin=origin, meta=meta)
+    scrub = _Scrubber(privacy)
     try:
         xml, fields = split_form(inflated(raw))
-        root = parse_xml(xml)
+        root = parse_xml(scrub.serials_in_text(xml))
     except PayloadTooLarge as exc:
         return withhold(raw, f"too large: {exc}", privacy, origin=origin, meta={**meta, "encoding": "original"})
     except ReportError as exc:
@@ -58,7 +59,6 @@ def redact_raw(raw: RawPayload, privacy: Privacy) -> RawPayload:
     if root.tag not in KNOWN_DOCUMENTS:  # no schema to say where its identities are
         return withhold(raw, f"unknown document <{root.tag!s}>", privacy, origin=origin,
                         meta={**meta, "encoding": "original"})
-    scrub = _Scrubber(privacy)
     scrub.tree(root)
     payload = etree.tostring(root, encoding="utf-8", xml_declaration=True)
     envoy = next(root.iter("envoy"), None)
@@ -73,6 +73,10 @@ def redact_raw(raw: RawPayload, privacy: Privacy) -> RawPayload:
 
 _NETWORK_XPATH = etree.XPath("|".join(f"//@{name}" for name in NETWORK_ATTRIBUTES))
 _WITH_SERIAL = etree.XPath("//*[" + " or ".join(f"@{name}" for name in SERIAL_ATTRIBUTES) + "]")
+_SERIAL_VALUES = etree.XPath("|".join(f"//@{name}" for name in SERIAL_ATTRIBUTES), smart_strings=False)
+#: A serial attribute as an Envoy writes it (a space before, double quotes, an ASCII value): a
+#: literal start the regex engine finds fast; any other spelling is left to `_Scrubber.tree`.
+_SERIAL_IN_TEXT = re.compile(rb' (' + "|".join(SERIAL_ATTRIBUTES).encode() + rb')="([0-9A-Za-z._-]+)"')
 _NO_IDENTITY_ATTRIBUTES = _PLAIN_ATTRIBUTES | set(SERIAL_ATTRIBUTES)  # (serials: already replaced)
 #: Every text or tail that is not just whitespace: where identities found elsewhere may also turn
 #: up, as in any attribute but the known ones (found in C; a report has thousands of elements).
@@ -90,6 +94,8 @@ class _Scrubber:
     def __init__(self, privacy: Privacy) -> None:
         self.privacy = privacy
         self.replacements: dict[str, str] = {}
+        self._written: dict[bytes, bytes] = {}  # serials_in_text: attribute → as written
+        self._pseudonyms: set[str] = set()
 
     def tree(self, root: etree._Element) -> None:
         """Redact a parsed report in place (XPath finds the attributes in C: a 500 + 500 report
@@ -100,7 +106,7 @@ class _Scrubber:
                 el = value.getparent()
                 self._remember(str(value), REDACTED)
                 del el.attrib[value.attrname]
-        if self.privacy.pseudonym_key:
+        if self.privacy.pseudonym_key and not self._serials_done(root):
             done: dict[str, str] = {}  # a report names each device in many elements
             for el in _WITH_SERIAL(root):
                 for name in SERIAL_ATTRIBUTES:
@@ -123,6 +129,31 @@ class _Scrubber:
                     parent.tail = self.value(str(text))
                 else:
                     parent.text = self.value(str(text))
+
+    def serials_in_text(self, xml: bytes) -> bytes:
+        """The XML with the serials of plainly written `eqid`/`serial_num` attributes already
+        pseudonymised (when a key is set): one C pass over the text instead of a thousand
+        attribute writes on the tree. Only a shortcut: `tree` then checks on the parsed tree that
+        every such attribute holds a pseudonym (`_serials_done`) and writes any that does not
+        (an entity, another encoding). A match elsewhere (a comment, another attribute's value)
+        only puts a serial's pseudonym where the free-text scrub would have put it anyway."""
+        if not self.privacy.pseudonym_key:
+            return xml
+        return _SERIAL_IN_TEXT.sub(self._serial_match, xml)
+
+    def _serial_match(self, match: re.Match) -> bytes:
+        written = self._written.get(match.group(0))  # the same attribute, written a hundred times
+        if written is None:
+            new = self.eqid(match.group(2).decode("ascii"))
+            self._pseudonyms.add(new)
+            written = self._written[match.group(0)] = b" %s=\"%s\"" % (match.group(1), new.encode("ascii"))
+        return written
+
+    def _serials_done(self, root: etree._Element) -> bool:
+        """Every non-empty serial attribute of the tree holds what `serials_in_text` wrote."""
+        values = set(_SERIAL_VALUES(root))
+        values.discard("")  # an empty serial is left as it is
+        return values <= self._pseudonyms
 
     def eqid(self, value: str) -> str:
         """A serial or `serial.N` channel id with the serial pseudonymised; idempotent."""
