@@ -20,9 +20,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import orjson
 
 from pvtap.files import private_dir, private_file
 from pvtap.records import Origin, RawPayload, Record, from_ns, to_ns
@@ -433,8 +435,23 @@ _RAW_COLUMNS = "id, received_ns, protocol, kind, device, connection, direction, 
 
 def _raw_row(raw: RawPayload) -> tuple:
     o = raw.origin
-    return (to_ns(raw.received), o.protocol, raw.kind, o.device, o.connection, o.direction,
-            json.dumps(dict(raw.meta), sort_keys=True), bytes(raw.payload), None)
+    return (to_ns(raw.received), o.protocol, raw.kind, o.device, o.connection, o.direction, _meta_json(raw.meta),
+            bytes(raw.payload), None)
+
+
+def _meta_json(meta: Mapping) -> str:
+    """A payload's meta as JSON with sorted keys. orjson takes a tenth of the standard library's
+    time (which was most of a payload's archive row); the standard library encodes what orjson
+    would not keep: an integer beyond 64 bits (orjson refuses it) and NaN or ±inf (orjson writes
+    them as null, so any null sends the meta the slow way)."""
+    meta = meta if type(meta) is dict else dict(meta)
+    try:
+        text = orjson.dumps(meta, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        text = b"null"
+    if b"null" not in text:
+        return text.decode()
+    return json.dumps(meta, sort_keys=True)
 
 
 def _stored_raw(row: Sequence) -> StoredRaw:
