@@ -402,7 +402,7 @@ _RAW = "raw (received_ns, protocol, kind, device, connection, direction, meta, p
 
 #: rows per INSERT statement. One multi-row INSERT per chunk rather than one execution per row
 #: (executemany): SQLite then reads and writes the AUTOINCREMENT counter and sets the statement
-#: up once per chunk, which took more than a third of a record's append. 256 rows of 10 values
+#: up once per chunk, which took about a third of a record's append. 256 rows of 10 values
 #: stay far below SQLite's 32,766 bound variables.
 _CHUNK = 256
 
