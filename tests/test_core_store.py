@@ -128,6 +128,32 @@ def test_raw_payload_round_trip(store):
     assert store.count_raw() == 1
 
 
+def test_raw_meta_keeps_values_a_fast_json_encoder_would_not(store):
+    """orjson writes NaN and infinity as null and refuses integers beyond 64 bits: those metas
+    must still come back as they went in."""
+    metas = [{"offset": math.nan}, {"offset": -math.inf, "none": None}, {"big": 2**70}, {"b": 1, "a": "null"}]
+    store.archive([raw(meta=meta) for meta in metas])
+    back = [stored.raw.meta for stored in store.raw_payloads()]
+    assert math.isnan(back[0]["offset"]) and back[1:] == metas[1:]
+    assert list(back[3]) == ["a", "b"]  # sorted keys
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 700])
+def test_batches_across_insert_chunks_keep_their_order(store, n):
+    """Rows go in multi-row INSERTs of up to 256: every batch size keeps ids and order."""
+    ids = store.archive([raw(str(i).encode()) for i in range(n)])
+    assert ids == list(range(ids[0], ids[0] + n))
+    assert [stored.raw.payload for stored in store.raw_payloads()] == [str(i).encode() for i in range(n)]
+    assert [stored.id for stored in store.raw_payloads()] == ids
+    decoded = [Decoded(raw_id, [rec(minutes=i, fields={"i": i})]) for i, raw_id in enumerate(ids)]
+    assert store.commit_decoded(decoded, cursor=ids[-1]) == n
+    assert store.append([rec(minutes=n + i, fields={"i": n + i}) for i in range(n)]) == n
+    stored = list(store.records())
+    assert [s.record.fields["i"] for s in stored] == list(range(2 * n))
+    assert [s.raw_id for s in stored] == [*ids, *[None] * n]
+    assert [s.id for s in stored] == sorted(s.id for s in stored)
+
+
 def test_ids_only_grow_and_are_never_reused(store):
     raw_id = store.add_raw(raw())
     store.append([rec(minutes=i) for i in range(3)], raw_id=raw_id)

@@ -47,6 +47,7 @@ from pvtap.config import InfluxConfig
 from pvtap.files import open_private
 from pvtap.store.delivery import DeliveryLog, DeliveryStatus, Item, Rejection, read_status
 from pvtap.store.local import LocalStore
+from pvtap.store.rows import fields_from_json, tags_from_json
 from pvtap.store.writable import LineMaker, Unwritable
 
 log = logging.getLogger("pvtap.forward")
@@ -361,7 +362,8 @@ class Forwarder:
         for item in items:
             time_ns, measurement, tags, fields = item.row[:4]
             try:
-                prepared.append((item, maker.line(measurement, json.loads(tags), json.loads(fields), time_ns), None))
+                line = maker.line(measurement, tags_from_json(tags), fields_from_json(fields), time_ns)
+                prepared.append((item, line, None))
             except Unwritable as exc:
                 prepared.append((item, None, str(exc)))
         if maker.new:

@@ -5,8 +5,10 @@ Tags are stored with sorted keys (a tag set compares equal whatever order a deco
 in); fields keep the decoder's order. Encoding is `orjson` (compiled: about a tenth of the
 standard library's time, which made JSON the largest cost of a record's append); an integer
 beyond 64 bits, which a Record allows and orjson refuses, is encoded by the standard library
-instead. Decoding is the standard library's: orjson would read such an integer back as a float.
-Both round-trip every other value a Record allows exactly (-0.0 and every finite float).
+instead. Decoding is orjson's too; the standard library reads again fields where orjson gave a
+float of 2**63 or more (which may have been such an integer: orjson reads those as floats) and
+those orjson refuses (NaN, infinities). Both round-trip every other value a Record allows exactly
+(-0.0 and every finite float), and keep the fields' order.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ RECORD_COLUMNS = "time_ns, measurement, tags, fields, protocol, device, connecti
 _dumps = orjson.dumps
 _SORTED = orjson.OPT_SORT_KEYS
 _fields_stdlib = json.JSONEncoder().encode
-_loads = json.loads
+_fields_stdlib_loads = json.loads
+_loads = orjson.loads
+_BEYOND_INT64 = 2.0**63
 
 
 def tags_json(tags: Mapping[str, str]) -> str:
@@ -38,6 +42,21 @@ def fields_json(fields: Mapping) -> str:
         return _fields_stdlib(dict(fields))
 
 
+def tags_from_json(text: str) -> dict[str, str]:
+    return _loads(text)  # strings only: orjson reads them exactly
+
+
+def fields_from_json(text: str) -> dict:
+    try:
+        fields = _loads(text)
+    except orjson.JSONDecodeError:  # NaN or an infinity, written by the standard library
+        return _fields_stdlib_loads(text)
+    for value in fields.values():
+        if type(value) is float and abs(value) >= _BEYOND_INT64:
+            return _fields_stdlib_loads(text)
+    return fields
+
+
 def record_row(r: Record) -> tuple:
     """The RECORD_COLUMNS values of a record."""
     o = r.origin
@@ -48,5 +67,6 @@ def record_row(r: Record) -> tuple:
 def record_from_row(row: Sequence) -> Record:
     """A record from its RECORD_COLUMNS values."""
     time_ns, measurement, tags, fields, protocol, device, connection, direction = row
-    return Record(measurement=measurement, time=from_ns(time_ns), tags=_loads(tags), fields=_loads(fields),
+    return Record(measurement=measurement, time=from_ns(time_ns), tags=tags_from_json(tags),
+                  fields=fields_from_json(fields),
                   origin=Origin(protocol=protocol, device=device, connection=connection, direction=direction))
