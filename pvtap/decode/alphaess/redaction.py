@@ -110,41 +110,34 @@ class _Redaction:
 
     def _plain(self, body: bytes, parsed: JsonObject) -> tuple[bytes, JsonObject] | None:
         """`json` for a plain body (each key once, at the top level, no escapes) whose changed
-        values are all strings, the common case (a realtime frame's serial): its new values come
-        from `first`, each old one ends at the quote after its opening one. None: the general path
-        decides (a changed value that is not a string, a key with a space before its colon)."""
+        values are all strings, the common case (a realtime frame's serial). Without escapes a
+        string is its text between quotes and `"Key":` is found only as that key, so the member
+        reads `"Key":"value"` in the compact text devices send, once, and is replaced as a whole.
+        None: the general path decides (a changed value that is not a string, spaces around the
+        colon)."""
         first = parsed.first
-        changed: dict[str, Any] = {}
+        text = ""
+        new_first: dict[str, Any] | None = None
         for key in self.keys.intersection(first):  # each key is in `first`: the only ones to look at
             value = first[key]
             new = self.value(key, value)
-            if new != value or type(new) is not type(value):
-                if type(value) is not str:
-                    return None
-                changed[key] = new
-        if not changed:
-            return body, parsed
-        text = body.decode("utf-8")
-        cuts = []
-        for key, new in changed.items():
-            at = text.find(f'"{key}":')
-            if at < 0:
+            if new == value and type(new) is type(value):
+                continue
+            if type(value) is not str:
                 return None
-            start = at + len(key) + 3
-            while text[start] in _JSON_SPACE:  # a value follows the colon: the index stays in the text
-                start += 1
-            cuts.append((start, text.index('"', start + 1) + 1, dump(new)))
-        if len(cuts) > 1:
-            cuts.sort()
-        out: list[str] = []
-        pos = 0
-        for start, end, value_text in cuts:
-            out += (text[pos:start], value_text)
-            pos = end
-        out.append(text[pos:])
-        # The text now reads as `first` with the new values (strings without escapes), and stays plain.
-        first = {**first, **changed}
-        return "".join(out).encode("utf-8"), JsonObject(first.items(), first, True)
+            if new_first is None:
+                text = body.decode("utf-8")
+                new_first = dict(first)
+            member = f'"{key}":"{value}"'
+            at = text.find(member)
+            if at < 0:
+                return None  # not as written here (spaces around the colon)
+            text = f'{text[:at]}"{key}":{dump(new)}{text[at + len(member):]}'
+            new_first[key] = new
+        if new_first is None:
+            return body, parsed
+        # The text now reads as `new_first` (new values are strings without escapes), and stays plain.
+        return text.encode("utf-8"), JsonObject(new_first.items(), new_first, True)
 
     def _keys_in(self, text: str, parsed: JsonObject) -> Iterator[tuple[str, int]]:
         """(key, where its value starts) for each key of interest in a valid JSON text, in text
