@@ -73,8 +73,8 @@ def _header(b1: int, type_: int, length: int) -> bytes:
 
 def encode_frame(b1: int, type_: int, body: bytes) -> bytes:
     """A complete frame with its CRC."""
-    head = _header(b1, type_, len(body)) + body
-    return head + crc16(head).to_bytes(2, "big")
+    head = _HEAD.pack(1, b1, type_, len(body)) + body
+    return head + _modbus(head).to_bytes(2, "big")
 
 
 def ack_frame(type_: int) -> bytes:

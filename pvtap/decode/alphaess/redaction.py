@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -32,12 +31,15 @@ _JSON_SPACE = " \t\n\r"
 _VALUE = json.JSONDecoder(object_pairs_hook=Body)
 
 
-@functools.lru_cache(maxsize=4)
 def _keys(keep_network_identity: bool, pseudonyms: bool) -> tuple[frozenset[str], re.Pattern[str]]:
     """The keys whose values redaction may change, and a pattern that finds them as keys."""
     keys = SECRET_KEYS | (frozenset() if keep_network_identity else LOCATION_KEYS | {"MsgContent"}) | \
         (SERIAL_KEYS if pseudonyms else frozenset())
     return keys, re.compile(r'"(' + "|".join(map(re.escape, sorted(keys))) + r')"\s*:\s*')
+
+
+#: `_keys` for each (keep_network_identity, pseudonyms): made once, looked up per payload.
+_KEYS = {(keep, pseudonyms): _keys(keep, pseudonyms) for keep in (False, True) for pseudonyms in (False, True)}
 
 
 class _Redaction:
@@ -47,7 +49,7 @@ class _Redaction:
         self.privacy = privacy
         self.redacted: set[str] = set()
         self.pseudonymised: set[str] = set()
-        self.keys, self.key_pattern = _keys(privacy.keep_network_identity, bool(privacy.pseudonym_key))
+        self.keys, self.key_pattern = _KEYS[privacy.keep_network_identity, bool(privacy.pseudonym_key)]
 
     def value(self, key: str, value: Any) -> Any:
         """What a value of `key` may be stored as."""
