@@ -53,10 +53,19 @@ class AlphaFrame(NamedTuple):
     @property
     def name(self) -> str:
         """The reference's notation, e.g. `1-1-16`."""
-        return f"1-{self.b1}-{self.type}"
+        return frame_name(self.b1, self.type)
 
     def encode(self) -> bytes:
         return _header(self.b1, self.type, len(self.body)) + self.body + self.crc.to_bytes(2, "big")
+
+
+#: `1-<B1>-<B2>` for every header a framer accepts (B1 1 or 2, B2 a byte), made once.
+_NAMES = {(b1, type_): f"1-{b1}-{type_}" for b1 in (REQUEST, RESPONSE) for type_ in range(256)}
+
+
+def frame_name(b1: int, type_: int) -> str:
+    """The reference's notation, e.g. `1-1-16`."""
+    return _NAMES.get((b1, type_)) or f"1-{b1}-{type_}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -192,10 +192,14 @@ class _Redaction:
     def meta(self, meta: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(meta)
         if self.redacted:
-            out["redacted"] = ",".join(sorted(self.redacted))
+            out["redacted"] = _listed(self.redacted)
         if self.pseudonymised:
-            out["pseudonymised"] = ",".join(sorted(self.pseudonymised))
+            out["pseudonymised"] = _listed(self.pseudonymised)
         return out
+
+
+def _listed(keys: set[str]) -> str:
+    return ",".join(sorted(keys)) if len(keys) > 1 else next(iter(keys))  # (one key, a realtime frame's SN: no sort)
 
 
 def _redacted(reading: FrameReading, redaction: _Redaction) -> FrameReading | None:

@@ -12,7 +12,7 @@ from typing import Any
 from pvtap.records import DOWN, UP, Origin, RawPayload
 
 from ..sampling import RejectedSample
-from .framing import KNOWN_TYPES, PROTOCOL, REQUEST, SYNC, AlphaFrame, Framer, Garbage, ack_frame
+from .framing import KNOWN_TYPES, PROTOCOL, REQUEST, SYNC, AlphaFrame, Framer, Garbage, ack_frame, frame_name
 from .records import FrameReading, csv_rows, device_clock, first_device_time
 
 # -- the relay's side -------------------------------------------------------------------------
@@ -105,7 +105,7 @@ class Tap:
         if type_ not in KNOWN_TYPES:
             self.unknown += 1
         reading = FrameReading(wire, frame)
-        meta: dict[str, Any] = {"frame": frame.name, "length": len(frame.body)}
+        meta: dict[str, Any] = {"frame": frame_name(frame.b1, type_), "length": len(frame.body)}
         try:  # a frame is kept whatever its body holds; serial and clock are extras
             if type_ == 12:
                 self._learn_serial(next((row.get("SN", "") for row in csv_rows(frame.body)), ""))
