@@ -68,6 +68,11 @@ def frame_name(b1: int, type_: int) -> str:
     return _NAMES.get((b1, type_)) or f"1-{b1}-{type_}"
 
 
+#: `new_frame(AlphaFrame, (b1, type, body, crc))` makes a frame in half the time of
+#: `AlphaFrame(...)` (whose generated `__new__` is a Python function): for the per-frame paths.
+new_frame = tuple.__new__
+
+
 @dataclass(frozen=True, slots=True)
 class Garbage:
     """A run of bytes that are not part of any frame, and why the first of them was rejected."""
@@ -203,7 +208,7 @@ class Framer:
         carried = data[-2] << 8 | data[-1]
         if _modbus(data[:-2]) != carried:
             return None
-        return AlphaFrame(b1, type_, data[HEADER_LEN:-2], carried)
+        return new_frame(AlphaFrame, (b1, type_, data[HEADER_LEN:-2], carried))
 
     def _next_frame(self, buf: bytearray, start: int) -> int | None:
         """Where the first complete, CRC-valid frame after `start` begins, if one is buffered: a

@@ -12,7 +12,7 @@ from pvtap.privacy import REDACTED, Privacy
 from pvtap.records import RawPayload
 
 from ..withhold import is_withheld, redacted_origin, withhold
-from .framing import REQUEST, AlphaFrame, encode_frame
+from .framing import REQUEST, AlphaFrame, encode_frame, new_frame
 from .records import UNREAD, Body, FrameReading, JsonObject, Unread, dump, read_frame
 
 #: Redacted always (reference §4).
@@ -219,7 +219,7 @@ def _redacted(reading: FrameReading, redaction: _Redaction) -> FrameReading | No
     if body is frame.body or body == frame.body:
         return reading
     wire = encode_frame(frame.b1, frame.type, body)
-    return FrameReading(wire, AlphaFrame(frame.b1, frame.type, body, wire[-2] << 8 | wire[-1]), json)
+    return FrameReading(wire, new_frame(AlphaFrame, (frame.b1, frame.type, body, wire[-2] << 8 | wire[-1])), json)
 
 
 _REJECTED = {"garbage": "bytes in no frame", "partial": "a frame cut off at the end of the connection",
