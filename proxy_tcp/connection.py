@@ -23,7 +23,7 @@ from pvtap.ingest.framing import ConnectionRecord, Outcome
 from pvtap.records import DOWN, UP, now_utc
 
 from .admission import reset
-from .pump import CHUNK, Activity, PumpEnd, pump
+from .pump import CHUNK, Activity, PumpEnd, Splice
 from .upstream import Endpoint, RefusedDestination, UpstreamError, open_upstream, original_destination
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class Connection:
         await self._forward(cloud_reader, self.cloud_writer)
 
     async def _device_tls(self, context: ssl.SSLContext) -> bool:
-        """Terminate the device's TLS (listener tls_cert): from here on the pumps, the decoder
+        """Terminate the device's TLS (listener tls_cert): from here on the splice, the decoder
         and the local answerer see application bytes. The handshake must be over by the
         first-byte deadline: a client that trickles its hello holds a slot no longer than one
         that says nothing."""
@@ -176,14 +176,10 @@ class Connection:
 
     async def _forward(self, cloud_reader: asyncio.StreamReader, cloud_writer: asyncio.StreamWriter) -> None:
         self.record.action = "forward"
-        counts, copies, activity = self.record.bytes, self.copies, self.activity
-        pumps = {
-            asyncio.create_task(pump(self.device_reader, cloud_writer, UP, source="device", target="cloud",
-                                     counts=counts, copies=copies, activity=activity)),
-            asyncio.create_task(pump(cloud_reader, self.device_writer, DOWN, source="cloud", target="device",
-                                     counts=counts, copies=copies, activity=activity)),
-        }
-        pending, first_eof = set(pumps), ""
+        splice = Splice((self.device_reader, self.device_writer), (cloud_reader, cloud_writer),
+                        counts=self.record.bytes, copies=self.copies, activity=self.activity)
+        pending: set[asyncio.Future[PumpEnd]] = set(splice.ends.values())
+        first_eof = ""
         try:
             while pending:
                 ended = await self._next_end(pending)
@@ -198,7 +194,7 @@ class Connection:
                     break
             self.end(Outcome(f"{first_eof}_closed"))
         finally:
-            await _cancel(pumps)
+            splice.stop()
 
     async def _answer_locally(self) -> None:
         """Be the cloud: the protocol's LocalAnswerer gets what the device sends and says what
@@ -266,8 +262,8 @@ class Connection:
         if self.record.answer_errors == 1:
             log.exception("%s: the local answerer raised (later errors are counted)", self.label)
 
-    async def _next_end(self, pending: set[asyncio.Task[PumpEnd]]) -> PumpEnd | None:
-        """The PumpEnd of the next task in `pending` to finish (taken out of it); None, with the
+    async def _next_end(self, pending: set[asyncio.Future[PumpEnd]]) -> PumpEnd | None:
+        """The PumpEnd of the next in `pending` to finish (taken out of it); None, with the
         outcome noted, when nothing moved either way for idle_timeout, or the device sent
         nothing by its first-byte deadline."""
         idle_timeout = self.listener.config.idle_timeout

@@ -34,6 +34,11 @@ from .upstream import Endpoint, UpstreamError, UpstreamResolver
 if TYPE_CHECKING:
     from .service import Relay
 
+#: connections the kernel holds before accept (capped by net.core.somaxconn): after a power cut a
+#: whole fleet reconnects at once, and asyncio's default of 100 would drop their SYNs, so that
+#: each waits out TCP's retransmit (1 s, 3 s, …)
+LISTEN_BACKLOG = 4096
+
 log = logging.getLogger("proxy_tcp.listener")
 
 #: how long stopping waits for the open connections to close (more than CLOSE_GRACE; service.py adds up the graces)
@@ -106,7 +111,7 @@ class Listener:
                 self.endpoints = [Endpoint.of(self._udp.get_extra_info("sockname"))]
                 return
             self._server = await asyncio.start_server(self._accept, None if host == "*" else host, port,
-                                                      limit=CHUNK, reuse_address=True)
+                                                      limit=CHUNK, reuse_address=True, backlog=LISTEN_BACKLOG)
         except OSError as exc:
             hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if 0 < port < 1024 else ""
             raise ConfigError(self.key("listen"), self.config.listen, f"cannot listen there: {exc.strerror or exc}",

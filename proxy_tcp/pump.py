@@ -1,13 +1,15 @@
-"""Moving bytes: the forward pumps, and where the copies of what they forward go.
+"""Moving bytes: the forward splice, and where the copies of what it forwards go.
 
-A pump writes each chunk to the other side as soon as it is read, then hands the copy to the
-connection's `CopyStream` without waiting; `drain()` gives back-pressure (a slow reader stops the
-pump reading, so TCP slows the sender), EOF is passed on as a half-close. The copies go to the
-ingest worker, another process that frames, archives and decodes them (pvtap/ingest/worker.py):
-this process does only I/O, and a slow, stuck or failing decoder costs dropped, counted copies,
-never forwarded bytes or latency.
+Once a connection's cloud side is open, `Splice` takes both sockets over from their streams and
+forwards in the transports' callbacks: each chunk is written to the other side in the callback
+that received it (no task, no future, no copy per read; the relay's CPU per round trip and its
+garbage are what a busy fleet's latency is made of: docs/benchmarks.md), then handed to the
+connection's `CopyStream` without waiting. A full write buffer pauses reading on the other side
+(so TCP slows the sender), EOF is passed on as a half-close. The copies go to the ingest worker,
+another process that frames, archives and decodes them (pvtap/ingest/worker.py): this process
+does only I/O, and a slow, stuck or failing decoder costs dropped, counted copies, never
+forwarded bytes or latency.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pvtap.ingest.framing import ConnectionRecord
-from pvtap.records import RawPayload, Record
+from pvtap.records import DOWN, UP, RawPayload, Record
 
 log = logging.getLogger("proxy_tcp.pump")
 
@@ -60,27 +62,98 @@ class PumpEnd:
     side: str
 
 
-async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str, *,
-               source: str, target: str, counts: dict[str, int], copies: CopyStream, activity: Activity) -> PumpEnd:
-    """Forward one direction until EOF or an error; forward first, then hand over the copy."""
-    loop = asyncio.get_running_loop()
-    while True:
-        try:
-            data = await reader.read(CHUNK)
-        except OSError:
-            return PumpEnd("reset", source)
-        if not data:
-            if writer.can_write_eof() and not writer.is_closing():
-                try:
-                    writer.write_eof()
-                except OSError:
-                    return PumpEnd("reset", target)
-            return PumpEnd("eof", source)
-        writer.write(data)
-        counts[direction] += len(data)
-        activity.last = loop.time()
-        copies.chunk(direction, data)
-        try:
-            await writer.drain()
-        except OSError:
-            return PumpEnd("reset", target)
+class Splice:
+    """Forwards both directions between two established stream connections.
+
+    `ends` holds one future per direction (UP: device to cloud, DOWN: cloud to device), each
+    resolved with its `PumpEnd`; `stop()` ends forwarding (anything read later is dropped) and
+    leaves closing to the streams, which are still told when their socket is lost."""
+
+    def __init__(self, device: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                 cloud: tuple[asyncio.StreamReader, asyncio.StreamWriter], *,
+                 counts: dict[str, int], copies: CopyStream, activity: Activity) -> None:
+        loop = asyncio.get_running_loop()
+        self.counts, self.copies, self.activity, self.loop = counts, copies, activity, loop
+        self.stopped = False
+        up, down = loop.create_future(), loop.create_future()
+        self.ends: dict[str, asyncio.Future[PumpEnd]] = {UP: up, DOWN: down}
+        self.device = _Side(self, "device", device[1].transport, UP, up)
+        self.cloud = _Side(self, "cloud", cloud[1].transport, DOWN, down)
+        self.device.peer, self.cloud.peer = self.cloud, self.device
+        for side, (reader, _) in ((self.device, device), (self.cloud, cloud)):
+            side.take_over(reader)
+
+    def stop(self) -> None:
+        self.stopped = True
+        for end in self.ends.values():
+            if not end.done():
+                end.cancel()
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a splice: what it receives goes to `peer`."""
+
+    peer: _Side
+
+    def __init__(self, splice: Splice, name: str, transport: asyncio.BaseTransport, direction: str,
+                 end: asyncio.Future[PumpEnd]) -> None:
+        self.splice, self.name, self.direction, self.end = splice, name, direction, end
+        self.transport: asyncio.WriteTransport = transport  # type: ignore[assignment]
+        #: the stream's own protocol, still told when the socket is lost (so that closing the
+        #: stream and waiting for it work as before)
+        self.stream: asyncio.BaseProtocol = transport.get_protocol()
+
+    def take_over(self, reader: asyncio.StreamReader) -> None:
+        """Become the transport's protocol, then forward what the stream had already read.
+        Asyncio offers no public way to take a StreamReader's buffer without awaiting: these
+        private attributes are the same from Python 3.8 to 3.13 and under uvloop."""
+        self.transport.set_protocol(self)
+        buffered, eof, error = bytes(reader._buffer), reader._eof, reader._exception  # type: ignore[attr-defined]
+        reader._buffer.clear()  # type: ignore[attr-defined]
+        if reader._paused:  # type: ignore[attr-defined]  # the stream had paused reading: its buffer was full
+            reader._paused = False  # type: ignore[attr-defined]
+            self.transport.resume_reading()  # type: ignore[attr-defined]
+        if buffered:
+            self.data_received(buffered)
+        if error is not None:
+            self._ended("reset")
+        elif eof:
+            self.eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        splice = self.splice
+        if splice.stopped:
+            return
+        self.peer.transport.write(data)  # forward first
+        splice.counts[self.direction] += len(data)
+        splice.activity.last = splice.loop.time()
+        splice.copies.chunk(self.direction, data)
+
+    def eof_received(self) -> bool:
+        target = self.peer.transport
+        if not self.splice.stopped and target.can_write_eof() and not target.is_closing():
+            try:
+                target.write_eof()
+            except OSError:
+                self._ended("reset", self.peer.name)
+                return True
+        self._ended("eof")
+        return True  # keep the socket open: the other direction may still be sending
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None:
+            self._ended("eof")
+        else:  # a reset: nothing more goes either way through this socket
+            self._ended("reset")
+            self.peer._ended("reset", self.name)
+        self.stream.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.peer.transport.pause_reading()  # type: ignore[attr-defined]
+
+    def resume_writing(self) -> None:
+        self.peer.transport.resume_reading()  # type: ignore[attr-defined]
+
+    def _ended(self, how: str, side: str = "") -> None:
+        if not self.end.done():
+            self.end.set_result(PumpEnd(how, side or self.name))

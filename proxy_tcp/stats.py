@@ -1,6 +1,6 @@
 """The relay's traffic counts for /metrics and the pvtap_stats records (pvtap/health.py).
 
-The pumps already count bytes on each connection's record; this adds nothing to the forwarding
+The splice already counts bytes on each connection's record; this adds nothing to the forwarding
 path. A connection's counts move into the totals once, as it ends (`ended`, on the event loop);
 `traffic` (on the health server's thread) adds the totals to what the open connections have
 moved so far. A lock makes the two exclusive, so a connection is counted exactly once in every

@@ -5,7 +5,7 @@ and upgraded in place (the listener pauses reading at accept, so no handshake by
 cleartext), so a failed handshake still ends with a log line and a connection record. With
 `upstream_tls` the relay speaks TLS to the cloud and checks it as the listener says: a SHA-256
 pin of its certificate, a CA file, or — only when `upstream_insecure` is set — not at all. The
-pumps and the decoder see application bytes, which pass unmodified; only the TLS records differ
+splice and the decoder see application bytes, which pass unmodified; only the TLS records differ
 on the two sides.
 """
 

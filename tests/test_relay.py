@@ -13,11 +13,13 @@ import json
 import os
 import select
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
 
+from proxy_tcp.listeners import LISTEN_BACKLOG
 from pvtap.config import ConfigError
 from pvtap.privacy import Privacy
 from pvtap.records import DOWN, UP
@@ -71,9 +73,9 @@ async def test_forwards_both_directions_byte_identical_and_decodes_a_copy(store)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             for i in range(0, len(up), 7919):  # odd segment sizes
                 writer.write(up[i:i + 7919])
-            await writer.drain()
+            received = await read_to_eof(reader)  # the cloud's answer and its EOF, while ours go up
             writer.write_eof()
-            received = await read_to_eof(reader)
+            await writer.drain()
             writer.close()
             conn = await cloud.connection()
             await conn.done.wait()
@@ -477,6 +479,16 @@ async def test_a_busy_listen_address_is_a_config_error_naming_the_key(store):
             async with running_relay(listener(policy="local", listen=f"127.0.0.1:{taken}"), store=store):
                 pass
     assert error.value.key == "relay.listeners[0].listen" and "in use" in str(error.value)
+
+
+async def test_the_listen_backlog_holds_a_fleet_reconnecting_at_once(store):
+    """asyncio's default backlog is 100: a fleet reconnecting after a power cut would lose SYNs."""
+    with open("/proc/sys/net/core/somaxconn") as limit:  # noqa: ASYNC230 (one line of /proc)
+        somaxconn = int(limit.read())
+    async with running_relay(listener(policy="local"), store=store) as (_, port):
+        out = (await asyncio.to_thread(subprocess.run, ["ss", "-Hltn", f"sport = :{port}"], capture_output=True,
+                                       text=True, check=True)).stdout
+    assert int(out.split()[2]) == min(LISTEN_BACKLOG, somaxconn) > 1000  # a listening socket's Send-Q is its backlog
 
 
 async def test_records_are_json_safe_line_protocol_inputs(store):

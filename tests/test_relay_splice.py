@@ -1,0 +1,133 @@
+"""The splice takes both sockets over from their streams (proxy_tcp/pump.py): what a stream had
+already read before the take-over (bytes, an EOF, a paused reader with a full buffer) is
+forwarded as if it had arrived after, and the streams still learn when their socket is lost;
+on both of the relay's event loops."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import struct
+
+import pytest
+
+from proxy_tcp.pump import CHUNK, Activity, PumpEnd, Splice
+from proxy_tcp.service import loop_factory
+from pvtap.ingest.framing import ConnectionRecord
+from pvtap.records import DOWN, UP
+from tests.waiting import until
+
+pytestmark = pytest.mark.timeout(60)
+
+#: the relay's event loops (relay.event_loop): the take-over uses both loops' transports
+LOOPS = ["asyncio", "uvloop"]
+
+
+class Copies:
+    """The splice's CopyStream: keeps every chunk."""
+
+    opaque = False
+    dropped = 0
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[str, bytes]] = []
+
+    def chunk(self, direction: str, data: bytes) -> None:
+        self.chunks.append((direction, data))
+
+    def close(self, record: ConnectionRecord) -> None:
+        pass
+
+
+async def stream_pair() -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                                 tuple[asyncio.StreamReader, asyncio.StreamWriter], asyncio.Server]:
+    """Two ends of one loopback TCP connection, each a (reader, writer) of its own stream."""
+    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Future()
+    server = await asyncio.start_server(lambda r, w: accepted.set_result((r, w)), "127.0.0.1", 0, limit=CHUNK)
+    client = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1], limit=CHUNK)
+    return client, await accepted, server
+
+
+async def read_all(reader: asyncio.StreamReader) -> bytes:
+    return await reader.read()  # until EOF
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_bytes_and_eof_read_before_the_take_over_reach_the_cloud(loop):
+    asyncio.run(bytes_and_eof_read_before_the_take_over_reach_the_cloud(), loop_factory=loop_factory(loop))
+
+
+async def bytes_and_eof_read_before_the_take_over_reach_the_cloud():
+    device, relay_device_side, s1 = await stream_pair()
+    relay_cloud_side, cloud, s2 = await stream_pair()
+    payload = bytes(range(256)) * 4 + b"the last frame"
+    device[1].write(payload)
+    device[1].write_eof()
+    reader = relay_device_side[0]
+    await until(lambda: reader._eof,  # type: ignore[attr-defined]
+                what="the relay's device stream to hold the bytes and the EOF")
+    copies, counts = Copies(), {UP: 0, DOWN: 0}
+    splice = Splice(relay_device_side, relay_cloud_side, counts=counts, copies=copies, activity=Activity(0.0))
+    assert await asyncio.wait_for(read_all(cloud[0]), 10) == payload  # the bytes, then the half-close
+    assert await splice.ends[UP] == PumpEnd("eof", "device")
+    assert counts == {UP: len(payload), DOWN: 0}
+    assert b"".join(data for direction, data in copies.chunks if direction == UP) == payload
+    cloud[1].write(b"answer after the device's half-close")
+    cloud[1].close()
+    assert await asyncio.wait_for(read_all(device[0]), 10) == b"answer after the device's half-close"
+    assert await splice.ends[DOWN] == PumpEnd("eof", "cloud")
+    splice.stop()
+    for writer in (relay_device_side[1], relay_cloud_side[1], device[1]):
+        writer.close()
+    # the streams were still told their sockets closed: waiting for them ends
+    await asyncio.wait_for(asyncio.gather(relay_device_side[1].wait_closed(), relay_cloud_side[1].wait_closed()), 10)
+    for server in (s1, s2):
+        server.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_stream_paused_with_a_full_buffer_is_resumed_and_everything_forwarded(loop):
+    asyncio.run(paused_stream_resumed(), loop_factory=loop_factory(loop))
+
+
+async def paused_stream_resumed():
+    device, relay_device_side, s1 = await stream_pair()
+    relay_cloud_side, cloud, s2 = await stream_pair()
+    payload = hashlib.sha256(b"seed").digest() * (3 * CHUNK // 32)  # 768 KiB: more than the stream buffers (2 × limit)
+    device[1].write(payload)
+    reader = relay_device_side[0]
+    await until(lambda: reader._paused,  # type: ignore[attr-defined]
+                what="the relay's device stream to pause reading with a full buffer")
+    splice = Splice(relay_device_side, relay_cloud_side, counts={UP: 0, DOWN: 0}, copies=Copies(),
+                    activity=Activity(0.0))
+    received = bytearray()
+    while len(received) < len(payload):
+        received += await asyncio.wait_for(cloud[0].read(CHUNK), 10)
+    assert bytes(received) == payload
+    splice.stop()
+    for writer in (relay_device_side[1], relay_cloud_side[1], device[1], cloud[1]):
+        writer.close()
+    for server in (s1, s2):
+        server.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_reset_ends_both_directions_naming_the_side_that_reset(loop):
+    asyncio.run(a_reset_ends_both_directions_naming_the_side_that_reset(), loop_factory=loop_factory(loop))
+
+
+async def a_reset_ends_both_directions_naming_the_side_that_reset():
+    device, relay_device_side, s1 = await stream_pair()
+    relay_cloud_side, cloud, s2 = await stream_pair()
+    splice = Splice(relay_device_side, relay_cloud_side, counts={UP: 0, DOWN: 0}, copies=Copies(),
+                    activity=Activity(0.0))
+    device[1].get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    device[1].transport.abort()
+    ends = await asyncio.wait_for(asyncio.gather(*splice.ends.values()), 10)
+    assert ends == [PumpEnd("reset", "device"), PumpEnd("reset", "device")]
+    splice.stop()
+    for writer in (relay_device_side[1], relay_cloud_side[1], cloud[1]):
+        writer.close()
+    for server in (s1, s2):
+        server.close()
