@@ -53,10 +53,24 @@ class AlphaFrame(NamedTuple):
     @property
     def name(self) -> str:
         """The reference's notation, e.g. `1-1-16`."""
-        return f"1-{self.b1}-{self.type}"
+        return frame_name(self.b1, self.type)
 
     def encode(self) -> bytes:
         return _header(self.b1, self.type, len(self.body)) + self.body + self.crc.to_bytes(2, "big")
+
+
+#: `1-<B1>-<B2>` for every header a framer accepts (B1 1 or 2, B2 a byte), made once.
+_NAMES = {(b1, type_): f"1-{b1}-{type_}" for b1 in (REQUEST, RESPONSE) for type_ in range(256)}
+
+
+def frame_name(b1: int, type_: int) -> str:
+    """The reference's notation, e.g. `1-1-16`."""
+    return _NAMES.get((b1, type_)) or f"1-{b1}-{type_}"
+
+
+#: `new_frame(AlphaFrame, (b1, type, body, crc))` makes a frame in half the time of
+#: `AlphaFrame(...)` (whose generated `__new__` is a Python function): for the per-frame paths.
+new_frame = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +87,8 @@ def _header(b1: int, type_: int, length: int) -> bytes:
 
 def encode_frame(b1: int, type_: int, body: bytes) -> bytes:
     """A complete frame with its CRC."""
-    head = _header(b1, type_, len(body)) + body
-    return head + crc16(head).to_bytes(2, "big")
+    head = _HEAD.pack(1, b1, type_, len(body)) + body
+    return head + _modbus(head).to_bytes(2, "big")
 
 
 def ack_frame(type_: int) -> bytes:
@@ -194,7 +208,7 @@ class Framer:
         carried = data[-2] << 8 | data[-1]
         if _modbus(data[:-2]) != carried:
             return None
-        return AlphaFrame(b1, type_, data[HEADER_LEN:-2], carried)
+        return new_frame(AlphaFrame, (b1, type_, data[HEADER_LEN:-2], carried))
 
     def _next_frame(self, buf: bytearray, start: int) -> int | None:
         """Where the first complete, CRC-valid frame after `start` begins, if one is buffered: a

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -13,7 +12,7 @@ from pvtap.privacy import REDACTED, Privacy
 from pvtap.records import RawPayload
 
 from ..withhold import is_withheld, redacted_origin, withhold
-from .framing import REQUEST, AlphaFrame, encode_frame
+from .framing import REQUEST, AlphaFrame, encode_frame, new_frame
 from .records import UNREAD, Body, FrameReading, JsonObject, Unread, dump, read_frame
 
 #: Redacted always (reference §4).
@@ -32,12 +31,15 @@ _JSON_SPACE = " \t\n\r"
 _VALUE = json.JSONDecoder(object_pairs_hook=Body)
 
 
-@functools.lru_cache(maxsize=4)
 def _keys(keep_network_identity: bool, pseudonyms: bool) -> tuple[frozenset[str], re.Pattern[str]]:
     """The keys whose values redaction may change, and a pattern that finds them as keys."""
     keys = SECRET_KEYS | (frozenset() if keep_network_identity else LOCATION_KEYS | {"MsgContent"}) | \
         (SERIAL_KEYS if pseudonyms else frozenset())
     return keys, re.compile(r'"(' + "|".join(map(re.escape, sorted(keys))) + r')"\s*:\s*')
+
+
+#: `_keys` for each (keep_network_identity, pseudonyms): made once, looked up per payload.
+_KEYS = {(keep, pseudonyms): _keys(keep, pseudonyms) for keep in (False, True) for pseudonyms in (False, True)}
 
 
 class _Redaction:
@@ -47,7 +49,7 @@ class _Redaction:
         self.privacy = privacy
         self.redacted: set[str] = set()
         self.pseudonymised: set[str] = set()
-        self.keys, self.key_pattern = _keys(privacy.keep_network_identity, bool(privacy.pseudonym_key))
+        self.keys, self.key_pattern = _KEYS[privacy.keep_network_identity, bool(privacy.pseudonym_key)]
 
     def value(self, key: str, value: Any) -> Any:
         """What a value of `key` may be stored as."""
@@ -110,41 +112,34 @@ class _Redaction:
 
     def _plain(self, body: bytes, parsed: JsonObject) -> tuple[bytes, JsonObject] | None:
         """`json` for a plain body (each key once, at the top level, no escapes) whose changed
-        values are all strings, the common case (a realtime frame's serial): its new values come
-        from `first`, each old one ends at the quote after its opening one. None: the general path
-        decides (a changed value that is not a string, a key with a space before its colon)."""
+        values are all strings, the common case (a realtime frame's serial). Without escapes a
+        string is its text between quotes and `"Key":` is found only as that key, so the member
+        reads `"Key":"value"` in the compact text devices send, once, and is replaced as a whole.
+        None: the general path decides (a changed value that is not a string, spaces around the
+        colon)."""
         first = parsed.first
-        changed: dict[str, Any] = {}
+        text = ""
+        new_first: dict[str, Any] | None = None
         for key in self.keys.intersection(first):  # each key is in `first`: the only ones to look at
             value = first[key]
             new = self.value(key, value)
-            if new != value or type(new) is not type(value):
-                if type(value) is not str:
-                    return None
-                changed[key] = new
-        if not changed:
-            return body, parsed
-        text = body.decode("utf-8")
-        cuts = []
-        for key, new in changed.items():
-            at = text.find(f'"{key}":')
-            if at < 0:
+            if new == value and type(new) is type(value):
+                continue
+            if type(value) is not str:
                 return None
-            start = at + len(key) + 3
-            while text[start] in _JSON_SPACE:  # a value follows the colon: the index stays in the text
-                start += 1
-            cuts.append((start, text.index('"', start + 1) + 1, dump(new)))
-        if len(cuts) > 1:
-            cuts.sort()
-        out: list[str] = []
-        pos = 0
-        for start, end, value_text in cuts:
-            out += (text[pos:start], value_text)
-            pos = end
-        out.append(text[pos:])
-        # The text now reads as `first` with the new values (strings without escapes), and stays plain.
-        first = {**first, **changed}
-        return "".join(out).encode("utf-8"), JsonObject(first.items(), first, True)
+            if new_first is None:
+                text = body.decode("utf-8")
+                new_first = dict(first)
+            member = f'"{key}":"{value}"'
+            at = text.find(member)
+            if at < 0:
+                return None  # not as written here (spaces around the colon)
+            text = f'{text[:at]}"{key}":{dump(new)}{text[at + len(member):]}'
+            new_first[key] = new
+        if new_first is None:
+            return body, parsed
+        # The text now reads as `new_first` (new values are strings without escapes), and stays plain.
+        return text.encode("utf-8"), JsonObject(new_first.items(), new_first, True)
 
     def _keys_in(self, text: str, parsed: JsonObject) -> Iterator[tuple[str, int]]:
         """(key, where its value starts) for each key of interest in a valid JSON text, in text
@@ -197,10 +192,14 @@ class _Redaction:
     def meta(self, meta: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(meta)
         if self.redacted:
-            out["redacted"] = ",".join(sorted(self.redacted))
+            out["redacted"] = _listed(self.redacted)
         if self.pseudonymised:
-            out["pseudonymised"] = ",".join(sorted(self.pseudonymised))
+            out["pseudonymised"] = _listed(self.pseudonymised)
         return out
+
+
+def _listed(keys: set[str]) -> str:
+    return ",".join(sorted(keys)) if len(keys) > 1 else next(iter(keys))  # (one key, a realtime frame's SN: no sort)
 
 
 def _redacted(reading: FrameReading, redaction: _Redaction) -> FrameReading | None:
@@ -220,7 +219,7 @@ def _redacted(reading: FrameReading, redaction: _Redaction) -> FrameReading | No
     if body is frame.body or body == frame.body:
         return reading
     wire = encode_frame(frame.b1, frame.type, body)
-    return FrameReading(wire, AlphaFrame(frame.b1, frame.type, body, wire[-2] << 8 | wire[-1]), json)
+    return FrameReading(wire, new_frame(AlphaFrame, (frame.b1, frame.type, body, wire[-2] << 8 | wire[-1])), json)
 
 
 _REJECTED = {"garbage": "bytes in no frame", "partial": "a frame cut off at the end of the connection",

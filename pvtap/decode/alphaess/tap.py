@@ -12,7 +12,7 @@ from typing import Any
 from pvtap.records import DOWN, UP, Origin, RawPayload
 
 from ..sampling import RejectedSample
-from .framing import KNOWN_TYPES, PROTOCOL, REQUEST, SYNC, AlphaFrame, Framer, Garbage, ack_frame
+from .framing import KNOWN_TYPES, PROTOCOL, REQUEST, SYNC, AlphaFrame, Framer, Garbage, ack_frame, frame_name
 from .records import FrameReading, csv_rows, device_clock, first_device_time
 
 # -- the relay's side -------------------------------------------------------------------------
@@ -101,29 +101,33 @@ class Tap:
 
     def _frame(self, direction: str, frame: AlphaFrame, wire: bytes, received: datetime) -> RawPayload:
         self.frames += 1
-        if frame.type not in KNOWN_TYPES:
+        type_ = frame.type
+        if type_ not in KNOWN_TYPES:
             self.unknown += 1
         reading = FrameReading(wire, frame)
-        meta: dict[str, Any] = {"frame": frame.name, "length": len(frame.body)}
+        meta: dict[str, Any] = {"frame": frame_name(frame.b1, type_), "length": len(frame.body)}
         try:  # a frame is kept whatever its body holds; serial and clock are extras
-            self._learn_serial(reading)
-            if frame.type in (5, 16) and frame.b1 == REQUEST:  # a realtime/extended sample: its lag counts
-                body = reading.json
-                text = body.first.get("Time") if body else None
-                clock = device_clock(text) if type(text) is str else None
-                if clock is not None:
-                    lag = (received - clock[1]).total_seconds()
-                    if self._min_lag is None or lag < self._min_lag:
-                        self._min_lag = lag
-                    meta["clock_offset_s"] = math.floor(self._min_lag)
-                    meta["clock"] = "learned"
-            else:
-                naive = first_device_time(reading)
-                if naive is not None:
-                    meta.update(self._clock(naive))
+            if type_ == 12:
+                self._learn_serial(next((row.get("SN", "") for row in csv_rows(frame.body)), ""))
+            elif (body := reading.json) is not None:  # the body's one parse, handed on in `reading`
+                first = body.first
+                self._learn_serial(first.get("SN") or first.get("UserName"))
+                if (type_ == 16 or type_ == 5) and frame.b1 == REQUEST:  # a realtime/extended sample: its lag counts
+                    text = first.get("Time")
+                    clock = device_clock(text) if type(text) is str else None
+                    if clock is not None:
+                        lag = (received - clock[1]).total_seconds()
+                        if self._min_lag is None or lag < self._min_lag:
+                            self._min_lag = lag
+                        meta["clock_offset_s"] = math.floor(self._min_lag)
+                        meta["clock"] = "learned"
+                    return self._raw(direction, "frame", wire, received, meta, reading)
+            naive = first_device_time(reading)
+            if naive is not None:
+                meta.update(self._clock(naive))
         except (ValueError, OverflowError, OSError) as exc:  # absurd device dates
             meta["clock_error"] = str(exc)
-        return self._raw(direction, "frame", reading.source, received, meta, reading)
+        return self._raw(direction, "frame", wire, received, meta, reading)
 
     def _clock(self, naive: datetime) -> dict[str, Any]:
         """The device-clock offset for a frame whose clock reading does not count towards it."""
@@ -132,13 +136,8 @@ class Tap:
         host_utc = naive.astimezone(UTC).replace(tzinfo=None)  # naive = host local time
         return {"clock_offset_s": round((host_utc - naive).total_seconds()), "clock": "host-timezone"}
 
-    def _learn_serial(self, reading: FrameReading) -> None:
-        if reading.frame.type == 12:
-            serial = next((row.get("SN", "") for row in csv_rows(reading.frame.body)), "")
-        else:
-            body = reading.json
-            serial = (body.first.get("SN") or body.first.get("UserName") or "") if body else ""
-        if isinstance(serial, str) and serial and serial != self.origin.device:
+    def _learn_serial(self, serial: object) -> None:
+        if type(serial) is str and serial and serial != self.origin.device:
             self.origin = dataclasses.replace(self.origin, device=serial)
 
     def _raw(self, direction: str, kind: str, payload: bytes, received: datetime, meta: dict[str, Any],

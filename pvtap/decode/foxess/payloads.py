@@ -90,9 +90,8 @@ def decode_m1_telemetry(p: bytes, model: str = "") -> dict[str, FieldValue]:
         raise FrameError(f"M1 telemetry is {M1_TELEMETRY_LENGTH} bytes, got {len(p)}")
     w = _M1_WORDS.unpack(p)  # w[i] is the word at byte offset 2 * i
     state, pv_strings = w[77], w[78]
-    four = pv_strings >= 4 or model.upper().startswith(FOUR_STRING_MODELS) or any(w[24:30])
     ac, export, temperature = w[3], w[1], w[31]
-    fields: dict[str, FieldValue] = {
+    fields: dict[str, FieldValue] = {  # one literal (PV3/PV4 follow when present: field order means nothing)
         "ac_power_w": ac - 0x10000 if ac & 0x8000 else ac,
         "export_power_w": -(export - 0x10000 if export & 0x8000 else export),
         "ac_voltage_v": w[6] / 32,
@@ -100,11 +99,6 @@ def decode_m1_telemetry(p: bytes, model: str = "") -> dict[str, FieldValue]:
         "frequency_hz": w[8] / 128,
         "pv1_voltage_v": w[18] / 256, "pv1_current_a": w[19] / 512, "pv1_power_w": w[20],
         "pv2_voltage_v": w[21] / 256, "pv2_current_a": w[22] / 512, "pv2_power_w": w[23],
-    }
-    if four:
-        fields.update({"pv3_voltage_v": w[24] / 256, "pv3_current_a": w[25] / 512, "pv3_power_w": w[26],
-                       "pv4_voltage_v": w[27] / 256, "pv4_current_a": w[28] / 512, "pv4_power_w": w[29]})
-    fields.update({
         "temperature_c": (temperature - 0x10000 if temperature & 0x8000 else temperature) / 32,
         "sequence": w[33],
         "generation_total_kwh": (w[35] | w[36] << 16) / 128,
@@ -114,7 +108,11 @@ def decode_m1_telemetry(p: bytes, model: str = "") -> dict[str, FieldValue]:
         "state": state,
         "state_text": _STATES.get(state, "unknown"),
         "pv_strings": pv_strings,
-    })
+    }
+    if pv_strings >= 4 or w[24] or w[25] or w[26] or w[27] or w[28] or w[29] or \
+            (model and model.upper().startswith(FOUR_STRING_MODELS)):
+        fields.update({"pv3_voltage_v": w[24] / 256, "pv3_current_a": w[25] / 512, "pv3_power_w": w[26],
+                       "pv4_voltage_v": w[27] / 256, "pv4_current_a": w[28] / 512, "pv4_power_w": w[29]})
     return fields
 
 

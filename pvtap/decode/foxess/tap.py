@@ -23,6 +23,7 @@ from .framing import (
     MODULE_INFO,
     OPAQUE_SAMPLE,
     PRODUCT_INFO,
+    REALTIME,
     REGISTRATION,
     REPLY,
     Frame,
@@ -126,7 +127,8 @@ class Tap:
         meta: dict[str, str | int | float | bool | None] = {}
         if frame is not None:
             self.frames += 1
-            meta.update(self._inspect(frame))
+            if frame.function != REALTIME:  # telemetry names no serial or model and answers no request
+                meta.update(self._inspect(frame))
         elif kind == "partial":
             self.rejected += len(chunk)
         if self.serial:
