@@ -17,6 +17,7 @@ import pytest
 from pvtap.config import InfluxConfig
 from pvtap.ingest.channel import Channel, IngestStartError
 from pvtap.ingest.settings import WorkerSettings
+from pvtap.ingest.worker import WORKER_NICENESS
 from pvtap.privacy import Privacy
 from pvtap.records import Origin, RawPayload
 from pvtap.simulate.enphase import Simulator, encode_body
@@ -112,6 +113,20 @@ async def test_a_worker_that_dies_is_restarted_and_the_gap_is_counted(tmp_path):
 
 
 @pytest.mark.slow  # waits WRITER_LOCK_WAIT_S for the first writer to let go
+def niceness(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[16])
+
+
+def test_the_worker_yields_the_cpu_to_its_forwarding_process(tmp_path):
+    channel = Channel.process(WorkerSettings.of(tmp_path / "relay.sqlite", Privacy(), InfluxConfig(), 1 << 20))
+    channel.start(wait_ready=30)
+    try:
+        assert niceness(channel.ready["pid"]) == min(19, niceness(os.getpid()) + WORKER_NICENESS)
+    finally:
+        channel.close(10)
+
+
 def test_a_second_writer_of_a_store_is_refused_naming_the_fix(tmp_path):
     settings = WorkerSettings.of(tmp_path / "relay.sqlite", Privacy(), InfluxConfig(), 1 << 20)
     first = Channel.process(settings).start(wait_ready=30)
