@@ -6,9 +6,11 @@ on both of the relay's event loops."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
 import struct
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -40,13 +42,36 @@ class Copies:
         pass
 
 
-async def stream_pair() -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                                 tuple[asyncio.StreamReader, asyncio.StreamWriter], asyncio.Server]:
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def stream_pair() -> tuple[Stream, Stream, asyncio.Server]:
     """Two ends of one loopback TCP connection, each a (reader, writer) of its own stream."""
     accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Future()
     server = await asyncio.start_server(lambda r, w: accepted.set_result((r, w)), "127.0.0.1", 0, limit=CHUNK)
     client = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1], limit=CHUNK)
     return client, await accepted, server
+
+
+@contextlib.asynccontextmanager
+async def spliced_path() -> AsyncIterator[tuple[Stream, Stream, Stream, Stream]]:
+    """device ⇄ relay's device side, relay's cloud side ⇄ cloud: two loopback connections, all
+    four ends closed at the end."""
+    device, relay_device, s1 = await stream_pair()
+    relay_cloud, cloud, s2 = await stream_pair()
+    try:
+        yield device, relay_device, relay_cloud, cloud
+    finally:
+        for _, writer in (device, relay_device, relay_cloud, cloud):
+            writer.close()
+        for server in (s1, s2):
+            server.close()
+
+
+def splice(relay_device: Stream, relay_cloud: Stream, copies: Copies | None = None,
+           counts: dict[str, int] | None = None) -> Splice:
+    return Splice(relay_device, relay_cloud, counts=counts if counts is not None else {UP: 0, DOWN: 0},
+                  copies=copies or Copies(), activity=Activity(0.0))
 
 
 async def read_all(reader: asyncio.StreamReader) -> bytes:
@@ -55,35 +80,32 @@ async def read_all(reader: asyncio.StreamReader) -> bytes:
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_bytes_and_eof_read_before_the_take_over_reach_the_cloud(loop):
-    asyncio.run(bytes_and_eof_read_before_the_take_over_reach_the_cloud(), loop_factory=loop_factory(loop))
+    asyncio.run(read_before_the_take_over(), loop_factory=loop_factory(loop))
 
 
-async def bytes_and_eof_read_before_the_take_over_reach_the_cloud():
-    device, relay_device_side, s1 = await stream_pair()
-    relay_cloud_side, cloud, s2 = await stream_pair()
-    payload = bytes(range(256)) * 4 + b"the last frame"
-    device[1].write(payload)
-    device[1].write_eof()
-    reader = relay_device_side[0]
-    await until(lambda: reader._eof,  # type: ignore[attr-defined]
-                what="the relay's device stream to hold the bytes and the EOF")
-    copies, counts = Copies(), {UP: 0, DOWN: 0}
-    splice = Splice(relay_device_side, relay_cloud_side, counts=counts, copies=copies, activity=Activity(0.0))
-    assert await asyncio.wait_for(read_all(cloud[0]), 10) == payload  # the bytes, then the half-close
-    assert await splice.ends[UP] == PumpEnd("eof", "device")
-    assert counts == {UP: len(payload), DOWN: 0}
-    assert b"".join(data for direction, data in copies.chunks if direction == UP) == payload
-    cloud[1].write(b"answer after the device's half-close")
-    cloud[1].close()
-    assert await asyncio.wait_for(read_all(device[0]), 10) == b"answer after the device's half-close"
-    assert await splice.ends[DOWN] == PumpEnd("eof", "cloud")
-    splice.stop()
-    for writer in (relay_device_side[1], relay_cloud_side[1], device[1]):
-        writer.close()
-    # the streams were still told their sockets closed: waiting for them ends
-    await asyncio.wait_for(asyncio.gather(relay_device_side[1].wait_closed(), relay_cloud_side[1].wait_closed()), 10)
-    for server in (s1, s2):
-        server.close()
+async def read_before_the_take_over():
+    async with spliced_path() as (device, relay_device, relay_cloud, cloud):
+        payload = bytes(range(256)) * 4 + b"the last frame"
+        device[1].write(payload)
+        device[1].write_eof()
+        reader = relay_device[0]
+        await until(lambda: reader._eof,  # type: ignore[attr-defined]
+                    what="the relay's device stream to hold the bytes and the EOF")
+        copies, counts = Copies(), {UP: 0, DOWN: 0}
+        spliced = splice(relay_device, relay_cloud, copies, counts)
+        assert await asyncio.wait_for(read_all(cloud[0]), 10) == payload  # the bytes, then the half-close
+        assert await spliced.ends[UP] == PumpEnd("eof", "device")
+        assert counts == {UP: len(payload), DOWN: 0}
+        assert b"".join(data for direction, data in copies.chunks if direction == UP) == payload
+        cloud[1].write(b"answer after the device's half-close")
+        cloud[1].close()
+        assert await asyncio.wait_for(read_all(device[0]), 10) == b"answer after the device's half-close"
+        assert await spliced.ends[DOWN] == PumpEnd("eof", "cloud")
+        spliced.stop()
+        relay_device[1].close()
+        relay_cloud[1].close()
+        # the streams were still told their sockets closed: waiting for them ends
+        await asyncio.wait_for(asyncio.gather(relay_device[1].wait_closed(), relay_cloud[1].wait_closed()), 10)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -92,42 +114,30 @@ def test_a_stream_paused_with_a_full_buffer_is_resumed_and_everything_forwarded(
 
 
 async def paused_stream_resumed():
-    device, relay_device_side, s1 = await stream_pair()
-    relay_cloud_side, cloud, s2 = await stream_pair()
-    payload = hashlib.sha256(b"seed").digest() * (3 * CHUNK // 32)  # 768 KiB: more than the stream buffers (2 × limit)
-    device[1].write(payload)
-    reader = relay_device_side[0]
-    await until(lambda: reader._paused,  # type: ignore[attr-defined]
-                what="the relay's device stream to pause reading with a full buffer")
-    splice = Splice(relay_device_side, relay_cloud_side, counts={UP: 0, DOWN: 0}, copies=Copies(),
-                    activity=Activity(0.0))
-    received = bytearray()
-    while len(received) < len(payload):
-        received += await asyncio.wait_for(cloud[0].read(CHUNK), 10)
-    assert bytes(received) == payload
-    splice.stop()
-    for writer in (relay_device_side[1], relay_cloud_side[1], device[1], cloud[1]):
-        writer.close()
-    for server in (s1, s2):
-        server.close()
+    async with spliced_path() as (device, relay_device, relay_cloud, cloud):
+        payload = hashlib.sha256(b"seed").digest() * (3 * CHUNK // 32)  # 768 KiB: more than a stream buffers
+        device[1].write(payload)
+        reader = relay_device[0]
+        await until(lambda: reader._paused,  # type: ignore[attr-defined]
+                    what="the relay's device stream to pause reading with a full buffer")
+        spliced = splice(relay_device, relay_cloud)
+        received = bytearray()
+        while len(received) < len(payload):
+            received += await asyncio.wait_for(cloud[0].read(CHUNK), 10)
+        assert bytes(received) == payload
+        spliced.stop()
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_reset_ends_both_directions_naming_the_side_that_reset(loop):
-    asyncio.run(a_reset_ends_both_directions_naming_the_side_that_reset(), loop_factory=loop_factory(loop))
+    asyncio.run(a_reset_ends_both_directions(), loop_factory=loop_factory(loop))
 
 
-async def a_reset_ends_both_directions_naming_the_side_that_reset():
-    device, relay_device_side, s1 = await stream_pair()
-    relay_cloud_side, cloud, s2 = await stream_pair()
-    splice = Splice(relay_device_side, relay_cloud_side, counts={UP: 0, DOWN: 0}, copies=Copies(),
-                    activity=Activity(0.0))
-    device[1].get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    device[1].transport.abort()
-    ends = await asyncio.wait_for(asyncio.gather(*splice.ends.values()), 10)
-    assert ends == [PumpEnd("reset", "device"), PumpEnd("reset", "device")]
-    splice.stop()
-    for writer in (relay_device_side[1], relay_cloud_side[1], cloud[1]):
-        writer.close()
-    for server in (s1, s2):
-        server.close()
+async def a_reset_ends_both_directions():
+    async with spliced_path() as (device, relay_device, relay_cloud, _):
+        spliced = splice(relay_device, relay_cloud)
+        device[1].get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        device[1].transport.abort()
+        ends = await asyncio.wait_for(asyncio.gather(*spliced.ends.values()), 10)
+        assert ends == [PumpEnd("reset", "device"), PumpEnd("reset", "device")]
+        spliced.stop()
