@@ -52,18 +52,28 @@ class Pvtap:
 
     def expect(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
         """The first line (from here on) matching `pattern`; fails after `timeout` seconds."""
+        return self.expect_each(pattern, timeout=timeout)[0]
+
+    def expect_each(self, *patterns: str, timeout: float = 30.0) -> list[re.Match[str]]:
+        """A line matching each of `patterns`, in whatever order they come: lines of different
+        processes (the Envoy's, mitmproxy's, the records') interleave as they please."""
         deadline = time.monotonic() + timeout
-        while True:
+        found: dict[str, re.Match[str]] = {}
+        while len(found) < len(patterns):
             try:
                 line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 line = ""
             if line is None or time.monotonic() > deadline:
                 self.stop(signal.SIGKILL)
-                raise AssertionError(f"no line matching {pattern!r}; output so far:\n" + "\n".join(self.lines))
+                missing = [p for p in patterns if p not in found]
+                raise AssertionError(f"no line matching {missing!r}; output so far:\n" + "\n".join(self.lines))
             self.lines.append(line)
-            if match := re.search(pattern, line):
-                return match
+            for pattern in patterns:
+                if pattern not in found and (match := re.search(pattern, line)):
+                    found[pattern] = match
+                    break
+        return [found[p] for p in patterns]
 
     def stop(self, signum: int = signal.SIGINT, timeout: float = 30.0) -> int:
         """Send `signum`, wait for the exit status, and collect the rest of the output."""
@@ -284,9 +294,9 @@ def test_demo_shows_records_within_seconds_and_stops_on_ctrl_c(tmp_path: Path) -
     demo.expect(rf"records go to {re.escape(str(tmp_path / 'data' / 'demo'))} ")
     mitm_line = demo.expect(r"demo \| Enphase Envoy: mitmproxy with addons/enphase\.py on .* \(pid (\d+)\)")
     mitmdump_pid = int(mitm_line.group(1))
-    demo.expect(r"mitmproxy \| .*enphase: performance_report from peer#1 .* forwarded, 200")
-    demo.expect(r"envoy \| report 1: 200 OK")
-    demo.expect(r"record \| \S+Z  enphase_interval  envoy=999900000000,eqid=999900000001\.1  id=1000001 ")
+    demo.expect_each(r"mitmproxy \| .*enphase: performance_report from peer#1 .* forwarded, 200",
+                     r"envoy \| report 1: 200 OK",
+                     r"record \| \S+Z  enphase_interval  envoy=999900000000,eqid=999900000001\.1  id=1000001 ")
     assert time.monotonic() - started < 20
     demo.expect(r"envoy \| report 3: 200 OK")  # it keeps posting
     # the relay devices, each through one relay in front of its stand-in cloud
