@@ -239,7 +239,6 @@ class MqttConfig:
                               "give pvtap's topics their own prefix (the default is pvtap)")
 
 
-
 @dataclass(frozen=True)
 class WebConfig:
     """The read-only web view (`pvtap web`, started by `pvtap run`): see docs/web.md."""

@@ -107,27 +107,28 @@ class Tap:
         reading = FrameReading(wire, frame)
         meta: dict[str, Any] = {"frame": frame_name(frame.b1, type_), "length": len(frame.body)}
         try:  # a frame is kept whatever its body holds; serial and clock are extras
+            body = None
             if type_ == 12:
                 self._learn_serial(next((row.get("SN", "") for row in csv_rows(frame.body)), ""))
             elif (body := reading.json) is not None:  # the body's one parse, handed on in `reading`
-                first = body.first
-                self._learn_serial(first.get("SN") or first.get("UserName"))
-                if (type_ == 16 or type_ == 5) and frame.b1 == REQUEST:  # a realtime/extended sample: its lag counts
-                    text = first.get("Time")
-                    clock = device_clock(text) if type(text) is str else None
-                    if clock is not None:
-                        lag = (received - clock[1]).total_seconds()
-                        if self._min_lag is None or lag < self._min_lag:
-                            self._min_lag = lag
-                        meta["clock_offset_s"] = math.floor(self._min_lag)
-                        meta["clock"] = "learned"
-                    return self._raw(direction, "frame", wire, received, meta, reading)
-            naive = first_device_time(reading)
-            if naive is not None:
+                self._learn_serial(body.first.get("SN") or body.first.get("UserName"))
+            if body is not None and (type_ == 16 or type_ == 5) and frame.b1 == REQUEST:
+                self._learn_clock(body.first.get("Time"), received, meta)  # a realtime/extended sample
+            elif (naive := first_device_time(reading)) is not None:
                 meta.update(self._clock(naive))
         except (ValueError, OverflowError, OSError) as exc:  # absurd device dates
             meta["clock_error"] = str(exc)
         return self._raw(direction, "frame", wire, received, meta, reading)
+
+    def _learn_clock(self, text: object, received: datetime, meta: dict[str, Any]) -> None:
+        """A realtime or extended sample's lag counts towards the connection's clock offset."""
+        clock = device_clock(text) if type(text) is str else None
+        if clock is not None:
+            lag = (received - clock[1]).total_seconds()
+            if self._min_lag is None or lag < self._min_lag:
+                self._min_lag = lag
+            meta["clock_offset_s"] = math.floor(self._min_lag)
+            meta["clock"] = "learned"
 
     def _clock(self, naive: datetime) -> dict[str, Any]:
         """The device-clock offset for a frame whose clock reading does not count towards it."""

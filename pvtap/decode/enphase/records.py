@@ -232,10 +232,8 @@ class _Report:
             "energy_wh": joules / 3600}
         if seconds > 0:
             fields["avg_power_w"] = joules / seconds
-        time = self._times.get(unix)
-        if time is None:
-            time = self._time(unix)
-        return Record.trusted("enphase_interval", time, self._eqid_tags(values[at[5]]), fields, self.origin)
+        return Record.trusted("enphase_interval", self._time(unix), self._eqid_tags(values[at[5]]), fields,
+                              self.origin)
 
     def _reading(self, el: etree._Element) -> Record:
         """Electrical readings of one channel over `duration` seconds ending at `date`.
@@ -306,10 +304,8 @@ class _Report:
                   "energy_j": joules}
         if seconds > 0:
             fields["avg_power_w"] = joules / seconds
-        time = self._times.get(unix)
-        if time is None:
-            time = self._time(unix)
-        return Record.trusted("enphase_reading", time, self._eqid_tags(values[at[5]]), fields, self.origin)
+        return Record.trusted("enphase_reading", self._time(unix), self._eqid_tags(values[at[5]]), fields,
+                              self.origin)
 
     def _eqid_tags(self, eqid: str) -> Mapping[str, str]:
         """The tags of a channel's records: one dict per eqid, shared by its records (a catch-up
