@@ -151,8 +151,8 @@ def start_socat(upstream: int, cpus: set[int] | None) -> tuple[subprocess.Popen,
     return proc, port
 
 
-def start_relay(upstream: int, data_dir: Path, log: Path, loop: str,
-                cpus: set[int] | None) -> tuple[subprocess.Popen, int]:
+def start_relay(upstream: int, data_dir: Path, log: Path, loop: str = "uvloop",
+                cpus: set[int] | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = data_dir.parent / "fleet.toml"
     config.write_text(f'[relay]\nevent_loop = "{loop}"\n[[relay.listeners]]\nprotocol = "alphaess"\n'
