@@ -54,7 +54,10 @@ async def connect(port: int, source: str = "127.0.0.1") -> tuple[asyncio.StreamR
 async def refused_at_once(port: int, source: str = "127.0.0.1") -> bool:
     """Connect and send nothing: True when the relay resets the connection without waiting for
     anything from us (before a TLS handshake, before a first byte)."""
-    reader, writer = await connect(port, source)
+    try:
+        reader, writer = await connect(port, source)
+    except ConnectionResetError:  # reset before the loop had even seen the connect complete
+        return True
     try:
         await read_to_eof(reader, timeout=10)
     except ConnectionResetError:
