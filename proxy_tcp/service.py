@@ -256,12 +256,6 @@ def run(config: Config, listeners: Sequence[ListenerConfig] | None = None, *,
     """Run the relay in the foreground until SIGINT or SIGTERM; 0 after a clean stop, 2 when
     the configuration or start-up failed (the message names the setting and the fix)."""
     chosen = listeners if listeners is not None else listeners_of(config)
-    if config.relay.event_loop == "uvloop" and any(listener.tls_cert for listener in chosen):
-        error = ConfigError("relay.event_loop", "uvloop", "a listener terminates TLS (tls_cert; the default listeners "
-                            "include FoxESS M1's), which the relay does only on the asyncio loop",
-                            'set relay.event_loop = "asyncio", or configure listeners without TLS')
-        print(f"{prog}: {error}", file=sys.stderr)
-        return 2
     raise_open_files_limit()
 
     async def main() -> None:
@@ -269,6 +263,7 @@ def run(config: Config, listeners: Sequence[ListenerConfig] | None = None, *,
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        log.info("relay event loop: %s (relay.event_loop)", config.relay.event_loop)
         await serve(config, chosen, keys=keys, stop=stop)
 
     try:
