@@ -21,6 +21,7 @@ from proxy_tcp.admission import AllowList
 from proxy_tcp.udp import SourceRates
 from pvtap.certs import foxess_pair
 from pvtap.store.local import LocalStore
+from tests.conftest import RELAY_LOOPS
 from tests.relay_support import (
     StandInCloud,
     archived,
@@ -90,6 +91,7 @@ async def test_beyond_max_connections_is_reset_in_accept_counted_and_logged_rate
     assert len(cloud.connections) == 2
 
 
+@pytest.mark.asyncio(loop_factories=RELAY_LOOPS)  # the relay's TLS: on both of its loops
 async def test_a_tls_listener_refuses_before_any_handshake(store, tmp_path):
     cert, key = foxess_pair(tmp_path / "certs")
     config = listener(policy="local", tls_cert=str(cert), tls_key=str(key), max_connections=1)
@@ -228,6 +230,7 @@ async def test_one_byte_at_a_time_is_forwarded_in_order_and_holds_one_slot_only(
     assert outcomes == ["device_closed", "idle_timeout"]
 
 
+@pytest.mark.asyncio(loop_factories=RELAY_LOOPS)  # the relay's TLS: on both of its loops
 async def test_a_trickled_tls_hello_loses_its_slot_at_the_first_byte_deadline(store, tmp_path):
     cert, key = foxess_pair(tmp_path / "certs")
     config = listener(policy="local", tls_cert=str(cert), tls_key=str(key), first_byte_timeout=0.5)
