@@ -104,6 +104,8 @@ def reset_socket(sock: socket.socket) -> None:
     sock.close()
 
 
-def _linger_zero(sock) -> None:
+def _linger_zero(sock: socket.socket | None) -> None:
+    if sock is None:  # a TLS transport on uvloop whose socket is already gone: nothing to linger
+        return
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -209,6 +209,7 @@ async def serve(config: Config, listeners: Sequence[ListenerConfig] | None = Non
     health.attach([Path(channel.settings.store) for channel in pool.channels],
                   lambda: WorkerStats.of(pool.stats(poll=False)))
     health.record_stats(pool.channels[0].record, asyncio.get_running_loop().call_soon_threadsafe)
+    log.info("relay event loop: %s (relay.event_loop)", config.relay.event_loop)
     try:
         async with relay_running(chosen, copies=pool, privacy=privacy, keys=keys) as relay:
             health.providers.traffic.append(lambda: relay.stats.traffic(relay))
@@ -263,7 +264,6 @@ def run(config: Config, listeners: Sequence[ListenerConfig] | None = None, *,
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        log.info("relay event loop: %s (relay.event_loop)", config.relay.event_loop)
         await serve(config, chosen, keys=keys, stop=stop)
 
     try:

@@ -287,9 +287,10 @@ def test_a_tls_listener_serves_a_handshake_in_a_relay_process_on_its_default_loo
                 context.wrap_socket(raw) as device:
             device.sendall(b"after the handshake")
             peer = device.getpeercert(binary_form=True)
-        relay.wait_for("device_closed")
+        line = relay.wait_for("[local: local]")  # its connection line: served after the handshake
     finally:
         assert relay.stop() == 0
     assert peer == ssl.PEM_cert_to_DER_cert(cert.read_text())
+    assert "up 19 B" in line  # b"after the handshake", decrypted
     assert "relay event loop: uvloop (relay.event_loop)" in relay.text
-    assert "device_tls_failed" not in relay.text
+    assert "device_tls_failed" not in relay.text and "Traceback" not in relay.text

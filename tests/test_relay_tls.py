@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 
 import pytest
 
@@ -224,3 +225,19 @@ async def test_a_connection_stopped_before_its_handshake_began_closes_its_socket
     assert connection.record.outcome == "shutdown"
     (record,) = connections(store)
     assert record.tags["outcome"] == "shutdown"
+
+
+async def test_a_tls_device_that_resets_is_recorded_as_such(store, pair, caplog):
+    """Passing a reset on needs the device's socket, which uvloop's TLS transport no longer
+    gives once its connection is lost."""
+    async with running_relay(tls_listener(pair), store=store) as (relay, port):
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=device_context())
+        writer.write(b"then a reset")
+        await writer.drain()
+        await until_connections(relay, 1)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        await settled(relay)
+    (record,) = connections(store)
+    assert record.tags["outcome"] == "device_reset"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
