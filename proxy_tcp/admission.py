@@ -94,6 +94,18 @@ class Refusals:
 def reset(writer: asyncio.StreamWriter) -> None:
     """Close with a TCP reset (SO_LINGER 0): for a refused connection, and to pass a peer's
     reset on. No FIN handshake and no TIME_WAIT are left behind."""
-    with contextlib.suppress(OSError):
-        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    _linger_zero(writer.get_extra_info("socket"))
     writer.transport.abort()
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """`reset` for a socket no transport has taken (a TLS listener's, refused at accept)."""
+    _linger_zero(sock)
+    sock.close()
+
+
+def _linger_zero(sock: socket.socket | None) -> None:
+    if sock is None:  # a TLS transport on uvloop whose socket is already gone: nothing to linger
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -38,14 +39,24 @@ CLOSE_GRACE = 5.0
 
 
 class Connection:
-    """Serves one accepted device connection according to its listener's policy."""
+    """Serves one accepted device connection according to its listener's policy: a plain
+    listener's with its streams, a TLS listener's as the socket accept gave it, unread."""
 
-    def __init__(self, listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    device_reader: asyncio.StreamReader
+    device_writer: asyncio.StreamWriter  # a TLS listener's: once the handshake is over (_device_tls)
+
+    def __init__(self, listener: Listener, peername: tuple,
+                 device: tuple[asyncio.StreamReader, asyncio.StreamWriter] | socket.socket) -> None:
         self.listener = listener
-        self.device_reader, self.device_writer = reader, writer
+        #: a TLS listener's socket until _device_tls hands it to the TLS layer (which closes it from then on)
+        self._unhandled_socket: socket.socket | None = None
+        if isinstance(device, socket.socket):
+            self._unhandled_socket = device
+        else:
+            self.device_reader, self.device_writer = device
         self.cloud_writer: asyncio.StreamWriter | None = None
         config = listener.config
-        self.peer = Endpoint.of(writer.get_extra_info("peername"))
+        self.peer = Endpoint.of(peername)
         relay = listener.relay
         self.record = ConnectionRecord(
             id="c-" + secrets.token_hex(4), protocol=config.protocol, listener=config.listen, policy=config.policy,
@@ -58,7 +69,8 @@ class Connection:
         self.first_byte_by = self.activity.last + config.first_byte_timeout
         self._t0 = time.monotonic()
         self._serving: asyncio.Task[None] | None = None
-        self.device_lost = False  # the device's socket is already closed (a failed TLS handshake)
+        #: no device stream to close: a failed TLS handshake closed the socket, or there has been no handshake yet
+        self.device_lost = self._unhandled_socket is not None
         self._stopping = False
         self.counted = False  # its counts moved into the relay's totals (proxy_tcp/stats.py)
 
@@ -129,25 +141,32 @@ class Connection:
         await self._forward(cloud_reader, self.cloud_writer)
 
     async def _device_tls(self, context: ssl.SSLContext) -> bool:
-        """Terminate the device's TLS (listener tls_cert): from here on the splice, the decoder
-        and the local answerer see application bytes. The handshake must be over by the
-        first-byte deadline: a client that trickles its hello holds a slot no longer than one
-        that says nothing."""
-        left = self.first_byte_by - asyncio.get_running_loop().time()
+        """Terminate the device's TLS (listener tls_cert) on the socket as accepted, so that not
+        a byte of the handshake is read as cleartext: from here on the splice, the decoder and the
+        local answerer see application bytes. The handshake must be over by the first-byte
+        deadline: a client that trickles its hello holds a slot no longer than one that says
+        nothing."""
+        loop = asyncio.get_running_loop()
+        left = max(self.first_byte_by - loop.time(), 0)
+        sock, self._unhandled_socket = self._unhandled_socket, None
+        assert sock is not None  # a TLS listener's connection, served once
+        reader = asyncio.StreamReader(limit=CHUNK)
+        protocol = asyncio.StreamReaderProtocol(reader)
         try:
             async with asyncio.timeout(left):
-                # asyncio's own handshake timeout only as a backstop: ours names the setting
-                await self.device_writer.start_tls(context, ssl_handshake_timeout=left + 5)
+                # the loop's own handshake timeout only as a backstop: ours names the setting
+                transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=context,
+                                                                  ssl_handshake_timeout=left + 5)
         except TimeoutError:
             self._first_byte_late("no TLS handshake")
         except OSError as exc:  # ssl.SSLError is an OSError
             self.end(Outcome.DEVICE_TLS_FAILED, f"TLS handshake with the device failed: {exc or type(exc).__name__}")
         else:
+            self.device_reader, self.device_writer = reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+            self.device_lost = False
             return True
-        # start_tls closed the socket, and the stream's own protocol is never told: nothing to wait for
+        # both loops close the socket when the handshake fails or is cancelled: nothing to wait for
         self.record.action = "refused"
-        self.device_writer.transport.abort()
-        self.device_lost = True
         return False
 
     async def _destinations(self) -> list[Endpoint]:
@@ -291,6 +310,8 @@ class Connection:
     # -- the end ----------------------------------------------------------------------------
 
     async def _close(self) -> None:
+        if self._unhandled_socket is not None:  # stopped before its TLS handshake began
+            self._unhandled_socket.close()
         writers = [w for w in (None if self.device_lost else self.device_writer, self.cloud_writer) if w is not None]
         try:
             await self._close_within_grace(writers)

@@ -6,8 +6,9 @@ starts (proxy_tcp/admission.py): sources outside `allow_from` and connections be
 
 Listening is the only place a transport appears: `transport = "tcp"` opens asyncio stream
 servers, `transport = "udp"` a datagram endpoint that only listens (proxy_tcp/udp.py). With
-`tls_cert` the connections it hands on terminate the devices' TLS, and `upstream_tls` makes them
-re-encrypt to the cloud (proxy_tcp/tls.py); the policy and decode sides stay as they are.
+`tls_cert` the listener accepts raw sockets instead (proxy_tcp/accept.py), so that nothing is
+read before the connection terminates the device's TLS, on either event loop; `upstream_tls`
+makes it re-encrypt to the cloud (proxy_tcp/tls.py). The policy and decode sides stay as they are.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from pvtap.config import ConfigError, ListenerConfig, split_host_port
 from pvtap.decode import StreamCodec
 from pvtap.decode.alphaess import vendor as alpha
 from pvtap.decode.foxess import vendor as fox
 
-from .admission import AllowList, Refusal, Refusals, reset
+from .accept import SocketServer
+from .admission import AllowList, Refusal, Refusals, reset, reset_socket
 from .connection import Connection
 from .pump import CHUNK
 from .tls import UpstreamTLS, device_context
@@ -85,7 +88,8 @@ class Listener:
         self.connections: dict[asyncio.Task, Connection] = {}
         self.allow = AllowList(config.allow_from)
         self.refusals = Refusals(lambda: str(self), config.max_connections)
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | None = None  # a plain TCP listener's
+        self._tls_server: SocketServer | None = None  # a TLS listener's
         self.datagrams: Datagrams | None = None  # transport = "udp"
         self._udp: asyncio.DatagramTransport | None = None
 
@@ -110,13 +114,19 @@ class Listener:
                     lambda: datagrams, local_addr=("0.0.0.0" if host == "*" else host, port))
                 self.endpoints = [Endpoint.of(self._udp.get_extra_info("sockname"))]
                 return
-            self._server = await asyncio.start_server(self._accept, None if host == "*" else host, port,
-                                                      limit=CHUNK, reuse_address=True, backlog=LISTEN_BACKLOG)
+            address = None if host == "*" else host
+            if self.device_tls is not None:
+                self._tls_server = await SocketServer.start(address, port, self._accept_tls, backlog=LISTEN_BACKLOG)
+            else:
+                self._server = await asyncio.start_server(self._accept, address, port, limit=CHUNK,
+                                                          reuse_address=True, backlog=LISTEN_BACKLOG)
         except OSError as exc:
             hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if 0 < port < 1024 else ""
             raise ConfigError(self.key("listen"), self.config.listen, f"cannot listen there: {exc.strerror or exc}",
                               "use a free port on an address of this host" + hint) from None
-        self.endpoints = [Endpoint.of(sock.getsockname()) for sock in self._server.sockets]
+        server: SocketServer | asyncio.Server | None = self._tls_server or self._server
+        assert server is not None  # one of them was started above
+        self.endpoints = [Endpoint.of(sock.getsockname()) for sock in server.sockets]
 
     async def check_upstream(self) -> None:
         """At start-up: refuse an upstream that resolves back to the relay (a DNS override seen
@@ -140,25 +150,34 @@ class Listener:
                 raise ConfigError(self.key("upstream"), self.config.upstream, f"resolves to {reason}", fix)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Admit the connection or reset it, then hand it to a task of our own, so that stopping
-        can cancel and await it. Called synchronously as the connection is made: a TLS listener
-        pauses reading here, so the device's first handshake bytes wait for the TLS layer instead
-        of landing in the reader."""
+        """A plain listener's connection, called synchronously as it is made: admit or reset it."""
         peername = writer.get_extra_info("peername")
         if peername is None:  # gone before we got to it
             writer.close()
-            return
+        elif self._refused(peername):
+            reset(writer)
+        else:
+            self._serve(Connection(self, peername, (reader, writer)))
+
+    def _accept_tls(self, sock: socket.socket, peername: tuple) -> None:
+        """A TLS listener's connection, a socket nothing has read from: admit or reset it before
+        any TLS work; the connection hands it to the TLS layer."""
+        if self._refused(peername):
+            reset_socket(sock)
+        else:
+            self._serve(Connection(self, peername, sock))
+
+    def _refused(self, peername: tuple) -> bool:
+        """allow_from and max_connections: True (counted and logged) when the peer gets no slot."""
         host = Endpoint.of(peername).host
         refusal = (Refusal.NOT_ALLOWED if not self.allow.allows(host)
                    else Refusal.LIMIT if len(self.connections) >= self.config.max_connections else None)
         if refusal is not None:
-            reset(writer)
             self.refusals.note(refusal, self.relay.peers.name(host))
-            return
-        if self.device_tls is not None:
-            # StreamWriter types its transport as write-only; a stream server's transport reads too
-            cast(asyncio.Transport, writer.transport).pause_reading()
-        connection = Connection(self, reader, writer)
+        return refusal is not None
+
+    def _serve(self, connection: Connection) -> None:
+        """Serve in a task of our own, so that stopping can cancel and await it."""
         task = asyncio.create_task(connection.run(), name=connection.label)
         self.connections[task] = connection
         task.add_done_callback(self._forget)
@@ -173,9 +192,13 @@ class Listener:
             self._udp = None
             assert self.datagrams is not None  # made with the UDP transport
             log.info("%s", self.datagrams.summary())
-        if self._server is None:
+        if self._server is None and self._tls_server is None:
             return
-        self._server.close()
+        if self._server is not None:
+            self._server.close()
+        if self._tls_server is not None:
+            await self._tls_server.close()
+            self._tls_server = None
         self.refusals.close()
         tasks = list(self.connections)
         for connection in self.connections.values():
@@ -188,5 +211,6 @@ class Listener:
             for task in late:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self._server.wait_closed()
-        self._server = None
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None

@@ -209,6 +209,7 @@ async def serve(config: Config, listeners: Sequence[ListenerConfig] | None = Non
     health.attach([Path(channel.settings.store) for channel in pool.channels],
                   lambda: WorkerStats.of(pool.stats(poll=False)))
     health.record_stats(pool.channels[0].record, asyncio.get_running_loop().call_soon_threadsafe)
+    log.info("relay event loop: %s (relay.event_loop)", config.relay.event_loop)
     try:
         async with relay_running(chosen, copies=pool, privacy=privacy, keys=keys) as relay:
             health.providers.traffic.append(lambda: relay.stats.traffic(relay))
@@ -256,12 +257,6 @@ def run(config: Config, listeners: Sequence[ListenerConfig] | None = None, *,
     """Run the relay in the foreground until SIGINT or SIGTERM; 0 after a clean stop, 2 when
     the configuration or start-up failed (the message names the setting and the fix)."""
     chosen = listeners if listeners is not None else listeners_of(config)
-    if config.relay.event_loop == "uvloop" and any(listener.tls_cert for listener in chosen):
-        error = ConfigError("relay.event_loop", "uvloop", "a listener terminates TLS (tls_cert; the default listeners "
-                            "include FoxESS M1's), which the relay does only on the asyncio loop",
-                            'set relay.event_loop = "asyncio", or configure listeners without TLS')
-        print(f"{prog}: {error}", file=sys.stderr)
-        return 2
     raise_open_files_limit()
 
     async def main() -> None:

@@ -1,8 +1,9 @@
 """TLS on either side of a relayed connection, knowing nothing of protocols.
 
-A listener with `tls_cert`/`tls_key` terminates the devices' TLS. Connections are accepted as TCP
-and upgraded in place (the listener pauses reading at accept, so no handshake byte is read as
-cleartext), so a failed handshake still ends with a log line and a connection record. With
+A listener with `tls_cert`/`tls_key` terminates the devices' TLS. Connections are accepted as raw
+sockets and handed, unread, to the TLS layer (proxy_tcp/accept.py), so no handshake byte is read as
+cleartext on either event loop, and a failed handshake still ends with a log line and a connection
+record. With
 `upstream_tls` the relay speaks TLS to the cloud and checks it as the listener says: a SHA-256
 pin of its certificate, a CA file, or — only when `upstream_insecure` is set — not at all. The
 splice and the decoder see application bytes, which pass unmodified; only the TLS records differ

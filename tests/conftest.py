@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from pathlib import Path
 
 import pytest
 
+from proxy_tcp.service import loop_factory
 from tests.relay_support import STARTED as RELAYS_STARTED
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +35,19 @@ def number(value: object) -> float:
     """A numeric record field (a FieldValue may also be a str), for arithmetic in assertions."""
     assert isinstance(value, (int, float)), f"{value!r} is not a number"
     return value
+
+
+#: the relay's event loops (relay.event_loop), for tests marked `@pytest.mark.asyncio(loop_factories=RELAY_LOOPS)`
+RELAY_LOOPS = ["asyncio", "uvloop"]
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """pytest-asyncio's hook: a test that asks for the relay's loops runs once on each; every
+    other async test on the standard library's loop (its test id unchanged)."""
+    marker = item.get_closest_marker("asyncio")
+    if marker is not None and marker.kwargs.get("loop_factories"):
+        return {name: loop_factory(name) for name in RELAY_LOOPS}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture

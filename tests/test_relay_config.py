@@ -5,16 +5,19 @@ the fix."""
 from __future__ import annotations
 
 import argparse
+import socket
+import ssl
 import subprocess
 
 import pytest
 
 from proxy_tcp import default_listeners
+from pvtap.certs import foxess_pair
 from pvtap.cli import main as pvtap_main
 from pvtap.cli.relay import add_arguments, quick_listener
 from pvtap.config import ConfigError, ListenerConfig, check_listener, load_config
 from tests.conftest import free_port
-from tests.relay_support import PYTHON, REPO
+from tests.relay_support import PYTHON, REPO, RelayProcess
 
 
 def load(tmp_path, toml: str):
@@ -251,8 +254,6 @@ def test_the_stop_graces_add_up():
 
 
 def test_an_obsolete_decode_queue_starts_with_a_warning_naming_its_replacement(tmp_path):
-    from tests.relay_support import RelayProcess
-
     config = tmp_path / "pvtap.toml"
     config.write_text('[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "127.0.0.1:0"\npolicy = "local"\n'
                       'decode_queue = 256\n')
@@ -263,21 +264,33 @@ def test_an_obsolete_decode_queue_starts_with_a_warning_naming_its_replacement(t
             " from the config") in relay.text
 
 
-def test_uvloop_with_a_tls_listener_is_refused_naming_the_fix(tmp_path):
-    error = error_of(tmp_path, """
-        [relay]
-        event_loop = "uvloop"
-        [[relay.listeners]]
-        protocol = "foxess"
-        listen = "0.0.0.0:14431"
-        policy = "local"
-        tls_cert = "certs/a.crt"
-        tls_key = "certs/a.key"
-    """)
-    assert error.key == "relay.event_loop" and "relay.listeners[0] terminates TLS" in error.problem
-    assert error.fix == 'set relay.event_loop = "asyncio", or use uvloop in a relay without TLS listeners'
-    # the default listeners include the M1's TLS one: refused when the relay starts
-    config = tmp_path / "uvloop.toml"
-    config.write_text('[relay]\nevent_loop = "uvloop"\n')
-    result = run_relay("--config", str(config), tmp_path=tmp_path)
-    assert result.returncode == 2 and "relay.event_loop = 'uvloop'" in result.stderr
+def test_the_relay_runs_on_uvloop_by_default_and_asyncio_stays_selectable(tmp_path):
+    assert load(tmp_path, "").relay.event_loop == "uvloop"
+    assert load(tmp_path, '[relay]\nevent_loop = "asyncio"\n').relay.event_loop == "asyncio"
+    error = error_of(tmp_path, '[relay]\nevent_loop = "trio"\n')
+    assert error.key == "relay.event_loop"
+
+
+@pytest.mark.slow
+def test_a_tls_listener_serves_a_handshake_in_a_relay_process_on_its_default_loop(tmp_path):
+    """What the relay used to refuse: a listener terminating TLS on uvloop. The client sends its
+    ClientHello the moment it connects (the case that broke), and the relay process answers it."""
+    cert, key = foxess_pair(tmp_path / "certs")
+    config = tmp_path / "pvtap.toml"
+    config.write_text(f'[[relay.listeners]]\nprotocol = "foxess"\nlisten = "127.0.0.1:0"\npolicy = "local"\n'
+                      f'tls_cert = "{cert}"\ntls_key = "{key}"\n')
+    relay = RelayProcess(["--config", str(config)], tmp_path / "data").start()
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as raw, \
+                context.wrap_socket(raw) as device:
+            device.sendall(b"after the handshake")
+            peer = device.getpeercert(binary_form=True)
+        line = relay.wait_for("[local: local]")  # its connection line: served after the handshake
+    finally:
+        assert relay.stop() == 0
+    assert peer == ssl.PEM_cert_to_DER_cert(cert.read_text())
+    assert "up 19 B" in line  # b"after the handshake", decrypted
+    assert "relay event loop: uvloop (relay.event_loop)" in relay.text
+    assert "device_tls_failed" not in relay.text and "Traceback" not in relay.text

@@ -31,6 +31,7 @@ from pvtap.decode.alphaess import REQUEST, RESPONSE
 from pvtap.decode.alphaess import encode_frame as alphaess_frame
 from pvtap.decode.foxess import build_frame as foxess_frame
 from pvtap.store.local import LocalStore
+from tests.conftest import RELAY_LOOPS
 from tests.relay_support import RelayProcess, Resources
 from tests.test_relay_hostile_process import settled
 
@@ -215,12 +216,14 @@ def cloud_tls(directory: Path) -> tuple[ssl.SSLContext, str]:
     return context, hashlib.sha256(der).hexdigest()
 
 
-async def test_random_and_mutated_streams_cross_the_relay_unchanged_plain_and_tls(tmp_path):
+@pytest.mark.parametrize("loop", RELAY_LOOPS)
+async def test_random_and_mutated_streams_cross_the_relay_unchanged_plain_and_tls(tmp_path, loop):
     relay_cert, relay_key = foxess_pair(tmp_path / "certs")
     server_tls, pin = cloud_tls(tmp_path / "cloud")
     async with FuzzCloud("alphaess") as plain_cloud, FuzzCloud("foxess", server_tls) as tls_cloud:
         config = tmp_path / "pvtap.toml"
         config.write_text(
+            f'[relay]\nevent_loop = "{loop}"\n'
             f'[[relay.listeners]]\nprotocol = "alphaess"\nlisten = "127.0.0.1:0"\npolicy = "fixed"\n'
             f'upstream = "127.0.0.1:{plain_cloud.port}"\n'
             f'[[relay.listeners]]\nprotocol = "foxess"\nlisten = "127.0.0.1:0"\npolicy = "fixed"\n'

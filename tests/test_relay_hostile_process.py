@@ -9,14 +9,19 @@ machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import ssl
 import struct
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from pvtap.certs import foxess_pair
 from pvtap.store.local import LocalStore
+from tests.conftest import RELAY_LOOPS
 from tests.relay_support import RelayProcess, Resources, StandInCloud, read_to_eof
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -25,9 +30,10 @@ DEVICE, HOSTILE = "127.0.0.2", "127.0.0.3"
 MiB = 1024 * 1024
 
 
-def relay_with(tmp_path: Path, *listeners: str) -> RelayProcess:
+def relay_with(tmp_path: Path, *listeners: str, loop: str = "uvloop") -> RelayProcess:
     config = tmp_path / "pvtap.toml"
-    config.write_text("".join(f"[[relay.listeners]]\n{listener}\n" for listener in listeners))
+    config.write_text(f'[relay]\nevent_loop = "{loop}"\n'
+                      + "".join(f"[[relay.listeners]]\n{listener}\n" for listener in listeners))
     return RelayProcess(["--config", str(config)], tmp_path / "data").start()
 
 
@@ -182,3 +188,69 @@ async def test_a_flood_beyond_max_connections_costs_nothing_and_the_allowed_devi
     warnings = [line for line in relay.log if "refused" in line and ("allow_from" in line or "max_connections" in line)]
     assert 1 <= len(warnings) <= 3  # rate-limited: the first at once, then one per 10 s window, one at the end
     assert HOSTILE not in relay.text and DEVICE not in relay.text
+
+
+def tls_device() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
+
+
+async def handshake_and_close(port: int) -> None:
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls_device())
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+async def fail_a_handshake(port: int, how: str) -> None:
+    """One client that gets no TLS session: cleartext instead of a ClientHello, a reset at once,
+    or the first bytes of a hello and then a close."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionResetError:  # refused over max_connections before the connect completed
+        return
+    if how == "reset":
+        reset(writer)
+        return
+    writer.write(b"GET / HTTP/1.0\r\n\r\n" if how == "cleartext" else bytes.fromhex("16030100c8010000c40303"))
+    with contextlib.suppress(OSError):
+        if how == "cleartext":
+            await read_to_eof(reader)  # the relay ends it
+    writer.close()
+
+
+@pytest.mark.parametrize("loop", RELAY_LOOPS)
+async def test_many_failed_tls_handshakes_leave_no_fd_behind(tmp_path, loop):
+    cert, key = foxess_pair(tmp_path / "certs")
+    relay = relay_with(tmp_path, f'protocol = "foxess"\nlisten = "127.0.0.1:0"\npolicy = "local"\n'
+                                 f'tls_cert = "{cert}"\ntls_key = "{key}"\nmax_connections = 16\n'
+                                 f'first_byte_timeout = 30\n', loop=loop)
+    try:
+        # The baseline is taken once the relay has served a TLS connection, not at start: libuv
+        # opens a few descriptors of its own on first use (uvloop), which are the loop's, not a leak.
+        await handshake_and_close(relay.port)
+        relay.wait_for("device_closed", timeout=10)
+        serving = Resources.of(relay.pid)
+        silent = [await asyncio.open_connection("127.0.0.1", relay.port) for _ in range(16)]
+        await settled(relay, serving.fds + 16)  # accepted: they hold every slot
+        await asyncio.gather(*(fail_a_handshake(relay.port, how)  # over the limit: refused at accept
+                               for how in ["cleartext", "reset", "partial"] * 10))
+        for _, writer in silent:  # mid-handshake as far as the relay knows: a failed one
+            writer.close()
+        await settled(relay, serving.fds)
+        for _ in range(20):  # each gets a slot and fails its handshake: 15 at a time, fewer than the slots
+            await asyncio.gather(*(fail_a_handshake(relay.port, how) for how in ["cleartext", "reset", "partial"] * 5))
+            after = await settled(relay, serving.fds)
+        await handshake_and_close(relay.port)  # still serving
+        relay.wait_for("device_closed", timeout=10)
+        again = await settled(relay, serving.fds)
+    finally:
+        assert relay.stop() == 0, relay.text[-3000:]
+    print(f"\n{loop}: serving {serving}; after 346 failed or refused handshakes {after}; one more served {again}")
+    assert after.fds == again.fds == serving.fds
+    with LocalStore(tmp_path / "data" / "relay.sqlite", readonly=True) as store:
+        outcomes = Counter(s.record.tags["outcome"] for s in store.records(measurements=["pvtap_connection"]))
+    assert outcomes["device_closed"] == 2  # the two that got through
+    assert outcomes["device_tls_failed"] == 300 + 16  # the 30 over the limit got no record: refused at accept
+    assert "relay error" not in relay.text and "Traceback" not in relay.text

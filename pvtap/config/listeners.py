@@ -138,8 +138,8 @@ class RelayConfig:
         [], "The relay's listeners ([[relay.listeners]] tables); none: one per supported device on its usual "
             "port (see docs/relay.md).")
     event_loop: str = setting(
-        "asyncio", "The relay's event loop: asyncio (the standard library's) or uvloop (libuv: about a third less CPU "
-                   "per relayed frame, docs/benchmarks.md; not with listeners that terminate TLS).",
+        "uvloop", "The relay's event loop: uvloop (libuv: about a third less CPU per relayed frame and a shorter "
+                  "worst round trip at 1,000 devices, docs/benchmarks.md) or asyncio (the standard library's).",
         check=one_of("asyncio", "uvloop"))
 
     def __post_init__(self) -> None:
@@ -155,8 +155,3 @@ class RelayConfig:
                                   f"relay.listeners[{seen[where]}] already listens there",
                                   "give every listener its own address or port")
             seen[where] = i
-        tls = [i for i, listener in enumerate(self.listeners) if listener.tls_cert]
-        if self.event_loop == "uvloop" and tls:  # the device's first TLS bytes reach the stream before start_tls does
-            raise ConfigError("relay.event_loop", "uvloop", f"relay.listeners[{tls[0]}] terminates TLS (tls_cert), "
-                              "which the relay does only on the asyncio loop",
-                              'set relay.event_loop = "asyncio", or use uvloop in a relay without TLS listeners')
