@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import codecs
 import threading
 import urllib.parse
 import zlib
+from codecs import escape_decode as _escape_decode
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -120,18 +120,18 @@ def inflated(raw: RawPayload) -> bytes:
 
 
 def _form_unquote(value: bytes) -> bytes:
-    """urllib.parse.unquote_to_bytes with `+` as space, some ten times as fast on a large report:
-    every `\\` is first written as the escape `\\x5c` and every `%` as `\\x`, then Python's
-    `unicode_escape` codec turns the `\\xXX` escapes into bytes in C (other bytes it reads as
-    latin-1, so they come back as they were). A `%` not followed by two hex digits makes the
-    codec fail; such input takes the stdlib's exact path."""
+    """urllib.parse.unquote_to_bytes with `+` as space, some fifteen times as fast on a large
+    report: every `\\` is first written as the escape `\\x5c` and every `%` as `\\x`, then
+    `escape_decode` (the C decoder of bytes literals' escapes, bytes to bytes; the stdlib's own
+    pickle uses it) turns the `\\xXX` escapes into bytes and copies every other byte. A `%` not
+    followed by two hex digits makes it fail; such input takes the stdlib's exact path."""
     value = value.replace(b"+", b" ")
     if b"%" not in value:
         return value
     try:
         escaped = value.replace(b"\\", b"\\x5c").replace(b"%", b"\\x")
-        return codecs.decode(escaped, "unicode_escape").encode("latin-1")
-    except UnicodeDecodeError:
+        return _escape_decode(escaped)[0]
+    except ValueError:
         return urllib.parse.unquote_to_bytes(value)
 
 
