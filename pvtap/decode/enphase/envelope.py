@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import urllib.parse
 import zlib
@@ -168,6 +169,29 @@ def parse_xml(xml: bytes) -> etree._Element:
     if info.internalDTD is not None or info.doctype:  # e.g. hidden from the byte check by UTF-16
         raise ReportError("XML with a DOCTYPE or ENTITY declaration is refused")
     return root
+
+
+#: The declarations a plain UTF-8 document may start with (lxml's serialisation, the Envoy's).
+_UTF8_DECLARATION = re.compile(rb"<\?xml version=(['\"])1\.0\1 encoding=(['\"])(?i:utf-8)\2\?>")
+
+
+def utf8_markup(xml: bytes) -> int | None:
+    """Where the markup of a UTF-8 document starts (after its XML declaration), or None for a
+    document that may be in another encoding (another declaration, a byte order mark, leading
+    space: rare enough to be left to the checks on the tree)."""
+    if xml[:2] == b"<?":
+        declaration = _UTF8_DECLARATION.match(xml)
+        return declaration.end() if declaration is not None else None
+    return 0 if xml[:1] == b"<" else None
+
+
+def plain_markup(xml: bytes) -> bool:
+    """UTF-8 markup of elements, attributes and text only (an XML declaration at the start): no
+    comment, CDATA section, DOCTYPE, processing instruction or namespace declaration. In such a
+    text every attribute or element name written is one of the tree's, under that name, and every
+    value the tree holds is written as it is or with an entity (`&`)."""
+    start = utf8_markup(xml)
+    return start is not None and xml.find(b"<?", start) < 0 and b"<!" not in xml and b"xmlns" not in xml
 
 
 class ReportReading(NamedTuple):

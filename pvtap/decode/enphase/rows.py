@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import re
 
+from .envelope import plain_markup
+
 #: An integer as JSON writes it (no leading zero), at most 17 digits: within 64 bits.
 _INT = r"(-?(?:0|[1-9][0-9]{0,16}))"
 _N = f'"{_INT}"'
@@ -32,8 +34,6 @@ _INTERVAL_TAGS = re.compile(
 _READING_TAGS = re.compile(
     rf'<reading(?: duration={_N} stats="{",".join([_INT] * 8)}" date={_N} id={_N} flags={_N}'
     rf' eqid={_EQID}/>|[ \t\r\n/>])')
-#: The declarations a plain UTF-8 document may start with (lxml's serialisation, the Envoy's).
-_DECLARATION = re.compile(rb"<\?xml version=(['\"])1\.0\1 encoding=(['\"])(?i:utf-8)\2\?>")
 
 Rows = list[list[int | str] | None]
 
@@ -43,7 +43,7 @@ def usual_rows(xml: bytes) -> tuple[Rows, Rows] | None:
     as int (interval: `INTERVAL`; reading: duration, the 8 stats, date, id, flags) and the eqid
     as str; None for a start tag in any other layout. None when the text is not plain enough for
     its start tags to be the tree's elements."""
-    if not _plain(xml):
+    if not plain_markup(xml):
         return None
     try:
         text = xml.decode("utf-8")
@@ -62,16 +62,3 @@ def _rows(tags: re.Pattern[str], text: str) -> Rows:
     arrays = "[[" + "],[".join(map(",".join, found)) + "]]"
     return json.loads(arrays.replace("[" + "," * (tags.groups - 1) + "]", "null"))
 
-
-def _plain(xml: bytes) -> bool:
-    """UTF-8 markup of elements, attributes and text only (an XML declaration at the start)."""
-    if xml[:2] == b"<?":
-        declaration = _DECLARATION.match(xml)
-        if declaration is None:
-            return False
-        start = declaration.end()
-    elif xml[:1] == b"<":
-        start = 0
-    else:  # a byte order mark, leading space: rare enough to read from the tree
-        return False
-    return xml.find(b"<?", start) < 0 and b"<!" not in xml and b"xmlns" not in xml
