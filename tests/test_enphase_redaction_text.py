@@ -93,6 +93,7 @@ def test_identities_left_in_the_text_are_scrubbed_from_the_tree():
                           PRIVACIES["pseudonyms"])
     records: list[Record] = decode_raw(redacted)
     assert records[1].fields["note"] == pseudonym("999900000001", KEY)
-    assert parse_xml(redacted.payload).find("interval").get("note") == pseudonym("999900000001", KEY)
+    interval = parse_xml(redacted.payload).find("interval")
+    assert interval is not None and interval.get("note") == pseudonym("999900000001", KEY)
     text = redact_raw(request_raw(wire_body(REPORTS["an address in text"])), Privacy())
     assert decode_raw(text)[-1].fields["text"] == "gateway at REDACTED"
