@@ -33,14 +33,16 @@ UNUSUAL = {
                       b"id='7' eqid='e.1'/>"),
     "entity in a value": (b'<interval interval_duration="300" stat_duration="295" end_date="1700000400" '
                           b'stats="6&#48;" id="8" eqid="e&#x2e;1"/>'),
-    "leading zero": (b'<interval interval_duration="300" stat_duration="0295" end_date="1700000400" stats="7" '
-                     b'id="9" eqid="e.1"/>'),
-    "18 digits": (b'<interval interval_duration="300" stat_duration="295" end_date="1700000400" '
-                  b'stats="123456789012345678" id="10" eqid="e.1"/>'),
+    "a misplaced dash": (b'<interval interval_duration="300" stat_duration="2-95" end_date="1700000400" stats="7" '
+                         b'id="9" eqid="e.1"/>'),
+    "19 digits": (b'<interval interval_duration="300" stat_duration="295" end_date="1700000400" '
+                  b'stats="1234567890123456789" id="10" eqid="e.1"/>'),
     "beyond 64 bits": (b'<interval interval_duration="300" stat_duration="295" end_date="1700000400" '
                        b'stats="99999999999999999999" id="11" eqid="e.1"/>'),
     "seven stats": (b'<reading duration="300" stats="1,2,3,4,5,6,7" date="1700000400" id="12" flags="0" '
                     b'eqid="e.1"/>'),
+    "an eqid with an entity": (b'<reading duration="300" stats="1,2,3,4,5,6,7,8" date="1700000400" id="13" '
+                               b'flags="0" eqid="e&amp;1"/>'),
     "not a number": (b'<reading duration="300" stats="1,2,x,4,5,6,7,8" date="1700000400" id="13" flags="0" '
                      b'eqid="e.1"/>'),
     "a newline in the tag": (b'<interval\ninterval_duration="300" stat_duration="295" end_date="1700000400" '
@@ -56,7 +58,12 @@ USUAL_EDGES = (
     b'<interval interval_duration="0" stat_duration="-0" end_date="1700000400" stats="-5" id="18" eqid=""/>',
     b'<reading duration="-300" stats="-1,0,99999999999999999,4,5,6,7,8" date="0" id="19" flags="7" eqid="A-b_c"/>',
     b'<reading duration="300" stats="1,2,3,4,5,6,7,8" date="99999999999999999" id="16" flags="0" eqid="e.1"/>',
+    b'<interval interval_duration="300" stat_duration="295" end_date="1700000400" stats="999999999999999999" '
+    b'id="-99999999999999999" eqid="e.1"/>',
 )
+#: A value JSON does not read as int does (every row of the report is then converted by int).
+LEADING_ZERO = (b'<interval interval_duration="300" stat_duration="0295" end_date="1700000400" stats="7" id="9" '
+                b'eqid="e.1"/>')
 
 
 def report(*elements: bytes, head: bytes = b'<?xml version="1.0" encoding="UTF-8"?>') -> bytes:
@@ -103,11 +110,12 @@ def test_vector_2_rows_are_its_values():
                                       "999900000001.1"]])
 
 
-def test_unusual_layouts_are_read_from_the_tree_between_usual_ones(monkeypatch):
+@pytest.mark.parametrize("edges", [USUAL_EDGES, (*USUAL_EDGES, LEADING_ZERO)], ids=["json", "int by row"])
+def test_unusual_layouts_are_read_from_the_tree_between_usual_ones(edges, monkeypatch):
     elements = [USUAL_INTERVAL, USUAL_READING]
     for element in UNUSUAL.values():
         elements += [element, USUAL_INTERVAL, USUAL_READING]
-    xml = report(*elements, *USUAL_EDGES)
+    xml = report(*elements, *edges)
     rows = usual_rows(xml)
     assert rows is not None
     taken = [row is not None for row in rows[0] + rows[1]]

@@ -108,6 +108,8 @@ class _Report:
         out: list[Record] = []
         counts = dict.fromkeys(_DECODERS, 0)
         decoded: set[etree._Element] = set()
+        intervals, readings = self._interval_rows, self._reading_rows  # (looked up once: a thousand elements)
+        interval_from_text, reading_from_text = self._interval_from_text, self._reading_from_text
         for el in self.root.iterdescendants():
             tag = el.tag
             decoder = _DECODERS.get(tag)  # type: ignore[arg-type]  # (a non-element's tag is a function: None)
@@ -117,7 +119,12 @@ class _Report:
                     self.elements.add(el)
                 continue
             try:
-                out.append(decoder(self, el))
+                if tag == "interval" and (row := next(intervals, None)) is not None:
+                    out.append(interval_from_text(*row))  # type: ignore[arg-type]
+                elif tag == "reading" and (row := next(readings, None)) is not None:
+                    out.append(reading_from_text(*row))  # type: ignore[arg-type]
+                else:
+                    out.append(decoder(self, el))
             except _ELEMENT_ERRORS as exc:
                 self.elements.add(el, f"{type(exc).__name__}: {exc}")
             else:
@@ -194,10 +201,8 @@ class _Report:
         """Energy of one channel over one interval ending at `end_date`. `stats` is one integer,
         joules (webcomm 4.6.0); a comma list (possibly the 3.0 form, meaning unconfirmed) is kept
         as the text `stats`. Intervals of one channel with the same end_date (a catch-up roll-up
-        ending with a 5-minute one) are one InfluxDB point; filter on interval_duration_s."""
-        row = next(self._interval_rows, None)
-        if row is not None:
-            return self._interval_from_text(*row)  # type: ignore[arg-type]
+        ending with a 5-minute one) are one InfluxDB point; filter on interval_duration_s.
+        (`records` reads those in the usual layout from the text: `_interval_from_text`.)"""
         return self._interval_by_name(el)
 
     def _interval_from_text(self, seconds: int, stat_seconds: int, end_date: int, joules: int, record_id: int,
@@ -235,10 +240,8 @@ class _Report:
 
         stats = AC mV, AC mHz, DC mV, DC mA, °C, two unknown counters, and (8-value form) joules
         over the duration (reference §2.6). The two unknowns are kept as `stats_5`/`stats_6`: they
-        may be pwrConvErrSecs/pwrConvMaxErrCycles, but that is unverified."""
-        row = next(self._reading_rows, None)
-        if row is not None:
-            return self._reading_from_text(*row)  # type: ignore[arg-type]
+        may be pwrConvErrSecs/pwrConvMaxErrCycles, but that is unverified. (`records` reads those
+        in the usual layout from the text: `_reading_from_text`.)"""
         return self._reading_by_name(el)
 
     def _reading_from_text(self, seconds: int, ac_mv: int, ac_mhz: int, dc_mv: int, dc_ma: int, temperature: int,

@@ -5,11 +5,11 @@ Sound only where every `<interval` or `<reading` in the text is the start tag of
 element of the parsed tree, in document order: UTF-8 text with no comment, CDATA section,
 DOCTYPE, processing instruction or namespace declaration (`usual_rows` gives None otherwise).
 An element is then read from the text only when its start tag is written exactly in the Envoy's
-usual layout (`INTERVAL`, `READING`): double-quoted values of plain digits (at most 17, with an
-optional sign: within 64 bits) and an eqid without entities or normalised whitespace, so every
-captured value is the attribute's value in the tree. Any other start tag gives a row of empty
-values, and that element is read from the tree as before; so is every element when the counts
-of the text and the tree differ (the caller checks).
+usual layout (`INTERVAL`, `READING`): double-quoted integers of at most 18 characters (within 64
+bits) and an eqid of letters, digits and `._-`, so every captured value is the attribute's value
+in the tree. Any other start tag gives no row (None), and that element is read from the tree
+as before; so is every element when the counts of the text and the tree differ (the caller
+checks).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import re
 
 from .envelope import plain_markup
 
-#: An integer as JSON writes it (no leading zero), at most 17 digits: within 64 bits.
-_INT = r"(-?(?:0|[1-9][0-9]{0,16}))"
+#: An integer of at most 18 characters (within 64 bits), or something else of digits and dashes,
+#: which `int` refuses (a simple character class: the regex engine's fast loop).
+_INT = r"([0-9-]{1,18})"
 _N = f'"{_INT}"'
 #: An eqid of the characters serials and their pseudonyms have, captured with its quotes: a JSON string.
 _EQID = r'("[0-9A-Za-z._-]*")'
@@ -55,10 +56,23 @@ def usual_rows(xml: bytes) -> tuple[Rows, Rows] | None:
 def _rows(tags: re.Pattern[str], text: str) -> Rows:
     """The captures of every start tag, converted by one JSON parse in C (a thousand int() calls
     cost twice as much): each row is written as a JSON array, and a row of empty captures (a
-    start tag in another layout), which no usual row can be written like, as `null`."""
+    start tag in another layout), which no usual row can be written like, as `null`. JSON reads
+    a number as `int` does or not at all (a leading zero, a misplaced dash): then row by row."""
     found = tags.findall(text)
     if not found:
         return []
     arrays = "[[" + "],[".join(map(",".join, found)) + "]]"
-    return json.loads(arrays.replace("[" + "," * (tags.groups - 1) + "]", "null"))
+    try:
+        return json.loads(arrays.replace("[" + "," * (tags.groups - 1) + "]", "null"))
+    except ValueError:
+        return [_row(captures) for captures in found]
+
+
+def _row(captures: tuple[str, ...]) -> list[int | str] | None:
+    if not captures[0]:
+        return None
+    try:
+        return [*map(int, captures[:-1]), captures[-1][1:-1]]
+    except ValueError:
+        return None
 
