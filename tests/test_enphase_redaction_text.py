@@ -97,3 +97,8 @@ def test_identities_left_in_the_text_are_scrubbed_from_the_tree():
     assert interval is not None and interval.get("note") == pseudonym("999900000001", KEY)
     text = redact_raw(request_raw(wire_body(REPORTS["an address in text"])), Privacy())
     assert decode_raw(text)[-1].fields["text"] == "gateway at REDACTED"
+
+
+def test_every_network_attribute_has_a_name_part_the_text_is_searched_for():
+    for name in enphase_redaction.NETWORK_ATTRIBUTES:
+        assert any(part in name.encode() for part in enphase_redaction._NETWORK_NAME_PARTS)

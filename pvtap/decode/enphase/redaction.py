@@ -80,9 +80,11 @@ def redact_raw(raw: RawPayload, privacy: Privacy) -> RawPayload:
 _NETWORK_XPATH = etree.XPath("|".join(f"//@{name}" for name in NETWORK_ATTRIBUTES))
 _WITH_SERIAL = etree.XPath("//*[" + " or ".join(f"@{name}" for name in SERIAL_ATTRIBUTES) + "]")
 _SERIAL_VALUES = etree.XPath("|".join(f"//@{name}" for name in SERIAL_ATTRIBUTES), smart_strings=False)
-#: A serial attribute as an Envoy writes it (a space before, double quotes, an ASCII value): a
-#: literal start the regex engine finds fast; any other spelling is left to `_Scrubber.tree`.
-_SERIAL_IN_TEXT = re.compile(rb' (' + "|".join(SERIAL_ATTRIBUTES).encode() + rb')="([0-9A-Za-z._-]+)"')
+#: A serial attribute as an Envoy writes it (a space before, double quotes, an ASCII value), split
+#: into its start and its value; any other spelling is left to `_Scrubber.tree`.
+_SERIAL_IN_TEXT = re.compile(rb'( (?:' + "|".join(SERIAL_ATTRIBUTES).encode() + rb')=")([0-9A-Za-z._-]+)(?=")')
+#: Parts of every network attribute's name (in plain markup, a tree without them has none of those).
+_NETWORK_NAME_PARTS = (b"_addr", b"itude")
 #: A network attribute written so (double quotes, printable ASCII but `"&<>`: its value as the tree has it).
 _NETWORK_IN_TEXT = re.compile(rb' (?:' + "|".join(NETWORK_ATTRIBUTES).encode() + rb')="([ !#-%\'-;=?-~]*)"')
 #: A serial attribute written otherwise than as a pseudonym in double quotes (`_serials_done`).
@@ -104,8 +106,7 @@ class _Scrubber:
     def __init__(self, privacy: Privacy) -> None:
         self.privacy = privacy
         self.replacements: dict[str, str] = {}
-        self._written: dict[bytes, bytes] = {}  # serials_in_text: attribute → as written
-        self._pseudonyms: set[str] = set()
+        self._pseudonyms: set[str] = set()  # what identities_in_text wrote
 
     def tree(self, root: etree._Element, text: bytes | None) -> bool:
         """Redact a parsed report in place (XPath finds the attributes in C: a 500 + 500 report
@@ -114,7 +115,8 @@ class _Scrubber:
         `root` was parsed from when that is plain markup (`plain_markup`), else None. True when
         the tree may have changed."""
         changed = False
-        if not self.privacy.keep_network_identity:
+        if not self.privacy.keep_network_identity \
+                and (text is None or any(part in text for part in _NETWORK_NAME_PARTS)):
             for value in _NETWORK_XPATH(root):
                 el = value.getparent()
                 self._remember(str(value), REDACTED)
@@ -157,7 +159,7 @@ class _Scrubber:
         comment, another attribute's value) only puts a serial's pseudonym where the free-text
         scrub would have put it anyway, or removes a network identity from there outright."""
         if self.privacy.pseudonym_key:
-            xml = _SERIAL_IN_TEXT.sub(self._serial_match, xml)
+            xml = self._serials_in_text(xml)
         if not self.privacy.keep_network_identity and utf8_markup(xml) is not None:
             xml = _NETWORK_IN_TEXT.sub(self._network_match, xml)
         return xml
@@ -166,13 +168,18 @@ class _Scrubber:
         self._remember(match.group(1).decode("ascii"), REDACTED)
         return b""
 
-    def _serial_match(self, match: re.Match) -> bytes:
-        written = self._written.get(match.group(0))  # the same attribute, written a hundred times
-        if written is None:
-            new = self.eqid(match.group(2).decode("ascii"))
+    def _serials_in_text(self, xml: bytes) -> bytes:
+        """Split around the serial values, each distinct one pseudonymised once (a report names
+        each device in a hundred elements), joined again: no Python call per attribute."""
+        parts = _SERIAL_IN_TEXT.split(xml)  # text, attribute start, value, text, …
+        values = parts[2::3]
+        written: dict[bytes, bytes] = {}
+        for value in set(values):
+            new = self.eqid(value.decode("ascii"))
             self._pseudonyms.add(new)
-            written = self._written[match.group(0)] = b" %s=\"%s\"" % (match.group(1), new.encode("ascii"))
-        return written
+            written[value] = new.encode("ascii")
+        parts[2::3] = map(written.__getitem__, values)
+        return b"".join(parts)
 
     def _serials_done(self, root: etree._Element, text: bytes | None) -> bool:
         """Every non-empty serial attribute of the tree holds a pseudonym (as `eqid` leaves it).
