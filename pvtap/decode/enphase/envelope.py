@@ -197,8 +197,9 @@ def plain_markup(xml: bytes) -> bool:
 
 
 class ReportReading(NamedTuple):
-    """A report as the live path reads it, once: `redact_raw` parses and redacts the tree and
-    serialises it as the stored payload (`source`); `decode_raw` takes the tree from the payload
+    """A report as the live path reads it, once: `redact_raw` parses and redacts the tree, and
+    the stored payload (`source`) is what the tree was parsed from or the tree's serialisation
+    (`redaction.redact_raw`); `decode_raw` takes the tree from the payload
     (`RawPayload.parsed`) instead of parsing those bytes again. Nothing changes the tree after."""
 
     source: bytes

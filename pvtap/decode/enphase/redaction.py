@@ -42,7 +42,9 @@ _PLAIN_ATTRIBUTES = frozenset({
 
 def redact_raw(raw: RawPayload, privacy: Privacy) -> RawPayload:
     """The payload as it may be stored: the report parsed, network identity removed (unless
-    kept) and serials pseudonymised (when a key is set), stored as XML (`encoding: "xml"`).
+    kept) and serials pseudonymised (when a key is set), stored as XML (`encoding: "xml"`): the
+    redacted text itself when the checks on the tree found nothing left to do and the text is
+    plain markup (no comment or PI the parse dropped unseen), else the tree serialised.
     A body that does not get that far — not zlib, cut off, over the size bounds, XML that does not
     parse — is withheld (`pvtap.decode.withhold`), since no part of it was positively redacted;
     with `keep_unredacted` it is kept as received (`encoding: "original"`). Never raises."""
