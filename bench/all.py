@@ -89,6 +89,7 @@ def relay_rows(doc: dict[str, Any]) -> list[Row]:
 def fleet_rows(doc: dict[str, Any]) -> list[Row]:
     rows = []
     by = {(r["devices"], r["path"]): r for r in doc["rows"]}
+    pinned = "; relay and socat on a CPU of their own" if doc.get("pinned") else ""
     for devices in sorted({r["devices"] for r in doc["rows"]}):
         direct, socat = by.get((devices, "direct")), by.get((devices, "socat"))
         if direct is None or "p50" not in direct:
@@ -106,7 +107,7 @@ def fleet_rows(doc: dict[str, Any]) -> list[Row]:
             rows.append(Row(f"{devices:,} devices × 1 frame/s ({loop}): added p50 / p99 round trip; decoded copies "
                             "dropped, lost", f"+{r['p50'] - direct['p50']:.2f} / +{r['p99'] - direct['p99']:.2f} ms; "
                             f"dropped {r['dropped']}, lost {r['lost']} of {2 * r['frames']:,}{failed}{cpu}", ref,
-                            f"direct p50 {direct['p50']:.2f} ms, p99 {direct['p99']:.2f} ms"))
+                            f"direct p50 {direct['p50']:.2f} ms, p99 {direct['p99']:.2f} ms{pinned}"))
     return rows
 
 

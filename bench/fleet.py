@@ -9,6 +9,12 @@ device and, per device, sends a realtime frame once a second (devices spread eve
 second) and times the round trip until the ack is back. `relay` runs on the standard library's loop
 (the default), `relay-uvloop` on uvloop (relay.event_loop).
 
+On a machine with two or more CPUs the hop under test (socat and its children, or the relay and
+its ingest worker) runs on the last CPU and this client and the cloud on the others (`--pin`,
+the default there), as if the devices and the cloud were other machines: otherwise the load
+generator's own scheduling on the shared cores shows up in the hop's p99. `--no-pin` lets the
+scheduler place everything.
+
 Per path it prints the round trip's median / p99 / max, what the hop adds over the direct path
 (same run), and for the relay how many decoded copies were lost: every frame sent up and every
 ack sent down should end up in the relay's raw archive (decoded then, or after a restart), so
@@ -131,22 +137,30 @@ def wait_listening(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def start_socat(upstream: int) -> tuple[subprocess.Popen, int]:
+def on_cpus(command: list[str], cpus: set[int] | None) -> list[str]:
+    """The command run on these CPUs (with everything it starts), or as it is (None)."""
+    return ["taskset", "-c", ",".join(map(str, sorted(cpus))), *command] if cpus else command
+
+
+def start_socat(upstream: int, cpus: set[int] | None) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen(["socat", "-b1048576", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
-                             f"TCP:127.0.0.1:{upstream},nodelay"], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(on_cpus(["socat", "-b1048576",
+                                     f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
+                                     f"TCP:127.0.0.1:{upstream},nodelay"], cpus), stderr=subprocess.DEVNULL)
     wait_listening(port)
     return proc, port
 
 
-def start_relay(upstream: int, data_dir: Path, log: Path, loop: str = "asyncio") -> tuple[subprocess.Popen, int]:
+def start_relay(upstream: int, data_dir: Path, log: Path, loop: str,
+                cpus: set[int] | None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = data_dir.parent / "fleet.toml"
     config.write_text(f'[relay]\nevent_loop = "{loop}"\n[[relay.listeners]]\nprotocol = "alphaess"\n'
                       f'listen = "127.0.0.1:{port}"\nupstream = "127.0.0.1:{upstream}"\nmax_connections = 20000\n')
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy_tcp", "--config", str(config), "--data-dir",
-                                 str(data_dir)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(on_cpus([sys.executable, "-m", "proxy_tcp", "--config", str(config), "--data-dir",
+                                         str(data_dir)], cpus),  # its ingest worker inherits the CPUs
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     wait_listening(port)
     return proc, port
 
@@ -196,16 +210,17 @@ def percentile(sorted_times: list[float], q: float) -> float:
     return sorted_times[min(len(sorted_times) - 1, int(len(sorted_times) * q))]
 
 
-def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path, drain: float) -> dict[str, Any]:
+def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path, drain: float,
+             hop_cpus: set[int] | None) -> dict[str, Any]:
     proc: subprocess.Popen | None = None
     data_dir = tmp / f"{path}-{devices}" / "data"
     data_dir.mkdir(parents=True)
     port = cloud_port
     if path == "socat":
-        proc, port = start_socat(cloud_port)
+        proc, port = start_socat(cloud_port, hop_cpus)
     elif path.startswith("relay"):
         proc, port = start_relay(cloud_port, data_dir, data_dir.parent / "relay.log",
-                                 "uvloop" if path == "relay-uvloop" else "asyncio")
+                                 "uvloop" if path == "relay-uvloop" else "asyncio", hop_cpus)
     cpu_before = cpu_seconds(proc.pid) if proc is not None else 0.0
     try:
         times, failed = asyncio.run(fleet(port, devices, seconds))
@@ -243,7 +258,16 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the rows to this file (bench/all.py reads it)")
     parser.add_argument("--drain", type=float, default=60.0,
                         help="seconds to wait for the relay's decode backlog before stopping it (default 60)")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=(os.cpu_count() or 1) >= 2,
+                        help="the hop on the last CPU, client and cloud on the others (default: on with 2+ CPUs)")
     args = parser.parse_args()
+    hop_cpus: set[int] | None = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            parser.error("--pin needs at least 2 CPUs")
+        hop_cpus = {cpus[-1]}
+        os.sched_setaffinity(0, cpus[:-1])  # this client, and the cloud it forks
     if "socat" in args.paths and shutil.which("socat") is None:
         print("bench/fleet.py: socat is not installed (Debian package socat)", file=sys.stderr)
         return 2
@@ -255,11 +279,14 @@ def main() -> int:
             for devices in args.devices:
                 for path in args.paths:
                     print(f"  {devices} devices × 1 frame/s, {args.seconds:g} s: {path}", file=sys.stderr, flush=True)
-                    rows.append(run_path(path, devices, args.seconds, cloud_port, Path(tmp), args.drain))
+                    rows.append(run_path(path, devices, args.seconds, cloud_port, Path(tmp), args.drain,
+                                         hop_cpus))
     finally:
         cloud.terminate()
     print(f"\n{FRAME_SIZE}-byte AlphaESS realtime frame answered by a {len(ACK)}-byte ack; round trip in ms; "
-          f"added = minus the direct path of the same fleet size; {os.cpu_count()} CPUs\n")
+          f"added = minus the direct path of the same fleet size; {os.cpu_count()} CPUs"
+          + (f"; hop pinned to CPU {min(hop_cpus)}, client and cloud to the others" if hop_cpus else "; not pinned")
+          + "\n")
     print(f"{'devices':>7} {'path':<14}{'frames':>8}{'p50':>8}{'p99':>8}{'max':>8}{'+p50':>8}{'+p99':>8}"
           f"{'lost':>7}{'dropped':>8}{'archived':>9}{'records':>8}{'load':>6}{'CPU µs/rt':>10}")
     direct = {r["devices"]: r for r in rows if r["path"] == "direct"}
@@ -275,7 +302,8 @@ def main() -> int:
               f"{r.get('max', 0):>8.1f}{added}{lost}{r['load']:>6.2f}{r.get('cpu_us_per_round_trip', 0):>10.0f}"
               f"{failed}{backlog}")
     if args.json:
-        args.json.write_text(json.dumps({"seconds": args.seconds, "frame_bytes": FRAME_SIZE, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"seconds": args.seconds, "frame_bytes": FRAME_SIZE, "rows": rows,
+                                         "pinned": hop_cpus is not None}, indent=1))
     return 0
 
 

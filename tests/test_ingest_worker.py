@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from pvtap.config import InfluxConfig
+from pvtap.config import ConfigError, InfluxConfig, load_config
 from pvtap.ingest.channel import Channel, IngestStartError
 from pvtap.ingest.settings import WorkerSettings
 from pvtap.ingest.worker import WORKER_NICENESS
@@ -112,21 +112,45 @@ async def test_a_worker_that_dies_is_restarted_and_the_gap_is_counted(tmp_path):
     assert len(kept) == stats["copies_sent"]  # every copy that went over is archived
 
 
-@pytest.mark.slow  # waits WRITER_LOCK_WAIT_S for the first writer to let go
 def niceness(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as stat:
         return int(stat.read().rsplit(")", 1)[1].split()[16])
 
 
-def test_the_worker_yields_the_cpu_to_its_forwarding_process(tmp_path):
+def test_the_worker_runs_only_on_idle_cpu_time_by_default(tmp_path):
     channel = Channel.process(WorkerSettings.of(tmp_path / "relay.sqlite", Privacy(), InfluxConfig(), 1 << 20))
     channel.start(wait_ready=30)
     try:
+        assert os.sched_getscheduler(channel.ready["pid"]) == os.SCHED_IDLE
+        assert os.sched_getscheduler(os.getpid()) == os.SCHED_OTHER  # the forwarding side keeps its priority
+    finally:
+        channel.close(10)
+
+
+def test_a_low_priority_worker_runs_at_nice_10(tmp_path):
+    settings = WorkerSettings.of(tmp_path / "relay.sqlite", Privacy(), InfluxConfig(), 1 << 20, cpu_priority="low")
+    channel = Channel.process(settings)
+    channel.start(wait_ready=30)
+    try:
+        assert os.sched_getscheduler(channel.ready["pid"]) == os.SCHED_OTHER
         assert niceness(channel.ready["pid"]) == min(19, niceness(os.getpid()) + WORKER_NICENESS)
     finally:
         channel.close(10)
 
 
+def test_the_cpu_priority_comes_from_the_config(tmp_path):
+    (tmp_path / "low.toml").write_text('[ingest]\ncpu_priority = "low"\n')
+    low = load_config(tmp_path / "low.toml", env={})
+    assert WorkerSettings.of_config(tmp_path / "relay.sqlite", Privacy(), low).cpu_priority == "low"
+    default = load_config(None, env={})
+    assert WorkerSettings.of_config(tmp_path / "relay.sqlite", Privacy(), default).cpu_priority == "idle"
+    (tmp_path / "bad.toml").write_text('[ingest]\ncpu_priority = "high"\n')
+    with pytest.raises(ConfigError) as error:
+        load_config(tmp_path / "bad.toml", env={})
+    assert error.value.key == "ingest.cpu_priority" and "idle, low" in error.value.problem
+
+
+@pytest.mark.slow  # waits WRITER_LOCK_WAIT_S for the first writer to let go
 def test_a_second_writer_of_a_store_is_refused_naming_the_fix(tmp_path):
     settings = WorkerSettings.of(tmp_path / "relay.sqlite", Privacy(), InfluxConfig(), 1 << 20)
     first = Channel.process(settings).start(wait_ready=30)

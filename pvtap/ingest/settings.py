@@ -54,6 +54,7 @@ class WorkerSettings:
     log_level: str = "info"
     parent_pid: int = 0
     stop_decode_s: float = DECODE_STOP_GRACE_S  # ingest.stop_decode_s
+    cpu_priority: str = "idle"  # ingest.cpu_priority
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -61,19 +62,20 @@ class WorkerSettings:
     @classmethod
     def of(cls, store: Path, privacy: Privacy, influx: InfluxConfig, queue_bytes: int, log_level: str = "info",
            adopt: list[Path] | None = None, mqtt: MqttConfig | None = None,
-           stop_decode_s: float = DECODE_STOP_GRACE_S) -> WorkerSettings:
+           stop_decode_s: float = DECODE_STOP_GRACE_S, cpu_priority: str = "idle") -> WorkerSettings:
         fields = {f.name: getattr(privacy, f.name) for f in dataclasses.fields(privacy)}
         return cls(store=str(store), adopt=[str(p) for p in adopt or []],
                    privacy={k: v.hex() if isinstance(v, bytes) else v for k, v in fields.items()},
                    influx=dataclasses.asdict(influx), mqtt=dataclasses.asdict(mqtt) if mqtt else {},
-                   queue_bytes=queue_bytes, log_level=log_level, parent_pid=os.getpid(), stop_decode_s=stop_decode_s)
+                   queue_bytes=queue_bytes, log_level=log_level, parent_pid=os.getpid(), stop_decode_s=stop_decode_s,
+                   cpu_priority=cpu_priority)
 
     @classmethod
     def of_config(cls, store: Path, privacy: Privacy, config: Config,
                   adopt: list[Path] | None = None) -> WorkerSettings:
         """The settings of a worker for `store` from the pvtap config ([ingest], [influx], [mqtt], log level)."""
         return cls.of(store, privacy, config.influx, config.ingest.queue_mb * 2**20, config.log_level, adopt,
-                      config.mqtt, config.ingest.stop_decode_s)
+                      config.mqtt, config.ingest.stop_decode_s, config.ingest.cpu_priority)
 
     @property
     def stop_grace(self) -> float:
