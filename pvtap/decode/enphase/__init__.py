@@ -27,11 +27,16 @@ field has one type everywhere (InfluxDB rejects a field that changes type): ids,
 joules and seconds are int; physical quantities (V, Hz, A, °C, W, Wh, degrees) are float;
 everything else, and every attribute this module does not know, is str.
 
-Read once: `redact_raw` parses the report, redacts the tree and stores its serialisation; the
-tree goes on in the payload's `parsed` (`ReportReading`), so `decode_raw` does not parse again.
+Read once: `redact_raw` redacts what it can in the text (serials, network attributes), parses
+it, checks and redacts the tree, and stores the text (when the tree needed nothing more and the
+text holds only what the tree does) or the tree's serialisation; the tree goes on in the
+payload's `parsed` (`ReportReading`), so `decode_raw` does not parse again. `decode_raw` reads
+the usual intervals and readings (nearly all of a catch-up) from the text by one regex (`rows`),
+the rest from the tree.
 
 Modules: `envelope` (paths, zlib, the form, safe XML, the cloud's answer), `redaction`
-(`redact_raw`), `records` (`decode_raw`); this package re-exports their public names.
+(`redact_raw`), `records` (`decode_raw`), `rows` (the text fast path); this package re-exports
+their public names.
 """
 
 from __future__ import annotations

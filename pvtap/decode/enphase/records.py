@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 
 from lxml import etree
@@ -12,6 +12,7 @@ from pvtap.records import FieldValue, Origin, RawPayload, Record, utc_from_unix
 
 from ..withhold import is_withheld
 from .envelope import PROTOCOL, ReportError, ReportReading, inflated, parse_xml, split_form
+from .rows import usual_rows
 
 EVENT_STATES = {0: "one-shot", 1: "set", 2: "clear"}
 #: Event codes with a public meaning (reference §2.3, from larsks' constants.py).
@@ -37,7 +38,7 @@ def decode_raw(raw: RawPayload) -> list[Record]:
         return []
     reading = raw.parsed_as(ReportReading)
     if reading is not None:
-        root = reading.root
+        root, xml = reading.root, reading.source
     else:
         try:
             xml, _ = split_form(inflated(raw))
@@ -47,7 +48,7 @@ def decode_raw(raw: RawPayload) -> list[Record]:
                 raise
             return []
     if root.tag == "perf_report":
-        return _Report(root, raw).records()
+        return _Report(root, raw, xml).records()
     if root.tag == "perf_report_response":
         return _response_records(root, raw)
     if strict:
@@ -78,7 +79,7 @@ def _response_records(root: etree._Element, raw: RawPayload) -> list[Record]:
 class _Report:
     """One `perf_report` decoded into records, in document order after the envoy record."""
 
-    def __init__(self, root: etree._Element, raw: RawPayload) -> None:
+    def __init__(self, root: etree._Element, raw: RawPayload, xml: bytes) -> None:
         self.root = root
         try:
             self.timestamp = _int(root, "report_timestamp")
@@ -92,11 +93,23 @@ class _Report:
         self.elements = _Elements(self.time, self.tags, self.origin)
         self._times: dict[int, datetime] = {}
         self._tags: dict[str, Mapping[str, str]] = {}
+        self._interval_rows, self._reading_rows = self._text_rows(xml)
+
+    def _text_rows(self, xml: bytes) -> tuple[Iterator[list[int | str] | None], Iterator[list[int | str] | None]]:
+        """The rows `rows.usual_rows` reads from the text, one per interval and reading element
+        in document order; none (every element read from the tree) unless the text has exactly
+        as many of each as the tree."""
+        rows = usual_rows(xml)
+        if rows is None or len(rows[0]) != _COUNT_INTERVALS(self.root) or len(rows[1]) != _COUNT_READINGS(self.root):
+            return iter(()), iter(())
+        return iter(rows[0]), iter(rows[1])
 
     def records(self) -> list[Record]:
         out: list[Record] = []
         counts = dict.fromkeys(_DECODERS, 0)
         decoded: set[etree._Element] = set()
+        intervals, readings = self._interval_rows, self._reading_rows  # (looked up once: a thousand elements)
+        interval_from_text, reading_from_text = self._interval_from_text, self._reading_from_text
         for el in self.root.iterdescendants():
             tag = el.tag
             decoder = _DECODERS.get(tag)  # type: ignore[arg-type]  # (a non-element's tag is a function: None)
@@ -106,7 +119,12 @@ class _Report:
                     self.elements.add(el)
                 continue
             try:
-                out.append(decoder(self, el))
+                if tag == "interval" and (row := next(intervals, None)) is not None:
+                    out.append(interval_from_text(*row))  # type: ignore[arg-type]
+                elif tag == "reading" and (row := next(readings, None)) is not None:
+                    out.append(reading_from_text(*row))  # type: ignore[arg-type]
+                else:
+                    out.append(decoder(self, el))
             except _ELEMENT_ERRORS as exc:
                 self.elements.add(el, f"{type(exc).__name__}: {exc}")
             else:
@@ -183,11 +201,22 @@ class _Report:
         """Energy of one channel over one interval ending at `end_date`. `stats` is one integer,
         joules (webcomm 4.6.0); a comma list (possibly the 3.0 form, meaning unconfirmed) is kept
         as the text `stats`. Intervals of one channel with the same end_date (a catch-up roll-up
-        ending with a 5-minute one) are one InfluxDB point; filter on interval_duration_s."""
-        return self._fast_interval(el) or self._interval_by_name(el)
+        ending with a 5-minute one) are one InfluxDB point; filter on interval_duration_s.
+        (`records` reads those in the usual layout from the text: `_interval_from_text`.)"""
+        return self._interval_by_name(el)
+
+    def _interval_from_text(self, seconds: int, stat_seconds: int, end_date: int, joules: int, record_id: int,
+                            eqid: str) -> Record:
+        """`_interval` of a row in the usual layout (`rows.INTERVAL`): integers within 64 bits."""
+        fields: dict[str, FieldValue] = {
+            "id": record_id, "interval_duration_s": seconds, "stat_duration_s": stat_seconds, "energy_j": joules,
+            "energy_wh": joules / 3600}
+        if seconds > 0:
+            fields["avg_power_w"] = joules / seconds
+        return Record.trusted("enphase_interval", self._time(end_date), self._eqid_tags(eqid), fields, self.origin)
 
     def _interval_by_name(self, el: etree._Element) -> Record:
-        """`_interval` for any element: each attribute read and checked by name."""
+        """`_interval` for any element (the general path): each attribute read and checked by name."""
         a = dict(el.items())
         duration = _int(a, "interval_duration", el)
         fields: dict[str, FieldValue] = {"id": _int(a, "id", el), "interval_duration_s": duration}
@@ -206,45 +235,29 @@ class _Report:
             fields.update(_unknown(a, _INTERVAL_ATTRIBUTES, fields))
         return self._record("enphase_interval", self._time(_int(a, "end_date", el)), a.get("eqid"), fields)
 
-    def _fast_interval(self, el: etree._Element) -> Record | None:
-        """`_interval` for the Envoy's usual element — exactly its six attributes, short decimal
-        values, one joules figure — read by position (`_layout`) in one pass; None for anything
-        else, which `_interval_by_name` reads (and reports) attribute by attribute."""
-        values = el.values()
-        at = _layout(el.keys(), _INTERVAL_LAYOUT)
-        if at is None:
-            return None
-        end_date, duration, stat_duration, stats, record_id = (
-            values[at[0]], values[at[1]], values[at[2]], values[at[3]], values[at[4]])
-        if len(end_date) > 18 or len(duration) > 18 or len(stat_duration) > 18 or len(stats) > 18 \
-                or len(record_id) > 18:  # 18 characters: within 64 bits
-            return None
-        try:
-            seconds = int(duration)
-            record_id_n = int(record_id)
-            stat_seconds = int(stat_duration)
-            joules = int(stats)
-            unix = int(end_date)
-        except ValueError:
-            return None
-        fields: dict[str, FieldValue] = {
-            "id": record_id_n, "interval_duration_s": seconds, "stat_duration_s": stat_seconds, "energy_j": joules,
-            "energy_wh": joules / 3600}
-        if seconds > 0:
-            fields["avg_power_w"] = joules / seconds
-        return Record.trusted("enphase_interval", self._time(unix), self._eqid_tags(values[at[5]]), fields,
-                              self.origin)
-
     def _reading(self, el: etree._Element) -> Record:
         """Electrical readings of one channel over `duration` seconds ending at `date`.
 
         stats = AC mV, AC mHz, DC mV, DC mA, °C, two unknown counters, and (8-value form) joules
         over the duration (reference §2.6). The two unknowns are kept as `stats_5`/`stats_6`: they
-        may be pwrConvErrSecs/pwrConvMaxErrCycles, but that is unverified."""
-        return self._fast_reading(el) or self._reading_by_name(el)
+        may be pwrConvErrSecs/pwrConvMaxErrCycles, but that is unverified. (`records` reads those
+        in the usual layout from the text: `_reading_from_text`.)"""
+        return self._reading_by_name(el)
+
+    def _reading_from_text(self, seconds: int, ac_mv: int, ac_mhz: int, dc_mv: int, dc_ma: int, temperature: int,
+                           stats_5: int, stats_6: int, joules: int, date: int, record_id: int, flags: int,
+                           eqid: str) -> Record:
+        """`_reading` of a row in the usual layout (`rows.usual_rows`): integers within 64 bits."""
+        fields: dict[str, FieldValue] = {
+            "id": record_id, "duration_s": seconds, "ac_voltage_v": ac_mv / 1000, "ac_frequency_hz": ac_mhz / 1000,
+            "dc_voltage_v": dc_mv / 1000, "dc_current_a": dc_ma / 1000, "temperature_c": float(temperature),
+            "flags": flags, "stats_5": stats_5, "stats_6": stats_6, "energy_j": joules}
+        if seconds > 0:
+            fields["avg_power_w"] = joules / seconds
+        return Record.trusted("enphase_reading", self._time(date), self._eqid_tags(eqid), fields, self.origin)
 
     def _reading_by_name(self, el: etree._Element) -> Record:
-        """`_reading` for any element: each attribute read and checked by name."""
+        """`_reading` for any element (the general path): each attribute read and checked by name."""
         a = dict(el.items())
         stats = _int64s(a.get("stats", ""))
         if len(stats) < 5:
@@ -275,37 +288,6 @@ class _Report:
         if not _READING_ATTRIBUTES.issuperset(a):
             fields.update(_unknown(a, _READING_ATTRIBUTES, fields))
         return self._record("enphase_reading", self._time(_int(a, "date", el)), a.get("eqid"), fields)
-
-    def _fast_reading(self, el: etree._Element) -> Record | None:
-        """`_reading` for the Envoy's usual element (its six attributes, short decimal values, the
-        8-value stats), read by position in one pass; None for anything else (`_fast_interval`)."""
-        values = el.values()
-        at = _layout(el.keys(), _READING_LAYOUT)
-        if at is None:
-            return None
-        date, duration, record_id, flags = values[at[0]], values[at[1]], values[at[2]], values[at[3]]
-        if len(date) > 18 or len(duration) > 18 or len(record_id) > 18 or len(flags) > 18:
-            return None
-        fields: dict[str, FieldValue]
-        try:
-            stats = list(map(int, values[at[4]].split(",")))
-            seconds = int(duration)
-            unix = int(date)
-            record_id_n = int(record_id)
-            flag_bits = int(flags)
-        except ValueError:
-            return None
-        if len(stats) != 8 or min(stats) < -(2**63) or max(stats) >= 2**63:
-            return None
-        ac_mv, ac_mhz, dc_mv, dc_ma, temperature, stats_5, stats_6, joules = stats
-        fields = {"id": record_id_n, "duration_s": seconds, "ac_voltage_v": ac_mv / 1000,
-                  "ac_frequency_hz": ac_mhz / 1000, "dc_voltage_v": dc_mv / 1000, "dc_current_a": dc_ma / 1000,
-                  "temperature_c": float(temperature), "flags": flag_bits, "stats_5": stats_5, "stats_6": stats_6,
-                  "energy_j": joules}
-        if seconds > 0:
-            fields["avg_power_w"] = joules / seconds
-        return Record.trusted("enphase_reading", self._time(unix), self._eqid_tags(values[at[5]]), fields,
-                              self.origin)
 
     def _eqid_tags(self, eqid: str) -> Mapping[str, str]:
         """The tags of a channel's records: one dict per eqid, shared by its records (a catch-up
@@ -343,27 +325,8 @@ _CHANNEL_INTS = frozenset({"condition_flags", "observed_flags", "control_bits", 
 _INTERVAL_ATTRIBUTES = frozenset({"id", "eqid", "end_date", "interval_duration", "stat_duration", "stats"})
 _READING_ATTRIBUTES = frozenset({"id", "eqid", "date", "duration", "flags", "stats"})
 
-#: The attributes `_fast_interval` and `_fast_reading` read, in the order of the positions `_layout` gives.
-_INTERVAL_LAYOUT = ("end_date", "interval_duration", "stat_duration", "stats", "id", "eqid")
-_READING_LAYOUT = ("date", "duration", "id", "flags", "stats", "eqid")
-_layouts: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[int, ...] | None] = {}
-
-
-def _layout(keys: list[str], wanted: tuple[str, ...]) -> tuple[int, ...] | None:
-    """Where each `wanted` attribute is among an element's attribute names `keys`, if those are
-    exactly the wanted ones in some order, else None. An Envoy writes its elements' attributes in
-    one order, so this is a lookup in a small table; it is bounded against hostile reports."""
-    key = (tuple(keys), wanted)
-    found = _layouts.get(key, _MISSING)
-    if found is _MISSING:
-        found = tuple(keys.index(name) for name in wanted) \
-            if len(keys) == len(wanted) and set(keys) == set(wanted) else None
-        if len(_layouts) < 64:
-            _layouts[key] = found
-    return found  # type: ignore[return-value]
-
-
-_MISSING = object()
+_COUNT_INTERVALS = etree.XPath("count(//interval)")
+_COUNT_READINGS = etree.XPath("count(//reading)")
 
 _DECODERS: dict[str, Callable[[_Report, etree._Element], Record]] = {
     "event": _Report._event,
