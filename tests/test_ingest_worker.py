@@ -117,19 +117,8 @@ def niceness(pid: int) -> int:
         return int(stat.read().rsplit(")", 1)[1].split()[16])
 
 
-def test_the_worker_runs_only_on_idle_cpu_time_by_default(tmp_path):
+def test_the_worker_yields_the_cpu_to_its_forwarding_process(tmp_path):
     channel = Channel.process(WorkerSettings.of(tmp_path / "relay.sqlite", Privacy(), InfluxConfig(), 1 << 20))
-    channel.start(wait_ready=30)
-    try:
-        assert os.sched_getscheduler(channel.ready["pid"]) == os.SCHED_IDLE
-        assert os.sched_getscheduler(os.getpid()) == os.SCHED_OTHER  # the forwarding side keeps its priority
-    finally:
-        channel.close(10)
-
-
-def test_a_low_priority_worker_runs_at_nice_10(tmp_path):
-    settings = WorkerSettings.of(tmp_path / "relay.sqlite", Privacy(), InfluxConfig(), 1 << 20, cpu_priority="low")
-    channel = Channel.process(settings)
     channel.start(wait_ready=30)
     try:
         assert os.sched_getscheduler(channel.ready["pid"]) == os.SCHED_OTHER
@@ -138,12 +127,23 @@ def test_a_low_priority_worker_runs_at_nice_10(tmp_path):
         channel.close(10)
 
 
+def test_an_idle_priority_worker_runs_only_on_idle_cpu_time(tmp_path):
+    settings = WorkerSettings.of(tmp_path / "relay.sqlite", Privacy(), InfluxConfig(), 1 << 20, cpu_priority="idle")
+    channel = Channel.process(settings)
+    channel.start(wait_ready=30)
+    try:
+        assert os.sched_getscheduler(channel.ready["pid"]) == os.SCHED_IDLE
+        assert os.sched_getscheduler(os.getpid()) == os.SCHED_OTHER  # the forwarding side keeps its priority
+    finally:
+        channel.close(10)
+
+
 def test_the_cpu_priority_comes_from_the_config(tmp_path):
-    (tmp_path / "low.toml").write_text('[ingest]\ncpu_priority = "low"\n')
-    low = load_config(tmp_path / "low.toml", env={})
-    assert WorkerSettings.of_config(tmp_path / "relay.sqlite", Privacy(), low).cpu_priority == "low"
+    (tmp_path / "idle.toml").write_text('[ingest]\ncpu_priority = "idle"\n')
+    idle = load_config(tmp_path / "idle.toml", env={})
+    assert WorkerSettings.of_config(tmp_path / "relay.sqlite", Privacy(), idle).cpu_priority == "idle"
     default = load_config(None, env={})
-    assert WorkerSettings.of_config(tmp_path / "relay.sqlite", Privacy(), default).cpu_priority == "idle"
+    assert WorkerSettings.of_config(tmp_path / "relay.sqlite", Privacy(), default).cpu_priority == "low"
     (tmp_path / "bad.toml").write_text('[ingest]\ncpu_priority = "high"\n')
     with pytest.raises(ConfigError) as error:
         load_config(tmp_path / "bad.toml", env={})

@@ -169,11 +169,12 @@ class IngestConfig:
              "matters under a supervisor's stop grace (Docker: stop_grace_period); docs/relay.md, \"Stopping\".",
         check=lambda v: None if 0 <= v <= MAX_STOP_DECODE_S else f"must be between 0 and {MAX_STOP_DECODE_S:g}")
     cpu_priority: str = setting(
-        "idle", "The ingest workers' CPU priority. idle: they run only on CPU time nothing else wants (Linux "
-                "SCHED_IDLE), so a decode never delays a forwarded frame (at 1,000 devices it cut the added p99 "
-                "about threefold, docs/benchmarks.md); on a machine whose cores are always busy with other work "
-                "copies then wait, and past ingest.queue_mb are dropped and counted (pvtap status). low: nice 10, "
-                "a share of the CPU even then, at the cost of the devices' round trips.",
+        "low", "The ingest workers' CPU priority. low: nice 10, so the forwarding processes go first on busy cores "
+               "and the workers still get a share. idle: only CPU time nothing else wants (Linux SCHED_IDLE), so a "
+               "decode never delays a forwarded frame (a lower added p99 at 1,000 devices, docs/design.md); but on "
+               "cores busy with other work the workers get almost nothing: copies wait, past ingest.queue_mb they "
+               "are dropped, and a stop may leave copies unarchived (counted as lost, pvtap status). For a "
+               "dedicated relay machine only.",
         check=one_of("idle", "low"))
 
 

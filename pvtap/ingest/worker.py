@@ -461,9 +461,11 @@ def yield_cpu(priority: str) -> None:
     """When the cores are busy, the forwarding process goes first: a round trip waiting behind a
     decode is what devices feel, and the worker's backlog is bounded and archived anyway.
 
-    "idle" (SCHED_IDLE): a forwarding process that wakes takes the core from the worker at once;
-    at nice 10 it could wait out the worker's time slice, some milliseconds (1,000 devices × 1
-    frame/s, relay pinned to one core with its worker: added p99 +3 ms at nice 10, +1 ms idle).
+    "low" (the default): nice 10. "idle" (SCHED_IDLE): a forwarding process that wakes takes the
+    core from the worker at once, where at nice 10 it could wait out the worker's time slice, some
+    milliseconds (1,000 devices × 1 frame/s, relay pinned to one core with its worker: added p99
+    +3 ms at nice 10, +1 ms idle); but a worker starved by other work cannot archive within its
+    stop grace (tests/test_ingest_workers.py lost copies with both cores busy), so it is opt-in.
     Where the kernel refuses it (not Linux), nice 10 as with "low"."""
     if priority == "idle":
         try:
