@@ -221,6 +221,15 @@ async def read_to_eof(reader: asyncio.StreamReader, timeout: float = 10.0) -> by
     return bytes(out)
 
 
+async def closed_without_answer(reader: asyncio.StreamReader) -> bool:
+    """The relay closed the connection and sent nothing: a FIN (an EOF with nothing before it)
+    or a reset (the kernel resets a socket closed with unread data)."""
+    try:
+        return await read_to_eof(reader) == b""
+    except ConnectionResetError:
+        return True
+
+
 # -- a stand-in DNS server --------------------------------------------------------------------
 
 class StandInDNS(asyncio.DatagramProtocol):

@@ -18,12 +18,10 @@ from proxy_tcp.pump import CHUNK, Activity, PumpEnd, Splice
 from proxy_tcp.service import loop_factory
 from pvtap.ingest.framing import ConnectionRecord
 from pvtap.records import DOWN, UP
+from tests.conftest import RELAY_LOOPS
 from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
-
-#: the relay's event loops (relay.event_loop): the take-over uses both loops' transports
-LOOPS = ["asyncio", "uvloop"]
 
 
 class Copies:
@@ -78,7 +76,7 @@ async def read_all(reader: asyncio.StreamReader) -> bytes:
     return await reader.read()  # until EOF
 
 
-@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("loop", RELAY_LOOPS)  # the take-over uses both loops' transports
 def test_bytes_and_eof_read_before_the_take_over_reach_the_cloud(loop):
     asyncio.run(read_before_the_take_over(), loop_factory=loop_factory(loop))
 
@@ -108,7 +106,7 @@ async def read_before_the_take_over():
         await asyncio.wait_for(asyncio.gather(relay_device[1].wait_closed(), relay_cloud[1].wait_closed()), 10)
 
 
-@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("loop", RELAY_LOOPS)  # the take-over uses both loops' transports
 def test_a_stream_paused_with_a_full_buffer_is_resumed_and_everything_forwarded(loop):
     asyncio.run(paused_stream_resumed(), loop_factory=loop_factory(loop))
 
@@ -128,7 +126,7 @@ async def paused_stream_resumed():
         spliced.stop()
 
 
-@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("loop", RELAY_LOOPS)  # the take-over uses both loops' transports
 def test_a_reset_ends_both_directions_naming_the_side_that_reset(loop):
     asyncio.run(a_reset_ends_both_directions(), loop_factory=loop_factory(loop))
 
