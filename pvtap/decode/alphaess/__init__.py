@@ -61,13 +61,14 @@ Read once: the Tap hands each frame on as a `FrameReading` (the frame, its body 
 on first use) in the payload's `parsed`; `redact_raw` passes it on (a new one for a changed
 body) and `decode_raw` decodes from it, reading the bytes only for a payload without one.
 
-Modules: `framing` (frames, CRC, the stream framer), `records` (bodies, readings, field types,
-records), `redaction` (`redact_raw`), `tap` (the relay's Tap and LocalAnswerer); this package
-re-exports their public names.
+Modules: `framing` (frames, CRC, the stream framer), `bodies` (JSON bodies and frame readings),
+`records` (device clocks, field types, records), `redaction` (`redact_raw`), `tap` (the relay's
+Tap and LocalAnswerer); this package re-exports their public names.
 """
 
 from __future__ import annotations
 
+from .bodies import Body, FrameReading, JsonObject, encode_json, numbered, read_frame, read_json
 from .framing import (
     ACK_BODY,
     CRC_LEN,
@@ -90,17 +91,10 @@ from .framing import (
 from .records import (
     INT_FIELDS,
     TEXT_FIELDS,
-    Body,
-    FrameReading,
-    JsonObject,
     csv_rows,
     decode_raw,
     device_time,
-    encode_json,
     first_device_time,
-    numbered,
-    read_frame,
-    read_json,
     records_from_frame,
     typed_fields,
 )

@@ -12,8 +12,8 @@ from pvtap.privacy import REDACTED, Privacy
 from pvtap.records import RawPayload
 
 from ..withhold import is_withheld, redacted_origin, withhold
+from .bodies import UNREAD, Body, FrameReading, JsonObject, Unread, dump, read_frame
 from .framing import REQUEST, AlphaFrame, encode_frame, new_frame
-from .records import UNREAD, Body, FrameReading, JsonObject, Unread, dump, read_frame
 
 #: Redacted always (reference §4).
 SECRET_KEYS = frozenset({"Password", "License", "Address", "ZipCode", "PhoneNumber"})

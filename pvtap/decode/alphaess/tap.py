@@ -12,8 +12,9 @@ from typing import Any
 from pvtap.records import DOWN, UP, Origin, RawPayload
 
 from ..sampling import RejectedSample
+from .bodies import FrameReading
 from .framing import KNOWN_TYPES, PROTOCOL, REQUEST, SYNC, AlphaFrame, Framer, Garbage, ack_frame, frame_name
-from .records import FrameReading, csv_rows, device_clock, first_device_time
+from .records import csv_rows, device_clock, first_device_time
 
 # -- the relay's side -------------------------------------------------------------------------
 
