@@ -138,7 +138,7 @@ _SKIPPED_VALUES = ("", REDACTED)
 
 
 def typed_fields(items: Iterable[tuple[str, Any]]) -> dict[str, FieldValue]:
-    """Measurement fields with a fixed type per name (see module docstring)."""
+    """Measurement fields with a fixed type per name (see the package docstring)."""
     fields: dict[str, FieldValue] = {}
     for name, value in items:
         if name in _NOT_FIELDS or value is None or value in _SKIPPED_VALUES:
@@ -262,7 +262,7 @@ def _iso(naive: datetime) -> str:
 def records_from_frame(reading: FrameReading, origin: Origin, received: datetime,
                        clock_offset_s: int | None = None) -> list[Record]:
     """The records one frame holds. `origin.direction` is the socket's; `clock_offset_s`
-    converts the device clock to UTC (module docstring); redacted values are left out."""
+    converts the device clock to UTC (the package docstring); redacted values are left out."""
     frame = reading.frame
     body = reading.json if frame.type != 12 else None
     serial = origin.device
@@ -319,7 +319,7 @@ def records_from_frame(reading: FrameReading, origin: Origin, received: datetime
 
 
 def _members(body: JsonObject) -> Collection[tuple[str, Any]] | Iterator[tuple[str, Any]]:
-    """The body's members, a repeated key numbered (module docstring)."""
+    """The body's members, a repeated key numbered (`numbered`)."""
     return body.members if body.plain else numbered(body.members)
 
 
