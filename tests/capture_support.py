@@ -98,6 +98,9 @@ def rewrite(source: Path, target: Path, keep: Callable[[Frame], bool] = lambda f
             if not keep(frame):
                 left_out += 1
                 continue
+            if pcapng:  # scapy's pcapng writer takes the time as one number and ignores usec
+                writer.write_packet(frame.data, sec=frame.time, caplen=len(frame.data), wirelen=frame.wirelen)
+                continue
             sec = int(frame.time)
             writer.write_packet(frame.data, sec=sec, usec=round((frame.time - sec) * 1_000_000),
                                 caplen=len(frame.data), wirelen=frame.wirelen)
