@@ -84,7 +84,7 @@ def test_raw_first_a_backlog_is_decoded_later_even_by_another_engine(data_dir, c
     with LocalStore.for_process(data_dir, "relay") as store:
         first = Ingest(store)
         first.archive([first.redact(payload(f"n={i}".encode())) for i in range(700)])
-        assert first.decode_pending(limit=300) == 300  # then it stopped
+        assert first.decode_pending(limit=300, budget_s=60) == 300  # then it stopped (no budget cut)
         assert store.decode_backlog() == 400 and store.count_records() == 300
     with LocalStore.for_process(data_dir, "relay") as store:
         second = Ingest(store)
