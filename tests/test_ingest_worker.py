@@ -10,12 +10,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from datetime import UTC, datetime
 
 import pytest
 
 from pvtap.config import ConfigError, InfluxConfig, load_config
+from pvtap.ingest import channel as channel_module
 from pvtap.ingest.channel import Channel, IngestStartError
+from pvtap.ingest.lifecycle import full_cpu_for_the_stop
 from pvtap.ingest.settings import WorkerSettings
 from pvtap.ingest.worker import WORKER_NICENESS
 from pvtap.privacy import Privacy
@@ -136,6 +139,41 @@ def test_an_idle_priority_worker_runs_only_on_idle_cpu_time(tmp_path):
         assert os.sched_getscheduler(os.getpid()) == os.SCHED_OTHER  # the forwarding side keeps its priority
     finally:
         channel.close(10)
+
+
+def threads_of(pid: int) -> list[int]:
+    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+@pytest.mark.parametrize("priority", ["low", "idle"])
+def test_at_the_stop_the_worker_gets_its_full_share_of_the_cores(tmp_path, priority, monkeypatch):
+    """Once forwarding is over, a worker starved by other work must still archive the last copies
+    within its grace: the channel's hang-up puts every thread of the worker back to the normal
+    policy at the forwarding side's niceness (two busy loops made tests/test_stop_with_backlog.py
+    lose copies at the stop before)."""
+    settings = WorkerSettings.of(tmp_path / "relay.sqlite", Privacy(), InfluxConfig(), 1 << 20, cpu_priority=priority)
+    channel = Channel.process(settings)
+    channel.start(wait_ready=30)
+    pid, own = channel.ready["pid"], os.getpriority(os.PRIO_PROCESS, 0)
+    yielding = (os.SCHED_IDLE, own) if priority == "idle" else (os.SCHED_OTHER, min(19, own + WORKER_NICENESS))
+    calls = []
+
+    def spy(worker: object) -> bool:
+        calls.append(worker)
+        return full_cpu_for_the_stop(worker)
+
+    monkeypatch.setattr(channel_module, "full_cpu_for_the_stop", spy)
+    try:
+        wait_until(lambda: len(threads_of(pid)) >= 4, 10, what="the reader, archiver, decoder and ticker threads")
+        assert {(os.sched_getscheduler(t), os.getpriority(os.PRIO_PROCESS, t)) for t in threads_of(pid)} == {yielding}
+        assert full_cpu_for_the_stop(channel.worker)
+        assert {(os.sched_getscheduler(t), os.getpriority(os.PRIO_PROCESS, t)) for t in threads_of(pid)} == {
+            (os.SCHED_OTHER, own)}
+    finally:
+        worker = channel.worker
+        channel.close(10)
+    assert calls == [worker]  # the hang-up did it
+    assert not full_cpu_for_the_stop(threading.current_thread())  # a worker thread: its process is ours
 
 
 def test_the_cpu_priority_comes_from_the_config(tmp_path):

@@ -173,7 +173,8 @@ class IngestConfig:
                "and the workers still get a share. idle: only CPU time nothing else wants (Linux SCHED_IDLE), so a "
                "decode never delays a forwarded frame (a lower added p99 at 1,000 devices, docs/design.md); but on "
                "cores busy with other work the workers get almost nothing: copies wait, past ingest.queue_mb they "
-               "are dropped, and a stop may leave copies unarchived (counted as lost, pvtap status). For a "
+               "are dropped (counted, pvtap status). At a stop, once forwarding is over, the workers go back to the "
+               "relay's own priority (as root or with CAP_SYS_NICE) to archive the last copies. For a "
                "dedicated relay machine only.",
         check=one_of("idle", "low"))
 

@@ -39,7 +39,16 @@ from pvtap.decode import codec_for
 from pvtap.ingest import wire
 from pvtap.ingest.engine import Codecs
 from pvtap.ingest.framing import ConnectionRecord
-from pvtap.ingest.lifecycle import Restarts, Spawn, describe_exit, kill_if_running, reap, spawn_process, spawn_thread
+from pvtap.ingest.lifecycle import (
+    Restarts,
+    Spawn,
+    describe_exit,
+    full_cpu_for_the_stop,
+    kill_if_running,
+    reap,
+    spawn_process,
+    spawn_thread,
+)
 from pvtap.ingest.outbox import Message, Outbox
 from pvtap.ingest.settings import WorkerSettings
 from pvtap.ingest.wire import Kind
@@ -188,9 +197,11 @@ class Channel:
         return self.wait_closed(deadline)
 
     def hang_up(self, deadline: float) -> None:
-        """Send what is buffered (until `deadline`) and end the channel: the worker sees its EOF."""
+        """Send what is buffered (until `deadline`) and end the channel: the worker sees its EOF.
+        Forwarding is over by now, so the worker gets its full share of the cores to finish."""
         if self._closed:
             return
+        full_cpu_for_the_stop(self.worker)
         self._send_counts(force=True)
         self._drain_blocking(deadline)
         self._closed = True

@@ -464,8 +464,9 @@ def yield_cpu(priority: str) -> None:
     "low" (the default): nice 10. "idle" (SCHED_IDLE): a forwarding process that wakes takes the
     core from the worker at once, where at nice 10 it could wait out the worker's time slice, some
     milliseconds (1,000 devices × 1 frame/s, relay pinned to one core with its worker: added p99
-    +3 ms at nice 10, +1 ms idle); but a worker starved by other work cannot archive within its
-    stop grace (tests/test_ingest_workers.py lost copies with both cores busy), so it is opt-in.
+    +3 ms at nice 10, +1 ms idle); but a worker starved by other work falls behind while the
+    relay forwards, and its copies are dropped past ingest.queue_mb, so it is opt-in. (At the stop
+    the parent gives it its full share back: lifecycle.full_cpu_for_the_stop.)
     Where the kernel refuses it (not Linux), nice 10 as with "low"."""
     if priority == "idle":
         try:
