@@ -202,21 +202,8 @@ class _Report:
         joules (webcomm 4.6.0); a comma list (possibly the 3.0 form, meaning unconfirmed) is kept
         as the text `stats`. Intervals of one channel with the same end_date (a catch-up roll-up
         ending with a 5-minute one) are one InfluxDB point; filter on interval_duration_s.
-        (`records` reads those in the usual layout from the text: `_interval_from_text`.)"""
-        return self._interval_by_name(el)
-
-    def _interval_from_text(self, seconds: int, stat_seconds: int, end_date: int, joules: int, record_id: int,
-                            eqid: str) -> Record:
-        """`_interval` of a row in the usual layout (`rows.INTERVAL`): integers within 64 bits."""
-        fields: dict[str, FieldValue] = {
-            "id": record_id, "interval_duration_s": seconds, "stat_duration_s": stat_seconds, "energy_j": joules,
-            "energy_wh": joules / 3600}
-        if seconds > 0:
-            fields["avg_power_w"] = joules / seconds
-        return Record.trusted("enphase_interval", self._time(end_date), self._eqid_tags(eqid), fields, self.origin)
-
-    def _interval_by_name(self, el: etree._Element) -> Record:
-        """`_interval` for any element (the general path): each attribute read and checked by name."""
+        (`records` reads those in the usual layout from the text: `_interval_from_text`; this
+        reads any element, each attribute by name.)"""
         a = dict(el.items())
         duration = _int(a, "interval_duration", el)
         fields: dict[str, FieldValue] = {"id": _int(a, "id", el), "interval_duration_s": duration}
@@ -235,29 +222,24 @@ class _Report:
             fields.update(_unknown(a, _INTERVAL_ATTRIBUTES, fields))
         return self._record("enphase_interval", self._time(_int(a, "end_date", el)), a.get("eqid"), fields)
 
+    def _interval_from_text(self, seconds: int, stat_seconds: int, end_date: int, joules: int, record_id: int,
+                            eqid: str) -> Record:
+        """`_interval` of a row in the usual layout (`rows.INTERVAL`): integers within 64 bits."""
+        fields: dict[str, FieldValue] = {
+            "id": record_id, "interval_duration_s": seconds, "stat_duration_s": stat_seconds, "energy_j": joules,
+            "energy_wh": joules / 3600}
+        if seconds > 0:
+            fields["avg_power_w"] = joules / seconds
+        return Record.trusted("enphase_interval", self._time(end_date), self._eqid_tags(eqid), fields, self.origin)
+
     def _reading(self, el: etree._Element) -> Record:
         """Electrical readings of one channel over `duration` seconds ending at `date`.
 
         stats = AC mV, AC mHz, DC mV, DC mA, °C, two unknown counters, and (8-value form) joules
         over the duration (reference §2.6). The two unknowns are kept as `stats_5`/`stats_6`: they
         may be pwrConvErrSecs/pwrConvMaxErrCycles, but that is unverified. (`records` reads those
-        in the usual layout from the text: `_reading_from_text`.)"""
-        return self._reading_by_name(el)
-
-    def _reading_from_text(self, seconds: int, ac_mv: int, ac_mhz: int, dc_mv: int, dc_ma: int, temperature: int,
-                           stats_5: int, stats_6: int, joules: int, date: int, record_id: int, flags: int,
-                           eqid: str) -> Record:
-        """`_reading` of a row in the usual layout (`rows.usual_rows`): integers within 64 bits."""
-        fields: dict[str, FieldValue] = {
-            "id": record_id, "duration_s": seconds, "ac_voltage_v": ac_mv / 1000, "ac_frequency_hz": ac_mhz / 1000,
-            "dc_voltage_v": dc_mv / 1000, "dc_current_a": dc_ma / 1000, "temperature_c": float(temperature),
-            "flags": flags, "stats_5": stats_5, "stats_6": stats_6, "energy_j": joules}
-        if seconds > 0:
-            fields["avg_power_w"] = joules / seconds
-        return Record.trusted("enphase_reading", self._time(date), self._eqid_tags(eqid), fields, self.origin)
-
-    def _reading_by_name(self, el: etree._Element) -> Record:
-        """`_reading` for any element (the general path): each attribute read and checked by name."""
+        in the usual layout from the text: `_reading_from_text`; this reads any element, each
+        attribute by name.)"""
         a = dict(el.items())
         stats = _int64s(a.get("stats", ""))
         if len(stats) < 5:
@@ -288,6 +270,18 @@ class _Report:
         if not _READING_ATTRIBUTES.issuperset(a):
             fields.update(_unknown(a, _READING_ATTRIBUTES, fields))
         return self._record("enphase_reading", self._time(_int(a, "date", el)), a.get("eqid"), fields)
+
+    def _reading_from_text(self, seconds: int, ac_mv: int, ac_mhz: int, dc_mv: int, dc_ma: int, temperature: int,
+                           stats_5: int, stats_6: int, joules: int, date: int, record_id: int, flags: int,
+                           eqid: str) -> Record:
+        """`_reading` of a row in the usual layout (`rows.usual_rows`): integers within 64 bits."""
+        fields: dict[str, FieldValue] = {
+            "id": record_id, "duration_s": seconds, "ac_voltage_v": ac_mv / 1000, "ac_frequency_hz": ac_mhz / 1000,
+            "dc_voltage_v": dc_mv / 1000, "dc_current_a": dc_ma / 1000, "temperature_c": float(temperature),
+            "flags": flags, "stats_5": stats_5, "stats_6": stats_6, "energy_j": joules}
+        if seconds > 0:
+            fields["avg_power_w"] = joules / seconds
+        return Record.trusted("enphase_reading", self._time(date), self._eqid_tags(eqid), fields, self.origin)
 
     def _eqid_tags(self, eqid: str) -> Mapping[str, str]:
         """The tags of a channel's records: one dict per eqid, shared by its records (a catch-up
