@@ -6,8 +6,9 @@ non-blocking `sendmsg` per loop iteration (the chunk's bytes are not copied on t
 the buffer is full, or the worker is down, the copy is dropped and counted. Control messages
 (a connection opened or closed, counts, syncs) are small and always queued, so every connection
 still gets its record. A worker that dies is started again with back-off; the connections open
-at that moment are announced to the new one. The buffer and its budget are outbox.py; starting,
-reaping and restarting the worker lifecycle.py; this module is the API, the back-channel (acks,
+at that moment are announced to the new one. The buffer and its budget are outbox.py; the
+socket, watched on the event loop or polled, channel_socket.py; starting, reaping and restarting
+the worker lifecycle.py. This module is the API, what the worker says on the back-channel (acks,
 snapshots, syncs) and the counts, including the copies lost with a worker.
 
     channel = Channel.process(settings)        # or Channel.thread(settings, codecs=...) in tests
@@ -23,11 +24,8 @@ snapshots, syncs) and the counts, including the copies lost with a worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
-import select
-import socket
 import sqlite3
 import subprocess
 import threading
@@ -37,6 +35,7 @@ from typing import Any
 
 from pvtap.decode import codec_for
 from pvtap.ingest import wire
+from pvtap.ingest.channel_socket import ChannelSocket, socket_pair
 from pvtap.ingest.engine import Codecs
 from pvtap.ingest.framing import ConnectionRecord
 from pvtap.ingest.lifecycle import (
@@ -59,7 +58,6 @@ from pvtap.store.local import LocalStore
 log = logging.getLogger("pvtap.ingest")
 
 COUNTS_EVERY_S = 1.0
-_SOCKET_BUFFER = 4 * 2**20
 
 
 class IngestStartError(RuntimeError):
@@ -102,7 +100,7 @@ class CopyStream:
 
 
 class Channel:
-    """One ingest worker and the socket to it. Use it from one thread (the event loop's)."""
+    """One ingest worker and the socket to it (ChannelSocket). Use it from one thread (the event loop's)."""
 
     def __init__(self, settings: WorkerSettings, spawn: Spawn, name: str) -> None:
         self.settings = settings
@@ -111,15 +109,11 @@ class Channel:
         self.limit = settings.queue_bytes
         self.counts = ChannelCounts()
         self.worker: Any = None  # subprocess.Popen or threading.Thread
-        self._sock: socket.socket | None = None
-        self._reader = wire.Reader()
         self._out = Outbox(self.limit)  # bounded in bytes: copies over the budget are dropped
+        self._socket = ChannelSocket(self._out, received=self._handle, sent=self._account_sent,
+                                     flushed=self._send_counts, lost=self._worker_lost)
         self._streams: dict[int, CopyStream] = {}
         self._numbers = itertools.count(1)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._reading: socket.socket | None = None  # the socket the loop reads the back-channel of
-        self._flush_scheduled = False
-        self._writing = False
         self._restarts = Restarts()
         self._closed = False
         self._tokens = itertools.count(1)
@@ -152,13 +146,13 @@ class Channel:
         if wait_ready is None:
             return self
         deadline = time.monotonic() + wait_ready
-        while not self.ready and self.failed is None and self._sock is not None:
+        while not self.ready and self.failed is None and self._socket.connected:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.close(0)
                 raise IngestStartError(f"the ingest worker for {self.settings.store} did not start within "
                                        f"{wait_ready:g} s")
-            self._poll_back(min(remaining, 0.2))
+            self._socket.poll(min(remaining, 0.2))
         if not self.ready:
             self.close(0)
             raise IngestStartError(self.failed or f"the ingest worker for {self.settings.store} exited at start "
@@ -167,27 +161,22 @@ class Channel:
 
     def attach(self) -> None:
         """Read the back-channel on the running event loop from now on."""
-        self._attach_loop()
+        self._socket.attach()
 
     def _spawn(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # the kernel holds copies in flight too: at most as much as the budget (4 MiB at most)
-        with contextlib.suppress(OSError):
-            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(_SOCKET_BUFFER, self.limit))
+        ours, theirs = socket_pair(self.limit)
         self.worker = self._spawn_worker(theirs)
         if isinstance(self.worker, subprocess.Popen):
             theirs.close()  # the child has its copy; ours must go, or its EOF never comes
-        ours.setblocking(False)
-        self._sock = ours
-        self._reader = wire.Reader()
+        self._socket.connect(ours)
         self._sent_now = self._archived_now = 0
         self._restarts.started_now()
         self.ready, self.failed = {}, None
         first = [Message.of_control(wire.control(Kind.SETTINGS, self.settings.to_wire()))]
         first += [Message.of_control(wire.with_conn(Kind.OPEN, s.conn, s.open_doc)) for s in self._streams.values()]
         self._out.put_first(first)
-        self._attach_loop()
-        self._flush()
+        self._socket.attach()
+        self._socket.flush()
 
     def close(self, timeout: float = 10.0) -> bool:
         """Send what is buffered (for up to `timeout`), end the channel and wait for the worker
@@ -203,25 +192,23 @@ class Channel:
             return
         full_cpu_for_the_stop(self.worker)
         self._send_counts(force=True)
-        self._drain_blocking(deadline)
+        self._socket.drain(deadline)
         self._closed = True
         self._drop_unsent()
-        self._detach_loop()
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_WR)
+        self._socket.detach()
+        self._socket.shut_write()
 
     def wait_closed(self, deadline: float) -> bool:
         """After hang_up: read the back-channel until the worker closes its end (it archived
         everything), then reap it. A worker still running at `deadline` is killed: the copies it
         had not archived are counted as lost, logged, and noted in the store's status row."""
         lost_before = self.counts.copies_lost
-        while self._sock is not None and time.monotonic() < deadline:
-            self._poll_back(min(0.2, max(0.0, deadline - time.monotonic())))
+        while self._socket.connected and time.monotonic() < deadline:
+            self._socket.poll(min(0.2, max(0.0, deadline - time.monotonic())))
         finished = self._reap(max(0.0, deadline - time.monotonic()))
-        while self._poll_back(0):  # what a killed worker said before it died: its last ARCHIVED
+        while self._socket.poll(0):  # what a killed worker said before it died: its last ARCHIVED
             pass
-        if self._sock is not None:  # a worker thread that did not end in time
+        if self._socket.connected:  # a worker thread that did not end in time
             self._worker_lost()
         if self.counts.copies_lost > lost_before:
             self._note_lost(self.counts.copies_lost - lost_before)
@@ -243,8 +230,8 @@ class Channel:
         if self._closed:
             return
         self._send_counts(force=True)
-        self._flush()
-        self._detach_loop()
+        self._socket.flush()
+        self._socket.detach()
         def finish() -> None:
             deadline = time.monotonic() + timeout
             self.hang_up(deadline)
@@ -257,7 +244,7 @@ class Channel:
 
     @property
     def alive(self) -> bool:
-        return self._sock is not None
+        return self._socket.connected
 
     # -- what the relay and the addon call -------------------------------------------------------
 
@@ -283,7 +270,7 @@ class Channel:
         the back-channel: the only way to call it from another thread than the event loop's (the
         health endpoints), on a channel the loop reads (attached)."""
         if poll:
-            self._poll_back(0)
+            self._socket.poll(0)
         c = self.counts
         return {**c.snapshot, "copies_sent": c.copies_sent, "bytes_sent": c.bytes_sent,
                 "copies_dropped": c.copies_dropped, "bytes_dropped": c.bytes_dropped, "copies_lost": c.copies_lost,
@@ -292,10 +279,10 @@ class Channel:
 
     async def idle(self, timeout: float = 30.0) -> None:
         """Wait until everything sent so far is archived and decoded (tests, benchmarks)."""
-        self._attach_loop()
+        loop = self._socket.attach()
+        assert loop is not None  # in a coroutine
         token = next(self._tokens)
-        assert self._loop is not None  # attached above, in a coroutine
-        future: asyncio.Future[None] = self._loop.create_future()
+        future: asyncio.Future[None] = loop.create_future()
         self._waiters[token] = future
         self._enqueue_control(wire.with_conn(Kind.SYNC, token))
         try:
@@ -309,24 +296,24 @@ class Channel:
         token = next(self._tokens)
         self._enqueue_control(wire.with_conn(Kind.SYNC, token))
         deadline = time.monotonic() + timeout
-        self._drain_blocking(deadline)
-        while token not in self._synced and self._sock is not None and time.monotonic() < deadline:
-            self._poll_back(min(0.2, max(0.0, deadline - time.monotonic())))
-            self._drain_blocking(deadline)
+        self._socket.drain(deadline)
+        while token not in self._synced and self._socket.connected and time.monotonic() < deadline:
+            self._socket.poll(min(0.2, max(0.0, deadline - time.monotonic())))
+            self._socket.drain(deadline)
         done = token in self._synced
         self._synced.discard(token)
         return done
 
-    # -- sending ---------------------------------------------------------------------------------
+    # -- queueing, and counting what was sent or dropped -----------------------------------------
 
     def _enqueue(self, parts: list[bytes], size: int) -> bool:
         """Queue a copy of `size` bytes; False (counted) when over the budget or no worker."""
         self._restart_if_due()
-        if self._closed or self._sock is None or not self._out.add_copy(parts, size):
+        if self._closed or not self._socket.connected or not self._out.add_copy(parts, size):
             self.counts.copies_dropped += 1
             self.counts.bytes_dropped += size
             return False
-        self._schedule_flush()
+        self._socket.schedule_flush()
         return True
 
     def _enqueue_control(self, parts: list[bytes]) -> None:
@@ -335,58 +322,13 @@ class Channel:
         if self._closed or not self._out.add_control(parts):
             log.debug("%s: control message dropped (%d bytes waiting)", self.name, self._out.control)
             return
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if self._writing or self._flush_scheduled:
-            return
-        loop = self._attach_loop()
-        if loop is None:
-            self._flush()
-        else:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        """Send as much as the socket takes now; the rest when it is writable again."""
-        self._flush_scheduled = False
-        sock = self._sock
-        while self._out and sock is not None:
-            try:
-                sent = self._out.send(sock)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self._worker_lost()
-                return
-            for message in sent:
-                self._account_sent(message)
-        self._want_writable(bool(self._out) and self._sock is not None)
-        if self._sock is not None:
-            self._send_counts()
+        self._socket.schedule_flush()
 
     def _account_sent(self, message: Message) -> None:
         if not message.control:
             self.counts.copies_sent += 1
             self._sent_now += 1
             self.counts.bytes_sent += len(message.parts[-1])
-
-    def _want_writable(self, want: bool) -> None:
-        if self._loop is None or self._sock is None or want == self._writing:
-            return
-        if want:
-            self._loop.add_writer(self._sock.fileno(), self._flush)
-        else:
-            self._loop.remove_writer(self._sock.fileno())
-        self._writing = want
-
-    def _drain_blocking(self, deadline: float) -> None:
-        """Send everything buffered, waiting for the socket (close, sync): not for a hook."""
-        while self._out and self._sock is not None and time.monotonic() < deadline:
-            self._flush()
-            if self._out and self._sock is not None:
-                select.select([], [self._sock], [], max(0.0, min(0.2, deadline - time.monotonic())))
-                self._poll_back(0)  # the worker may wait for us to read its back-channel
 
     def _drop_unsent(self) -> None:
         """At the end: copies the worker did not take in time (a half-sent one too: the worker
@@ -409,55 +351,6 @@ class Channel:
             self._out.add_control(wire.control(Kind.COUNTS, doc), always=True)
 
     # -- the back-channel --------------------------------------------------------------------------
-
-    def _attach_loop(self) -> asyncio.AbstractEventLoop | None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return None
-        if loop is not self._loop:
-            self._detach_loop()
-            self._loop = loop
-        if self._sock is not None and self._reading is not self._sock:  # a new loop, or a new worker
-            loop.add_reader(self._sock.fileno(), self._on_readable)
-            self._reading = self._sock
-        return loop
-
-    def _detach_loop(self) -> None:
-        loop, self._loop = self._loop, None
-        self._reading = None
-        if loop is None or loop.is_closed() or self._sock is None:
-            return
-        loop.remove_reader(self._sock.fileno())
-        if self._writing:
-            loop.remove_writer(self._sock.fileno())
-            self._writing = False
-
-    def _poll_back(self, timeout: float) -> bool:
-        """Read the back-channel without a loop (stats, sync, close); True if anything came."""
-        if self._sock is None:
-            return False
-        ready, _, _ = select.select([self._sock], [], [], max(0.0, timeout))
-        if ready:
-            self._on_readable()
-        return bool(ready)
-
-    def _on_readable(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        while True:
-            try:
-                data = sock.recv(1 << 16)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._worker_lost()
-                return
-            for kind, body in self._reader.feed(data):
-                self._handle(kind, body)
 
     def _handle(self, kind: Kind, body: bytes) -> None:
         if kind is Kind.OPAQUE:
@@ -486,15 +379,7 @@ class Channel:
     def _worker_lost(self) -> None:
         """The worker's end closed: after a clean close that is the end; otherwise count what is
         lost, keep the control messages for the next worker and restart it after a back-off."""
-        sock, self._sock = self._sock, None
-        self._reading = None
-        if sock is not None:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(sock.fileno())
-                if self._writing:
-                    self._loop.remove_writer(sock.fileno())
-            self._writing = False
-            sock.close()
+        self._socket.disconnect()
         half_sent = self._out.pop_half_sent() if not self._closed else None
         if half_sent is not None:  # the new worker cannot read the rest
             self._account_sent(half_sent)  # sent to the worker that is gone: counted as lost below
@@ -510,8 +395,9 @@ class Channel:
         log.error("%s: the ingest worker%s ended unexpectedly%s after %.0f s; restarting it in %.1f s; copies are "
                   "dropped and counted until then (forwarding is unaffected)", self.name,
                   f" (pid {pid})" if pid else "", f" with status {code}" if code is not None else "", ran, delay)
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_later(delay, self._restart_if_due)
+        loop = self._socket.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_later(delay, self._restart_if_due)
 
     def _count_lost(self) -> None:
         """The worker is gone and its back-channel read to the end: what it got and did not say
