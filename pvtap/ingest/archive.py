@@ -1,16 +1,22 @@
-"""The archive side of the worker: one writer per store file, and the bytes-bounded queue from the
-reader (framing, redaction) to the archiver's group commit.
+"""The archive side of the worker: one writer per store file, the bytes-bounded queue from the
+reader (framing, redaction) and the archiver thread's group commit.
 
 Raw first: what the reader framed waits here, not in the channel, so one commit takes many
 payloads; when the disk is slow the queue fills and the channel backs up, and the forwarding
 side drops and counts copies (never the forwarded bytes).
+
+A full or failing disk: the archiver keeps its batch and retries with back-off; meanwhile new
+copies are dropped and counted once the archive queue is full. One error when it starts, a
+summary now and then, one line when it works again. Forwarding is never affected.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -20,13 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from pvtap.files import open_private
+from pvtap.ingest.engine import Ingest
+from pvtap.ingest.worker_state import RETRY_MAX_S, WorkerState
 from pvtap.records import RawPayload, Record
+
+log = logging.getLogger("pvtap.ingest")
 
 #: how long a new worker waits for the previous writer of its store to finish
 WRITER_LOCK_WAIT_S = 15.0
 #: a group commit waits this long for more payloads after the first, unless GROUP_MAX are there
 GROUP_WAIT_S = 0.005
 GROUP_MAX = 2000
+FAILURE_SUMMARY_EVERY_S = 60.0
 
 
 class WriterLockError(RuntimeError):
@@ -122,6 +133,11 @@ class ArchiveQueue:
             self.bytes -= size
             self.cond.notify_all()
 
+    def wake(self) -> None:
+        """The worker stops: whoever waits on the queue looks again."""
+        with self.cond:
+            self.cond.notify_all()
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -131,3 +147,68 @@ def _budget(raws: list[RawPayload], limit: int) -> int:
     the whole budget passes alone and counts as half of it (as in the channel)."""
     size = sum(len(r.payload) + 200 for r in raws)
     return min(size, limit // 2) if size > limit else size
+
+
+class Archiver:
+    """The archive thread of one worker: commits what the reader queued, many payloads at once,
+    into the worker's own store; tells the parent how far it archived and the decoder what it
+    committed."""
+
+    def __init__(self, state: WorkerState, queue: ArchiveQueue, ingest: Ingest) -> None:
+        self.state = state
+        self.queue = queue
+        self.ingest = ingest
+        self._last_summary = 0.0
+
+    def run(self) -> None:
+        state = self.state
+        held: Batch | None = None
+        delay = 0.1
+        while True:
+            if held is None:
+                if state.stopping.is_set() and not len(self.queue):
+                    return
+                held = self.queue.take(0.5)
+            batch = held
+            if batch.raws or batch.records:
+                try:
+                    self.ingest.archive(batch.raws, batch.records)
+                except sqlite3.Error as exc:
+                    self._failed(exc, len(batch.raws))
+                    if state.stopping.is_set() and state.past_archive_grace():
+                        state.dropped(len(batch.raws))
+                        log.error("ingest: stopping with %d payloads that could not be archived (%s)",
+                                  len(batch.raws), exc)
+                        self.queue.done(batch.size)
+                        return
+                    time.sleep(delay)
+                    delay = min(RETRY_MAX_S, delay * 2)
+                    continue
+                self._works()
+                delay = 0.1
+            self.queue.done(batch.size)
+            held = None
+            state.archived(batch.through)
+            state.commits.committed(batch.syncs, self.ingest.store.newest_raw_id() if batch.syncs else 0)
+
+    def _failed(self, exc: sqlite3.Error, payloads: int) -> None:
+        state = self.state
+        state.counts.archive_errors += 1
+        now = time.monotonic()
+        if state.archive_failing_since is None:
+            state.archive_failing_since = self._last_summary = now
+            full = "full" in str(exc)
+            log.error("ingest: CANNOT ARCHIVE to %s (%s)%s; %d payloads held and retried, new copies are dropped and "
+                      "counted once %d MiB are waiting; forwarding is unaffected", state.settings.store, exc,
+                      ": free space on its disk" if full else "", payloads, self.queue.limit >> 20)
+        elif now - self._last_summary >= FAILURE_SUMMARY_EVERY_S:
+            self._last_summary = now
+            log.error("ingest: still cannot archive after %.0f s (%s); %d payloads dropped so far",
+                      now - state.archive_failing_since, exc, state.counts.dropped_copies)
+
+    def _works(self) -> None:
+        since = self.state.archive_failing_since
+        if since is not None:
+            log.warning("ingest: archiving works again after %.0f s; %d payloads were dropped meanwhile",
+                        time.monotonic() - since, self.state.counts.dropped_copies)
+            self.state.archive_failing_since = None

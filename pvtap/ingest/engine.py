@@ -7,9 +7,9 @@ what is archived and not decoded yet is decoded by the next `decode_pending`, in
 or after a restart.
 
 The engine has no threads and no transport. The ingest worker (pvtap/ingest/worker.py) drives
-it from its archive and decode threads, fed by the relay and the addon through a channel;
-`Ingest(store, privacy).process(raw)` does all of it for one payload, synchronously (replay,
-import, tests). A decoder exception is logged with the payload's origin and kept with the
+it from its archive and decode threads (archive.py, decoding.py), fed by the relay and the addon
+through a channel; `Ingest(store, privacy).process(raw)` does all of it for one payload,
+synchronously (replay, import, tests). A decoder exception is logged with the payload's origin and kept with the
 payload for a later `pvtap replay`; a payload that cannot be redacted is withheld like any bytes
 a codec cannot vouch for (pvtap/decode/withhold.py: size, SHA-256 and the reason only, unless
 privacy.keep_unredacted).

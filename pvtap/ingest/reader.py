@@ -1,0 +1,118 @@
+"""The ingest worker's reader: takes the forwarding process's messages off the channel, frames the
+copies per connection (framing.py: a Tap each), redacts the payloads and queues them for the
+archiver (archive.py).
+
+It runs on the worker's main thread and reads as fast as the socket gives (raw first): when it
+finds more waiting each time it reads, it marks the worker busy, and the decoder takes short turns
+(decoding.py). It returns when the channel ends (EOF: the parent stopped or died) or, after a
+SIGTERM, within ARCHIVE_STOP_GRACE_S even if the channel stays open.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import socket
+import time
+from collections.abc import Sequence
+
+from pvtap.ingest import wire
+from pvtap.ingest.archive import ArchiveQueue
+from pvtap.ingest.engine import Ingest
+from pvtap.ingest.framing import ConnectionRecord, Connections
+from pvtap.ingest.wire import Kind
+from pvtap.ingest.worker_state import WorkerState
+from pvtap.records import RawPayload, Record
+
+log = logging.getLogger("pvtap.ingest")
+
+#: one read of the channel
+RECV_SIZE = 1 << 20
+
+
+class ChannelReader:
+    """Reads one channel until it ends (`run`), then finishes the connections left open (`finish`)."""
+
+    def __init__(self, sock: socket.socket, state: WorkerState, queue: ArchiveQueue, ingest: Ingest,
+                 connections: Connections) -> None:
+        self.sock = sock
+        self.state = state
+        self.counts = state.counts
+        self.queue = queue
+        self.ingest = ingest
+        self.connections = connections
+        self._queued_through = 0  # copies whose payloads are queued for the archiver
+
+    def run(self) -> None:
+        reader = wire.Reader()
+        self.sock.settimeout(0.5)
+        while True:
+            if self.state.past_stop_deadline():
+                log.warning("ingest worker: told to stop; leaving the channel with %d bytes unread", reader.pending)
+                return
+            if select.select([self.sock], [], [], 0)[0]:  # more was waiting: the decoder gives way (raw first)
+                self.state.busy_at = time.monotonic()
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EINTR, errno.EAGAIN):
+                    continue
+                return
+            if not data:
+                return
+            for kind, body in reader.feed(data):
+                self._handle(kind, body)
+            if self.counts.copies_received > self._queued_through:  # copies still being framed count too
+                self._queue([])
+
+    def finish(self) -> None:
+        """The channel ended: the connections still open (the relay died) are finished, and what
+        they leave is queued."""
+        payloads, records = self.connections.close_all()
+        if payloads or records:
+            self._queue([self.ingest.redact(p) for p in payloads], records)
+
+    def _handle(self, kind: Kind, body: bytes) -> None:
+        if kind is Kind.CHUNK:
+            conn, direction, time_ns, data = wire.read_chunk(body)
+            self.counts.copies_received += 1
+            self.counts.bytes_received += len(data)
+            payloads = self.connections.chunk(conn, direction, time_ns, data)
+            if payloads:
+                self._queue([self.ingest.redact(p) for p in payloads])
+        elif kind is Kind.PAYLOAD:
+            raw = wire.read_payload(body)
+            self.counts.copies_received += 1
+            self.counts.bytes_received += len(raw.payload)
+            self._queue([self.ingest.redact(raw)])
+        elif kind is Kind.OPEN:
+            conn, doc = wire.conn_of(body)
+            self.counts.connections += 1
+            self.connections.open(conn, ConnectionRecord.from_wire(doc["record"]), doc.get("device", ""))
+        elif kind is Kind.CLOSE:
+            conn, doc = wire.conn_of(body)
+            payloads, record = self.connections.close(conn, ConnectionRecord.from_wire(doc))
+            self._queue([self.ingest.redact(p) for p in payloads], [record])
+        elif kind is Kind.RECORD:
+            self._queue([], [wire.read_record(body)])
+        elif kind is Kind.COUNTS:
+            self.counts.parent = {k: int(v) for k, v in wire.doc(body).items()}
+        elif kind is Kind.SETTINGS:  # a worker in a thread was given them directly
+            pass
+        elif kind is Kind.SYNC:
+            token, _ = wire.conn_of(body)
+            self.queue.put([], sync=token, through=self._queued_through)
+        else:
+            log.warning("ingest worker: unexpected %s message ignored", kind.name)
+
+    def _queue(self, raws: list[RawPayload], records: Sequence[Record] = ()) -> None:
+        """Queue for the archiver what the copies received so far gave."""
+        through = self.counts.copies_received
+        dropped = self.queue.put(raws, records, through=through, give_up=self.state.past_stop_deadline)
+        self._queued_through = through
+        if dropped:
+            self.state.dropped(dropped)
+            log.error("ingest: stopping with the archive behind: %d payloads dropped", dropped)
