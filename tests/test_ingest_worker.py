@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 
@@ -225,3 +227,21 @@ def test_copies_a_worker_killed_at_the_stop_had_not_archived_are_counted_as_lost
     assert 0 < stats["copies_sent"] - stats["copies_lost"] <= archived <= stats["copies_sent"]
     assert status is not None
     assert status.counts["lost_at_stop"] == status.counts["parent_copies_lost"] == stats["copies_lost"]
+
+
+def test_a_second_sigterm_keeps_the_first_ones_stop_deadline(tmp_path, monkeypatch):
+    """Ctrl-C pressed twice, or a supervisor's SIGTERM repeated, must not put the worker's stop off."""
+    from pvtap.ingest import worker_state
+    from pvtap.ingest.settings import WorkerSettings
+
+    clock = [1000.0]
+    monkeypatch.setattr(worker_state, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        state = worker_state.WorkerState(ours, WorkerSettings(store=str(tmp_path / "relay.sqlite")))
+        state.request_stop()
+        clock[0] += worker_state.ARCHIVE_STOP_GRACE_S - 0.5
+        state.request_stop()
+        assert not state.past_stop_deadline()
+        clock[0] += 1.0
+        assert state.past_stop_deadline()

@@ -107,8 +107,10 @@ class WorkerState:
     # -- the stop --------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """SIGTERM: stop reading within ARCHIVE_STOP_GRACE_S even if the channel stays open."""
-        self._stop_deadline = time.monotonic() + ARCHIVE_STOP_GRACE_S
+        """SIGTERM: stop reading within ARCHIVE_STOP_GRACE_S even if the channel stays open. A
+        second SIGTERM keeps the first one's deadline (it must not put the stop off)."""
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + ARCHIVE_STOP_GRACE_S
 
     def past_stop_deadline(self) -> bool:
         return self._stop_deadline is not None and time.monotonic() > self._stop_deadline
