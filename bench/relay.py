@@ -18,13 +18,16 @@ runs of a path: the relay process (every thread), its ingest worker process(es) 
 `python -m pvtap.ingest.worker`), socat (its own and its per-connection children's, collected
 once each is reaped), and this bench's client thread plus the sink's CPU for that connection
 (which it reports with its byte count). The relay and worker read their POSIX CPU clocks (ns),
-socat its /proc ticks (10 ms). On 2 cores these parts share the same two cores, and the worker's
-framing and archiving of the copies mostly comes after the window: the last column is the
-worker's CPU from the relay's start until its store holds every frame sent (polled read-only
-after the runs; the seconds that took after the last window beside it) — what the relay's
-archiving costs in all, taken from the cores the sender, sink and relay need. Only for the
-AlphaESS frames (an opaque stream archives no frames); "-" when a dropped copy kept the archive
-from completing (the relay's log says so).
+socat its /proc ticks (10 ms: a few hundred MiB make its figure a few percent exact). On 2 cores
+these parts share the same two cores, and the worker's framing and archiving of the copies mostly
+comes after the window: the last column is the worker's CPU from the first run's start until its
+store holds every frame it was given (with what it decoded meanwhile), per MiB of frames archived,
+and how long after the last run that was — what archiving costs in all, taken from the cores the
+sender, sink and relay need. The store is polled read-only, on the first repeat only (it takes
+seconds per 16 MiB). Only for the AlphaESS frames (an opaque stream archives no frames). When the
+relay's channel to the worker was full and dropped copies, their frames never come: the worker
+is done when no frame came for 15 s, and the column says how many frames of those sent it
+archived and how many copies were dropped (from the relay's "relay stopped" line).
 """
 
 from __future__ import annotations
@@ -267,6 +270,12 @@ class Bulk:
     mib: float = 0.0  # sent in all
     cpu: dict[str, float] = field(default_factory=dict)  # part → CPU seconds in the bulk windows, all runs
 
+    def add(self, other: Bulk) -> None:
+        """Another's MiB and CPU seconds added to these (the best MB/s is kept elsewhere)."""
+        self.mib += other.mib
+        for part, seconds in other.cpu.items():
+            self.cpu[part] = self.cpu.get(part, 0.0) + seconds
+
 
 def bulk(port: int, payload: bytes, runs: int) -> float:
     """Best MB/s over `runs` connections, each sending all of `payload` until the sink has it."""
@@ -295,9 +304,8 @@ def bulk_measured(port: int, payload: bytes, runs: int, hop: Hop | None = None) 
         if received != len(payload):
             raise RuntimeError(f"the sink got {received} of {len(payload)} bytes")
         out.mb_s = max(out.mb_s, len(payload) / elapsed / 1e6)
-        out.mib += len(payload) / 2**20
-        for part, seconds in [*((k, after[k] - before[k]) for k in after), ("client+sink", client + sink_ns / 1e9)]:
-            out.cpu[part] = out.cpu.get(part, 0.0) + seconds
+        out.add(Bulk(mib=len(payload) / 2**20, cpu={**{part: after[part] - before[part] for part in after},
+                                                    "client+sink": client + sink_ns / 1e9}))
     return out
 
 
@@ -372,12 +380,9 @@ def main() -> int:
                     if isinstance(hop, Relay):
                         hop.tell_stop()
                         if label in caught_up and repeat == 1:
-                            caught_up[label].copies = hop.copies()
+                            caught_up[label].copies = hop.copies()  # known once it stopped
                     mbps = measured.mb_s
-                    total = spent.setdefault(label, Bulk())
-                    total.mib += measured.mib
-                    for part, seconds in measured.cpu.items():
-                        total.cpu[part] = total.cpu.get(part, 0.0) + seconds
+                    spent.setdefault(label, Bulk()).add(measured)
                     hop = make()
                     median, p99 = round_trips(hop.start(echo_port), args.round_trips, payload[:len(FRAME)])
                     hop.stop()
@@ -402,8 +407,8 @@ def main() -> int:
     cpu = {label: {part: seconds * 1e3 / bulk_mib.mib for part, seconds in bulk_mib.cpu.items()}
            for label, bulk_mib in spent.items()}
     print(f"\nCPU ms per MiB sent, in the bulk windows (all {args.runs} × {args.repeat} runs of a path); last column: "
-          "the worker's\nfrom the relay's start until its archive held every frame it was given, and when (first "
-          "repeat)\n")
+          "the worker's\nfrom the first run until its archive held every frame it was given, per MiB archived, and "
+          "when (first repeat)\n")
     parts = ["relay", "worker", "socat", "client+sink"]
     print(f"{'path':<34}" + "".join(f"{part:>12}" for part in parts) + "   worker until archived")
     for label, _, _, _ in rows:
