@@ -18,14 +18,17 @@ Then "where the time goes", one column per path: the same frames (the same repor
 stage timed over a hundred frames in turn — each through Tap.feed, then each payload through
 redact_raw, then through decode_raw (as the ingest worker frames and redacts a chunk of copies,
 then decodes from its archive) — so no timer runs per call; thread CPU per frame (per report for
-the Envoy), best of the rounds. Their sum, and the frames/s it means, sit beside the end-to-end time
-of the rows above (1 / best frames/s) and the budget the target allows (1 s / 50,000 = 20 µs a
-frame; 20 ms a report). Two floor rows say what pure Python cannot avoid on this core, measured
-the same way over the same frames: making one RawPayload of the frame and the Record(s) its
-decoding gives (`Record.trusted`, the tags and fields dicts built from that record's own names
-and values; no checks, no parsing), and, for AlphaESS, `orjson.loads` of its JSON body (the
-parse a JSON body needs whatever decodes it). With the yardstick in the first line, a reader
-sees how far the decoders are from the floor and how fast this core is.
+the Envoy), best of the rounds. What a payload's reading does once lands in the stage that needs
+it first: the AlphaESS Tap reads each body (its JSON, for the serial and the device clock), so
+that parse is in its Tap.feed, and decode_raw reuses it. Their sum, and the frames/s it means,
+sit beside the end-to-end time of the rows above (1 / best frames/s) and the budget the target
+allows (1 s / 50,000 = 20 µs a frame; 20 ms a report). Two floor rows say what pure Python cannot
+avoid on this core, measured the same way over the same frames: making one RawPayload of the
+frame and the Record(s) its decoding gives (`Record.trusted`, the tags and fields dicts built
+from that record's own names and values; no checks, no parsing), and, for AlphaESS,
+`orjson.loads` of its JSON body (the parse a JSON body needs whatever decodes it). With the
+yardstick (first and last line), a reader sees how far the decoders are from the floor and how
+fast this core is.
 """
 
 from __future__ import annotations
