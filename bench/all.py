@@ -66,6 +66,24 @@ def ratio(a: float, b: float, digits: int = 2) -> str:
     return f"{a / b:.{digits}f}×" if b else "-"
 
 
+def bulk_cpu(p: dict[str, Any], socat: dict[str, Any]) -> str:
+    """Where a relay's bulk time went: each part's CPU per MiB in the bulk windows, and the
+    worker's until its archive held what it was given (bench/relay.py)."""
+    cpu, socat_cpu = p.get("cpu_ms_per_mib"), socat.get("cpu_ms_per_mib", {})
+    if not cpu:
+        return ""
+    out = (f"; CPU ms/MiB: relay {cpu['relay']:.1f}, worker {cpu['worker']:.1f}, client+sink "
+           f"{cpu['client+sink']:.1f} (socat {socat_cpu.get('socat', 0):.1f})")
+    c = p.get("worker_catch_up")
+    if c and c["ms_per_mib"] is not None:
+        copies = c.get("copies")
+        dropped = f"; {copies[1]:,} of {sum(copies):,} copies dropped" if copies and copies[1] else ""
+        of = f" ({c['frames']:,} of {c['expected']:,} frames{dropped})" if c["frames"] < c["expected"] else ""
+        out += (f"; worker until its archive held every frame it got: {c['ms_per_mib']:.0f} ms/MiB, "
+                f"{c['seconds']:.1f} s after the last run{of}")
+    return out
+
+
 def relay_rows(doc: dict[str, Any]) -> list[Row]:
     paths = doc["paths"]
     direct, socat = paths["direct"], paths["socat"]
@@ -74,8 +92,8 @@ def relay_rows(doc: dict[str, Any]) -> list[Row]:
         if not label.startswith("relay"):
             continue
         rows.append(Row(f"bulk {doc['megabytes']} MiB one way: {label}",
-                        f"{p['mb_s']:.0f} MB/s", f"socat -b1048576 {socat['mb_s']:.0f} MB/s; direct "
-                        f"{direct['mb_s']:.0f} MB/s", f"{ratio(p['mb_s'], socat['mb_s'])} socat"))
+                        f"{p['mb_s']:.0f} MB/s{bulk_cpu(p, socat)}", f"socat -b1048576 {socat['mb_s']:.0f} MB/s; "
+                        f"direct {direct['mb_s']:.0f} MB/s", f"{ratio(p['mb_s'], socat['mb_s'])} socat"))
     for label, p in paths.items():
         if label.startswith("relay") and "AlphaESS" in label:
             rows.append(Row(f"one device's round trip ({doc['frame_bytes']} B frame echoed), {label}: added median / "
@@ -102,7 +120,9 @@ def fleet_rows(doc: dict[str, Any]) -> list[Row]:
                 continue
             loop = "uvloop" if path == "relay-uvloop" else "asyncio"
             failed = f", {r['failed']} connections failed" if r.get("failed") else ""
-            cpu = (f"; relay process CPU {r['cpu_us_per_round_trip']:.0f} µs per round trip (socat "
+            worker = (f", its ingest worker {r['worker_cpu_us_per_round_trip']:.0f} µs (until drained)"
+                      if "worker_cpu_us_per_round_trip" in r else "")
+            cpu = (f"; relay process CPU {r['cpu_us_per_round_trip']:.0f} µs per round trip{worker} (socat "
                    f"{socat['cpu_us_per_round_trip']:.0f})" if socat and "cpu_us_per_round_trip" in socat else "")
             rows.append(Row(f"{devices:,} devices × 1 frame/s ({loop}): added p50 / p99 round trip; decoded copies "
                             "dropped, lost", f"+{r['p50'] - direct['p50']:.2f} / +{r['p99'] - direct['p99']:.2f} ms; "

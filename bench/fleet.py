@@ -21,6 +21,13 @@ ack sent down should end up in the relay's raw archive (decoded then, or after a
 lost = 2 × round trips − frames archived; `dropped` is what the relay itself counted as copies it
 could not hand to its worker (the connection records' dropped_copies). The relay is stopped with
 SIGTERM after its decode backlog is empty (or after --drain seconds), as a user would stop it.
+
+CPU per round trip (the table's last columns; much less sensitive to load than latency): the
+hop's process over the fleet's seconds (socat with its per-connection children), and for the
+relay also its ingest worker process(es) from the relay's start until the relay is stopped —
+every copy archived and decoded (unless the backlog outlived --drain: the row says so) — since
+the worker's share of each round trip is done whenever it gets to it. On a 2-core machine both
+take from the same cores.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from cputime import children, cpu_s  # noqa: E402  (bench/cputime.py)
 
 from pvtap.decode.alphaess import REQUEST, ack_frame, encode_frame  # noqa: E402
 
@@ -222,6 +231,8 @@ def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path
         proc, port = start_relay(cloud_port, data_dir, data_dir.parent / "relay.log",
                                  "uvloop" if path == "relay-uvloop" else "asyncio", hop_cpus)
     cpu_before = cpu_seconds(proc.pid) if proc is not None else 0.0
+    workers = children(proc.pid, "pvtap.ingest.worker") if proc is not None and path.startswith("relay") else []
+    workers_before = sum(cpu_s(pid) for pid in workers)
     try:
         times, failed = asyncio.run(fleet(port, devices, seconds))
         if path == "socat":
@@ -239,6 +250,9 @@ def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path
             while time.monotonic() < deadline and (decode_backlog(data_dir) or 0) > 0:
                 time.sleep(0.2)
             row["backlog_at_stop"] = decode_backlog(data_dir)
+            if workers and times:
+                row["worker_cpu_us_per_round_trip"] = (sum(cpu_s(pid) for pid in workers) - workers_before) / len(
+                    times) * 1e6
     finally:
         if proc is not None:
             proc.terminate()
@@ -288,7 +302,7 @@ def main() -> int:
           + (f"; hop pinned to CPU {min(hop_cpus)}, client and cloud to the others" if hop_cpus else "; not pinned")
           + "\n")
     print(f"{'devices':>7} {'path':<14}{'frames':>8}{'p50':>8}{'p99':>8}{'max':>8}{'+p50':>8}{'+p99':>8}"
-          f"{'lost':>7}{'dropped':>8}{'archived':>9}{'records':>8}{'load':>6}{'CPU µs/rt':>10}")
+          f"{'lost':>7}{'dropped':>8}{'archived':>9}{'records':>8}{'load':>6}{'CPU µs/rt':>10}{'worker':>8}")
     direct = {r["devices"]: r for r in rows if r["path"] == "direct"}
     for r in rows:
         base = direct.get(r["devices"])
@@ -300,7 +314,7 @@ def main() -> int:
         backlog = f"  (decode backlog {r['backlog_at_stop']} at stop)" if r.get("backlog_at_stop") else ""
         print(f"{r['devices']:>7} {r['path']:<14}{r['frames']:>8}{r.get('p50', 0):>8.2f}{r.get('p99', 0):>8.2f}"
               f"{r.get('max', 0):>8.1f}{added}{lost}{r['load']:>6.2f}{r.get('cpu_us_per_round_trip', 0):>10.0f}"
-              f"{failed}{backlog}")
+              f"{r.get('worker_cpu_us_per_round_trip', 0):>8.0f}{failed}{backlog}")
     if args.json:
         args.json.write_text(json.dumps({"seconds": args.seconds, "frame_bytes": FRAME_SIZE, "rows": rows,
                                          "pinned": hop_cpus is not None}, indent=1))

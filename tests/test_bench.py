@@ -28,4 +28,23 @@ def test_every_benchmark_runs_in_its_short_mode(tmp_path):
                   "Enphase: every report and answer in the raw archive when the run ends | 40 of 40"):
         assert words in text, f"no row {words!r} in:\n{text}"
     assert re.search(r"dropped 0, lost 0 of [1-9]\d*", text)  # every frame and ack of the fleet archived
+
+    # where the time goes: each part's CPU in the bulk rows, the worker's until its archive was complete (4 MiB
+    # of frames fit the channel's buffer: none dropped, every frame archived)
+    number = r"(\d+\.\d)"
+    frames = re.search(rf"\| bulk 4 MiB one way: relay \(asyncio\), AlphaESS frames \| \d+ MB/s; CPU ms/MiB: relay "
+                       rf"{number}, worker {number}, client\+sink {number} \(socat {number}\); worker until its "
+                       rf"archive held every frame it got: (\d+) ms/MiB, {number} s after the last run \|", text)
+    assert frames, text
+    assert float(frames[1]) > 0 and float(frames[3]) > 0 and int(frames[5]) > 0, frames[0]
+    opaque = re.search(rf"\| bulk 4 MiB one way: relay \(asyncio\), opaque stream \| \d+ MB/s; CPU ms/MiB: relay "
+                       rf"{number}, worker {number}, client\+sink {number} \(socat {number}\) \|", text)
+    assert opaque and float(opaque[1]) > 0, text
+    assert re.search(r"\| 5 devices × 1 frame/s \(asyncio\):.*relay process CPU \d+ µs per round trip, its ingest "
+                     r"worker [1-9]\d* µs \(until drained\) \(socat \d+\)", text), text
+    # the decoders' stage split, in their section's output
+    decoders = text.partition("### bench/decoders.py")[2]
+    for stage in ("Tap.feed", "redact_raw", "decode_raw", "stage sum", "end-to-end, as above", "target's budget",
+                  "floor: RawPayload+Record(s)"):
+        assert re.search(rf"^{re.escape(stage)}  +[\d.,]+ µs", decoders, re.M), f"no row {stage!r} in:\n{decoders}"
     assert "**not measured**" not in text or "bench/decoders.py is not on this branch yet" in text
