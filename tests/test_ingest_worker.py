@@ -5,6 +5,7 @@ dropped and counted, and a second writer of the same store is refused with a cle
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import socket
@@ -19,10 +20,10 @@ import pytest
 
 from pvtap.config import ConfigError, InfluxConfig, load_config
 from pvtap.ingest import channel as channel_module
+from pvtap.ingest import priority
 from pvtap.ingest.channel import Channel, IngestStartError
-from pvtap.ingest.lifecycle import full_cpu_for_the_stop
+from pvtap.ingest.priority import WORKER_NICENESS, full_cpu_for_the_stop
 from pvtap.ingest.settings import WorkerSettings
-from pvtap.ingest.worker import WORKER_NICENESS
 from pvtap.privacy import Privacy
 from pvtap.records import Origin, RawPayload
 from pvtap.simulate.enphase import Simulator, encode_body
@@ -183,11 +184,11 @@ def test_the_cpu_priority_comes_from_the_config(tmp_path):
     idle = load_config(tmp_path / "idle.toml", env={})
     assert WorkerSettings.of_config(tmp_path / "relay.sqlite", Privacy(), idle).cpu_priority == "idle"
     default = load_config(None, env={})
-    assert WorkerSettings.of_config(tmp_path / "relay.sqlite", Privacy(), default).cpu_priority == "low"
+    assert WorkerSettings.of_config(tmp_path / "relay.sqlite", Privacy(), default).cpu_priority == "adaptive"
     (tmp_path / "bad.toml").write_text('[ingest]\ncpu_priority = "high"\n')
     with pytest.raises(ConfigError) as error:
         load_config(tmp_path / "bad.toml", env={})
-    assert error.value.key == "ingest.cpu_priority" and "idle, low" in error.value.problem
+    assert error.value.key == "ingest.cpu_priority" and "adaptive, idle, low" in error.value.problem
 
 
 @pytest.mark.slow  # waits WRITER_LOCK_WAIT_S for the first writer to let go
@@ -245,3 +246,85 @@ def test_a_second_sigterm_keeps_the_first_ones_stop_deadline(tmp_path, monkeypat
         assert not state.past_stop_deadline()
         clock[0] += 1.0
         assert state.past_stop_deadline()
+
+
+def policies(pid: int) -> set[tuple[int, int]]:
+    return {(os.sched_getscheduler(t), os.getpriority(os.PRIO_PROCESS, t)) for t in threads_of(pid)}
+
+
+def test_an_adaptive_worker_runs_on_idle_time_while_it_keeps_up_and_at_nice_10_once_behind(tmp_path, monkeypatch):
+    """ingest.cpu_priority = "adaptive": the channel (which the worker's starvation cannot stop)
+    gives the worker idle CPU time only while it keeps up, and nice 10 back once copies sent a
+    while ago are still not archived; nothing is lost either way."""
+    monkeypatch.setattr(priority, "CALM_S", 0.5)
+    monkeypatch.setattr(priority, "BEHIND_S", 0.5)
+    store = tmp_path / "relay.sqlite"
+    settings = WorkerSettings.of(store, Privacy(), InfluxConfig(), 1 << 20, cpu_priority="adaptive")
+    channel = Channel.process(settings).start(wait_ready=30)
+    pid, own = channel.ready["pid"], os.getpriority(os.PRIO_PROCESS, 0)
+    low, idle = {(os.SCHED_OTHER, min(19, own + WORKER_NICENESS))}, {(os.SCHED_IDLE, min(19, own + WORKER_NICENESS))}
+    numbers = itertools.count()
+
+    def forwarding() -> set[tuple[int, int]]:
+        """What the relay's loop does meanwhile: a copy now and then, the back-channel read."""
+        assert channel.payload(frame(next(numbers)))
+        channel.stats()
+        return policies(pid)
+
+    try:
+        wait_until(lambda: len(threads_of(pid)) >= 4, 10, what="the reader, archiver, decoder and ticker threads")
+        assert policies(pid) == low  # it starts at nice 10
+        wait_until(lambda: forwarding() == idle, 10, what="idle time once it kept up for CALM_S")
+        os.kill(pid, signal.SIGSTOP)  # starved: it takes and archives nothing
+        try:
+            wait_until(lambda: forwarding() == low, 10, what="nice 10 once copies wait longer than BEHIND_S")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: forwarding() == idle, 10, what="idle time again once it caught up")
+        assert channel.priority is not None and channel.priority.switches == 3
+    finally:
+        assert channel.close(10)
+    with LocalStore(store, readonly=True) as s:
+        assert s.count_raw() == next(numbers)  # every copy archived
+
+
+def test_adaptive_priority_goes_back_to_nice_10_when_the_worker_falls_behind_in_any_way(monkeypatch):
+    """Each sign of a worker behind, on a real process standing in for it: copies sent a while
+    ago not archived, copies piling up on the forwarding side, a long decode backlog."""
+    clock = [100.0]
+    monkeypatch.setattr(priority, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    stand_in = subprocess.Popen(["sleep", "60"])
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    low, idle = (os.SCHED_OTHER, min(19, own + WORKER_NICENESS)), (os.SCHED_IDLE, min(19, own + WORKER_NICENESS))
+    adaptive = priority.AdaptivePriority(limit_bytes=1000)
+    try:
+        adaptive.started(stand_in)
+
+        copies = {"sent": 0, "archived": 0}  # counts only grow, as the channel's do
+
+        def after(seconds: float, waiting: int = 0, **counts: int) -> tuple[int, int]:
+            clock[0] += seconds
+            copies.update(counts)
+            adaptive.check(copies["sent"], copies["archived"], waiting)
+            return os.sched_getscheduler(stand_in.pid), os.getpriority(os.PRIO_PROCESS, stand_in.pid)
+
+        def not_archived() -> tuple[int, int]:
+            assert after(0.2, sent=copies["sent"] + 10) == idle  # just sent: not behind yet
+            return after(priority.BEHIND_S)
+
+        def decoding_behind() -> tuple[int, int]:
+            adaptive.decode_backlog = priority.BEHIND_DECODING + 1
+            return after(0.2)
+
+        signs = [not_archived, lambda: after(0.2, waiting=251), decoding_behind]
+        after(0.2)  # calm from here
+        for sign in signs:
+            assert after(priority.CALM_S - 0.1) != idle  # not calm for long enough yet
+            assert after(0.2) == idle
+            assert sign() == low
+            adaptive.decode_backlog = 0
+            after(priority.BEHIND_S + 0.2, archived=copies["sent"])  # caught up: calm from here
+        assert adaptive.switches == 6
+    finally:
+        stand_in.kill()
+        stand_in.wait()

@@ -169,14 +169,16 @@ class IngestConfig:
              "matters under a supervisor's stop grace (Docker: stop_grace_period); docs/relay.md, \"Stopping\".",
         check=lambda v: None if 0 <= v <= MAX_STOP_DECODE_S else f"must be between 0 and {MAX_STOP_DECODE_S:g}")
     cpu_priority: str = setting(
-        "low", "The ingest workers' CPU priority. low: nice 10, so the forwarding processes go first on busy cores "
-               "and the workers still get a share. idle: only CPU time nothing else wants (Linux SCHED_IDLE), so a "
-               "decode never delays a forwarded frame (a lower added p99 at 1,000 devices, docs/design.md); but on "
-               "cores busy with other work the workers get almost nothing: copies wait, past ingest.queue_mb they "
-               "are dropped (counted, pvtap status). At a stop, once forwarding is over, the workers go back to the "
-               "relay's own priority (as root or with CAP_SYS_NICE) to archive the last copies. For a "
-               "dedicated relay machine only.",
-        check=one_of("idle", "low"))
+        "adaptive", "The ingest workers' CPU priority, so that forwarding goes first. adaptive: a worker runs on "
+                    "CPU time nothing else wants (Linux SCHED_IDLE) while it keeps up, so a decode never delays a "
+                    "forwarded frame (a lower added p99 at 1,000 devices, docs/design.md), and at nice 10 as soon as "
+                    "it falls behind (copies unarchived for a second, a quarter of ingest.queue_mb waiting, 5,000 "
+                    "payloads to decode); the relay switches it, which needs root or CAP_SYS_NICE (as in the "
+                    "container), else it stays at nice 10. low: nice 10 always. idle: SCHED_IDLE always: on cores "
+                    "busy with other work the workers get almost nothing, and past ingest.queue_mb copies are "
+                    "dropped (counted, pvtap status). At a stop, once forwarding is over, the workers go back to the "
+                    "relay's own priority (root or CAP_SYS_NICE) to archive the last copies.",
+        check=one_of("adaptive", "idle", "low"))
 
 
 _MQTT_URL = re.compile(r"(mqtts?)://(\[[0-9a-fA-F:]+\]|[^/:\s@\[\]]+)(?::(\d{1,5}))?/?")

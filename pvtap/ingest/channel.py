@@ -42,13 +42,13 @@ from pvtap.ingest.lifecycle import (
     Restarts,
     Spawn,
     describe_exit,
-    full_cpu_for_the_stop,
     kill_if_running,
     reap,
     spawn_process,
     spawn_thread,
 )
 from pvtap.ingest.outbox import Message, Outbox
+from pvtap.ingest.priority import AdaptivePriority, full_cpu_for_the_stop
 from pvtap.ingest.settings import WorkerSettings
 from pvtap.ingest.wire import Kind
 from pvtap.privacy import Privacy
@@ -124,6 +124,7 @@ class Channel:
         self._archived_now = 0  # of those, how many it said it archived (ARCHIVED)
         self.ready: dict[str, Any] = {}
         self.failed: str | None = None
+        self.priority = AdaptivePriority(self.limit) if settings.cpu_priority == "adaptive" else None
 
     @classmethod
     def process(cls, settings: WorkerSettings, name: str = "ingest") -> Channel:
@@ -171,6 +172,8 @@ class Channel:
         self._socket.connect(ours)
         self._sent_now = self._archived_now = 0
         self._restarts.started_now()
+        if self.priority is not None:
+            self.priority.started(self.worker)
         self.ready, self.failed = {}, None
         first = [Message.of_control(wire.control(Kind.SETTINGS, self.settings.to_wire()))]
         first += [Message.of_control(wire.with_conn(Kind.OPEN, s.conn, s.open_doc)) for s in self._streams.values()]
@@ -190,6 +193,7 @@ class Channel:
         Forwarding is over by now, so the worker gets its full share of the cores to finish."""
         if self._closed:
             return
+        self.priority = None
         full_cpu_for_the_stop(self.worker)
         self._send_counts(force=True)
         self._socket.drain(deadline)
@@ -314,6 +318,8 @@ class Channel:
             self.counts.bytes_dropped += size
             return False
         self._socket.schedule_flush()
+        if self.priority is not None:
+            self.priority.check(self._sent_now, self._archived_now, self._out.buffered)
         return True
 
     def _enqueue_control(self, parts: list[bytes]) -> None:
@@ -360,8 +366,12 @@ class Channel:
                 stream.opaque = True
         elif kind is Kind.ARCHIVED:
             self._archived_now = wire.read_archived(body)
+            if self.priority is not None:
+                self.priority.check(self._sent_now, self._archived_now, self._out.buffered)
         elif kind is Kind.SNAPSHOT:
             self.counts.snapshot = wire.doc(body)
+            if self.priority is not None:
+                self.priority.decode_backlog = self.counts.snapshot.get("decode_backlog", 0)
         elif kind is Kind.SYNCED:
             token, _ = wire.conn_of(body)
             self._synced.add(token)

@@ -65,29 +65,6 @@ def reap(worker: Any, timeout: float, name: str) -> bool:
     return True
 
 
-def full_cpu_for_the_stop(worker: Any) -> bool:
-    """When forwarding is over, a worker process need not yield the cores any more
-    (ingest.cpu_priority): its threads go back to the normal policy at the niceness of the calling
-    (forwarding) thread, so that on cores busy with other work it still archives the last copies
-    within its stop grace. Needs CAP_SYS_NICE (root, as in the container); where refused, the
-    worker stops as it ran."""
-    if not isinstance(worker, subprocess.Popen):
-        return False
-    niceness = os.getpriority(os.PRIO_PROCESS, 0)
-    try:
-        threads = [int(tid) for tid in os.listdir(f"/proc/{worker.pid}/task")]
-    except OSError:
-        return False
-    done = True
-    for tid in threads:
-        try:
-            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-            os.setpriority(os.PRIO_PROCESS, tid, niceness)
-        except OSError:  # not permitted, or a thread that just ended
-            done = False
-    return done
-
-
 def kill_if_running(worker: Any) -> None:
     """Before a restart: a worker process that closed its socket but still runs goes."""
     if isinstance(worker, subprocess.Popen) and worker.poll() is None:

@@ -54,7 +54,7 @@ class WorkerSettings:
     log_level: str = "info"
     parent_pid: int = 0
     stop_decode_s: float = DECODE_STOP_GRACE_S  # ingest.stop_decode_s
-    cpu_priority: str = "low"  # ingest.cpu_priority
+    cpu_priority: str = "adaptive"  # ingest.cpu_priority
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -62,7 +62,7 @@ class WorkerSettings:
     @classmethod
     def of(cls, store: Path, privacy: Privacy, influx: InfluxConfig, queue_bytes: int, log_level: str = "info",
            adopt: list[Path] | None = None, mqtt: MqttConfig | None = None,
-           stop_decode_s: float = DECODE_STOP_GRACE_S, cpu_priority: str = "low") -> WorkerSettings:
+           stop_decode_s: float = DECODE_STOP_GRACE_S, cpu_priority: str = "adaptive") -> WorkerSettings:
         fields = {f.name: getattr(privacy, f.name) for f in dataclasses.fields(privacy)}
         return cls(store=str(store), adopt=[str(p) for p in adopt or []],
                    privacy={k: v.hex() if isinstance(v, bytes) else v for k, v in fields.items()},

@@ -48,6 +48,7 @@ from pvtap.ingest.decoding import Decoder
 from pvtap.ingest.engine import Codecs, Ingest
 from pvtap.ingest.framing import Connections
 from pvtap.ingest.outputs import Outputs
+from pvtap.ingest.priority import yield_cpu
 from pvtap.ingest.reader import ChannelReader
 from pvtap.ingest.settings import ARCHIVE_STOP_GRACE_S, WorkerSettings, read_settings
 from pvtap.ingest.wire import Kind
@@ -219,31 +220,6 @@ class Worker:
 
 
 # -- as a process --------------------------------------------------------------------------------
-
-#: ingest.cpu_priority = "low": how much lower the worker's CPU priority is than its forwarding process's (nice(2))
-WORKER_NICENESS = 10
-
-
-def yield_cpu(priority: str) -> None:
-    """When the cores are busy, the forwarding process goes first: a round trip waiting behind a
-    decode is what devices feel, and the worker's backlog is bounded and archived anyway.
-
-    "low" (the default): nice 10. "idle" (SCHED_IDLE): a forwarding process that wakes takes the
-    core from the worker at once, where at nice 10 it could wait out the worker's time slice, some
-    milliseconds (1,000 devices × 1 frame/s, relay pinned to one core with its worker: added p99
-    +3 ms at nice 10, +1 ms idle); but a worker starved by other work falls behind while the
-    relay forwards, and its copies are dropped past ingest.queue_mb, so it is opt-in. (At the stop
-    the parent gives it its full share back: lifecycle.full_cpu_for_the_stop.)
-    Where the kernel refuses it (not Linux), nice 10 as with "low"."""
-    if priority == "idle":
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            return
-        except (AttributeError, OSError) as exc:
-            log.info("ingest.cpu_priority = idle not available here (%s): running at nice %d", exc, WORKER_NICENESS)
-    with contextlib.suppress(OSError):
-        os.nice(WORKER_NICENESS)
-
 
 def _die_with_parent(parent_pid: int) -> None:
     """PR_SET_PDEATHSIG: SIGTERM when the parent dies (it may die before it closes the socket)."""
