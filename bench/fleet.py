@@ -15,11 +15,14 @@ the default there), as if the devices and the cloud were other machines: otherwi
 generator's own scheduling on the shared cores shows up in the hop's p99. `--no-pin` lets the
 scheduler place everything.
 
-Per path it prints the round trip's median / p99 / max, what the hop adds over the direct path
+Each fleet first sends --warm-up seconds untimed, as a relay that has run for a while sees it:
+connections open, and with the default ingest.cpu_priority ("adaptive") its worker on idle CPU
+time once it kept up for 5 s. Then --seconds are timed. Per path it prints the round trip's
+median / p99 / max over the timed seconds, what the hop adds over the direct path
 (same run), and for the relay how many decoded copies were lost: every frame sent up and every
 ack sent down should end up in the relay's raw archive (decoded then, or after a restart), so
-lost = 2 × round trips − frames archived; `dropped` is what the relay itself counted as copies it
-could not hand to its worker (the connection records' dropped_copies). The relay is stopped with
+lost = 2 × round trips (the warm-up's too) − frames archived; `dropped` is what the relay itself
+counted as copies it could not hand to its worker (the connection records' dropped_copies). The relay is stopped with
 SIGTERM after its decode backlog is empty (or after --drain seconds), as a user would stop it.
 
 CPU per round trip (the table's last columns; much less sensitive to load than latency): the
@@ -98,7 +101,8 @@ def start_cloud() -> tuple[multiprocessing.Process, int]:
 
 # -- the devices ------------------------------------------------------------------------------
 
-async def device(port: int, serial: str, offset: float, until: float, times: list[float]) -> None:
+async def device(port: int, serial: str, offset: float, until: float, timed_from: float, times: list[float],
+                 timed: list[float]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -112,20 +116,25 @@ async def device(port: int, serial: str, offset: float, until: float, times: lis
             writer.write(data)
             await reader.readexactly(len(ACK))
             times.append(time.perf_counter() - started)
+            if tick >= timed_from:
+                timed.append(times[-1])
             tick += 1.0
     finally:
         writer.close()
 
 
-async def fleet(port: int, devices: int, seconds: float) -> tuple[list[float], int]:
-    """Round-trip times (s) of every frame; failed connections."""
+async def fleet(port: int, devices: int, seconds: float, warm_up: float) -> tuple[list[float], list[float], int]:
+    """Round-trip times (s) of every frame, of those after the warm-up; failed connections."""
     loop = asyncio.get_running_loop()
-    until = loop.time() + 1.0 + seconds
+    timed_from = loop.time() + 1.0 + warm_up
+    until = timed_from + seconds
     times: list[float] = []
-    tasks = [device(port, f"ALSIM{i:010d}", 1.0 + i / devices, until, times) for i in range(devices)]
+    timed: list[float] = []
+    tasks = [device(port, f"ALSIM{i:010d}", 1.0 + i / devices, until, timed_from, times, timed)
+             for i in range(devices)]
     results = await asyncio.gather(*tasks, return_exceptions=True)
     failed = sum(isinstance(r, BaseException) for r in results)
-    return times, failed
+    return times, timed, failed
 
 
 # -- the hops ---------------------------------------------------------------------------------
@@ -219,7 +228,7 @@ def percentile(sorted_times: list[float], q: float) -> float:
     return sorted_times[min(len(sorted_times) - 1, int(len(sorted_times) * q))]
 
 
-def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path, drain: float,
+def run_path(path: str, devices: int, seconds: float, warm_up: float, cloud_port: int, tmp: Path, drain: float,
              hop_cpus: set[int] | None) -> dict[str, Any]:
     proc: subprocess.Popen | None = None
     data_dir = tmp / f"{path}-{devices}" / "data"
@@ -234,7 +243,7 @@ def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path
     workers = children(proc.pid, "pvtap.ingest.worker") if proc is not None and path.startswith("relay") else []
     workers_before = sum(cpu_s(pid) for pid in workers)
     try:
-        times, failed = asyncio.run(fleet(port, devices, seconds))
+        times, timed, failed = asyncio.run(fleet(port, devices, seconds, warm_up))
         if path == "socat":
             time.sleep(1.0)  # its per-connection children end and are reaped: their CPU time is counted then
         cpu = cpu_seconds(proc.pid) - cpu_before if proc is not None else 0.0  # the relay's worker not included
@@ -242,9 +251,10 @@ def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path
                                "load": os.getloadavg()[0]}
         if proc is not None and times:  # the hop's own CPU per round trip: much less sensitive to load than latency
             row["cpu_us_per_round_trip"] = cpu / len(times) * 1e6
-        times.sort()
-        if times:
-            row.update(p50=statistics.median(times) * 1e3, p99=percentile(times, 0.99) * 1e3, max=times[-1] * 1e3)
+        timed.sort()
+        if timed:
+            row.update(timed=len(timed), p50=statistics.median(timed) * 1e3, p99=percentile(timed, 0.99) * 1e3,
+                       max=timed[-1] * 1e3)
         if path.startswith("relay"):
             deadline = time.monotonic() + drain
             while time.monotonic() < deadline and (decode_backlog(data_dir) or 0) > 0:
@@ -266,7 +276,11 @@ def run_path(path: str, devices: int, seconds: float, cloud_port: int, tmp: Path
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, nargs="+", default=[100, 1000], help="fleet sizes (default 100 1000)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="seconds each fleet sends (default 20)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds each fleet is timed (default 20)")
+    parser.add_argument("--warm-up", type=float, default=6.0,
+                        help="seconds each fleet sends first, untimed (default 6): a relay that has run for a while "
+                             "has its worker on idle CPU time (ingest.cpu_priority = adaptive, after 5 s of keeping "
+                             "up)")
     parser.add_argument("--paths", nargs="+", default=["direct", "socat", "relay", "relay-uvloop"],
                         choices=["direct", "socat", "relay", "relay-uvloop"], help="hops to measure, in this order")
     parser.add_argument("--json", type=Path, help="also write the rows to this file (bench/all.py reads it)")
@@ -293,7 +307,7 @@ def main() -> int:
             for devices in args.devices:
                 for path in args.paths:
                     print(f"  {devices} devices × 1 frame/s, {args.seconds:g} s: {path}", file=sys.stderr, flush=True)
-                    rows.append(run_path(path, devices, args.seconds, cloud_port, Path(tmp), args.drain,
+                    rows.append(run_path(path, devices, args.seconds, args.warm_up, cloud_port, Path(tmp), args.drain,
                                          hop_cpus))
     finally:
         cloud.terminate()

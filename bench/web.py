@@ -148,17 +148,17 @@ def relay_with_page(store: Path, tmp: Path, devices: int, seconds: float) -> lis
     cloud, cloud_port = fleet.start_cloud()
     rows = []
     try:
-        direct, _ = asyncio.run(fleet.fleet(cloud_port, devices, seconds))
+        direct, _, _ = asyncio.run(fleet.fleet(cloud_port, devices, seconds, 0.0))
         rows.append(summary("direct (no relay)", direct))
         data_dir = tmp / "relay" / "data"
         data_dir.mkdir(parents=True)
         os.link(store, data_dir / "year.sqlite")
         relay, port = fleet.start_relay(cloud_port, data_dir, data_dir.parent / "relay.log")
         try:
-            times, _ = asyncio.run(fleet.fleet(port, devices, seconds))
+            times, _, _ = asyncio.run(fleet.fleet(port, devices, seconds, 0.0))
             rows.append(summary("relay, no page", times))
             rows.append(with_page_open(data_dir, port, devices, seconds, tmp))
-            times, _ = asyncio.run(fleet.fleet(port, devices, seconds))
+            times, _, _ = asyncio.run(fleet.fleet(port, devices, seconds, 0.0))
             rows.append(summary("relay, no page again", times))
         finally:
             relay.terminate()
@@ -196,7 +196,7 @@ def with_page_open(data_dir: Path, port: int, devices: int, seconds: float, tmp:
 
 def fleet_in_thread(port: int, devices: int, seconds: float) -> list[float]:
     found: list[float] = []
-    worker = threading.Thread(target=lambda: found.extend(asyncio.run(fleet.fleet(port, devices, seconds))[0]))
+    worker = threading.Thread(target=lambda: found.extend(asyncio.run(fleet.fleet(port, devices, seconds, 0.0))[0]))
     worker.start()
     worker.join()
     return found

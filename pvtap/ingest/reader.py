@@ -2,10 +2,10 @@
 copies per connection (framing.py: a Tap each), redacts the payloads and queues them for the
 archiver (archive.py).
 
-It runs on the worker's main thread and reads as fast as the socket gives (raw first): when it
-finds more waiting each time it reads, it marks the worker busy, and the decoder takes short turns
-(decoding.py). It returns when the channel ends (EOF: the parent stopped or died) or, after a
-SIGTERM, within ARCHIVE_STOP_GRACE_S even if the channel stays open.
+It runs on the worker's main thread and reads as fast as the socket gives (raw first): when a
+read is more than a trickle (TRICKLE_BYTES: copies were piling up), it marks the worker busy,
+and the decoder takes short turns (decoding.py). It returns when the channel ends (EOF: the
+parent stopped or died) or, after a SIGTERM, within ARCHIVE_STOP_GRACE_S even if the channel stays open.
 
 A fleet's copies trickle in, one small message per read. After a read that small the reader
 waits GATHER_S and takes what has come meanwhile in the same pass (`gather`): one hand-off to
@@ -75,8 +75,6 @@ class ChannelReader:
             if self.state.past_stop_deadline():
                 log.warning("ingest worker: told to stop; leaving the channel with %d bytes unread", reader.pending)
                 return
-            if select.select([self.sock], [], [], 0)[0]:  # more was waiting: the decoder gives way (raw first)
-                self.state.busy_at = time.monotonic()
             try:
                 data = self.sock.recv(RECV_SIZE)
             except TimeoutError:
@@ -89,6 +87,8 @@ class ChannelReader:
                 return
             if len(data) < TRICKLE_BYTES:
                 data = gather(self.sock, data)
+            if len(data) >= TRICKLE_BYTES:  # more than a trickle: copies pile up, the decoder gives way (raw first)
+                self.state.busy_at = time.monotonic()
             for kind, body in reader.feed(data):
                 self._handle(kind, body)
             if self.counts.copies_received > self._queued_through:  # copies still being framed count too

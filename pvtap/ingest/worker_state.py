@@ -99,7 +99,7 @@ class WorkerState:
         self.send = BackChannel(sock).send
         self.commits = Commits()
         self.stopping = threading.Event()  # the channel ended: finish up
-        self.busy_at = -1.0  # when the reader last found more waiting than one read takes
+        self.busy_at = -1.0  # when the reader last read more than a trickle (copies piling up)
         self.archive_failing_since: float | None = None  # the archiver cannot commit since then
         self._stop_deadline: float | None = None
         self._acknowledging = True  # tell the parent what is archived (until something had to be dropped)
