@@ -5,9 +5,8 @@
 - `reaped_cpu_s(pid)`: from /proc/<pid>/stat, in clock ticks (10 ms): its own and that of the
   children it has reaped. socat forks a child per connection, whose time its parent collects when
   the child ends (`wait_childless` first).
-- `children(pid)`: its live child processes. This kernel has no /proc/<pid>/task/<tid>/children
-  (CONFIG_PROC_CHILDREN), so every /proc/<n>/stat is read for its parent, as psutil would do
-  (not a dependency, and three functions do not need it).
+- `children(pid)`: its child processes, from /proc/<pid>/task/<tid>/children (psutil is not a
+  dependency, and three functions do not need it).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from pathlib import Path
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -40,23 +40,24 @@ def reaped_cpu_s(pid: int) -> float:
 
 
 def children(pid: int, command: str = "") -> list[int]:
-    """The live child processes of `pid` (zombies included), those whose command line contains
-    `command` when one is given."""
+    """The child processes of `pid` not yet reaped, those whose command line contains `command`
+    when one is given."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            if int(_stat(int(entry))[1]) != pid:
-                continue
-            if command:
-                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                    if command.encode() not in cmdline.read():
-                        continue
-        except (OSError, IndexError, ValueError):  # ended meanwhile
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # a thread that ended meanwhile
             continue
-        found.append(int(entry))
+    if command:
+        found = [child for child in found if _command_has(child, command)]
     return found
+
+
+def _command_has(pid: int, command: str) -> bool:
+    try:
+        return command.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # ended meanwhile
+        return False
 
 
 def wait_childless(pid: int, timeout: float = 5.0) -> bool:

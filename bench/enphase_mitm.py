@@ -34,6 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cputime import children  # noqa: E402  (bench/cputime.py)
+
 from pvtap.simulate.enphase import Simulator, encode_body, post_report  # noqa: E402
 from pvtap.store.local import LocalStore  # noqa: E402
 from tests.mitm_support import Mitmdump, wait_for  # noqa: E402
@@ -94,17 +96,6 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    """The running child processes of `pid` (the addon's ingest worker)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
 
 
 def cpu_of(pid: int) -> tuple[float, float]:

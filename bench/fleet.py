@@ -55,7 +55,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cputime import children, cpu_s  # noqa: E402  (bench/cputime.py)
+from cputime import children, cpu_s, reaped_cpu_s  # noqa: E402  (bench/cputime.py)
 
 from pvtap.decode.alphaess import REQUEST, ack_frame, encode_frame  # noqa: E402
 
@@ -183,13 +183,6 @@ def start_relay(upstream: int, data_dir: Path, log: Path, loop: str = "uvloop",
     return proc, port
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (and its reaped children: socat forks one per connection)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
 def stores(data_dir: Path) -> list[Path]:
     return sorted(data_dir.glob("*.sqlite"))
 
@@ -239,14 +232,14 @@ def run_path(path: str, devices: int, seconds: float, warm_up: float, cloud_port
     elif path.startswith("relay"):
         proc, port = start_relay(cloud_port, data_dir, data_dir.parent / "relay.log",
                                  "uvloop" if path == "relay-uvloop" else "asyncio", hop_cpus)
-    cpu_before = cpu_seconds(proc.pid) if proc is not None else 0.0
+    cpu_before = reaped_cpu_s(proc.pid) if proc is not None else 0.0
     workers = children(proc.pid, "pvtap.ingest.worker") if proc is not None and path.startswith("relay") else []
     workers_before = sum(cpu_s(pid) for pid in workers)
     try:
         times, timed, failed = asyncio.run(fleet(port, devices, seconds, warm_up))
         if path == "socat":
             time.sleep(1.0)  # its per-connection children end and are reaped: their CPU time is counted then
-        cpu = cpu_seconds(proc.pid) - cpu_before if proc is not None else 0.0  # the relay's worker not included
+        cpu = reaped_cpu_s(proc.pid) - cpu_before if proc is not None else 0.0  # the relay's worker not included
         row: dict[str, Any] = {"path": path, "devices": devices, "frames": len(times), "failed": failed,
                                "load": os.getloadavg()[0]}
         if proc is not None and times:  # the hop's own CPU per round trip: much less sensitive to load than latency

@@ -5,8 +5,15 @@ from __future__ import annotations
 import socket
 from datetime import UTC, datetime
 
-from pvtap.ingest import reader
-from pvtap.ingest.framing import ConnectionRecord
+from pvtap.decode import codec_for
+from pvtap.ingest import reader, wire
+from pvtap.ingest.archive import ArchiveQueue
+from pvtap.ingest.engine import Ingest
+from pvtap.ingest.framing import ConnectionRecord, Connections
+from pvtap.ingest.settings import WorkerSettings
+from pvtap.ingest.worker_state import WorkerState
+from pvtap.privacy import Privacy
+from pvtap.store.local import LocalStore
 
 RECORD = ConnectionRecord(id="c-1", protocol="alphaess", listener="alphaess", policy="forward",
                           started=datetime(2024, 6, 1, 12, tzinfo=UTC), peer="192.0.2.9:40000", action="forward")
@@ -62,14 +69,6 @@ def test_an_error_while_gathering_keeps_what_was_read():
 
 def read_all(tmp_path, messages: list[list[bytes]]):
     """A worker's reader over a channel that carries `messages` and ends: its shared state after."""
-    from pvtap.decode import codec_for
-    from pvtap.ingest.archive import ArchiveQueue
-    from pvtap.ingest.engine import Ingest
-    from pvtap.ingest.framing import Connections
-    from pvtap.ingest.settings import WorkerSettings
-    from pvtap.ingest.worker_state import WorkerState
-    from pvtap.privacy import Privacy
-    from pvtap.store.local import LocalStore
 
     ours, theirs = socket.socketpair()
     with ours, LocalStore(tmp_path / "relay.sqlite") as store:
@@ -85,16 +84,12 @@ def read_all(tmp_path, messages: list[list[bytes]]):
 def test_a_trickle_of_copies_leaves_the_decoder_its_full_turns(tmp_path):
     """Copies arriving a few at a time are no backlog: the decoder must keep its long turns (a
     busy test that looked only at what waits after a gather starved decoding at 1,000 devices)."""
-    from pvtap.ingest import wire
-
     opened = wire.with_conn(wire.Kind.OPEN, 1, {"record": RECORD.to_wire(), "device": ""})
     copies = [wire.chunk(1, "up", 0, b"\x01" * 100) for _ in range(20)]
     assert read_all(tmp_path, [opened, *copies]).busy_at < 0
 
 
 def test_copies_piling_up_make_the_reader_busy(tmp_path):
-    from pvtap.ingest import wire
-
     opened = wire.with_conn(wire.Kind.OPEN, 1, {"record": RECORD.to_wire(), "device": ""})
     copies = [wire.chunk(1, "up", 0, b"\x01" * 4096) for _ in range(40)]  # 160 KiB waiting at once
     assert read_all(tmp_path, [opened, *copies]).busy_at > 0

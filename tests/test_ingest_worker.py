@@ -20,7 +20,7 @@ import pytest
 
 from pvtap.config import ConfigError, InfluxConfig, load_config
 from pvtap.ingest import channel as channel_module
-from pvtap.ingest import priority
+from pvtap.ingest import priority, worker_state
 from pvtap.ingest.channel import Channel, IngestStartError
 from pvtap.ingest.priority import WORKER_NICENESS, full_cpu_for_the_stop
 from pvtap.ingest.settings import WorkerSettings
@@ -232,9 +232,6 @@ def test_copies_a_worker_killed_at_the_stop_had_not_archived_are_counted_as_lost
 
 def test_a_second_sigterm_keeps_the_first_ones_stop_deadline(tmp_path, monkeypatch):
     """Ctrl-C pressed twice, or a supervisor's SIGTERM repeated, must not put the worker's stop off."""
-    from pvtap.ingest import worker_state
-    from pvtap.ingest.settings import WorkerSettings
-
     clock = [1000.0]
     monkeypatch.setattr(worker_state, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     ours, theirs = socket.socketpair()

@@ -318,8 +318,7 @@ class Channel:
             self.counts.bytes_dropped += size
             return False
         self._socket.schedule_flush()
-        if self.priority is not None:
-            self.priority.check(self._sent_now, self._archived_now, self._out.buffered)
+        self._watch_pace()
         return True
 
     def _enqueue_control(self, parts: list[bytes]) -> None:
@@ -329,6 +328,11 @@ class Channel:
             log.debug("%s: control message dropped (%d bytes waiting)", self.name, self._out.control)
             return
         self._socket.schedule_flush()
+
+    def _watch_pace(self) -> None:
+        """ingest.cpu_priority = "adaptive": is the worker keeping up (priority.py)?"""
+        if self.priority is not None:
+            self.priority.check(self._sent_now, self._archived_now, self._out.buffered)
 
     def _account_sent(self, message: Message) -> None:
         if not message.control:
@@ -366,8 +370,7 @@ class Channel:
                 stream.opaque = True
         elif kind is Kind.ARCHIVED:
             self._archived_now = wire.read_archived(body)
-            if self.priority is not None:
-                self.priority.check(self._sent_now, self._archived_now, self._out.buffered)
+            self._watch_pace()
         elif kind is Kind.SNAPSHOT:
             self.counts.snapshot = wire.doc(body)
             if self.priority is not None:

@@ -93,19 +93,21 @@ class AdaptivePriority:
         self._marks: deque[tuple[float, int]] = deque()  # (when, copies sent by then), BEHIND_S back
         self._calm_since: float | None = None
         self._next_check = 0.0
-        self._refused = False
+        self._refused = False  # the kernel would not let us switch (stays so for restarted workers)
+        self._off = True  # nothing to switch: no worker yet, a worker thread, or refused
         self.decode_backlog = 0  # from the worker's last snapshot
 
     def started(self, worker: Any) -> None:
         """A new worker: it starts at nice 10 (yield_cpu)."""
         self.worker, self.idle, self._calm_since, self.decode_backlog = worker, False, None, 0
+        self._off = self._refused or not isinstance(worker, subprocess.Popen)
         self._marks.clear()
 
     def check(self, sent: int, archived: int, waiting_bytes: int) -> None:
         """`sent` copies went to the worker, it archived the first `archived`, and `waiting_bytes`
         of copies wait for it here."""
         now = time.monotonic()
-        if now < self._next_check or self._refused or not isinstance(self.worker, subprocess.Popen):
+        if self._off or now < self._next_check:
             return
         self._next_check = now + CHECK_EVERY_S
         self._marks.append((now, sent))
@@ -131,7 +133,7 @@ class AdaptivePriority:
             log.debug("ingest worker (pid %d): %s", self.worker.pid,
                       "kept up: runs on idle CPU time" if idle else f"behind: back to nice {WORKER_NICENESS}")
             return
-        self._refused = True
+        self._refused = self._off = True
         set_worker_threads(self.worker, os.SCHED_OTHER, low)
         log.info("ingest.cpu_priority = adaptive: the worker's priority cannot be changed here (needs root or "
                  "CAP_SYS_NICE); it stays at nice %d, as with \"low\"", WORKER_NICENESS)
