@@ -161,7 +161,9 @@ class IngestConfig:
            "(1 on a 2-core machine).", check=_workers)
     queue_mb: int = setting(
         32, "MiB of copies a forwarding process holds for its ingest worker while the worker is busy (and the worker "
-            "for its archive); beyond it copies are dropped and counted (pvtap status). Forwarding never waits.",
+            "for its archive); beyond it copies are dropped and counted (pvtap status). Forwarding never waits. The "
+            "copies not yet archived are also held to what the worker, as measured, archives in half of its stop "
+            "grace (at least 2,000 copies and 4 MiB), so that a stop loses none of them (docs/design.md, Bounds).",
         check=lambda v: None if 1 <= v <= 4096 else "must be between 1 and 4096")
     stop_decode_s: float = setting(
         2.0, "Seconds a stopping ingest worker goes on decoding its backlog before it leaves the rest for the next "
@@ -172,8 +174,8 @@ class IngestConfig:
         "adaptive", "The ingest workers' CPU priority, so that forwarding goes first. adaptive: a worker runs on "
                     "CPU time nothing else wants (Linux SCHED_IDLE) while it keeps up, so a decode never delays a "
                     "forwarded frame (a lower added p99 at 1,000 devices, docs/design.md), and at nice 10 as soon as "
-                    "it falls behind (copies unarchived for a second, a quarter of ingest.queue_mb waiting, 5,000 "
-                    "payloads to decode); the relay switches it, which needs root or CAP_SYS_NICE (as in the "
+                    "it falls behind (copies unarchived for a second, a quarter of what may wait for it waiting, "
+                    "5,000 payloads to decode); the relay switches it, which needs root or CAP_SYS_NICE (as in the "
                     "container), else it stays at nice 10. low: nice 10 always. idle: SCHED_IDLE always: on cores "
                     "busy with other work the workers get almost nothing, and past ingest.queue_mb copies are "
                     "dropped (counted, pvtap status). At a stop, once forwarding is over, the workers go back to the "

@@ -74,12 +74,13 @@ def writer_lock(store: Path) -> Any:
 @dataclass
 class Batch:
     """What the archiver commits at once: payloads, records, the sync tokens it answers, the
-    copies it completes (`through`: the first n copies the worker received) and its bytes."""
+    copies it completes (`through`: the first n copies the worker received, and their bytes) and
+    its size in the queue's budget."""
 
     raws: list[RawPayload] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
     syncs: list[int] = field(default_factory=list)
-    through: int = 0
+    through: tuple[int, int] = (0, 0)
     size: int = 0
 
 
@@ -89,12 +90,13 @@ class ArchiveQueue:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.bytes = 0
-        self.items: deque[tuple[list[RawPayload], list[Record], int | None, int]] = deque()
+        self.items: deque[tuple[list[RawPayload], list[Record], int | None, tuple[int, int]]] = deque()
         self.cond = threading.Condition()
 
     def put(self, raws: list[RawPayload], records: Sequence[Record] = (), sync: int | None = None,
-            through: int = 0, give_up: Callable[[], bool] = lambda: False) -> int:
-        """Queue payloads, records, a sync token and the count of copies they complete. While
+            through: tuple[int, int] = (0, 0), give_up: Callable[[], bool] = lambda: False) -> int:
+        """Queue payloads, records, a sync token and the copies they complete (how many the
+        worker received so far, and their bytes). While
         the queue is over its budget this waits (the channel backs up and the forwarding side
         drops and counts, per connection), unless `give_up()` says the worker is stopping: then
         the payloads are dropped (returns how many)."""

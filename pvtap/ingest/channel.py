@@ -3,7 +3,8 @@
 Everything here runs on the forwarding process's event loop (the relay's, mitmproxy's) and
 never waits: a copy is appended to a user-space buffer bounded in bytes and sent with one
 non-blocking `sendmsg` per loop iteration (the chunk's bytes are not copied on the way); when
-the buffer is full, or the worker is down, the copy is dropped and counted. Control messages
+the buffer is full, the worker is down, or the copies not yet archived are as many as the
+worker archives within its stop grace (backlog.py), the copy is dropped and counted. Control messages
 (a connection opened or closed, counts, syncs) are small and always queued, so every connection
 still gets its record. A worker that dies is started again with back-off; the connections open
 at that moment are announced to the new one. The buffer and its budget are outbox.py; the
@@ -35,7 +36,8 @@ from typing import Any
 
 from pvtap.decode import codec_for
 from pvtap.ingest import wire
-from pvtap.ingest.channel_socket import ChannelSocket, socket_pair
+from pvtap.ingest.backlog import StopBound
+from pvtap.ingest.channel_socket import ChannelSocket, drain_together, socket_pair
 from pvtap.ingest.engine import Codecs
 from pvtap.ingest.framing import ConnectionRecord
 from pvtap.ingest.lifecycle import (
@@ -68,7 +70,8 @@ class IngestStartError(RuntimeError):
 class ChannelCounts:
     copies_sent: int = 0
     bytes_sent: int = 0
-    copies_dropped: int = 0  # never reached the worker: the buffer was full or the worker down
+    copies_dropped: int = 0  # never reached the worker: the buffer was full, the worker down or behind
+    copies_dropped_behind: int = 0  # of those: the worker could not have archived them within its stop grace
     bytes_dropped: int = 0
     copies_lost: int = 0  # reached a worker that ended (killed at a stop, or crashed) before it archived them
     worker_restarts: int = 0
@@ -110,6 +113,7 @@ class Channel:
         self.counts = ChannelCounts()
         self.worker: Any = None  # subprocess.Popen or threading.Thread
         self._out = Outbox(self.limit)  # bounded in bytes: copies over the budget are dropped
+        self.bound = StopBound(settings.archive_grace_s)  # and by what the worker archives at a stop
         self._socket = ChannelSocket(self._out, received=self._handle, sent=self._account_sent,
                                      flushed=self._send_counts, lost=self._worker_lost)
         self._streams: dict[int, CopyStream] = {}
@@ -124,7 +128,7 @@ class Channel:
         self._archived_now = 0  # of those, how many it said it archived (ARCHIVED)
         self.ready: dict[str, Any] = {}
         self.failed: str | None = None
-        self.priority = AdaptivePriority(self.limit) if settings.cpu_priority == "adaptive" else None
+        self.priority = AdaptivePriority() if settings.cpu_priority == "adaptive" else None
 
     @classmethod
     def process(cls, settings: WorkerSettings, name: str = "ingest") -> Channel:
@@ -171,6 +175,7 @@ class Channel:
             theirs.close()  # the child has its copy; ours must go, or its EOF never comes
         self._socket.connect(ours)
         self._sent_now = self._archived_now = 0
+        self.bound.started()
         self._restarts.started_now()
         if self.priority is not None:
             self.priority.started(self.worker)
@@ -191,12 +196,14 @@ class Channel:
     def hang_up(self, deadline: float) -> None:
         """Send what is buffered (until `deadline`) and end the channel: the worker sees its EOF.
         Forwarding is over by now, so the worker gets its full share of the cores to finish."""
-        if self._closed:
-            return
+        hang_up_together([self], deadline)
+
+    def _forwarding_over(self) -> None:
         self.priority = None
         full_cpu_for_the_stop(self.worker)
         self._send_counts(force=True)
-        self._socket.drain(deadline)
+
+    def _end(self) -> None:
         self._closed = True
         self._drop_unsent()
         self._socket.detach()
@@ -277,8 +284,10 @@ class Channel:
             self._socket.poll(0)
         c = self.counts
         return {**c.snapshot, "copies_sent": c.copies_sent, "bytes_sent": c.bytes_sent,
-                "copies_dropped": c.copies_dropped, "bytes_dropped": c.bytes_dropped, "copies_lost": c.copies_lost,
-                "buffered_bytes": self._out.buffered, "worker_alive": self.alive,
+                "copies_dropped": c.copies_dropped, "copies_dropped_behind": c.copies_dropped_behind,
+                "bytes_dropped": c.bytes_dropped, "copies_lost": c.copies_lost, "buffered_bytes": self._out.buffered,
+                "unarchived_copies": self.bound.copies, "unarchived_copies_max": self.bound.max_copies,
+                "worker_alive": self.alive,
                 "worker_restarts": c.worker_restarts, "worker_exits": c.worker_exits}
 
     async def idle(self, timeout: float = 30.0) -> None:
@@ -311,15 +320,24 @@ class Channel:
     # -- queueing, and counting what was sent or dropped -----------------------------------------
 
     def _enqueue(self, parts: list[bytes], size: int) -> bool:
-        """Queue a copy of `size` bytes; False (counted) when over the budget or no worker."""
+        """Queue a copy of `size` bytes; False (counted) when over a bound or no worker."""
         self._restart_if_due()
-        if self._closed or not self._socket.connected or not self._out.add_copy(parts, size):
-            self.counts.copies_dropped += 1
-            self.counts.bytes_dropped += size
-            return False
+        if self._closed or not self._socket.connected:
+            return self._drop(size)
+        if not self.bound.fits(size):
+            self.counts.copies_dropped_behind += 1
+            return self._drop(size)
+        if not self._out.add_copy(parts, size):
+            return self._drop(size)
+        self.bound.accepted(size)
         self._socket.schedule_flush()
         self._watch_pace()
         return True
+
+    def _drop(self, size: int) -> bool:
+        self.counts.copies_dropped += 1
+        self.counts.bytes_dropped += size
+        return False
 
     def _enqueue_control(self, parts: list[bytes]) -> None:
         """Queue a control message: kept for the next worker when this one is down."""
@@ -332,7 +350,8 @@ class Channel:
     def _watch_pace(self) -> None:
         """ingest.cpu_priority = "adaptive": is the worker keeping up (priority.py)?"""
         if self.priority is not None:
-            self.priority.check(self._sent_now, self._archived_now, self._out.buffered)
+            fill = max(self.bound.fill(), self._out.buffered / self.limit)
+            self.priority.check(self._sent_now, self._archived_now, fill)
 
     def _account_sent(self, message: Message) -> None:
         if not message.control:
@@ -356,8 +375,9 @@ class Channel:
         losses = self.counts.copies_dropped + self.counts.copies_lost
         if force or (losses != dropped and now - last >= COUNTS_EVERY_S):
             self._counts_sent = (now, losses)
-            doc = {"copies_dropped": self.counts.copies_dropped, "bytes_dropped": self.counts.bytes_dropped,
-                   "copies_lost": self.counts.copies_lost, "worker_restarts": self.counts.worker_restarts}
+            c = self.counts
+            doc = {"copies_dropped": c.copies_dropped, "copies_dropped_behind": c.copies_dropped_behind,
+                   "bytes_dropped": c.bytes_dropped, "copies_lost": c.copies_lost, "worker_restarts": c.worker_restarts}
             self._out.add_control(wire.control(Kind.COUNTS, doc), always=True)
 
     # -- the back-channel --------------------------------------------------------------------------
@@ -369,12 +389,14 @@ class Channel:
             if stream is not None:
                 stream.opaque = True
         elif kind is Kind.ARCHIVED:
-            self._archived_now = wire.read_archived(body)
+            self._archived_now, size = wire.read_archived(body)
+            self.bound.archived(self._archived_now, size)
             self._watch_pace()
         elif kind is Kind.SNAPSHOT:
-            self.counts.snapshot = wire.doc(body)
+            snapshot = self.counts.snapshot = wire.doc(body)
+            self.bound.measured(snapshot.get("archive_rate", 0), snapshot.get("archive_byte_rate", 0))
             if self.priority is not None:
-                self.priority.decode_backlog = self.counts.snapshot.get("decode_backlog", 0)
+                self.priority.decode_backlog = snapshot.get("decode_backlog", 0)
         elif kind is Kind.SYNCED:
             token, _ = wire.conn_of(body)
             self._synced.add(token)
@@ -434,3 +456,14 @@ class Channel:
         except OSError as exc:
             log.error("%s: cannot start the ingest worker again (%s)", self.name, exc)
             self._worker_lost()
+
+
+def hang_up_together(channels: list[Channel], deadline: float) -> None:
+    """`Channel.hang_up` for several channels (a pool's) at once: each worker gets the rest of its
+    copies while the others get theirs, so none spends its stop grace waiting for another's."""
+    channels = [channel for channel in channels if not channel._closed]
+    for channel in channels:
+        channel._forwarding_over()
+    drain_together([channel._socket for channel in channels], deadline)
+    for channel in channels:
+        channel._end()

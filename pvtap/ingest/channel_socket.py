@@ -121,11 +121,11 @@ class ChannelSocket:
 
     def drain(self, deadline: float) -> None:
         """Send everything buffered, waiting for the socket (close, sync): not for a hook."""
-        while self.out and self.sock is not None and time.monotonic() < deadline:
-            self.flush()
-            if self.out and self.sock is not None:
-                select.select([], [self.sock], [], max(0.0, min(0.2, deadline - time.monotonic())))
-                self.poll(0)  # the worker may wait for us to read its back-channel
+        drain_together([self], deadline)
+
+    @property
+    def unsent(self) -> bool:
+        return bool(self.out) and self.sock is not None
 
     # -- the back-channel and the loop -----------------------------------------------------------
 
@@ -179,3 +179,18 @@ class ChannelSocket:
                 return
             for kind, body in self._reader.feed(data):
                 self._received(kind, body)
+
+
+def drain_together(sockets: list[ChannelSocket], deadline: float) -> None:
+    """Send everything the sockets' outboxes hold, all at once, waiting for whichever takes more."""
+    while time.monotonic() < deadline:
+        for channel_socket in sockets:
+            if channel_socket.unsent:
+                channel_socket.flush()
+        waiting = [s for s in sockets if s.unsent]
+        if not waiting:
+            return
+        writable = [s.sock for s in waiting if s.sock is not None]
+        select.select([], writable, [], max(0.0, min(0.2, deadline - time.monotonic())))
+        for channel_socket in waiting:
+            channel_socket.poll(0)  # the worker may wait for us to read its back-channel

@@ -4,8 +4,10 @@ SYNCs whose payloads are decoded.
 Raw first: while the reader finds more waiting each time it reads (the worker is busy), the
 decoder takes short turns (a few payloads) and pauses between them, so that framing and archiving
 get the GIL; decoding catches up when the load drops. What is not decoded yet waits in the
-archive (the engine's cursor follows it), so at the stop the decoder goes on for at most
-`ingest.stop_decode_s` and leaves the rest for the next start.
+archive (the engine's cursor follows it). At the stop (a SIGTERM, or the channel's end) the
+decoder waits until the archiver is done, so that archiving has the worker's GIL and core to
+itself within its grace (what the channel held back was bounded by that: backlog.py), then goes
+on for at most `ingest.stop_decode_s` and leaves the rest for the next start.
 """
 
 from __future__ import annotations
@@ -48,10 +50,13 @@ class Decoder:
         stop_at: float | None = None
         delay = 0.1
         while True:
-            if state.stopping.is_set():  # decode for stop_decode_s more at most: the rest waits in the archive
+            if state.stop_requested:
+                if self.archiver.is_alive():  # archiving first: its grace is for it alone
+                    state.commits.wait(0.05)
+                    continue
+                # then decode for stop_decode_s more at most: the rest waits in the archive
                 stop_at = stop_at or time.monotonic() + state.settings.stop_decode_s
-                archiver_done = not self.archiver.is_alive()
-                if time.monotonic() >= stop_at or (archiver_done and not self._any_backlog()):
+                if time.monotonic() >= stop_at or not self._any_backlog():
                     return
             busy = time.monotonic() - state.busy_at < BUSY_S
             try:

@@ -19,7 +19,7 @@ from typing import Any
 
 from pvtap.config import Config
 from pvtap.files import private_dir
-from pvtap.ingest.channel import Channel, CopyStream
+from pvtap.ingest.channel import Channel, CopyStream, hang_up_together
 from pvtap.ingest.framing import ConnectionRecord
 from pvtap.ingest.settings import WorkerSettings
 from pvtap.privacy import Privacy
@@ -131,6 +131,5 @@ class ChannelPool:
     def close(self, timeout: float) -> bool:
         """End every channel and wait (up to `timeout` in all) for the workers to exit."""
         deadline = time.monotonic() + timeout
-        for channel in self.channels:
-            channel.hang_up(deadline)
+        hang_up_together(self.channels, deadline)
         return all([channel.wait_closed(deadline) for channel in self.channels])

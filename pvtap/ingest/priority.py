@@ -31,7 +31,8 @@ log = logging.getLogger("pvtap.ingest")
 WORKER_NICENESS = 10
 #: "adaptive": the worker is behind when copies sent this long ago are not all archived yet...
 BEHIND_S = 1.0
-#: ...or when the copies waiting in the forwarding process pass this share of ingest.queue_mb
+#: ...or when the copies not yet archived pass this share of what the channel may hold for it (the
+#: copies and bytes the worker archives within its stop grace, backlog.py, and ingest.queue_mb)
 BEHIND_SHARE = 0.25
 #: ...or when its last snapshot (every second) had more than this many payloads left to decode
 BEHIND_DECODING = 5000
@@ -85,8 +86,7 @@ class AdaptivePriority:
     while the worker keeps up (CALM_S), nice 10 once it is behind in archiving (BEHIND_S,
     BEHIND_SHARE) or in decoding (BEHIND_DECODING)."""
 
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit = limit_bytes
+    def __init__(self) -> None:
         self.worker: Any = None
         self.idle = False
         self.switches = 0
@@ -103,9 +103,9 @@ class AdaptivePriority:
         self._off = self._refused or not isinstance(worker, subprocess.Popen)
         self._marks.clear()
 
-    def check(self, sent: int, archived: int, waiting_bytes: int) -> None:
-        """`sent` copies went to the worker, it archived the first `archived`, and `waiting_bytes`
-        of copies wait for it here."""
+    def check(self, sent: int, archived: int, fill: float) -> None:
+        """`sent` copies went to the worker, it archived the first `archived`, and the copies not
+        yet archived take `fill` of what the channel may hold for it (1.0: full)."""
         now = time.monotonic()
         if self._off or now < self._next_check:
             return
@@ -114,7 +114,7 @@ class AdaptivePriority:
         while len(self._marks) > 1 and self._marks[1][0] <= now - BEHIND_S:
             self._marks.popleft()
         then, sent_then = self._marks[0]
-        behind = ((then <= now - BEHIND_S and archived < sent_then) or waiting_bytes > self.limit * BEHIND_SHARE
+        behind = ((then <= now - BEHIND_S and archived < sent_then) or fill > BEHIND_SHARE
                   or self.decode_backlog > BEHIND_DECODING)
         if behind:
             self._calm_since = None

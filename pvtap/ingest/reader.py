@@ -5,7 +5,7 @@ archiver (archive.py).
 It runs on the worker's main thread and reads as fast as the socket gives (raw first): when a
 read is more than a trickle (TRICKLE_BYTES: copies were piling up), it marks the worker busy,
 and the decoder takes short turns (decoding.py). It returns when the channel ends (EOF: the
-parent stopped or died) or, after a SIGTERM, within ARCHIVE_STOP_GRACE_S even if the channel stays open.
+parent stopped or died) or, after a SIGTERM, within the archive grace even if the channel stays open.
 
 A fleet's copies trickle in, one small message per read. After a read that small the reader
 waits GATHER_S and takes what has come meanwhile in the same pass (`gather`): one hand-off to
@@ -66,7 +66,7 @@ class ChannelReader:
         self.queue = queue
         self.ingest = ingest
         self.connections = connections
-        self._queued_through = 0  # copies whose payloads are queued for the archiver
+        self._queued_through = (0, 0)  # copies (and their bytes) whose payloads are queued for the archiver
 
     def run(self) -> None:
         reader = wire.Reader()
@@ -91,7 +91,7 @@ class ChannelReader:
                 self.state.busy_at = time.monotonic()
             for kind, body in reader.feed(data):
                 self._handle(kind, body)
-            if self.counts.copies_received > self._queued_through:  # copies still being framed count too
+            if self.counts.copies_received > self._queued_through[0]:  # copies still being framed count too
                 self._queue([])
 
     def finish(self) -> None:
@@ -136,7 +136,7 @@ class ChannelReader:
 
     def _queue(self, raws: list[RawPayload], records: Sequence[Record] = ()) -> None:
         """Queue for the archiver what the copies received so far gave."""
-        through = self.counts.copies_received
+        through = (self.counts.copies_received, self.counts.bytes_received)
         dropped = self.queue.put(raws, records, through=through, give_up=self.state.past_stop_deadline)
         self._queued_through = through
         if dropped:

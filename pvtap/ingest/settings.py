@@ -23,7 +23,8 @@ from pvtap.privacy import Privacy
 #: after its channel ended, how long the worker keeps decoding its backlog before leaving the rest
 #: (the default of ingest.stop_decode_s)
 DECODE_STOP_GRACE_S = 2.0
-#: after its channel ended, how long archiving what was received may take (a failing disk)
+#: after its channel ended (or a SIGTERM), how long archiving what was received may take; the
+#: channel holds back no more than the worker archives in half of it (backlog.py)
 ARCHIVE_STOP_GRACE_S = 5.0
 #: how long the worker's outputs may take to stop, together: its forwarders (pvtap/store/forwarder.py
 #: STOP_TIMEOUT_S, 4 s) and its MQTT publisher (pvtap/mqtt/thread.py STOP_TIMEOUT_S, 5 s); and a second to spare
@@ -31,11 +32,11 @@ OUTPUTS_STOP_S = 5.0
 SPARE_S = 1.0
 
 
-def worker_stop_grace(stop_decode_s: float = DECODE_STOP_GRACE_S) -> float:
-    """The longest a worker takes to exit after its channel ended: archiving, decoding for
-    `stop_decode_s` (ingest.stop_decode_s), its forwarders and a second to spare. Its parent waits
-    this long before it kills it."""
-    return ARCHIVE_STOP_GRACE_S + stop_decode_s + OUTPUTS_STOP_S + SPARE_S
+def worker_stop_grace(stop_decode_s: float = DECODE_STOP_GRACE_S, archive_s: float = ARCHIVE_STOP_GRACE_S) -> float:
+    """The longest a worker takes to exit after its channel ended: archiving (`archive_s`), then
+    decoding for `stop_decode_s` (ingest.stop_decode_s), its forwarders and a second to spare. Its
+    parent waits this long before it kills it."""
+    return archive_s + stop_decode_s + OUTPUTS_STOP_S + SPARE_S
 
 
 WORKER_STOP_GRACE_S = worker_stop_grace()
@@ -55,6 +56,7 @@ class WorkerSettings:
     parent_pid: int = 0
     stop_decode_s: float = DECODE_STOP_GRACE_S  # ingest.stop_decode_s
     cpu_priority: str = "adaptive"  # ingest.cpu_priority
+    archive_grace_s: float = ARCHIVE_STOP_GRACE_S  # not a config key: shorter only in tests
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,7 +82,7 @@ class WorkerSettings:
     @property
     def stop_grace(self) -> float:
         """How long the parent waits for this worker to exit after the channel ended."""
-        return worker_stop_grace(self.stop_decode_s)
+        return worker_stop_grace(self.stop_decode_s, self.archive_grace_s)
 
     def make_privacy(self) -> Privacy:
         hints = {f.name: str(f.type) for f in dataclasses.fields(Privacy)}

@@ -10,8 +10,8 @@ forwarding process → worker                     worker → forwarding process
   OPEN      conn u32, json (id, protocol, …)       OPAQUE    conn u32 (stop sending its copies)
   CHUNK     conn u32, direction u8, ns i64, bytes  SNAPSHOT  json (the worker's counts)
   CLOSE     conn u32, json (the connection record) SYNCED    token u32
-  PAYLOAD   json length u32, json, bytes           ARCHIVED  copies u64: the first n copies this
-            (a whole payload: the addon, UDP)                worker got are archived (after each commit)
+  PAYLOAD   json length u32, json, bytes           ARCHIVED  copies u64, bytes u64: the first n copies
+            (a whole payload: the addon, UDP)                this worker got, and their bytes, are archived
   RECORD    json (a record of the forwarding process's own, e.g. the addon's enphase_fallback)
   COUNTS    json (the forwarding side's own counts: copies dropped, …)
   SYNC      token u32 (answered once all before it is archived and decoded)
@@ -31,7 +31,7 @@ HEADER = struct.Struct("<IB")
 _CONN = struct.Struct("<I")
 _CHUNK = struct.Struct("<IBq")
 _PAYLOAD = struct.Struct("<I")
-_COUNT = struct.Struct("<Q")
+_ARCHIVED = struct.Struct("<QQ")
 #: a message longer than this is a broken stream, not a copy (chunks are at most 256 KiB)
 MAX_BODY = 64 * 1024 * 1024
 DIRECTIONS = (UP, DOWN, "")
@@ -80,12 +80,14 @@ def chunk(conn: int, direction: str, time_ns: int, data: bytes) -> list[bytes]:
     return message(Kind.CHUNK, _CHUNK.pack(conn, DIRECTIONS.index(direction), time_ns), data)
 
 
-def archived(copies: int) -> list[bytes]:
-    return message(Kind.ARCHIVED, _COUNT.pack(copies))
+def archived(copies: int, size: int) -> list[bytes]:
+    return message(Kind.ARCHIVED, _ARCHIVED.pack(copies, size))
 
 
-def read_archived(body: bytes) -> int:
-    return _COUNT.unpack_from(body)[0]
+def read_archived(body: bytes) -> tuple[int, int]:
+    """(copies, bytes): the first copies the worker got, archived, and their payloads' bytes."""
+    copies, size = _ARCHIVED.unpack_from(body)
+    return copies, size
 
 
 def payload(raw: RawPayload) -> list[bytes]:

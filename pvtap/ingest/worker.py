@@ -44,13 +44,14 @@ from pvtap.config import InfluxConfig, MqttConfig
 from pvtap.decode import codec_for
 from pvtap.ingest import wire
 from pvtap.ingest.archive import ArchiveQueue, Archiver, WriterLockError, writer_lock
+from pvtap.ingest.backlog import ArchiveCost, thread_clock
 from pvtap.ingest.decoding import Decoder
 from pvtap.ingest.engine import Codecs, Ingest
 from pvtap.ingest.framing import Connections
 from pvtap.ingest.outputs import Outputs
 from pvtap.ingest.priority import yield_cpu
 from pvtap.ingest.reader import ChannelReader
-from pvtap.ingest.settings import ARCHIVE_STOP_GRACE_S, WorkerSettings, read_settings
+from pvtap.ingest.settings import WorkerSettings, read_settings
 from pvtap.ingest.wire import Kind
 from pvtap.ingest.worker_state import WorkerState
 from pvtap.privacy import Privacy
@@ -81,6 +82,7 @@ class Worker:
         self.ingest: Ingest | None = None
         self.adopted: list[Ingest] = []
         self.outputs = Outputs()  # forwarders (with [influx] url) and the MQTT publisher (with [mqtt] url)
+        self.cost: ArchiveCost | None = None  # what archiving a copy costs (the channel's bound at the stop)
 
     # -- the whole life ------------------------------------------------------------------------
 
@@ -114,6 +116,7 @@ class Worker:
                  "".join(f", adopting {i.store.path.name}" for i in self.adopted), backlog)
         self.state.send(wire.control(Kind.READY, {"pid": os.getpid(), "store": str(store.path), "backlog": backlog}))
         archiver = self._start("archive", Archiver(self.state, self.queue, self.ingest).run)
+        self.cost = ArchiveCost(reader=thread_clock(threading.get_ident()), archiver=thread_clock(archiver.ident))
         self._start("decode", Decoder(self.state, engines, archiver, self.snapshot).run)
         self._start("ticker", self._ticker)
         self.outputs.start(paths, MqttConfig(**self.settings.mqtt) if self.settings.mqtt else MqttConfig())
@@ -145,7 +148,7 @@ class Worker:
         return stores
 
     def request_stop(self) -> None:
-        """SIGTERM: stop reading within ARCHIVE_STOP_GRACE_S even if the channel stays open."""
+        """SIGTERM: stop reading within the archive grace even if the channel stays open."""
         self.state.request_stop()
 
     def _stop(self, reader: ChannelReader) -> None:
@@ -155,7 +158,7 @@ class Worker:
         self.state.stopping.set()
         self.queue.wake()
         for thread in self._threads:
-            thread.join(ARCHIVE_STOP_GRACE_S + self.settings.stop_decode_s + 5)
+            thread.join(self.settings.archive_grace_s + self.settings.stop_decode_s + 5)
         self.outputs.stop()
         self._write_status(running=False)
         self._locks.close()
@@ -170,6 +173,9 @@ class Worker:
     def _ticker(self) -> None:
         next_status = 0.0
         while not self.state.stopping.wait(SNAPSHOT_EVERY_S):
+            if self.cost is not None:
+                c = self.counts
+                self.cost.sample((c.copies_received, c.bytes_received), (c.copies_archived, c.bytes_archived))
             self.outputs.supervise()
             self.state.send(wire.control(Kind.SNAPSHOT, self.snapshot()))
             if time.monotonic() >= next_status:
@@ -194,6 +200,7 @@ class Worker:
             "records": i.records + sum(a.counts.records for a in self.adopted),
             "decode_errors": i.decode_errors + sum(a.counts.decode_errors for a in self.adopted),
             "redact_errors": i.redact_errors, "decode_backlog": backlog,
+            **(self.cost.rates() if self.cost is not None else {}),
         }
         out.update(self.outputs.state())
         return out

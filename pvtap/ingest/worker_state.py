@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pvtap.ingest import wire
-from pvtap.ingest.settings import ARCHIVE_STOP_GRACE_S, WorkerSettings
+from pvtap.ingest.settings import WorkerSettings
 
 #: a thread that cannot write the store retries with back-off, at most this long apart
 RETRY_MAX_S = 5.0
@@ -28,6 +28,7 @@ class WorkerCounts:
     copies_received: int = 0  # chunks and whole payloads from the channel
     copies_archived: int = 0  # of those, the first n are archived (told to the parent: ARCHIVED)
     bytes_received: int = 0
+    bytes_archived: int = 0  # the bytes of the copies archived
     connections: int = 0
     dropped_copies: int = 0  # framed and redacted, but not archived (the disk failed until the worker stopped)
     archive_errors: int = 0
@@ -107,29 +108,36 @@ class WorkerState:
     # -- the stop --------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """SIGTERM: stop reading within ARCHIVE_STOP_GRACE_S even if the channel stays open. A
-        second SIGTERM keeps the first one's deadline (it must not put the stop off)."""
+        """SIGTERM: stop reading within the archive grace (ARCHIVE_STOP_GRACE_S) even if the
+        channel stays open. A second SIGTERM keeps the first one's deadline (it must not put the
+        stop off)."""
         if self._stop_deadline is None:
-            self._stop_deadline = time.monotonic() + ARCHIVE_STOP_GRACE_S
+            self._stop_deadline = time.monotonic() + self.settings.archive_grace_s
+
+    @property
+    def stop_requested(self) -> bool:
+        """A SIGTERM came, or the channel ended: archiving what was received comes first."""
+        return self._stop_deadline is not None or self.stopping.is_set()
 
     def past_stop_deadline(self) -> bool:
         return self._stop_deadline is not None and time.monotonic() > self._stop_deadline
 
     def past_archive_grace(self) -> bool:
-        """The archiver, failing while the worker stops: True once ARCHIVE_STOP_GRACE_S passed
+        """The archiver, failing while the worker stops: True once the archive grace passed
         since its first failure at the stop (or since a SIGTERM)."""
         if self._stop_deadline is None:
-            self._stop_deadline = time.monotonic() + ARCHIVE_STOP_GRACE_S
+            self._stop_deadline = time.monotonic() + self.settings.archive_grace_s
         return time.monotonic() > self._stop_deadline
 
     # -- what the parent is told of the archive ------------------------------------------------
 
-    def archived(self, through: int) -> None:
-        """The first `through` copies received are archived: tell the parent (ARCHIVED), as long
-        as nothing had to be dropped."""
-        if self._acknowledging and through > self.counts.copies_archived:
-            self.counts.copies_archived = through
-            self.send(wire.archived(through))
+    def archived(self, through: tuple[int, int]) -> None:
+        """The first copies received are archived (`through`: how many, and their bytes): tell
+        the parent (ARCHIVED), as long as nothing had to be dropped."""
+        copies, size = through
+        if self._acknowledging and copies > self.counts.copies_archived:
+            self.counts.copies_archived, self.counts.bytes_archived = copies, size
+            self.send(wire.archived(copies, size))
 
     def dropped(self, payloads: int) -> None:
         """Payloads received that will not be archived (the worker stops with the archive behind
