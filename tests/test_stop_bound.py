@@ -9,6 +9,7 @@ import itertools
 import os
 import signal
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,7 @@ def payload(n: int) -> RawPayload:
     return RawPayload(Origin("enphase", "", f"flow-{n}", "up"), "task_complete", f"n={n:08d}".encode(), T0)
 
 
-def archived_connections(path: os.PathLike[str]) -> set[str]:
+def archived_connections(path: Path) -> set[str]:
     with LocalStore(path, readonly=True) as store:
         return {stored.raw.origin.connection for stored in store.raw_payloads()}
 

@@ -18,14 +18,17 @@ bytes cannot promise that: the cost is per payload (framing, redaction, the arch
   Refused copies are dropped and counted like any other (`copies_dropped`), and on their own
   (`copies_dropped_behind`).
 
-Both bounds have a floor (a fresh worker has no measurement yet; a burst must not be dropped
-because one busy second looked slow), low enough to be archived within the grace on a slow
-machine. The byte budget (`ingest.queue_mb`) still applies beside them.
+Both bounds have a floor (a burst must not be dropped because one busy second looked slow), low
+enough to be archived within the grace on a slow machine. Until a worker's first measurement
+(its first busy second) only the floor in copies applies, and the byte budget (`ingest.queue_mb`),
+which applies beside them always: a fresh worker given a burst of bulk in its first second can
+still fall further behind than its grace, for that second.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +39,7 @@ SHARE = 0.5
 #: whatever was measured, this much may be unarchived: at 80 µs a copy 0.16 s of archiving (a
 #: slow machine several times that), and enough for a fleet's burst before the first measurement
 FLOOR_COPIES = 2000
-#: ...and this many bytes (copies as large as bulk's: about a second of archiving here)
+#: ...and, once measured, this many bytes (copies as large as bulk's: about a second of archiving here)
 FLOOR_BYTES = 4 << 20
 #: a thread counts as busy in a second when it spent this much CPU time in it (1 % of a core)
 BUSY_CPU_S = 0.01
@@ -110,7 +113,7 @@ class StopBound:
     def __init__(self, grace_s: float) -> None:
         self.budget_s = grace_s * SHARE
         self.max_copies = FLOOR_COPIES
-        self.max_bytes = FLOOR_BYTES
+        self.max_bytes = math.inf  # until the worker's first measurement
         self.copies = self.bytes = 0  # accepted and not archived
         self._archived = (0, 0)
 
@@ -118,7 +121,7 @@ class StopBound:
         """A new worker: nothing is accepted for it yet, and its speed is not known."""
         self.copies = self.bytes = 0
         self._archived = (0, 0)
-        self.max_copies, self.max_bytes = FLOOR_COPIES, FLOOR_BYTES
+        self.max_copies, self.max_bytes = FLOOR_COPIES, math.inf
 
     def fits(self, size: int) -> bool:
         """Whether one more copy of `size` bytes would still be archived within the grace (a copy
@@ -138,8 +141,9 @@ class StopBound:
 
     def measured(self, rate: float, byte_rate: float) -> None:
         """The worker's rates with a full core (its SNAPSHOT; 0: not measured yet)."""
-        self.max_copies = max(FLOOR_COPIES, int(rate * self.budget_s))
-        self.max_bytes = max(FLOOR_BYTES, int(byte_rate * self.budget_s))
+        if rate > 0 and byte_rate > 0:
+            self.max_copies = max(FLOOR_COPIES, int(rate * self.budget_s))
+            self.max_bytes = max(FLOOR_BYTES, int(byte_rate * self.budget_s))
 
     def fill(self) -> float:
         """How much of the bound is taken (1.0: full)."""
