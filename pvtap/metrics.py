@@ -105,7 +105,7 @@ class WorkerStats:
     records: int
     decode_backlog: int  # archived, not decoded yet
     buffered_bytes: int  # copies waiting in this process for the worker
-    channel_dropped: int  # copies that never reached a worker (its buffer full, or it was down)
+    channel_dropped: int  # copies that never reached a worker (its buffer full, it was down, or behind)
     archive_dropped: int  # copies a worker had no room for in its archive queue
     archive_failing: bool  # the store does not take writes (full or failing disk)
     forwarder: str  # the worst forwarder state (FORWARDER_STATES)
@@ -121,6 +121,7 @@ class WorkerStats:
     mqtt_backlog: int = 0  # records in the stores the publishers have not read yet
     mqtt_devices: int = 0  # devices with state to publish
     mqtt_refused: int = 0  # energy counter values held back (lower than the last, or implausible)
+    behind_dropped: int = 0  # of channel_dropped: more than the worker archives within its stop grace waited
 
     @classmethod
     def of(cls, stats: dict[str, Any]) -> WorkerStats:
@@ -144,7 +145,8 @@ class WorkerStats:
                    delivery_failures=n("forwarder_failures"), forwarder_restarts=n("forwarder_restarts"),
                    mqtt=mqtt, mqtt_error=mqtt_worst.get("mqtt_error"), mqtt_broker=mqtt_worst.get("mqtt_broker", ""),
                    mqtt_published=n("mqtt_published"),
-                   mqtt_backlog=n("mqtt_backlog"), mqtt_devices=n("mqtt_devices"), mqtt_refused=n("mqtt_refused"))
+                   mqtt_backlog=n("mqtt_backlog"), mqtt_devices=n("mqtt_devices"), mqtt_refused=n("mqtt_refused"),
+                   behind_dropped=n("copies_dropped_behind"))
 
 
 def severity(state: str) -> int:
@@ -239,8 +241,11 @@ class Collector(PrometheusCollector):
                         ("decoding",): sum(w.decode_errors for w in stats),
                         ("redaction",): sum(w.redact_errors for w in stats)})
         yield _counter("pvtap_dropped_copies", "Copies not archived for lack of room (forwarding unaffected): in "
-                       "this process's channel to the worker, or in the worker's archive queue", ["stage"],
-                       {("channel",): sum(w.channel_dropped for w in stats),
+                       "this process's channel to the worker (its buffer full or the worker down), held back "
+                       "because the worker was as far behind as it archives within its stop grace, or in the "
+                       "worker's archive queue", ["stage"],
+                       {("channel",): sum(w.channel_dropped - w.behind_dropped for w in stats),
+                        ("behind",): sum(w.behind_dropped for w in stats),
                         ("archive",): sum(w.archive_dropped for w in stats)})
         yield _gauge("pvtap_ingest_queue_bytes", "Bytes of copies waiting in this process for the ingest worker",
                      [], {(): sum(w.buffered_bytes for w in stats)})

@@ -8,11 +8,13 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from pvtap.cli.status import describe_ingest
 from pvtap.config import InfluxConfig
 from pvtap.ingest import backlog
 from pvtap.ingest.backlog import ArchiveCost
@@ -64,6 +66,12 @@ def test_a_stop_with_the_worker_far_behind_archives_every_copy_the_channel_accep
     assert accepted == list(range(len(accepted)))  # the first ones; the rest were refused
     assert stats["copies_dropped"] == stats["copies_dropped_behind"] == offered - len(accepted)
     assert archived_connections(store) == {f"flow-{n}" for n in accepted}
+    with LocalStore(store, readonly=True) as s:
+        status = s.status()
+    assert status is not None and status.counts["parent_copies_dropped_behind"] == offered - len(accepted)
+    assert (f"  dropped copies {offered - len(accepted)} (ingest was busy or down; forwarding was not affected); "
+            f"{offered - len(accepted)} of them because the worker was as far behind as it can archive within its "
+            "stop grace") in describe_ingest(0, status, time.time_ns())
 
 
 def test_the_worker_measures_what_archiving_costs_it_and_the_channel_follows(tmp_path):

@@ -147,6 +147,10 @@ def describe_ingest(backlog: int, row: IngestStatus | None, now_ns: int) -> list
                                                           not (row.running and not stale) else ""),
              f"  dropped copies {row.dropped_copies}" + (" (ingest was busy or down; forwarding was not affected)"
                                                          if row.dropped_copies else "")]
+    behind = int(row.counts.get("parent_copies_dropped_behind", 0))
+    if behind:
+        lines[-1] += (f"; {behind} of them because the worker was as far behind as it can archive within its "
+                      "stop grace")
     lost, at_stop = int(row.counts.get("parent_copies_lost", 0)), int(row.counts.get("lost_at_stop", 0))
     if lost:
         lines.append(f"  LOST COPIES    {lost}" + (f", {at_stop} at the last stop" if at_stop else "")
