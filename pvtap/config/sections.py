@@ -162,8 +162,8 @@ class IngestConfig:
     queue_mb: int = setting(
         32, "MiB of copies a forwarding process holds for its ingest worker while the worker is busy (and the worker "
             "for its archive); beyond it copies are dropped and counted (pvtap status). Forwarding never waits. The "
-            "copies not yet archived are also held to what the worker, as measured, archives in half of its stop "
-            "grace (at least 2,000 copies and 4 MiB), so that a stop loses none of them (docs/design.md, Bounds).",
+            "copies not yet archived are also held to what the worker archives in half of its stop grace, as it "
+            "measures itself (at least 2,000 copies), so that a stop loses none of them (docs/design.md, Bounds).",
         check=lambda v: None if 1 <= v <= 4096 else "must be between 1 and 4096")
     stop_decode_s: float = setting(
         2.0, "Seconds a stopping ingest worker goes on decoding its backlog before it leaves the rest for the next "
