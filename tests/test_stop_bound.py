@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +21,9 @@ from pvtap.config import InfluxConfig
 from pvtap.ingest import backlog
 from pvtap.ingest.backlog import ArchiveCost
 from pvtap.ingest.channel import Channel
+from pvtap.ingest.decoding import Decoder
 from pvtap.ingest.settings import WorkerSettings
+from pvtap.ingest.worker_state import WorkerState
 from pvtap.privacy import Privacy
 from pvtap.records import Origin, RawPayload
 from pvtap.store.local import LocalStore
@@ -123,3 +127,51 @@ def test_idle_seconds_do_not_make_a_copy_look_dear():
     slower = second(1000, 0.08, 0.08)  # 160 µs a copy, weighed in
     assert slower["archive_rate"] == round(1 / (80e-6 + backlog.WEIGHT * 80e-6), 1)
     assert second(1, 0.001, 0.002) == slower  # idle again: unchanged
+
+
+class StandInEngine:
+    """What the decoder calls of an engine and its store: a backlog of three payloads."""
+
+    def __init__(self) -> None:
+        self.store = self
+        self.backlog = 3
+        self.decoded = 0
+
+    def decode_pending(self, *limits: float) -> int:
+        done, self.backlog = self.backlog, 0
+        self.decoded += done
+        return done
+
+    def decode_backlog(self) -> int:
+        return self.backlog
+
+    def decode_cursor(self) -> int:
+        return self.decoded
+
+
+def test_at_the_stop_the_decoder_waits_until_the_archiver_is_done(tmp_path):
+    """Archiving has the worker's GIL to itself within its grace: once a stop is requested, the
+    decoder does not decode while the archiver still runs, and then decodes its turn."""
+    ours, theirs = socket.socketpair()
+    archiving = threading.Event()
+    archiver = threading.Thread(target=archiving.wait, daemon=True)
+    archiver.start()
+    engine = StandInEngine()
+    with ours, theirs:
+        state = WorkerState(ours, WorkerSettings(store=str(tmp_path / "relay.sqlite")))
+        waits: list[float] = []
+        wait = state.commits.wait
+
+        def counted_wait(timeout: float) -> None:
+            waits.append(timeout)
+            wait(timeout)
+
+        state.commits.wait = counted_wait  # type: ignore[method-assign]
+        state.request_stop()
+        decoder = threading.Thread(target=Decoder(state, [engine], archiver, dict).run, daemon=True)  # type: ignore[list-item]
+        decoder.start()
+        wait_until(lambda: len(waits) >= 3, 10, what="the decoder waiting for the archiver")
+        assert engine.decoded == 0
+        archiving.set()
+        decoder.join(10)
+        assert not decoder.is_alive() and engine.decoded == 3
