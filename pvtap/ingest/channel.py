@@ -4,12 +4,12 @@ Everything here runs on the forwarding process's event loop (the relay's, mitmpr
 never waits: a copy is appended to a user-space buffer bounded in bytes and sent with one
 non-blocking `sendmsg` per loop iteration (the chunk's bytes are not copied on the way); when
 the buffer is full, the worker is down, or the copies not yet archived are as many as the
-worker archives within its stop grace (backlog.py), the copy is dropped and counted. Control messages
-(a connection opened or closed, counts, syncs) are small and always queued, so every connection
-still gets its record. A worker that dies is started again with back-off; the connections open
-at that moment are announced to the new one. The buffer and its budget are outbox.py; the
-socket, watched on the event loop or polled, channel_socket.py; starting, reaping and restarting
-the worker lifecycle.py. This module is the API, what the worker says on the back-channel (acks,
+worker archives within its stop grace (backlog.py), the copy is dropped and counted. Control
+messages (a connection opened or closed, counts, syncs) are small and always queued, so every
+connection still gets its record. A worker that dies is started again with back-off; the
+connections open at that moment are announced to the new one. The buffer and its budget are
+outbox.py; the socket, watched on the event loop or polled, channel_socket.py; starting, reaping
+and restarting the worker lifecycle.py. This module is the API, what the worker says on the back-channel (acks,
 snapshots, syncs) and the counts, including the copies lost with a worker.
 
     channel = Channel.process(settings)        # or Channel.thread(settings, codecs=...) in tests
@@ -287,8 +287,7 @@ class Channel:
                 "copies_dropped": c.copies_dropped, "copies_dropped_behind": c.copies_dropped_behind,
                 "bytes_dropped": c.bytes_dropped, "copies_lost": c.copies_lost, "buffered_bytes": self._out.buffered,
                 "unarchived_copies": self.bound.copies, "unarchived_copies_max": self.bound.max_copies,
-                "worker_alive": self.alive,
-                "worker_restarts": c.worker_restarts, "worker_exits": c.worker_exits}
+                "worker_alive": self.alive, "worker_restarts": c.worker_restarts, "worker_exits": c.worker_exits}
 
     async def idle(self, timeout: float = 30.0) -> None:
         """Wait until everything sent so far is archived and decoded (tests, benchmarks)."""
