@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from datetime import UTC, datetime
 
 from pvtap.decode import codec_for
@@ -85,11 +86,20 @@ def test_a_trickle_of_copies_leaves_the_decoder_its_full_turns(tmp_path):
     """Copies arriving a few at a time are no backlog: the decoder must keep its long turns (a
     busy test that looked only at what waits after a gather starved decoding at 1,000 devices)."""
     opened = wire.with_conn(wire.Kind.OPEN, 1, {"record": RECORD.to_wire(), "device": ""})
-    copies = [wire.chunk(1, "up", 0, b"\x01" * 100) for _ in range(20)]
+    copies = [wire.chunk(1, "up", time.time_ns(), b"\x01" * 100) for _ in range(20)]
     assert read_all(tmp_path, [opened, *copies]).busy_at < 0
+
+
+def test_a_late_trickle_makes_the_reader_busy(tmp_path):
+    """A fleet the worker cannot keep up with still arrives a trickle per read, but its copies
+    were taken long ago: decoding must give way to archiving then too."""
+    opened = wire.with_conn(wire.Kind.OPEN, 1, {"record": RECORD.to_wire(), "device": ""})
+    taken = time.time_ns() - int(2 * reader.LATE_S * 1e9)
+    copies = [wire.chunk(1, "up", taken, b"\x01" * 100) for _ in range(20)]
+    assert read_all(tmp_path, [opened, *copies]).busy_at > 0
 
 
 def test_copies_piling_up_make_the_reader_busy(tmp_path):
     opened = wire.with_conn(wire.Kind.OPEN, 1, {"record": RECORD.to_wire(), "device": ""})
-    copies = [wire.chunk(1, "up", 0, b"\x01" * 4096) for _ in range(40)]  # 160 KiB waiting at once
+    copies = [wire.chunk(1, "up", time.time_ns(), b"\x01" * 4096) for _ in range(40)]  # 160 KiB waiting at once
     assert read_all(tmp_path, [opened, *copies]).busy_at > 0

@@ -3,8 +3,10 @@ copies per connection (framing.py: a Tap each), redacts the payloads and queues 
 archiver (archive.py).
 
 It runs on the worker's main thread and reads as fast as the socket gives (raw first): when a
-read is more than a trickle (TRICKLE_BYTES: copies were piling up), it marks the worker busy,
-and the decoder takes short turns (decoding.py). It returns when the channel ends (EOF: the
+read is more than a trickle (TRICKLE_BYTES: copies were piling up), or holds a copy taken by the
+forwarding side more than LATE_S ago (a fleet the worker cannot keep up with still arrives a
+trickle per read, but late), it marks the worker busy, and the decoder takes short turns
+(decoding.py), leaving the worker's time to archiving. It returns when the channel ends (EOF: the
 parent stopped or died) or, after a SIGTERM, within the archive grace even if the channel stays open.
 
 A fleet's copies trickle in, one small message per read. After a read that small the reader
@@ -38,6 +40,8 @@ RECV_SIZE = 1 << 20
 #: a read smaller than this is a trickle (a fleet's copies): the reader waits GATHER_S for more
 TRICKLE_BYTES = 64 << 10
 GATHER_S = 0.005
+#: a copy read this long after the forwarding side took it: the worker is behind
+LATE_S = 0.5
 
 
 def gather(sock: socket.socket, data: bytes, wait_s: float = GATHER_S) -> bytes:
@@ -67,6 +71,8 @@ class ChannelReader:
         self.ingest = ingest
         self.connections = connections
         self._queued_through = (0, 0)  # copies (and their bytes) whose payloads are queued for the archiver
+        self._late_before_ns = 0  # a copy taken before this (wall clock, as the copies carry it) is late
+        self._late = False  # this read held a late copy
 
     def run(self) -> None:
         reader = wire.Reader()
@@ -89,8 +95,11 @@ class ChannelReader:
                 data = gather(self.sock, data)
             if len(data) >= TRICKLE_BYTES:  # more than a trickle: copies pile up, the decoder gives way (raw first)
                 self.state.busy_at = time.monotonic()
+            self._late_before_ns, self._late = time.time_ns() - int(LATE_S * 1e9), False
             for kind, body in reader.feed(data):
                 self._handle(kind, body)
+            if self._late:  # behind on a trickle: the decoder gives way too
+                self.state.busy_at = time.monotonic()
             if self.counts.copies_received > self._queued_through[0]:  # copies still being framed count too
                 self._queue([])
 
@@ -104,6 +113,8 @@ class ChannelReader:
     def _handle(self, kind: Kind, body: bytes) -> None:
         if kind is Kind.CHUNK:
             conn, direction, time_ns, data = wire.read_chunk(body)
+            if time_ns < self._late_before_ns:
+                self._late = True
             self.counts.copies_received += 1
             self.counts.bytes_received += len(data)
             payloads = self.connections.chunk(conn, direction, time_ns, data)
