@@ -126,7 +126,7 @@ def fleet_rows(doc: dict[str, Any]) -> list[Row]:
                    f"{socat['cpu_us_per_round_trip']:.0f})" if socat and "cpu_us_per_round_trip" in socat else "")
             rows.append(Row(f"{devices:,} devices × 1 frame/s ({loop}): added p50 / p99 round trip; decoded copies "
                             "dropped, lost", f"+{r['p50'] - direct['p50']:.2f} / +{r['p99'] - direct['p99']:.2f} ms; "
-                            f"dropped {r['dropped']}, lost {r['lost']} of {2 * r['frames']:,}{failed}{cpu}", ref,
+                            f"of {2 * r['frames']:,}: dropped {r['dropped']:,}, lost {r['lost']:,}{failed}{cpu}", ref,
                             f"direct p50 {direct['p50']:.2f} ms, p99 {direct['p99']:.2f} ms{pinned}"))
     return rows
 

@@ -19,10 +19,11 @@ Each fleet first sends --warm-up seconds untimed, as a relay that has run for a 
 connections open, and with the default ingest.cpu_priority ("adaptive") its worker on idle CPU
 time once it kept up for 5 s. Then --seconds are timed. Per path it prints the round trip's
 median / p99 / max over the timed seconds, what the hop adds over the direct path
-(same run), and for the relay how many decoded copies were lost: every frame sent up and every
-ack sent down should end up in the relay's raw archive (decoded then, or after a restart), so
-lost = 2 × round trips (the warm-up's too) − frames archived; `dropped` is what the relay itself
-counted as copies it could not hand to its worker (the connection records' dropped_copies). The relay is stopped with
+(same run), and for the relay what its raw archive misses: every frame sent up and every ack
+sent down should end up there (decoded then, or after a restart); `dropped` is what the relay
+itself counted as copies it could not hand to its worker (the connection records'
+dropped_copies: an overload, counted), and `lost` the rest of what is missing, uncounted:
+2 × round trips (the warm-up's too) − frames archived − dropped. The relay is stopped with
 SIGTERM after its decode backlog is empty (or after --drain seconds), as a user would stop it.
 
 CPU per round trip (the table's last columns; much less sensitive to load than latency): the
@@ -262,7 +263,8 @@ def run_path(path: str, devices: int, seconds: float, warm_up: float, cloud_port
             proc.wait(120)
     if path.startswith("relay"):
         frames, records, dropped = archived(data_dir)
-        row.update(archived=frames, records=records, lost=2 * row["frames"] - frames, dropped=dropped)
+        row.update(archived=frames, records=records, lost=2 * row["frames"] - frames - dropped,
+                   dropped=dropped)
     return row
 
 

@@ -315,7 +315,7 @@ def test_adaptive_priority_goes_back_to_nice_10_when_the_worker_falls_behind_in_
         def after(seconds: float, fill: float = 0.0, **counts: int) -> tuple[int, int]:
             clock[0] += seconds
             copies.update(counts)
-            adaptive.check(copies["sent"], copies["archived"], fill)
+            adaptive.check(copies["sent"], copies["archived"], lambda: fill)
             return os.sched_getscheduler(stand_in.pid), os.getpriority(os.PRIO_PROCESS, stand_in.pid)
 
         def not_archived() -> tuple[int, int]:

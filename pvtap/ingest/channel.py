@@ -349,8 +349,11 @@ class Channel:
     def _watch_pace(self) -> None:
         """ingest.cpu_priority = "adaptive": is the worker keeping up (priority.py)?"""
         if self.priority is not None:
-            fill = max(self.bound.fill(), self._out.buffered / self.limit)
-            self.priority.check(self._sent_now, self._archived_now, fill)
+            self.priority.check(self._sent_now, self._archived_now, self._fill)
+
+    def _fill(self) -> float:
+        """How much of what the channel may hold for its worker is taken (1.0: full)."""
+        return max(self.bound.fill(), self._out.buffered / self.limit)
 
     def _account_sent(self, message: Message) -> None:
         if not message.control:

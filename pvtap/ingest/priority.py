@@ -22,6 +22,7 @@ import os
 import subprocess
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("pvtap.ingest")
@@ -103,9 +104,10 @@ class AdaptivePriority:
         self._off = self._refused or not isinstance(worker, subprocess.Popen)
         self._marks.clear()
 
-    def check(self, sent: int, archived: int, fill: float) -> None:
+    def check(self, sent: int, archived: int, fill: Callable[[], float]) -> None:
         """`sent` copies went to the worker, it archived the first `archived`, and the copies not
-        yet archived take `fill` of what the channel may hold for it (1.0: full)."""
+        yet archived take `fill()` of what the channel may hold for it (1.0: full; asked only
+        when a check is due, as this runs on every copy)."""
         now = time.monotonic()
         if self._off or now < self._next_check:
             return
@@ -114,7 +116,7 @@ class AdaptivePriority:
         while len(self._marks) > 1 and self._marks[1][0] <= now - BEHIND_S:
             self._marks.popleft()
         then, sent_then = self._marks[0]
-        behind = ((then <= now - BEHIND_S and archived < sent_then) or fill > BEHIND_SHARE
+        behind = ((then <= now - BEHIND_S and archived < sent_then) or fill() > BEHIND_SHARE
                   or self.decode_backlog > BEHIND_DECODING)
         if behind:
             self._calm_since = None
