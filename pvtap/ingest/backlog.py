@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -114,29 +115,44 @@ class StopBound:
         self.budget_s = grace_s * SHARE
         self.max_copies = FLOOR_COPIES
         self.max_bytes = math.inf  # until the worker's first measurement
-        self.copies = self.bytes = 0  # accepted and not archived
+        self.copies = self.bytes = 0  # accepted and not archived (bytes as charged)
         self._archived = (0, 0)
+        self._accepted = 0  # copies accepted for this worker: the worker counts them in the same order
+        self._uncharged: deque[tuple[int, int]] = deque()  # (which copy, bytes it was not charged)
 
     def started(self) -> None:
         """A new worker: nothing is accepted for it yet, and its speed is not known."""
-        self.copies = self.bytes = 0
+        self.copies = self.bytes = self._accepted = 0
         self._archived = (0, 0)
+        self._uncharged.clear()
         self.max_copies, self.max_bytes = FLOOR_COPIES, math.inf
 
     def fits(self, size: int) -> bool:
-        """Whether one more copy of `size` bytes would still be archived within the grace (a copy
-        larger than the whole bound passes when nothing else waits)."""
-        return self.copies < self.max_copies and (self.bytes + size <= self.max_bytes or not self.bytes)
+        """Whether one more copy of `size` bytes would still be archived within the grace."""
+        return self.copies < self.max_copies and self.bytes + self._charge(size) <= self.max_bytes
+
+    def _charge(self, size: int) -> int:
+        """A copy larger than half the byte bound counts as half of it, as in the channel's
+        buffer (outbox.py): it passes, and small copies after it still do (a 50 MB report that
+        will not inflate is kept as its size and hash, quickly)."""
+        return size if self.max_bytes == math.inf else min(size, int(self.max_bytes) // 2)
 
     def accepted(self, size: int) -> None:
+        charge = self._charge(size)
         self.copies += 1
-        self.bytes += size
+        self.bytes += charge
+        self._accepted += 1
+        if charge < size:
+            self._uncharged.append((self._accepted, size - charge))
 
     def archived(self, copies: int, size: int) -> None:
         """The worker's ARCHIVED: the first `copies` copies it got (`size` bytes) are archived."""
         before_copies, before_bytes = self._archived
+        released = size - before_bytes
+        while self._uncharged and self._uncharged[0][0] <= copies:
+            released -= self._uncharged.popleft()[1]
         self.copies -= copies - before_copies
-        self.bytes -= size - before_bytes
+        self.bytes -= released
         self._archived = (copies, size)
 
     def measured(self, rate: float, byte_rate: float) -> None:
