@@ -131,11 +131,14 @@ class StopBound:
         """Whether one more copy of `size` bytes would still be archived within the grace."""
         return self.copies < self.max_copies and self.bytes + self._charge(size) <= self.max_bytes
 
-    def _charge(self, size: int) -> int:
-        """A copy larger than half the byte bound counts as half of it, as in the channel's
-        buffer (outbox.py): it passes, and small copies after it still do (a 50 MB report that
-        will not inflate is kept as its size and hash, quickly)."""
-        return size if self.max_bytes == math.inf else min(size, int(self.max_bytes) // 2)
+    @staticmethod
+    def _charge(size: int) -> int:
+        """A copy counts at most half the smallest byte bound (FLOOR_BYTES), whenever it came (a
+        copy accepted before the first measurement must not hold out the copies after it once
+        the bound is measured): a 50 MB report that will not inflate, kept as its size and hash
+        quickly, passes, and so does the answer after it. The channel's buffer does the same
+        with its budget (outbox.py)."""
+        return min(size, FLOOR_BYTES // 2)
 
     def accepted(self, size: int) -> None:
         charge = self._charge(size)
