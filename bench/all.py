@@ -183,6 +183,7 @@ BENCHES = [
     Bench("idle", "idle.py", ["--connections", "10000"], ["--connections", "200", "--settle", "0.5"], 300,
           rows=idle_rows),
     Bench("decoders", "decoders.py", [], ["--short"], 300, json=False),
+    Bench("pipeline", "pipeline.py", [], ["--short"], 300, json=False),
     Bench("store", "store.py", ["--records", "50000"], ["--records", "2000", "--batches", "500"], 300,
           rows=store_rows),
     Bench("forwarder", "forwarder.py", ["--records", "50000"], ["--records", "2000"], 300, rows=forwarder_rows),

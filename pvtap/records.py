@@ -199,7 +199,10 @@ def to_ns(moment: datetime) -> int:
 
 
 def from_ns(ns: int) -> datetime:
-    return datetime.fromtimestamp(ns // 1_000_000_000, UTC).replace(microsecond=(ns % 1_000_000_000) // 1_000)
+    """The UTC moment, to the microsecond (`datetime` holds no more). Exact integer arithmetic, and
+    a third of the time `fromtimestamp(…, UTC)` takes: every payload read back to be decoded and
+    every record exported passes here."""
+    return EPOCH + timedelta(microseconds=ns // 1_000)
 
 
 def utc_from_unix(seconds: int | float) -> datetime:

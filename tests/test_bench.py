@@ -47,4 +47,8 @@ def test_every_benchmark_runs_in_its_short_mode(tmp_path):
     for stage in ("Tap.feed", "redact_raw", "decode_raw", "stage sum", "end-to-end, as above", "target's budget",
                   "floor: RawPayload+Record(s)"):
         assert re.search(rf"^{re.escape(stage)}  +[\d.,]+ µs", decoders, re.M), f"no row {stage!r} in:\n{decoders}"
+    # the worker's whole work per copy, stage by stage, in its section's output
+    pipeline = text.partition("### bench/pipeline.py")[2]
+    for path in ("AlphaESS realtime 1-1-16", "FoxESS M1 telemetry 0x02"):
+        assert re.search(rf"^{path}( +[\d.]+µs){{5}} +[\d,]+$", pipeline, re.M), f"no row {path!r} in:\n{pipeline}"
     assert "**not measured**" not in text or "bench/decoders.py is not on this branch yet" in text

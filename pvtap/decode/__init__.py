@@ -36,6 +36,7 @@ things the relay knows of them (`StreamCodec`, with the `Tap` and `LocalAnswerer
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from datetime import datetime
@@ -91,8 +92,10 @@ class StreamCodec(Codec, Protocol):
     def LocalAnswerer(self) -> AnswererFactory: ...
 
 
+@functools.cache
 def codec_for(protocol: str) -> Codec:
-    """The decoder package for a protocol name; ValueError for an unknown one."""
+    """The decoder package for a protocol name; ValueError for an unknown one. Cached: the ingest
+    worker asks once per payload, and `import_module` costs some 10 µs even for a loaded module."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"no decoder for protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     return cast(Codec, importlib.import_module(f"pvtap.decode.{protocol}"))
