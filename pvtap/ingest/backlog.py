@@ -158,6 +158,11 @@ class StopBound:
         self.bytes -= released
         self._archived = (copies, size)
 
+    @property
+    def archived_copies(self) -> int:
+        """How many of the copies the current worker got it said it archived (its last ARCHIVED)."""
+        return self._archived[0]
+
     def measured(self, rate: float, byte_rate: float) -> None:
         """The worker's rates with a full core (its SNAPSHOT; 0: not measured yet)."""
         if rate > 0 and byte_rate > 0:

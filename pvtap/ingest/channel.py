@@ -124,8 +124,7 @@ class Channel:
         self._synced: set[int] = set()
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._counts_sent = (0.0, -1)
-        self._sent_now = 0  # copies sent to the current worker
-        self._archived_now = 0  # of those, how many it said it archived (ARCHIVED)
+        self._sent_now = 0  # copies sent to the current worker (the bound knows how many it archived)
         self.ready: dict[str, Any] = {}
         self.failed: str | None = None
         self.priority = AdaptivePriority() if settings.cpu_priority == "adaptive" else None
@@ -174,7 +173,7 @@ class Channel:
         if isinstance(self.worker, subprocess.Popen):
             theirs.close()  # the child has its copy; ours must go, or its EOF never comes
         self._socket.connect(ours)
-        self._sent_now = self._archived_now = 0
+        self._sent_now = 0
         self.bound.started()
         self._restarts.started_now()
         if self.priority is not None:
@@ -349,7 +348,7 @@ class Channel:
     def _watch_pace(self) -> None:
         """ingest.cpu_priority = "adaptive": is the worker keeping up (priority.py)?"""
         if self.priority is not None:
-            self.priority.check(self._sent_now, self._archived_now, self._fill)
+            self.priority.check(self._sent_now, self.bound.archived_copies, self._fill)
 
     def _fill(self) -> float:
         """How much of what the channel may hold for its worker is taken (1.0: full)."""
@@ -391,8 +390,7 @@ class Channel:
             if stream is not None:
                 stream.opaque = True
         elif kind is Kind.ARCHIVED:
-            self._archived_now, size = wire.read_archived(body)
-            self.bound.archived(self._archived_now, size)
+            self.bound.archived(*wire.read_archived(body))
             self._watch_pace()
         elif kind is Kind.SNAPSHOT:
             snapshot = self.counts.snapshot = wire.doc(body)
@@ -439,8 +437,8 @@ class Channel:
     def _count_lost(self) -> None:
         """The worker is gone and its back-channel read to the end: what it got and did not say
         it archived is lost (it was killed at a stop, or crashed), counted and logged once."""
-        lost, self._sent_now = max(0, self._sent_now - self._archived_now), 0
-        self._archived_now = 0
+        lost, self._sent_now = max(0, self._sent_now - self.bound.archived_copies), 0
+        self.bound.started()  # nothing is waiting for this worker any more
         if lost:
             self.counts.copies_lost += lost
             log.error("%s: %d copies the ingest worker had received were not archived before it ended; they are "
