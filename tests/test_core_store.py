@@ -131,7 +131,8 @@ def test_raw_payload_round_trip(store):
 def test_raw_meta_keeps_values_a_fast_json_encoder_would_not(store):
     """orjson writes NaN and infinity as null and refuses integers beyond 64 bits: those metas
     must still come back as they went in."""
-    metas = [{"offset": math.nan}, {"offset": -math.inf, "none": None}, {"big": 2**70}, {"b": 1, "a": "null"},
+    metas: list[dict[str, object]] = [
+             {"offset": math.nan}, {"offset": -math.inf, "none": None}, {"big": 2**70}, {"b": 1, "a": "null"},
              # orjson would read these back differently: integers beyond 64 bits as floats, and it
              # refuses a lone surrogate
              {"u64": 2**64 - 1, "past_u64": 2**64, "below_i64": -2**63 - 1}, {"s": "\ud800"},
