@@ -24,7 +24,7 @@ from pvtap.ingest.framing import ConnectionRecord, Outcome
 from pvtap.records import DOWN, UP, now_utc
 
 from .admission import reset
-from .pump import CHUNK, Activity, PumpEnd, Splice
+from .pump import CHUNK, Activity, PumpEnd, Splice, first_ended
 from .upstream import Endpoint, RefusedDestination, UpstreamError, open_upstream, original_destination
 
 if TYPE_CHECKING:
@@ -303,7 +303,7 @@ class Connection:
             done, _ = await asyncio.wait(pending, timeout=max(wait, 0), return_when=asyncio.FIRST_COMPLETED)
             waited = True
             if done:
-                task = done.pop()
+                task = first_ended(done)
                 pending.discard(task)
                 return task.result()
 

@@ -13,8 +13,10 @@ forwarded bytes or latency.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from pvtap.ingest.framing import ConnectionRecord
@@ -56,10 +58,24 @@ class Activity:
 
 @dataclass(frozen=True)
 class PumpEnd:
-    """How one direction ended: `eof` (half-close passed on) or `reset`, and on which side."""
+    """How one direction ended: `eof` (half-close passed on) or `reset`, and on which side;
+    `order`: when, among its splice's ends (1 first; 0 when not from a splice)."""
 
     how: str
     side: str
+    order: int = field(default=0, compare=False)
+
+
+def first_ended(done: Iterable[asyncio.Future[PumpEnd]]) -> asyncio.Future[PumpEnd]:
+    """Of ends found done together, the one that happened first. Under load the device's EOF
+    and the cloud's close in answer to it are both done by the time the connection's task runs,
+    and a set of futures has no order: the connection was then logged as closed by the cloud.
+    A future that failed comes first, so that its error is raised as before."""
+    def order(future: asyncio.Future[PumpEnd]) -> int:
+        if future.cancelled() or future.exception() is not None:
+            return 0
+        return future.result().order
+    return min(done, key=order)
 
 
 class Splice:
@@ -75,6 +91,7 @@ class Splice:
         loop = asyncio.get_running_loop()
         self.counts, self.copies, self.activity, self.loop = counts, copies, activity, loop
         self.stopped = False
+        self.order = itertools.count(1)  # the ends, numbered as they happen
         up, down = loop.create_future(), loop.create_future()
         self.ends: dict[str, asyncio.Future[PumpEnd]] = {UP: up, DOWN: down}
         self.device = _Side(self, "device", device[1].transport, UP, up)
@@ -156,4 +173,4 @@ class _Side(asyncio.Protocol):
 
     def _ended(self, how: str, side: str = "") -> None:
         if not self.end.done():
-            self.end.set_result(PumpEnd(how, side or self.name))
+            self.end.set_result(PumpEnd(how, side or self.name, next(self.splice.order)))

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy_tcp.pump import CHUNK, Activity, PumpEnd, Splice
+from proxy_tcp.pump import CHUNK, Activity, PumpEnd, Splice, first_ended
 from proxy_tcp.service import loop_factory
 from pvtap.ingest.framing import ConnectionRecord
 from pvtap.records import DOWN, UP
@@ -104,6 +104,26 @@ async def read_before_the_take_over():
         relay_cloud[1].close()
         # the streams were still told their sockets closed: waiting for them ends
         await asyncio.wait_for(asyncio.gather(relay_device[1].wait_closed(), relay_cloud[1].wait_closed()), 10)
+
+
+@pytest.mark.parametrize("loop", RELAY_LOOPS)
+def test_ends_found_done_together_are_taken_in_the_order_they_happened(loop):
+    """Under load the device's EOF and the cloud's close in answer to it are both done when the
+    connection's task looks (a set of futures): it must still say the device closed first."""
+    asyncio.run(ends_in_order(), loop_factory=loop_factory(loop))
+
+
+async def ends_in_order():
+    async with spliced_path() as (device, relay_device, relay_cloud, cloud):
+        spliced = splice(relay_device, relay_cloud)
+        device[1].write_eof()
+        assert await asyncio.wait_for(read_all(cloud[0]), 10) == b""  # the device's half-close reached the cloud
+        cloud[1].close()  # which answers it by closing
+        up, down = await asyncio.wait_for(asyncio.gather(spliced.ends[UP], spliced.ends[DOWN]), 10)
+        assert (up, down) == (PumpEnd("eof", "device"), PumpEnd("eof", "cloud")) and up.order < down.order
+        for done in ([spliced.ends[UP], spliced.ends[DOWN]], [spliced.ends[DOWN], spliced.ends[UP]]):
+            assert first_ended(done) is spliced.ends[UP]  # whichever order the two come in
+        spliced.stop()
 
 
 @pytest.mark.parametrize("loop", RELAY_LOOPS)  # the take-over uses both loops' transports
