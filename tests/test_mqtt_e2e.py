@@ -93,6 +93,38 @@ def newest(recs: list, field: str):
     return max(enumerate(having), key=lambda item: (item[1].time, item[0]))[1].fields[field]
 
 
+def expected_states(data: Path, micros: list[str]) -> dict[str, dict[str, object]]:
+    """Each device's state topic and the values its store's records give it, by the publisher's rules:
+    the newest sample per field; an Enphase micro's energy summed over its intervals."""
+    relay_store, enphase_store = data / "relay.sqlite", data / "enphase.sqlite"
+    samples = records(relay_store, "alphaess_realtime", "alphaess_extended", "alphaess_backfill")
+    telemetry = records(relay_store, "foxess_telemetry")
+    intervals = records(enphase_store, "enphase_interval")
+    states: dict[str, dict[str, object]] = {
+        state_topic("alphaess", ALPHA_SERIAL): {"battery_power": newest(samples, "Pbat"), "soc": newest(samples, "SOC"),
+                                                "pv_energy": newest(samples, "EpvTotal")},
+        state_topic("foxess", M1_SERIAL): {"energy": newest(telemetry, "generation_total_kwh"),
+                                           "power": newest(telemetry, "ac_power_w")},
+        state_topic("foxess", H1_SERIAL): {"pv1_power": newest(records(relay_store, "foxess_h1_realtime"),
+                                                               "pv1_power_w")},
+    }
+    for micro in micros:
+        mine = [r for r in intervals if r.tags["eqid"] == f"{micro}.1"]
+        assert mine, micro
+        states[state_topic("enphase", micro)] = {
+            "energy": pytest.approx(sum(r.fields["energy_wh"] for r in mine), abs=1e-5),
+            "power": round(newest(mine, "avg_power_w"), 6)}
+    return states
+
+
+def holds(payload: bytes | None, want: dict[str, object]) -> bool:
+    """Whether a state payload carries every wanted value."""
+    if not payload:
+        return False
+    state = json.loads(payload)
+    return all(key in state and state[key] == value for key, value in want.items())
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     with Mosquitto(tmp_path) as b:
@@ -136,6 +168,11 @@ async def test_every_device_through_the_addon_and_the_relay(tmp_path, broker):
                 assert [r.body for r in enphase_cloud.received()] == bodies
                 wait_until(lambda: all(mqtt_cursor(data / f"{s}.sqlite")[0] == mqtt_cursor(data / f"{s}.sqlite")[1]
                                        for s in ("relay", "enphase")), what="both publishers to catch up")
+                # the cursor commits with the folded state and the publish follows: wait for the newest values
+                states = expected_states(data, micros)
+                with Watcher(broker) as watch:
+                    watch.wait_for(lambda: all(holds({**watch.retained_at_subscribe, **watch.last}.get(topic), values)
+                                               for topic, values in states.items()), 30, "every device's newest state")
                 first = await asyncio.to_thread(settled, broker, devices)
             finally:
                 await asyncio.to_thread(proxy.stop)
@@ -182,23 +219,8 @@ async def test_every_device_through_the_addon_and_the_relay(tmp_path, broker):
     assert stopped["pvtap/bridge/relay/availability"] == stopped["pvtap/bridge/enphase/availability"] == b"offline"
 
     # -- state: equal to the stores' records
-    alpha_state = json.loads(first[state_topic("alphaess", ALPHA_SERIAL)])
-    samples = records(relay_store, "alphaess_realtime", "alphaess_extended", "alphaess_backfill")
-    assert alpha_state["battery_power"] == newest(samples, "Pbat")
-    assert alpha_state["soc"] == newest(samples, "SOC")
-    assert alpha_state["pv_energy"] == newest(samples, "EpvTotal")
-    m1_state = json.loads(first[state_topic("foxess", M1_SERIAL)])
-    telemetry = records(relay_store, "foxess_telemetry")
-    assert m1_state["energy"] == newest(telemetry, "generation_total_kwh")
-    assert m1_state["power"] == newest(telemetry, "ac_power_w")
-    h1_state = json.loads(first[state_topic("foxess", H1_SERIAL)])
-    assert h1_state["pv1_power"] == newest(records(relay_store, "foxess_h1_realtime"), "pv1_power_w")
-    intervals = records(enphase_store, "enphase_interval")
-    for micro in micros:
-        mine = [r for r in intervals if r.tags["eqid"] == f"{micro}.1"]
-        state = json.loads(first[state_topic("enphase", micro)])
-        assert state["energy"] == pytest.approx(sum(r.fields["energy_wh"] for r in mine), abs=1e-5)
-        assert state["power"] == round(newest(mine, "avg_power_w"), 6)
+    for topic, values in states.items():
+        assert holds(first[topic], values), (topic, first[topic], values)
 
     # -- a restart publishes the same configs (unique_ids stable)
     config = relay_config(tmp_path / "pvtap.toml", broker, None, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from pvtap.config import MqttConfig
 from pvtap.decode.alphaess import REQUEST, encode_frame
 from pvtap.ingest import Ingest
 from pvtap.mqtt.follow import read_status
+from pvtap.mqtt.publisher import Publisher
 from pvtap.mqtt.thread import PublisherThread
 from pvtap.records import UP, Origin, RawPayload, now_utc
 from pvtap.store.local import LocalStore
@@ -164,6 +166,34 @@ def test_broker_outage_publishes_the_latest_state_not_the_backlog(tmp_path, batt
     assert snap.backlog == 0
     connects = [r for r in caplog.records if "connected to" in r.getMessage()]
     assert len(connects) == 2
+
+
+def test_a_stop_right_after_a_fold_still_publishes_it(broker, battery, data_dir, monkeypatch):
+    """The follower commits state and cursor, then the publish follows: a stop in between (here: at
+    once, on the same loop) publishes the folded state before `offline`, not only at the next start."""
+    follow_once, armed = Publisher._follow_once, threading.Event()
+
+    def then_stop(self: Publisher) -> bool:
+        before = {path: f.cursor for path, f in self.followers.items()}
+        more = follow_once(self)
+        if armed.is_set() and {path: f.cursor for path, f in self.followers.items()} != before:
+            self._stop_now()
+        return more
+
+    monkeypatch.setattr(Publisher, "_follow_once", then_stop)
+    battery.send(16, Pbat=1, SOC=40)
+    with Watcher(broker) as watch:
+        pub = publisher(broker, data_dir)
+        try:
+            watch.wait_for(lambda: b'"battery_power": 1.0' in watch.last.get(STATE, b""), what="the first state")
+            armed.set()
+            battery.send(16, Pbat=2, SOC=41)
+            watch.wait_for(lambda: watch.last.get(BRIDGE) == b"offline", what="the stop")
+        finally:
+            assert pub.stop()
+    held = broker.retained()
+    assert (json.loads(held[STATE])["battery_power"], held[BRIDGE]) == (2.0, b"offline")
+    assert mqtt_cursor(data_dir / "relay.sqlite") == (2, 2)
 
 
 def test_home_assistant_birth_republishes_discovery_and_state(broker, battery, data_dir):

@@ -108,9 +108,10 @@ class Publisher:
     def stop(self) -> None:
         """Stop soon (thread-safe): `offline` is published and the connection closed cleanly."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._stop_now)
-        else:
-            self._stop_now()
+            with contextlib.suppress(RuntimeError):  # its loop is closed: it stopped already
+                self._loop.call_soon_threadsafe(self._stop_now)
+                return
+        self._stop_now()
 
     def _stop_now(self) -> None:
         self._stop.set()
@@ -325,7 +326,7 @@ class Publisher:
     # -- publishing ------------------------------------------------------------------------------
 
     async def _serve(self, client: aiomqtt.Client) -> None:
-        """One connection: say online, publish everything, then what changes; offline at stop."""
+        """One connection: say online, publish everything, then what changes; at stop what is due, then offline."""
         client.pending_calls_threshold = BATCH * 2
         self.connected = True
         self._failing_since = None
@@ -345,6 +346,7 @@ class Publisher:
                 await self._publish_due(client)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._next_due())
+            await self._publish_due(client)  # what was folded just before the stop
             await self._send(client, [(self.topics.bridge, OFFLINE)])
             log.info("mqtt: disconnecting from %s: %d messages published", self.broker, self.published)
         finally:
