@@ -93,10 +93,18 @@ def newest(recs: list, field: str):
     return max(enumerate(having), key=lambda item: (item[1].time, item[0]))[1].fields[field]
 
 
-def expected_states(data: Path, micros: list[str]) -> dict[str, dict[str, object]]:
+def expected_states(data: Path, micros: list[str], reports: int) -> dict[str, dict[str, object]] | None:
     """Each device's state topic and the values its store's records give it, by the publisher's rules:
-    the newest sample per field; an Enphase micro's energy summed over its intervals."""
+    the newest sample per field; an Enphase micro's energy summed over its intervals (one a report).
+    None while that is not final: a payload not decoded yet, a report missing, a publisher behind."""
     relay_store, enphase_store = data / "relay.sqlite", data / "enphase.sqlite"
+    for path in (relay_store, enphase_store):
+        with LocalStore(path, readonly=True) as store:
+            if store.decode_backlog():
+                return None
+        cursor, newest_id = mqtt_cursor(path)
+        if cursor != newest_id:
+            return None
     samples = records(relay_store, "alphaess_realtime", "alphaess_extended", "alphaess_backfill")
     telemetry = records(relay_store, "foxess_telemetry")
     intervals = records(enphase_store, "enphase_interval")
@@ -110,11 +118,17 @@ def expected_states(data: Path, micros: list[str]) -> dict[str, dict[str, object
     }
     for micro in micros:
         mine = [r for r in intervals if r.tags["eqid"] == f"{micro}.1"]
-        assert mine, micro
+        if len(mine) != reports:
+            return None
         states[state_topic("enphase", micro)] = {
             "energy": pytest.approx(sum(r.fields["energy_wh"] for r in mine), abs=1e-5),
             "power": round(newest(mine, "avg_power_w"), 6)}
     return states
+
+
+def published(states: dict[str, dict[str, object]] | None, held: dict[str, bytes]) -> bool:
+    """Whether the stores are final and every device's state on the broker carries their values."""
+    return states is not None and all(holds(held.get(topic), values) for topic, values in states.items())
 
 
 def holds(payload: bytes | None, want: dict[str, object]) -> bool:
@@ -160,19 +174,17 @@ async def test_every_device_through_the_addon_and_the_relay(tmp_path, broker):
                 micros = [f"{ENVOY[:-1]}{i + 1}" for i in range(2)]
                 devices = [("alphaess", ALPHA_SERIAL), ("foxess", M1_SERIAL), ("foxess", H1_SERIAL),
                            ("enphase", ENVOY), *[("enphase", m) for m in micros]]
-                with Watcher(broker) as watch:
-                    watch.wait_for(lambda: all(state_topic(*d) in {**watch.retained_at_subscribe, **watch.last}
-                                               for d in devices), 60, "every device's state")
                 # forwarding was untouched
                 assert alpha_run.sent == alpha.received and alpha_run.received == alpha.sent
                 assert [r.body for r in enphase_cloud.received()] == bodies
-                wait_until(lambda: all(mqtt_cursor(data / f"{s}.sqlite")[0] == mqtt_cursor(data / f"{s}.sqlite")[1]
-                                       for s in ("relay", "enphase")), what="both publishers to catch up")
-                # the cursor commits with the folded state and the publish follows: wait for the newest values
-                states = expected_states(data, micros)
                 with Watcher(broker) as watch:
-                    watch.wait_for(lambda: all(holds({**watch.retained_at_subscribe, **watch.last}.get(topic), values)
-                                               for topic, values in states.items()), 30, "every device's newest state")
+                    watch.wait_for(lambda: all(state_topic(*d) in {**watch.retained_at_subscribe, **watch.last}
+                                               for d in devices), 60, "every device's state")
+                    # decoding and the publishers follow the archive, and the publish follows the cursor:
+                    # wait until the stores are final and the broker holds what they give
+                    watch.wait_for(lambda: published(expected_states(data, micros, len(bodies)),
+                                                     {**watch.retained_at_subscribe, **watch.last}),
+                                   60, "every device's newest state")
                 first = await asyncio.to_thread(settled, broker, devices)
             finally:
                 await asyncio.to_thread(proxy.stop)
@@ -219,6 +231,8 @@ async def test_every_device_through_the_addon_and_the_relay(tmp_path, broker):
     assert stopped["pvtap/bridge/relay/availability"] == stopped["pvtap/bridge/enphase/availability"] == b"offline"
 
     # -- state: equal to the stores' records
+    states = expected_states(data, micros, len(bodies))
+    assert states is not None
     for topic, values in states.items():
         assert holds(first[topic], values), (topic, first[topic], values)
 
